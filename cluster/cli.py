@@ -1,0 +1,174 @@
+"""The ``pdserve`` command: serve, generate, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+import grpc
+
+from engine.config import PRESETS, ModelSpec
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (overrides the config file)")
+    g.add_argument("--model", metavar="PATH",
+                   help="a GGUF file or an HF folder (default: the embedded SmolLM2-135M)")
+    g.add_argument("--load-format", choices=("gguf", "hf", "dummy"),
+                   help="how to read --model (default: gguf for a file, hf for a folder)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="model shape for --load-format dummy (seeded random weights)")
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML ServeConfig (see deploy/)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400)")
+    p.add_argument("--address", metavar="RAY_ADDRESS",
+                   help="join this Ray cluster (default: start a local Ray instance)")
+    p.add_argument("--num-prefill", type=int, help="prefill workers (default 1)")
+    p.add_argument("--num-decode", type=int, help="decode workers (default 1)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), help="kernel backend")
+    p.add_argument("--decode-blocks", type=int, help="KV blocks per decode worker")
+    p.add_argument("--prefill-blocks", type=int, help="KV blocks per prefill worker")
+    _add_model_flags(p)
+
+
+def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # noqa: ANN201
+    """ServeConfig from --config plus flag overrides."""
+    from cluster.config import ServeConfig
+
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    over = {
+        k: v for k, v in {
+            "port": args.port, "host": args.host, "metrics_port": args.metrics_port,
+            "num_prefill": args.num_prefill, "num_decode": args.num_decode,
+            "device": args.device, "dtype": args.dtype, "backend": args.backend,
+            "decode_blocks": args.decode_blocks, "prefill_blocks": args.prefill_blocks,
+        }.items() if v is not None
+    }
+    if args.model or args.load_format or args.preset:
+        fmt = args.load_format or ("hf" if args.model and not args.model.endswith(".gguf")
+                                   else "gguf")
+        over["model"] = ModelSpec(source=fmt, path=args.model, preset=args.preset)
+    return dataclasses.replace(cfg, **over)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.launch import launch
+
+    cfg = serve_config(args)
+    print(f"pdserve: starting {cfg.num_prefill} prefill + {cfg.num_decode} decode workers",
+          file=sys.stderr)
+    dep = launch(cfg, args.address)
+    print(f"pdserve: serving on {dep.address} (gRPC), metrics on "
+          f"http://{cfg.host}:{dep.metrics_port}/metrics; Ctrl-C stops", file=sys.stderr)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("pdserve: shutting down", file=sys.stderr)
+    dep.stop()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from proto.client import Client
+
+    with Client(args.server) as client:
+        kwargs = dict(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
+            timeout=args.timeout,
+        )
+        try:
+            if args.chat:
+                stream = client.generate(messages=[("user", args.prompt)], **kwargs)
+            else:
+                stream = client.generate(text=args.prompt, **kwargs)
+            last = None
+            for resp in stream:
+                sys.stdout.write(resp.text)
+                sys.stdout.flush()
+                last = resp
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        print()
+        if last is not None and args.verbose:
+            t = last.timing
+            print(f"[{last.finish_reason}] {last.usage.completion_tokens} tokens, "
+                  f"TTFT {t.ttft_s * 1e3:.1f} ms, TPOT {t.mean_tpot_s * 1e3:.1f} ms",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from proto.client import Client
+
+    with Client(args.server) as client:
+        print(client.model_info())
+        print(client.server_info())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+
+    return run_demo(serve_config(args), args.max_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdserve",
+        description="Disaggregated LLM serving: prefill and decode on separate workers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve until stopped (Ctrl-C)",
+                       description="Start the router and the workers, and serve gRPC.")
+    _add_serve_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="stream one answer from a running server",
+                       description="Send one prompt and stream the answer to stdout.")
+    p.add_argument("prompt")
+    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("-v", "--verbose", action="store_true", help="print timing at the end")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="model and server info of a running server")
+    p.add_argument("--server", default="127.0.0.1:50051")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="local cluster, a few chat prompts, a TTFT/TPOT table",
+                       description="Start a local deployment, stream answers to a few chat "
+                                   "prompts, print per-request timing, and stop.")
+    _add_serve_flags(p)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

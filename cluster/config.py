@@ -1,0 +1,137 @@
+"""ServeConfig: the whole deployment in one frozen dataclass, from YAML and/or flags.
+
+Built once at the edge (``pdserve serve``), then cut into the small pieces each part needs
+(``worker_config``, ``server_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig, WorkerConfig
+from router.router import RouterConfig
+from router.server import ServerConfig
+from router.validation import Limits
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A pdserve deployment: model, pools, limits, ports."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    num_prefill: int = 1
+    num_decode: int = 1
+    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    backend: str = "auto"  # kernels: auto = triton on cuda, torch on cpu
+    block_size: int = 16
+    prefill_blocks: int = 512
+    decode_blocks: int = 1024
+    max_batch_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_waiting: int = 256
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 4096
+    max_context: int = 0  # 0: the model's own
+    lease_timeout_s: float = 30.0
+    transfer_timeout_s: float = 60.0
+    torch_threads: int = 0  # CPU intra-op threads per worker; 0: cores / workers
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9400
+    namespace: str = "pdserve"  # Ray namespace; also prefixes actor names
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("num_prefill and num_decode must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
+        CacheConfig(self.block_size, self.prefill_blocks)  # validates block_size
+        CacheConfig(self.block_size, self.decode_blocks)
+
+    # -- resolution of "auto" ---------------------------------------------------------------
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if self.resolved_device() == "cuda" else torch.float32
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if self.resolved_device() == "cuda" else "torch"
+
+    def threads_per_worker(self, cpus: int) -> int:
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return max(1, cpus // (self.num_prefill + self.num_decode))
+
+    # -- the pieces -------------------------------------------------------------------------
+    def worker_config(self, role: str, cpus: int) -> WorkerConfig:
+        blocks = self.prefill_blocks if role == "prefill" else self.decode_blocks
+        dtype = self.resolved_dtype()
+        return WorkerConfig(
+            model=self.model,
+            cache=CacheConfig(self.block_size, blocks, dtype),
+            run=RunnerConfig(self.resolved_device(), dtype, self.resolved_backend(),
+                             self.threads_per_worker(cpus) if self.resolved_device() == "cpu"
+                             else 0),
+            max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
+            lease_timeout_s=self.lease_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
+            host=self.host,
+        )
+
+    def server_config(self, model_config: ModelConfig) -> ServerConfig:
+        context = self.max_context or model_config.max_position
+        limits = Limits(
+            max_context=context, vocab_size=model_config.vocab_size,
+            max_tokens_limit=min(self.max_tokens_limit, context),
+            default_max_tokens=min(self.default_max_tokens, self.max_tokens_limit, context),
+        )
+        return ServerConfig(
+            model=self.model, model_config=model_config, limits=limits,
+            router=RouterConfig(max_waiting=self.max_waiting), block_size=self.block_size,
+            dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
+            port=self.port, metrics_port=self.metrics_port,
+        )
+
+    # -- YAML -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ServeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        values = dict(raw)
+        model = values.pop("model", None)
+        if isinstance(model, dict):
+            mk = {f.name for f in dataclasses.fields(ModelSpec)}
+            if set(model) - mk:
+                raise ValueError(f"unknown model keys: {sorted(set(model) - mk)}")
+            values["model"] = ModelSpec(**model)
+        elif model is not None:
+            raise ValueError("model must be a mapping (source, path, preset, seed)")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ServeConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(raw)

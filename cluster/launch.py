@@ -1,0 +1,114 @@
+"""Bring a deployment up on Ray: the router actor (gRPC + /metrics), the prefill and decode
+worker actors, their warm-up, and the KV channels between them; and take it down again."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from cluster.config import ServeConfig
+from decode_worker.worker import DecodeWorker
+from engine.weights import load_model_config
+from prefill_worker.worker import PrefillWorker
+from router.server import RouterService
+
+log = logging.getLogger("pdserve.launch")
+
+
+@dataclass
+class Deployment:
+    """Handles of a running deployment."""
+
+    cfg: ServeConfig
+    router: Any
+    prefill: dict[str, Any]
+    decode: dict[str, Any]
+    port: int
+    metrics_port: int
+    started_ray: bool
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def worker_stats(self) -> list[Any]:
+        handles = [*self.prefill.values(), *self.decode.values()]
+        return list(ray.get([h.stats.remote() for h in handles]))
+
+    def stop(self) -> None:
+        """Stop serving, stop the workers, and shut Ray down if we started it."""
+        try:
+            ray.get(self.router.stop.remote(), timeout=30)
+        except Exception:
+            log.exception("router did not stop cleanly")
+        for h in [*self.prefill.values(), *self.decode.values()]:
+            try:
+                ray.get(h.shutdown.remote(), timeout=30)
+            except Exception:
+                log.exception("worker did not stop cleanly")
+        for h in [self.router, *self.prefill.values(), *self.decode.values()]:
+            ray.kill(h)
+        if self.started_ray:
+            ray.shutdown()
+
+
+def init_ray(address: str | None, cfg: ServeConfig) -> bool:
+    """Join ``address`` or start a local Ray instance; True if we started it."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True)
+        return False
+    cpus = os.cpu_count() or 2
+    ray.init(
+        namespace=cfg.namespace, include_dashboard=False, log_to_driver=True,
+        # Every actor asks for one CPU; leave room for all of them on a small machine.
+        num_cpus=max(cpus, cfg.num_prefill + cfg.num_decode + 2),
+        object_store_memory=256 * 1024 * 1024,
+    )
+    return True
+
+
+def launch(cfg: ServeConfig, address: str | None = None) -> Deployment:
+    """Start every actor, warm the workers up, open the KV channels, then report SERVING."""
+    started = init_ray(address, cfg)
+    try:
+        return _launch(cfg, started)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+
+
+def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
+    model_config = load_model_config(cfg.model)
+    gpus = 1 if cfg.resolved_device() == "cuda" else 0
+    cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 2))
+    ns = cfg.namespace
+    router = (
+        ray.remote(RouterService)
+        .options(name=f"{ns}-router", num_cpus=0, max_concurrency=10000)
+        .remote(cfg.server_config(model_config))
+    )
+    port, metrics_port = ray.get(router.start.remote())
+
+    def worker(cls: type, role: str, i: int) -> tuple[str, Any]:
+        name = f"{role}-{i}"
+        handle = (
+            ray.remote(cls)
+            .options(name=f"{ns}-{name}", num_cpus=1, num_gpus=gpus, max_concurrency=16)
+            .remote(name, cfg.worker_config(role, cpus), router)
+        )
+        return name, handle
+
+    prefill = dict(worker(PrefillWorker, "prefill", i) for i in range(cfg.num_prefill))
+    decode = dict(worker(DecodeWorker, "decode", i) for i in range(cfg.num_decode))
+    ray.get([h.start.remote() for h in [*prefill.values(), *decode.values()]])
+    ray.get(router.attach.remote(prefill, decode))
+    ray.get(router.open_channels.remote())
+    ray.get(router.set_serving.remote())
+    return Deployment(cfg, router, prefill, decode, port, metrics_port, started_ray)

@@ -1,0 +1,182 @@
+"""Decode-side bookkeeping: leases made before prefill, continuous batching, preemption.
+
+Pure Python over a ``BlockAllocator``; the worker actor calls it under its lock and does
+the tensor work. A sequence passes through three states here:
+
+    reserved (blocks held, KV not yet arrived) -> ready (KV verified, waits for the next
+    step) -> running (in the batch) -> finished / aborted / preempted (blocks freed)
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.kv_cache import BlockAllocator
+from engine.messages import Lease, Reservation, TokenOut
+from engine.sequence import SamplingParams, finish_reason
+
+
+@dataclass
+class DecodeSeq:
+    """A sequence owned by this decode worker.
+
+    ``num_tokens`` counts the tokens in its context including ``last_token``, whose KV is
+    not stored yet (the next step stores it at position ``num_tokens - 1``).
+    """
+
+    request_id: str
+    sampling: SamplingParams
+    block_ids: list[int]
+    num_tokens: int
+    num_generated: int
+    transfer_id: int
+    deadline: float
+    last_token: int = -1
+    joined_at: float = 0.0
+    transfer_s: float = 0.0
+
+
+@dataclass
+class StepPlan:
+    """What the next decode step runs, and who was pushed out to make room."""
+
+    batch: list[DecodeSeq] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+
+class DecodeScheduler:
+    """Leases, the running batch and block growth of one decode worker."""
+
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        block_size: int,
+        worker: str,
+        max_num_seqs: int = 256,
+        lease_timeout_s: float = 30.0,
+        epoch: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+        self.worker = worker
+        self.max_num_seqs = max_num_seqs
+        self.lease_timeout_s = lease_timeout_s
+        self.epoch = epoch
+        self.clock = clock
+        self._ids = itertools.count(1)
+        self.reserved: dict[int, DecodeSeq] = {}  # by transfer id
+        self.ready: list[DecodeSeq] = []
+        self.running: list[DecodeSeq] = []
+
+    # -- leases ---------------------------------------------------------------------------
+    def _blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def reserve(self, r: Reservation) -> Lease | None:
+        """Hold blocks for the prompt's KV plus the first generated token, or None if this
+        worker cannot take the request now."""
+        if self.find(r.request_id) is not None:
+            raise ValueError(f"request {r.request_id} already holds a lease here")
+        if len(self.reserved) + len(self.ready) + len(self.running) >= self.max_num_seqs:
+            return None
+        n = self._blocks_for(r.num_tokens + 1)
+        if not self.allocator.can_allocate(n):
+            return None
+        tid = next(self._ids)
+        self.reserved[tid] = DecodeSeq(
+            request_id=r.request_id, sampling=r.sampling, block_ids=self.allocator.allocate(n),
+            num_tokens=r.num_tokens + 1, num_generated=r.num_generated + 1, transfer_id=tid,
+            deadline=self.clock() + self.lease_timeout_s,
+        )
+        return Lease(self.worker, r.request_id, tid, self.epoch, n, self.lease_timeout_s)
+
+    def lease(self, transfer_id: int) -> DecodeSeq | None:
+        """The reservation an incoming transfer claims, if this worker still holds it."""
+        return self.reserved.get(transfer_id)
+
+    def activate(self, transfer_id: int, first_token: int, transfer_s: float) -> bool:
+        """The KV for ``transfer_id`` arrived and verified: the sequence joins at the next
+        step with ``first_token`` (sampled by the prefill worker) as its last token."""
+        seq = self.reserved.pop(transfer_id, None)
+        if seq is None:
+            return False
+        seq.last_token = first_token
+        seq.transfer_s = transfer_s
+        seq.joined_at = self.clock()
+        self.ready.append(seq)
+        return True
+
+    def expire(self) -> list[str]:
+        """Free leases whose KV did not arrive in time; returns their request ids."""
+        now = self.clock()
+        gone = [s for s in self.reserved.values() if s.deadline <= now]
+        for s in gone:
+            del self.reserved[s.transfer_id]
+            self.allocator.free(s.block_ids)
+        return [s.request_id for s in gone]
+
+    def find(self, request_id: str) -> DecodeSeq | None:
+        for s in itertools.chain(self.reserved.values(), self.ready, self.running):
+            if s.request_id == request_id:
+                return s
+        return None
+
+    def release(self, request_id: str) -> bool:
+        """Abort/finish from outside: free the request's blocks in whatever state it is."""
+        seq = self.find(request_id)
+        if seq is None:
+            return False
+        self.reserved.pop(seq.transfer_id, None)
+        for group in (self.ready, self.running):
+            if seq in group:
+                group.remove(seq)
+        self.allocator.free(seq.block_ids)
+        return True
+
+    # -- steps ----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """Admit ready sequences, then give every running sequence a slot for its next
+        token; when blocks run out, preempt the youngest sequence (it goes back to the
+        router, which re-prefills prompt + generated tokens)."""
+        self.running.extend(self.ready)
+        self.ready.clear()
+        plan = StepPlan()
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue  # preempted while making room for an older one
+            need = self._blocks_for(seq.num_tokens) - len(seq.block_ids)
+            while need > 0 and not self.allocator.can_allocate(need):
+                victim = max(self.running, key=lambda s: s.joined_at)
+                self.running.remove(victim)
+                self.allocator.free(victim.block_ids)
+                plan.preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            if seq in self.running and need > 0:
+                seq.block_ids.extend(self.allocator.allocate(need))
+        plan.batch = list(self.running)
+        return plan
+
+    def postprocess(self, batch: list[DecodeSeq], tokens: list[int]) -> list[TokenOut]:
+        """Append each sampled token; finished sequences free their blocks."""
+        out = []
+        for seq, tok in zip(batch, tokens, strict=True):
+            if seq not in self.running:
+                continue  # aborted while the step ran
+            seq.num_tokens += 1
+            seq.num_generated += 1
+            seq.last_token = tok
+            reason = finish_reason(seq.sampling, tok, seq.num_generated)
+            out.append(TokenOut(seq.request_id, tok, reason))
+            if reason is not None:
+                self.running.remove(seq)
+                self.allocator.free(seq.block_ids)
+        return out
+
+    @property
+    def num_active(self) -> int:
+        return len(self.reserved) + len(self.ready) + len(self.running)

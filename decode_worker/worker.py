@@ -1,0 +1,227 @@
+"""The decode worker: a Ray actor that holds leases, receives KV, and runs the step loop.
+
+Threads: Ray's (control calls: reserve, incoming, abort, stats), one receiver per channel
+(header -> reservation match -> per-layer payload -> unpack -> checksum), and the step loop
+(continuous batching; ONE report to the router per step). The scheduler and allocator are
+touched only under ``self._cv``; blocks of a sequence in the running step or being received
+are freed only once that work is over, so a freed block is never written to afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+
+from decode_worker.scheduler import DecodeScheduler, DecodeSeq
+from engine.config import WorkerConfig
+from engine.kv_cache import BlockAllocator
+from engine.kv_transfer import ChannelSpec, KVChannel, TransferError
+from engine.messages import Lease, Reservation, StepReport, WorkerStats
+from engine.runner import DecodeItem, ModelRunner
+from engine.sampler import sample
+from engine.weights import load_model_config
+
+log = logging.getLogger("pdserve.decode")
+
+
+class DecodeWorker:
+    """One decode worker (hosted in a Ray actor by ``cluster.launch``)."""
+
+    def __init__(self, name: str, cfg: WorkerConfig, router: Any, epoch: int = 0) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.router = router
+        self.model_config = load_model_config(cfg.model)
+        self.runner = ModelRunner(self.model_config, cfg.cache, cfg.model, cfg.run)
+        self.allocator = BlockAllocator(cfg.cache.num_blocks)
+        self.sched = DecodeScheduler(
+            self.allocator, cfg.cache.block_size, name, cfg.max_num_seqs,
+            cfg.lease_timeout_s, epoch,
+        )
+        self._cv = threading.Condition()
+        self._stop = False
+        self._busy: set[str] = set()  # in the running step or being received
+        self._pending_abort: set[str] = set()
+        self._joined: list[tuple[str, float]] = []
+        self._failed: list[tuple[str, str]] = []
+        self._channels: dict[str, KVChannel] = {}
+        self._incoming: dict[str, queue.Queue[bool]] = {}
+        self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+
+    # -- control (Ray calls) ----------------------------------------------------------------
+    def start(self) -> WorkerStats:
+        self._warmup()
+        self._loop.start()
+        return self.stats()
+
+    def host_channel(self, prefill_name: str) -> tuple[str, int]:
+        """Host the store of a new channel to ``prefill_name``; the channel opens (handshake,
+        process group) on a thread once the prefill worker joins. Returns (host, port)."""
+        store, port = KVChannel.host_store(self.cfg.host, 0, self.cfg.transfer_timeout_s)
+        q: queue.Queue[bool] = queue.Queue()
+        self._incoming[prefill_name] = q
+        spec = ChannelSpec.for_model(self.model_config, self.cfg.cache)
+
+        def open_and_serve() -> None:
+            try:
+                ch = KVChannel.open(
+                    store=store, name=f"{prefill_name}->{self.name}", rank=1, spec=spec,
+                    device=self.runner.device, timeout_s=self.cfg.transfer_timeout_s,
+                )
+            except Exception:
+                log.exception("channel from %s failed to open", prefill_name)
+                return
+            self._channels[prefill_name] = ch
+            self._receive_loop(ch, q)
+
+        threading.Thread(target=open_and_serve, name=f"kv-recv-{prefill_name}",
+                         daemon=True).start()
+        return self.cfg.host, port
+
+    def incoming(self, prefill_name: str) -> None:
+        """The prefill worker is about to send one transfer on its channel."""
+        self._incoming[prefill_name].put(True)
+
+    def reserve(self, r: Reservation) -> Lease | None:
+        with self._cv:
+            return self.sched.reserve(r)
+
+    def abort(self, request_id: str) -> bool:
+        """Free a request's blocks in whatever state it is; True if it was here."""
+        with self._cv:
+            if self.sched.find(request_id) is None:
+                return False
+            if request_id in self._busy:
+                self._pending_abort.add(request_id)
+            else:
+                self.sched.release(request_id)
+            return True
+
+    def stats(self) -> WorkerStats:
+        with self._cv:
+            return WorkerStats(
+                worker=self.name, role="decode", num_blocks=self.allocator.num_blocks,
+                num_free_blocks=self.allocator.num_free, num_running=len(self.sched.running),
+                num_waiting=len(self.sched.reserved) + len(self.sched.ready),
+                kv_usage=self.allocator.usage,
+            )
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for q in self._incoming.values():
+            q.put(False)
+        for ch in self._channels.values():
+            ch.close()
+
+    # -- KV receive -------------------------------------------------------------------------
+    def _receive_loop(self, ch: KVChannel, q: queue.Queue[bool]) -> None:
+        pool = self.runner.kv_pool
+        while q.get():
+            rid = ""
+            try:
+                header = ch.recv_header()
+                t0 = time.monotonic()
+                with self._cv:
+                    seq = self.sched.lease(header.transfer_id)
+                    if seq is not None:
+                        rid = seq.request_id
+                        self._busy.add(rid)
+                problem = _mismatch(seq, header.epoch, self.sched.epoch, header.num_blocks)
+                if problem:
+                    ch.discard(header)
+                    log.warning("refused transfer %d: %s", header.transfer_id, problem)
+                    with self._cv:
+                        self._busy.discard(rid)
+                        if rid and self.sched.release(rid):
+                            self._failed.append((rid, f"KV transfer refused: {problem}"))
+                    continue
+                assert seq is not None
+                buf = torch.empty((2, header.num_blocks, *pool.shape[3:]), dtype=pool.dtype,
+                                  device=pool.device)
+                ids = torch.tensor(seq.block_ids, dtype=torch.int64, device=pool.device)
+                for layer in range(header.num_layers):
+                    ch.recv_layer(buf)
+                    self.runner.model.ops.unpack_kv(buf, pool[layer], ids)
+                ch.verify()
+                with self._cv:
+                    self._busy.discard(rid)
+                    if rid in self._pending_abort:
+                        self._pending_abort.discard(rid)
+                        self.sched.release(rid)
+                    elif self.sched.activate(header.transfer_id, header.first_token,
+                                             time.monotonic() - t0):
+                        self._joined.append((rid, time.monotonic() - t0))
+                    self._cv.notify()
+            except TransferError as e:
+                log.warning("transfer for %s failed: %s", rid or "?", e)
+                with self._cv:
+                    self._busy.discard(rid)
+                    self._pending_abort.discard(rid)
+                    if rid and self.sched.release(rid):
+                        self._failed.append((rid, f"KV transfer failed: {e}"))
+                if ch.closed:
+                    return
+            except Exception:
+                log.exception("channel receive loop crashed")
+                return
+
+    # -- step loop --------------------------------------------------------------------------
+    def _warmup(self) -> None:
+        ids = self.allocator.allocate(1)
+        self.runner.decode([DecodeItem(1, 0, ids)])
+        self.allocator.free(ids)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                for rid in list(self._pending_abort):
+                    if rid not in self._busy:
+                        self._pending_abort.discard(rid)
+                        self.sched.release(rid)
+                for rid in self.sched.expire():
+                    self._failed.append((rid, "KV did not arrive before the lease expired"))
+                plan = self.sched.schedule()
+                batch = plan.batch
+                joined, self._joined = self._joined, []
+                failed, self._failed = self._failed, []
+                self._busy |= {s.request_id for s in batch}
+                if not batch and not plan.preempted and not failed:
+                    if self._stop:
+                        return
+                    self._cv.wait(timeout=0.05)
+                    continue
+            t0 = time.monotonic()
+            tokens = self._step(batch) if batch else []
+            step_s = time.monotonic() - t0
+            with self._cv:
+                outs = self.sched.postprocess(batch, tokens)
+                self._busy -= {s.request_id for s in batch}
+                report = StepReport(
+                    worker=self.name, tokens=outs, joined=joined, preempted=plan.preempted,
+                    failed=failed, step_s=step_s, num_running=len(self.sched.running),
+                    num_free_blocks=self.allocator.num_free, kv_usage=self.allocator.usage,
+                )
+            self.router.on_step.remote(report)
+
+    def _step(self, batch: list[DecodeSeq]) -> list[int]:
+        items = [DecodeItem(s.last_token, s.num_tokens - 1, s.block_ids) for s in batch]
+        logits = self.runner.decode(items)
+        return sample(logits, [s.sampling for s in batch], [s.num_generated for s in batch])
+
+
+def _mismatch(seq: DecodeSeq | None, epoch: int, my_epoch: int, num_blocks: int) -> str:
+    """Why an arriving transfer does not match its reservation ('' if it does)."""
+    if seq is None:
+        return "no reservation holds this transfer id (expired or aborted)"
+    if epoch != my_epoch:
+        return f"epoch {epoch} != this worker's {my_epoch}"
+    if num_blocks != len(seq.block_ids):
+        return f"{num_blocks} blocks sent, {len(seq.block_ids)} reserved"
+    return ""

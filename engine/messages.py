@@ -1,0 +1,115 @@
+"""Control messages between the router and the workers (carried by Ray calls).
+
+They hold plain ints, strings and floats; KV data never travels in them (it goes over the
+per-pair channel of ``engine.kv_transfer``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sequence import SamplingParams
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Router -> decode worker: hold blocks for a request whose KV is about to arrive.
+
+    ``num_tokens`` is the number of tokens whose KV the prefill worker will send (the prompt
+    plus, after a preemption, the tokens generated before it); ``num_generated`` counts
+    output tokens already streamed to the client before this attempt.
+    """
+
+    request_id: str
+    num_tokens: int
+    num_generated: int
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Decode worker -> router: blocks are held for ``transfer_id`` until ``expires_in_s``."""
+
+    worker: str
+    request_id: str
+    transfer_id: int
+    epoch: int
+    num_blocks: int
+    expires_in_s: float
+
+
+@dataclass(frozen=True)
+class PrefillTask:
+    """Router -> prefill worker: prefill ``token_ids`` and send the KV to ``lease.worker``."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    num_generated: int
+    sampling: SamplingParams
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """Prefill worker -> router, sent the moment the first token is sampled (TTFT ends)."""
+
+    worker: str
+    request_id: str
+    token: int
+    finish_reason: str | None
+    queue_s: float
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class TransferDone:
+    """Prefill worker -> router after the KV left (or failed to leave) for the decode worker."""
+
+    worker: str
+    request_id: str
+    ok: bool
+    seconds: float
+    nbytes: int
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    """One sequence's new token in a decode step."""
+
+    request_id: str
+    token: int
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Decode worker -> router: ONE message per decode step, for every sequence in it.
+
+    ``joined`` lists requests whose KV arrived and verified since the last report (their
+    first decode step is in ``tokens``); ``preempted`` must be re-prefilled; ``failed``
+    carries (request_id, reason) for leases that expired or transfers that failed.
+    """
+
+    worker: str
+    tokens: list[TokenOut] = field(default_factory=list)
+    joined: list[tuple[str, float]] = field(default_factory=list)  # (request_id, transfer_s)
+    preempted: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    step_s: float = 0.0
+    num_running: int = 0
+    num_free_blocks: int = 0
+    kv_usage: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A worker's view of itself, for health, metrics and tests."""
+
+    worker: str
+    role: str
+    num_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int
+    kv_usage: float

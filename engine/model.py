@@ -1,0 +1,117 @@
+"""Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM2) written on ``kernels.ops``.
+
+Plain tensors and functions, no nn.Module: the runner owns the buffers, the model owns the
+weights, and every op goes through one ``KernelOps`` so the torch and Triton backends are
+interchangeable. Tokens of all sequences in a batch are flattened to one dimension T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelConfig
+from kernels.ops import KernelOps, rope_cos_sin
+
+
+@dataclass
+class BatchMeta:
+    """Where each token of a flattened batch goes and what it attends to.
+
+    Prefill: ``cu_seqlens_q`` [B+1] splits the T new tokens by sequence; ``kv_lens`` [B]
+    counts each sequence's cached + new tokens. Decode: one token per sequence (T == B).
+    """
+
+    is_prefill: bool
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64, -1 = padding
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    kv_lens: torch.Tensor  # [B] int32
+    cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32, prefill only
+    max_seqlen_q: int = 1
+    num_splits: int = 0  # decode split-K override (fixed per CUDA-graph batch size)
+
+
+LayerHook = Callable[[int], None]
+
+
+class LlamaModel:
+    """Weights plus the forward pass; see ``engine.weights`` for the tensor names."""
+
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], ops: KernelOps
+    ) -> None:
+        self.config = config
+        self.ops = ops
+        self.w = weights
+        self.embed = weights["embed"]
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+        self.scale = config.head_dim ** -0.5
+        self.cos_sin = rope_cos_sin(
+            config.head_dim, config.max_position, config.rope_theta, config.rope_scaling
+        ).to(self.device)
+        self.layers = [
+            (
+                weights[f"layers.{i}.input_norm"],
+                weights[f"layers.{i}.qkv"],
+                weights.get(f"layers.{i}.qkv_bias"),
+                weights[f"layers.{i}.o"],
+                weights[f"layers.{i}.post_norm"],
+                weights[f"layers.{i}.gate_up"],
+                weights[f"layers.{i}.down"],
+            )
+            for i in range(config.num_layers)
+        ]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: BatchMeta,
+        kv_pool: torch.Tensor,
+        on_layer_done: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder over T tokens; returns the final-normed hidden states [T, H].
+
+        Each layer stores its new K/V into ``kv_pool`` [L, 2, N, bs, Hk, D] before attending,
+        then calls ``on_layer_done(layer)`` (the prefill worker streams that layer's KV).
+        """
+        cfg, ops = self.config, self.ops
+        eps = cfg.rms_norm_eps
+        t = input_ids.shape[0]
+        x = self.embed.index_select(0, input_ids)  # [T, H]
+        residual: torch.Tensor | None = None
+        for i, (w_in, w_qkv, b_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
+            h, residual = ops.rms_norm(x, w_in, eps, residual)
+            qkv = torch.nn.functional.linear(h, w_qkv, b_qkv)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = q.reshape(t, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
+            k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)  # [T, Hk, D]
+            v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            ops.rope(q, k, meta.positions, self.cos_sin)
+            k_cache, v_cache = kv_pool[i, 0], kv_pool[i, 1]
+            ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            if meta.is_prefill:
+                assert meta.cu_seqlens_q is not None
+                o = ops.prefill_attention(
+                    q, k_cache, v_cache, meta.cu_seqlens_q, meta.kv_lens, meta.block_tables,
+                    meta.max_seqlen_q, self.scale,
+                )
+            else:
+                o = ops.decode_attention(
+                    q, k_cache, v_cache, meta.block_tables, meta.kv_lens, self.scale,
+                    meta.num_splits,
+                )
+            x = torch.nn.functional.linear(o.reshape(t, cfg.q_size), w_o)
+            h, residual = ops.rms_norm(x, w_post, eps, residual)
+            x = torch.nn.functional.linear(ops.silu_mul(torch.nn.functional.linear(h, w_gu)), w_down)
+            if on_layer_done is not None:
+                on_layer_done(i)
+        out, _ = ops.rms_norm(x, self.w["norm"], eps, residual)
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states [N, H] to float32 logits [N, V]."""
+        return torch.nn.functional.linear(hidden, self.w["lm_head"]).float()

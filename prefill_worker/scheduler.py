@@ -1,0 +1,133 @@
+"""Prefill batching under a token budget, with chunked prefill for long prompts.
+
+Pure Python over a ``BlockAllocator``. A task holds blocks for its whole prompt from the
+step it is admitted until its KV has left for the decode worker; a prompt longer than what
+is left of a step's budget is split into chunks over successive steps, each chunk attending
+to the KV of the chunks before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.kv_cache import BlockAllocator
+from engine.messages import PrefillTask
+
+
+@dataclass
+class PrefillSeq:
+    """A task admitted to this worker: ``done`` prompt tokens are already in the cache."""
+
+    task: PrefillTask
+    block_ids: list[int]
+    arrived: float
+    started: float = 0.0
+    done: int = 0
+    first_token: int = -1  # sampled when the last chunk ran
+
+    @property
+    def remaining(self) -> int:
+        return len(self.task.token_ids) - self.done
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """``length`` tokens of ``seq`` starting at prompt position ``start``."""
+
+    seq: PrefillSeq
+    start: int
+    length: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.start + self.length == len(self.seq.task.token_ids)
+
+
+class PrefillScheduler:
+    """FCFS queue of prefill tasks, batched under ``max_batch_tokens`` per step."""
+
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        block_size: int,
+        max_batch_tokens: int = 2048,
+        max_num_seqs: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_tokens < block_size:
+            raise ValueError("max_batch_tokens must be at least one block")
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self.clock = clock
+        self.waiting: deque[PrefillSeq] = deque()
+        self.active: list[PrefillSeq] = []  # admitted, some chunks still to run
+
+    def add(self, task: PrefillTask) -> None:
+        if not task.token_ids:
+            raise ValueError(f"request {task.request_id}: empty prompt")
+        blocks = self._blocks_for(len(task.token_ids))
+        if blocks > self.allocator.num_blocks:
+            raise ValueError(
+                f"request {task.request_id}: prompt needs {blocks} blocks, the pool has "
+                f"{self.allocator.num_blocks}"
+            )
+        self.waiting.append(PrefillSeq(task, [], self.clock()))
+
+    def _blocks_for(self, n: int) -> int:
+        return (n + self.block_size - 1) // self.block_size
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(s.remaining for s in self.waiting) + sum(s.remaining for s in self.active)
+
+    def abort(self, request_id: str) -> PrefillSeq | None:
+        """Drop a task that has not finished prefill; the caller frees its blocks once no
+        step that uses them is in flight."""
+        for group in (self.waiting, self.active):
+            for s in group:
+                if s.task.request_id == request_id:
+                    group.remove(s)
+                    return s
+        return None
+
+    def schedule(self) -> list[Chunk]:
+        """The next step's chunks: unfinished prompts first, then new ones while the token
+        budget, the sequence cap and the free blocks allow."""
+        budget = self.max_batch_tokens
+        chunks: list[Chunk] = []
+        for s in self.active:
+            if budget == 0:
+                break
+            n = min(s.remaining, budget)
+            chunks.append(Chunk(s, s.done, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(chunks) < self.max_num_seqs:
+            s = self.waiting[0]
+            need = self._blocks_for(len(s.task.token_ids))
+            if not self.allocator.can_allocate(need):
+                break
+            self.waiting.popleft()
+            s.block_ids = self.allocator.allocate(need)
+            s.started = self.clock()
+            self.active.append(s)
+            n = min(s.remaining, budget)
+            chunks.append(Chunk(s, 0, n))
+            budget -= n
+        return chunks
+
+    def complete(self, chunks: list[Chunk]) -> list[PrefillSeq]:
+        """Record that ``chunks`` ran; returns the sequences whose whole prompt is cached."""
+        finished = []
+        for c in chunks:
+            if c.seq not in self.active:
+                continue  # aborted during the step
+            c.seq.done = c.start + c.length
+            if c.seq.remaining == 0:
+                self.active.remove(c.seq)
+                finished.append(c.seq)
+        return finished

@@ -1,0 +1,111 @@
+"""One request's state on the router, and the text side of streaming: incremental
+detokenization and stop strings (which never leak into the streamed text)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from engine.messages import Lease
+from engine.sequence import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What the gRPC handler sends next: new token ids and text, and, on the last chunk,
+    how the request ended (``error`` set: the stream ends with that gRPC status)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    error: tuple[str, str] | None = None  # (grpc status name, message)
+
+
+@dataclass
+class Request:
+    """A request from admission to its last chunk."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    ttft_slo_s: float | None
+    tpot_slo_s: float | None
+    arrival: float
+    detok: IncrementalDetokenizer
+    state: State = State.QUEUED
+    output_ids: list[int] = field(default_factory=list)
+    chunks: asyncio.Queue[Chunk] = field(default_factory=asyncio.Queue)
+    lease: Lease | None = None
+    prefill_worker: str = ""
+    attempts: int = 0
+    queued_at: float = 0.0
+    # timing (router clock, monotonic)
+    t_dispatch: float = 0.0
+    t_first: float = 0.0
+    t_last: float = 0.0
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    early: list[tuple[int, str | None]] = field(default_factory=list)
+    awaiting_first: bool = True
+    # text
+    text: str = ""
+    sent_chars: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in (State.FINISHED, State.ABORTED, State.FAILED)
+
+    def add_tokens(self, ids: list[int]) -> tuple[str, str | None]:
+        """Detokenize ``ids``; returns (text safe to stream now, stop string hit or None).
+
+        Text that could still turn into a stop string is held back; on a hit, the text is
+        cut where the stop string begins.
+        """
+        self.output_ids.extend(ids)
+        self.text += self.detok.add(ids)
+        if self.stop:
+            window = max(len(s) for s in self.stop)
+            start = max(0, self.sent_chars - window + 1)
+            hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                cut, stop = min(hits)
+                self.text = self.text[:cut]
+                return self._take(len(self.text)), stop
+            return self._take(len(self.text) - _held_back(self.text, self.stop)), None
+        return self._take(len(self.text)), None
+
+    def flush(self) -> str:
+        """All text not yet streamed (at the end, nothing is held back)."""
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        upto = max(upto, self.sent_chars)
+        out = self.text[self.sent_chars:upto]
+        self.sent_chars = upto
+        return out
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

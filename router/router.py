@@ -1,0 +1,340 @@
+"""The request state machine: admit, lease a decode worker, hand the prompt to a prefill
+worker, stream what the workers report, and clean up on finish, abort or deadline.
+
+    QUEUED -> PREFILLING -> TRANSFERRING -> DECODING -> FINISHED
+                                     (ABORTED by the client, FAILED on errors)
+
+Everything here runs on the router actor's event loop; worker calls are Ray actor calls
+(``handle.method.remote(...)``). Worker reports arrive as method calls on the router actor
+and are applied synchronously, so they never interleave mid-update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.messages import FirstToken, PrefillTask, Reservation, StepReport, TransferDone
+from router.metrics import Metrics
+from router.policy import DecodeLoad, PrefillLoad, decode_order, pick_prefill
+from router.request import Chunk, Request, State
+
+log = logging.getLogger("pdserve.router")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Admission and retry limits of the router."""
+
+    max_waiting: int = 256  # requests queued for a lease before RESOURCE_EXHAUSTED
+    max_attempts: int = 4  # prefill attempts per request (preemptions and failures)
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 1 or self.max_attempts < 1:
+            raise ValueError("max_waiting and max_attempts must be >= 1")
+
+
+class QueueFull(Exception):
+    """Admission refused: the bounded wait queue is full."""
+
+
+class Router:
+    """Owns every in-flight request and the router's view of the worker pools."""
+
+    def __init__(
+        self,
+        prefill: dict[str, Any],
+        decode: dict[str, Any],
+        cfg: RouterConfig,
+        metrics: Metrics,
+    ) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.cfg = cfg
+        self.metrics = metrics
+        self.p_load = {n: PrefillLoad(n) for n in prefill}
+        self.d_load = {n: DecodeLoad(n) for n in decode}
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._pumping = False
+        self._repump = False
+
+    # -- admission --------------------------------------------------------------------------
+    def admit(self, req: Request) -> None:
+        """Queue a validated request; raises QueueFull when the wait queue is at its cap."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests already waiting")
+        req.queued_at = time.monotonic()
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        self._update_queue_gauges()
+        self._spawn(self._pump())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_failure)
+
+    async def _pump(self) -> None:
+        """Dispatch waiting requests in order while some decode worker grants a lease."""
+        if self._pumping:
+            self._repump = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._repump = False
+                while self.waiting:
+                    req = self.waiting[0]
+                    if req.done:
+                        self.waiting.popleft()
+                        continue
+                    try:
+                        if not await self._dispatch(req):
+                            break
+                    except Exception as e:  # a worker or channel failed: this request fails
+                        log.exception("dispatch of %s failed", req.request_id)
+                        if not req.done:
+                            self._fail(req, "UNAVAILABLE", f"dispatch failed: {e}")
+                    if self.waiting and self.waiting[0] is req:
+                        self.waiting.popleft()
+                if not self._repump:
+                    break
+        finally:
+            self._pumping = False
+            self._update_queue_gauges()
+
+    async def _dispatch(self, req: Request) -> bool:
+        """Lease blocks on a decode worker, then hand the prompt to a prefill worker.
+        False when no decode worker has room (the request stays queued)."""
+        tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
+        reservation = Reservation(req.request_id, len(tokens), len(req.output_ids),
+                                  req.sampling)
+        for load in decode_order(self.d_load.values()):
+            lease = await self.decode[load.name].reserve.remote(reservation)
+            if lease is not None:
+                break
+        else:
+            return False
+        if req.done:  # aborted while we waited for the lease
+            self.decode[lease.worker].abort.remote(req.request_id)
+            return True
+        p = pick_prefill(self.p_load.values())
+        await self._ensure_channel(p.name, lease.worker)
+        if req.done:
+            self.decode[lease.worker].abort.remote(req.request_id)
+            return True
+        req.lease = lease
+        req.prefill_worker = p.name
+        req.attempts += 1
+        req.state = State.PREFILLING
+        req.awaiting_first = True
+        now = time.monotonic()
+        if req.attempts == 1:
+            req.t_dispatch = now
+            req.queue_s = now - req.queued_at
+        p.queued_tokens += len(tokens)
+        self.prefill[p.name].submit.remote(
+            PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling, lease)
+        )
+        return True
+
+    async def _ensure_channel(self, p: str, d: str) -> None:
+        """Open the (prefill, decode) KV channel the first time the pair is used."""
+        task = self._channels.get((p, d))
+        if task is None:
+            task = asyncio.ensure_future(self._open_channel(p, d))
+            self._channels[(p, d)] = task
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            self._channels.pop((p, d), None)
+            raise
+
+    async def open_channels(self) -> None:
+        """Open every (prefill, decode) channel now, so that no request pays for it."""
+        await asyncio.gather(*(self._ensure_channel(p, d) for p in self.prefill
+                               for d in self.decode))
+
+    async def _open_channel(self, p: str, d: str) -> None:
+        host, port = await self.decode[d].host_channel.remote(p)
+        await self.prefill[p].connect.remote(d, self.decode[d], host, port)
+        log.info("KV channel %s -> %s open", p, d)
+
+    # -- worker reports ---------------------------------------------------------------------
+    def on_first_token(self, msg: FirstToken) -> None:
+        load = self.p_load.get(msg.worker)
+        req = self.requests.get(msg.request_id)
+        if req is not None and load is not None:
+            load.queued_tokens = max(0, load.queued_tokens - len(req.prompt_ids)
+                                     - len(req.output_ids))
+        if req is None or req.done or req.prefill_worker != msg.worker or not req.awaiting_first:
+            return
+        now = time.monotonic()
+        req.awaiting_first = False
+        req.prefill_s += msg.prefill_s
+        first_ever = not req.output_ids
+        if first_ever:
+            req.t_first = now
+            req.queue_s += msg.queue_s
+            self.metrics.observe_first_token(
+                now - req.arrival, req.queue_s, msg.prefill_s, 0.0
+            )
+        else:
+            self.metrics.observe_tokens([now - req.t_last])
+        req.t_last = now
+        req.state = State.TRANSFERRING
+        self._emit(req, [msg.token], msg.finish_reason)
+        if req.done:
+            return
+        early, req.early = req.early, []
+        for tok, reason in early:
+            self._decode_token(req, tok, reason, now)
+
+    def on_transfer_done(self, msg: TransferDone) -> None:
+        req = self.requests.get(msg.request_id)
+        if msg.ok:
+            self.metrics.observe_transfer(msg.seconds, msg.nbytes)
+        if req is None or req.done:
+            return
+        if msg.ok:
+            req.transfer_s += msg.seconds
+        else:
+            self._retry(req, f"KV transfer failed: {msg.error}")
+
+    def on_step(self, report: StepReport) -> None:
+        load = self.d_load.get(report.worker)
+        if load is not None:
+            load.num_running = report.num_running
+            load.num_free_blocks = report.num_free_blocks
+            load.kv_usage = report.kv_usage
+            self.metrics.set_kv_usage(report.worker, report.kv_usage)
+        now = time.monotonic()
+        for rid, _transfer_s in report.joined:
+            req = self.requests.get(rid)
+            if req is not None and not req.done and req.state == State.TRANSFERRING:
+                req.state = State.DECODING
+        itls = []
+        for out in report.tokens:
+            req = self.requests.get(out.request_id)
+            if req is None or req.done or req.lease is None \
+                    or req.lease.worker != report.worker:
+                continue
+            if req.awaiting_first:  # the prefill worker's report is still on its way
+                req.early.append((out.token, out.finish_reason))
+                continue
+            itls.append(now - req.t_last)
+            self._decode_token(req, out.token, out.finish_reason, now)
+        if itls:
+            self.metrics.observe_tokens(itls)
+        for rid in report.preempted:
+            req = self.requests.get(rid)
+            if req is not None and not req.done:
+                self.metrics.observe_preemption()
+                self._retry(req, "preempted")
+        for rid, why in report.failed:
+            req = self.requests.get(rid)
+            if req is not None and not req.done and req.lease is not None \
+                    and req.lease.worker == report.worker:
+                self._retry(req, why)
+        if report.preempted or report.failed or any(t.finish_reason for t in report.tokens):
+            self._spawn(self._pump())
+
+    def _decode_token(self, req: Request, tok: int, reason: str | None, now: float) -> None:
+        req.state = State.DECODING
+        req.t_last = now
+        self._emit(req, [tok], reason)
+
+    def _retry(self, req: Request, why: str) -> None:
+        """Re-prefill prompt + generated tokens elsewhere (recompute), or fail."""
+        if req.attempts >= self.cfg.max_attempts:
+            self._fail(req, "UNAVAILABLE", f"request failed after {req.attempts} attempts: {why}")
+            return
+        log.info("re-dispatching %s: %s", req.request_id, why)
+        if req.lease is not None:
+            self.decode[req.lease.worker].abort.remote(req.request_id)
+        req.lease = None
+        req.state = State.QUEUED
+        self.waiting.appendleft(req)
+        self._spawn(self._pump())
+
+    # -- output -----------------------------------------------------------------------------
+    def _emit(self, req: Request, ids: list[int], reason: str | None) -> None:
+        text, stop = req.add_tokens(ids)
+        matched: str | int | None = None
+        if stop is not None:
+            reason, matched = "stop", stop
+        elif reason == "stop":
+            matched = ids[-1]
+        if reason is None:
+            req.chunks.put_nowait(Chunk(ids, text))
+            return
+        req.chunks.put_nowait(Chunk(ids, text + req.flush(), reason, matched))
+        self._finish(req, State.FINISHED, reason)
+
+    def _finish(self, req: Request, state: State, reason: str) -> None:
+        req.state = state
+        self.requests.pop(req.request_id, None)
+        if req.lease is not None:
+            # A stop string, a first token that ends the request, or an abort leave the
+            # sequence (or its lease) on the decode worker; when the worker finished it
+            # itself, this finds nothing there.
+            self.decode[req.lease.worker].abort.remote(req.request_id)
+        now = time.monotonic()
+        n = len(req.output_ids)
+        tpot = (req.t_last - req.t_first) / (n - 1) if n > 1 and req.t_first else 0.0
+        ttft = req.t_first - req.arrival if req.t_first else None
+        self.metrics.observe_finished(
+            reason=reason, e2e_s=now - req.arrival,
+            decode_s=(req.t_last - req.t_first) if req.t_first else 0.0, mean_tpot_s=tpot,
+            prompt_tokens=len(req.prompt_ids), completion_tokens=n,
+            ttft_s=ttft, ttft_slo_s=req.ttft_slo_s, tpot_slo_s=req.tpot_slo_s,
+        )
+        self._update_queue_gauges()
+
+    def _fail(self, req: Request, code: str, message: str) -> None:
+        req.chunks.put_nowait(Chunk([], req.flush(), error=(code, message)))
+        req.state = State.FAILED
+        self.requests.pop(req.request_id, None)
+        if req.lease is not None:
+            self.decode[req.lease.worker].abort.remote(req.request_id)
+        self.metrics.observe_failure(code)
+        self._update_queue_gauges()
+
+    def abort(self, request_id: str, reason: str = "abort", code: str | None = None) -> bool:
+        """End a request now: free its work on both workers. With ``code`` the stream ends
+        with that gRPC status (deadline), otherwise with finish_reason ``reason``."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        if req.prefill_worker:
+            self.prefill[req.prefill_worker].abort.remote(request_id)
+        if code is not None:
+            self._fail(req, code, f"request {request_id}: {reason}")
+        else:
+            req.chunks.put_nowait(Chunk([], req.flush(), "abort"))
+            self._finish(req, State.ABORTED, "abort")
+        return True
+
+    def abort_all(self, reason: str) -> None:
+        for rid in list(self.requests):
+            self.abort(rid, reason, "UNAVAILABLE")
+
+    def _update_queue_gauges(self) -> None:
+        waiting = sum(1 for r in self.waiting if not r.done)
+        self.metrics.set_queue(running=len(self.requests) - waiting, waiting=waiting)
+
+    def deadline_callback(self, request_id: str) -> Callable[[], None]:
+        return lambda: self.abort(request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("router task failed", exc_info=task.exception())

@@ -1,0 +1,115 @@
+import pytest
+
+from decode_worker.scheduler import DecodeScheduler
+from engine.kv_cache import BlockAllocator
+from engine.messages import Reservation
+from engine.sequence import SamplingParams
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(blocks: int = 16, bs: int = 4, max_seqs: int = 8) -> tuple[DecodeScheduler, Clock]:
+    clock = Clock()
+    s = DecodeScheduler(BlockAllocator(blocks), bs, "d0", max_seqs, lease_timeout_s=5.0,
+                        clock=clock)
+    return s, clock
+
+
+def res(rid: str, n: int, max_tokens: int = 100) -> Reservation:
+    return Reservation(rid, n, 0, SamplingParams(max_tokens=max_tokens, eos_token_ids=(2,)))
+
+
+def join(s: DecodeScheduler, clock: Clock, rid: str, n: int, max_tokens: int = 100) -> None:
+    lease = s.reserve(res(rid, n, max_tokens))
+    assert lease is not None
+    clock.t += 0.001
+    assert s.activate(lease.transfer_id, 5, 0.0)
+
+
+def test_reserve_holds_prompt_plus_first_token() -> None:
+    s, _ = make()
+    lease = s.reserve(res("a", 8))  # 8 tokens + first token = 9 -> 3 blocks of 4
+    assert lease is not None and lease.num_blocks == 3
+    assert s.allocator.num_free == 13
+
+
+def test_reserve_refuses_when_full_and_on_duplicates() -> None:
+    s, _ = make(blocks=4)
+    assert s.reserve(res("a", 12)) is not None  # 4 blocks
+    assert s.reserve(res("b", 1)) is None
+    with pytest.raises(ValueError):
+        s.reserve(res("a", 1))
+
+
+def test_lease_expiry_frees_blocks() -> None:
+    s, clock = make()
+    assert s.reserve(res("a", 8)) is not None
+    clock.t = 4.0
+    assert s.expire() == []
+    clock.t = 5.0
+    assert s.expire() == ["a"]
+    assert s.allocator.num_free == 16
+
+
+def test_continuous_batching_and_growth() -> None:
+    s, clock = make()
+    join(s, clock, "a", 3)  # 4 tokens in context: exactly one block
+    plan = s.schedule()
+    assert [q.request_id for q in plan.batch] == ["a"]
+    out = s.postprocess(plan.batch, [9])
+    assert out[0].finish_reason is None
+    join(s, clock, "b", 1)  # joins between steps
+    plan = s.schedule()
+    assert [q.request_id for q in plan.batch] == ["a", "b"]
+    a = plan.batch[0]
+    assert a.num_tokens == 5 and len(a.block_ids) == 2  # grew a block for position 4
+
+
+def test_finish_frees_blocks() -> None:
+    s, clock = make()
+    join(s, clock, "a", 2, max_tokens=2)  # the first token counts: one more step ends it
+    plan = s.schedule()
+    out = s.postprocess(plan.batch, [9])
+    assert out[0].finish_reason == "length"
+    assert s.allocator.num_free == 16 and not s.running
+
+
+def test_eos_finishes_with_stop() -> None:
+    s, clock = make()
+    join(s, clock, "a", 2)
+    plan = s.schedule()
+    assert s.postprocess(plan.batch, [2])[0].finish_reason == "stop"
+
+
+def test_preempts_youngest_when_out_of_blocks() -> None:
+    s, clock = make(blocks=4, bs=4)
+    join(s, clock, "old", 3)  # 4 tokens: 1 block
+    join(s, clock, "young", 11)  # 12 tokens: 3 blocks; pool now full
+    plan = s.schedule()
+    s.postprocess(plan.batch, [9, 9])  # both need a new block now
+    plan = s.schedule()
+    assert plan.preempted == ["young"]
+    assert [q.request_id for q in plan.batch] == ["old"]
+    assert len(plan.batch[0].block_ids) == 2
+    assert s.allocator.num_free == 2
+
+
+def test_release_in_every_state() -> None:
+    s, clock = make()
+    lease = s.reserve(res("r", 4))
+    assert lease is not None
+    join(s, clock, "ready", 4)
+    join(s, clock, "run", 4)
+    s.schedule()
+    join(s, clock, "ready2", 4)
+    for rid in ("r", "run", "ready2", "ready"):
+        assert s.release(rid)
+    assert not s.release("r")
+    assert s.allocator.num_free == 16
+    assert s.activate(lease.transfer_id, 1, 0.0) is False  # a released lease stays gone

@@ -1,0 +1,59 @@
+"""Stop strings and text streaming of a router-side request (pure logic)."""
+
+from engine.sequence import SamplingParams
+from router.request import Request
+
+
+class CharDetok:
+    """Stand-in detokenizer: token id i is chr(i)."""
+
+    def add(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def make(stop: tuple[str, ...]) -> Request:
+    return Request("r", [1], SamplingParams(), stop, None, None, 0.0, CharDetok())  # type: ignore[arg-type]
+
+
+def feed(req: Request, text: str) -> tuple[str, str | None]:
+    out = ""
+    for ch in text:
+        piece, hit = req.add_tokens([ord(ch)])
+        out += piece
+        if hit is not None:
+            return out, hit
+    return out + req.flush(), None
+
+
+def test_stop_string_never_leaks() -> None:
+    req = make(("STOP",))
+    out, hit = feed(req, "hello STOP world")
+    assert out == "hello " and hit == "STOP"
+
+
+def test_partial_stop_is_held_then_released() -> None:
+    req = make(("STOP",))
+    piece, _ = req.add_tokens([ord(c) for c in "abST"])
+    assert piece == "ab"  # "ST" might begin STOP
+    piece, _ = req.add_tokens([ord("x")])
+    assert piece == "STx"
+
+
+def test_earliest_of_several_stops_wins() -> None:
+    req = make(("world", "lo w"))
+    out, hit = feed(req, "hello world")
+    assert out == "hel" and hit == "lo w"
+
+
+def test_stop_spanning_tokens() -> None:
+    req = make(("\n\n",))
+    piece, hit = req.add_tokens([ord("a"), ord("\n")])
+    assert (piece, hit) == ("a", None)
+    piece, hit = req.add_tokens([ord("\n"), ord("b")])
+    assert (piece, hit) == ("", "\n\n")
+
+
+def test_no_stop_streams_everything() -> None:
+    req = make(())
+    out, hit = feed(req, "plain text")
+    assert out == "plain text" and hit is None
