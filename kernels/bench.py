@@ -1,0 +1,261 @@
+"""Kernel benchmark: every figure beside its ceiling measured in the same run (GPU only).
+
+    python -m kernels.bench [--quick] [--json PATH]
+
+- decode attention: achieved bytes/s (K/V read + q/out) over device-to-device copy bandwidth,
+  and torch SDPA's time (``enable_gqa=True``, contiguous ``[B, Hk, ctx, D]`` K/V) over ours;
+  both timed as CUDA-graph replays, as decode steps run in serving;
+- prefill attention: TFLOP/s, and ours over torch SDPA causal (K/V expanded to all heads);
+- KV pack/unpack: bytes moved per second over copy bandwidth.
+
+Times are ``triton.testing.do_bench`` medians. Inputs smaller than ``ROTATE_BYTES`` are
+rotated through several copies so that the L2 cache does not flatter the bandwidth figures.
+"""
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+ROTATE_BYTES = 512 << 20  # well past the 50-60 MB L2 of an H100/H200
+HQ, HK, HEAD_DIM, BLOCK = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    ms: float
+    achieved: float  # GB/s or TFLOP/s
+    unit: str
+    ceiling: str  # what the ratio is measured against
+    ratio: float
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _bench_graphs(fns: list[Callable[[], object]]) -> float:
+    """Median time of one replay of a CUDA graph of each ``fns[i]``, cycling through them (as
+    decode runs in serving: under CUDA graphs, without Python launch overhead)."""
+    for fn in fns:
+        fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for fn in fns:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    cycle = _Cycle(len(graphs))
+    return _bench(lambda: graphs[cycle.next()].replay())
+
+
+def _rotation(nbytes: int) -> int:
+    return max(1, min(8, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * n / (ms * 1e-3)
+
+
+def _free_bytes() -> int:
+    return int(torch.cuda.mem_get_info()[0])
+
+
+class _Cycle:
+    """Round-robin index over ``n`` input copies (defeats L2 reuse between calls)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.i = n, 0
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % self.n
+        return self.i
+
+
+def _decode_case(batch: int, ctx: int, copy_bw: float) -> list[Row]:
+    from kernels.attention_decode import decode_attention
+
+    scale = HEAD_DIM**-0.5
+    kv_bytes = 2 * batch * ctx * HK * HEAD_DIM * DTYPE.itemsize
+    copies = _rotation(kv_bytes)
+    # paged pools + SDPA's contiguous copies, with headroom
+    if 2 * copies * kv_bytes > 0.7 * _free_bytes():
+        return []
+    blocks_per_seq = ctx // BLOCK
+    num_blocks = batch * blocks_per_seq * copies
+    pool = torch.randn(2, num_blocks, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+    tables = perm.view(copies, batch, blocks_per_seq)  # scattered blocks, as in serving
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    qs = torch.randn(copies, batch, HQ, HEAD_DIM, device="cuda", dtype=DTYPE)
+    ks = torch.randn(copies, batch, HK, ctx, HEAD_DIM, device="cuda", dtype=DTYPE)
+    vs = torch.randn_like(ks)
+
+    def ours(i: int) -> Callable[[], object]:
+        return lambda: decode_attention(qs[i], pool[0], pool[1], tables[i], lens, scale)
+
+    def sdpa(i: int) -> Callable[[], object]:
+        return lambda: F.scaled_dot_product_attention(
+            qs[i][:, :, None], ks[i], vs[i], scale=scale, enable_gqa=True
+        )
+
+    ms = _bench_graphs([ours(i) for i in range(copies)])
+    ms_sdpa = _bench_graphs([sdpa(i) for i in range(copies)])
+    moved = kv_bytes + 2 * batch * HQ * HEAD_DIM * DTYPE.itemsize
+    bw = moved / (ms * 1e-3)
+    bw_sdpa = moved / (ms_sdpa * 1e-3)
+    shape = f"B={batch} ctx={ctx}"
+    return [
+        Row("decode", shape, ms, bw / 1e9, "GB/s", "copy bandwidth", bw / copy_bw),
+        Row("decode", shape, ms_sdpa, bw_sdpa / 1e9, "GB/s", "SDPA time / ours (ms is SDPA's)",
+            ms_sdpa / ms),
+    ]
+
+
+def _prefill_case(seq: int, tokens: int) -> Row:
+    from kernels.attention_prefill import prefill_attention
+
+    scale = HEAD_DIM**-0.5
+    batch = max(1, tokens // seq)
+    blocks_per_seq = seq // BLOCK
+    num_blocks = batch * blocks_per_seq
+    pool = torch.randn(2, num_blocks, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+    tables = perm.view(batch, blocks_per_seq)
+    q = torch.randn(batch * seq, HQ, HEAD_DIM, device="cuda", dtype=DTYPE)
+    cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seq
+    lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
+    # SDPA gets K/V already expanded to all heads: its fastest (flash) path.
+    qb = torch.randn(batch, HQ, seq, HEAD_DIM, device="cuda", dtype=DTYPE)
+    kb = torch.randn(batch, HQ, seq, HEAD_DIM, device="cuda", dtype=DTYPE)
+    vb = torch.randn_like(kb)
+    flops = 4 * batch * HQ * HEAD_DIM * seq * seq / 2  # causal: half of QK^T and PV
+
+    def ours() -> object:
+        return prefill_attention(q, pool[0], pool[1], cu, lens, tables, seq, scale)
+
+    def sdpa() -> object:
+        return F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+
+    ms = _bench(ours)
+    ms_sdpa = _bench(sdpa)
+    tflops = flops / (ms * 1e-3) / 1e12
+    sdpa_tflops = flops / (ms_sdpa * 1e-3) / 1e12
+    return Row("prefill", f"B={batch} L={seq}", ms, tflops, "TFLOP/s",
+               f"torch SDPA causal ({sdpa_tflops:.0f} TFLOP/s)", tflops / sdpa_tflops)
+
+
+def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
+    from kernels.kv_pack import pack_kv, unpack_kv
+
+    n = tokens // BLOCK
+    nbytes = 2 * n * BLOCK * HK * HEAD_DIM * DTYPE.itemsize
+    copies = _rotation(nbytes)
+    num_blocks = n * copies * 2
+    layer = torch.randn(2, num_blocks, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    ids = torch.randperm(num_blocks, device="cuda")[: n * copies].view(copies, n)
+    bufs = torch.empty(copies, 2, n, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    cycle = _Cycle(copies)
+
+    def pack() -> None:
+        i = cycle.next()
+        pack_kv(layer, ids[i], bufs[i])
+
+    def unpack() -> None:
+        i = cycle.next()
+        unpack_kv(bufs[i], layer, ids[i])
+
+    rows = []
+    for name, fn in (("kv_pack", pack), ("kv_unpack", unpack)):
+        ms = _bench(fn)
+        bw = 2 * nbytes / (ms * 1e-3)  # read + write, like the copy ceiling
+        rows.append(Row(name, f"tokens={tokens}", ms, bw / 1e9, "GB/s", "copy bandwidth",
+                        bw / copy_bw))
+    return rows
+
+
+def bench_decode(batches: list[int], contexts: list[int], copy_bw: float) -> list[Row]:
+    rows = []
+    for batch in batches:
+        for ctx in contexts:
+            rows += _decode_case(batch, ctx, copy_bw)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_prefill(seq_lens: list[int], tokens: int = 16384) -> list[Row]:
+    rows = []
+    for seq in seq_lens:
+        rows.append(_prefill_case(seq, tokens))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_pack(token_counts: list[int], copy_bw: float) -> list[Row]:
+    rows = []
+    for tokens in token_counts:
+        rows += _pack_case(tokens, copy_bw)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short sweep")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.bench needs a CUDA GPU")
+
+    if args.quick:
+        batches, contexts = [1, 16, 64], [512, 4096, 32768]
+        prefill_lens, pack_tokens = [1024, 4096], [4096]
+    else:
+        batches, contexts = [1, 4, 16, 64, 128, 256], [512, 2048, 8192, 32768]
+        prefill_lens, pack_tokens = [1024, 4096, 16384], [1024, 4096, 16384]
+
+    copy_bw = copy_bandwidth()
+    rows = [Row("copy", "1 GiB d2d", 2 * (1 << 30) / copy_bw * 1e3, copy_bw / 1e9, "GB/s",
+                "-", 1.0)]
+    rows += bench_decode(batches, contexts, copy_bw)
+    rows += bench_prefill(prefill_lens)
+    rows += bench_pack(pack_tokens, copy_bw)
+
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}, torch {torch.__version__}")
+    header = f"{'kernel':<10} {'shape':<18} {'ms':>9} {'achieved':>14}  {'ratio':>6}  ceiling"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.kernel:<10} {r.shape:<18} {r.ms:>9.4f} {r.achieved:>9.1f} {r.unit:<7}"
+              f" {r.ratio:>6.2f}  {r.ceiling}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
