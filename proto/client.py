@@ -1,0 +1,399 @@
+"""Typed Python client of the pdserve wire API (sync and asyncio).
+
+    with Client("localhost:50051") as client:
+        client.wait_ready(timeout_s=60)
+        for chunk in client.generate(text="Once upon a time", max_tokens=32, temperature=0):
+            print(chunk.text, end="", flush=True)
+
+    async with AsyncClient("localhost:50051") as client:
+        done = await acollect(client.generate(messages=[{"role": "user", "content": "Hi"}]))
+
+`generate` returns the gRPC call itself: iterate it for the responses, `cancel()` it to abort the
+request (breaking out of the loop alone leaves the call open until it is garbage collected).
+Server errors arrive as `grpc.RpcError` (sync) or `grpc.aio.AioRpcError` (asyncio) carrying the
+status code and a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+
+# A chat turn: {"role": ..., "content": ...}, (role, content) or the message itself.
+ChatMessageLike = Mapping[str, str] | tuple[str, str] | pb.ChatMessage
+
+_WAIT_POLL_S = 0.1
+
+
+class GenerateStream(Protocol):
+    """What `Client.generate` returns: the responses, and a way to abort the request."""
+
+    def __iter__(self) -> Iterator[pb.GenerateResponse]: ...
+
+    def cancel(self) -> bool: ...
+
+
+class AsyncGenerateStream(Protocol):
+    """What `AsyncClient.generate` returns: the responses, and a way to abort the request."""
+
+    def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]: ...
+
+    def cancel(self) -> bool: ...
+
+
+def _chat_message(m: ChatMessageLike) -> pb.ChatMessage:
+    if isinstance(m, pb.ChatMessage):
+        return m
+    if isinstance(m, tuple):
+        role, content = m
+        return pb.ChatMessage(role=role, content=content)
+    return pb.ChatMessage(role=m["role"], content=m["content"])
+
+
+def build_request(
+    *,
+    text: str | None = None,
+    token_ids: Sequence[int] | None = None,
+    messages: Sequence[ChatMessageLike] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    ttft_ms: float = 0,
+    tpot_ms: float = 0,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """Build a GenerateRequest from exactly one input (text, token_ids or messages).
+
+    None leaves a field unset so the server applies its default (max_tokens: the server's
+    default; temperature 1.0; top_p 1.0; seed: none). Values are not checked here beyond the
+    one-input rule and protobuf's types: the server validates them (INVALID_ARGUMENT), and tests
+    rely on sending bad values through this function.
+    """
+    given = [name for name, v in (("text", text), ("token_ids", token_ids),
+                                  ("messages", messages)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of text, token_ids, messages; got {given or 'none'}")
+    sampling = pb.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+    )
+    req = pb.GenerateRequest(
+        request_id=request_id, sampling=sampling, slo=pb.Slo(ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+    )
+    if text is not None:
+        req.text = text
+    elif token_ids is not None:
+        req.token_ids.ids.extend(token_ids)
+    elif messages is not None:
+        # SetInParent marks an empty list as set, so the server sees "empty messages".
+        req.messages.SetInParent()
+        req.messages.messages.extend(_chat_message(m) for m in messages)
+    return req
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole Generate stream gathered: what most callers want from one request."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    matched_stop: str | int | None
+    usage: pb.Usage
+    timing: pb.Timing
+    num_responses: int
+
+
+class _Gather:
+    """Accumulates responses into a Completion."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.last: pb.GenerateResponse | None = None
+        self.count = 0
+
+    def add(self, r: pb.GenerateResponse) -> None:
+        self.token_ids.extend(r.token_ids)
+        self.text.append(r.text)
+        self.last = r
+        self.count += 1
+
+    def done(self) -> Completion:
+        last = self.last
+        if last is None or not last.finished:
+            raise RuntimeError("the Generate stream ended without a finished response")
+        kind = last.WhichOneof("matched_stop")
+        matched: str | int | None = None
+        if kind == "matched_stop_str":
+            matched = last.matched_stop_str
+        elif kind == "matched_stop_token_id":
+            matched = last.matched_stop_token_id
+        return Completion(
+            request_id=last.request_id,
+            token_ids=self.token_ids,
+            text="".join(self.text),
+            finish_reason=last.finish_reason,
+            matched_stop=matched,
+            usage=last.usage,
+            timing=last.timing,
+            num_responses=self.count,
+        )
+
+
+def collect(responses: Iterable[pb.GenerateResponse]) -> Completion:
+    """Read a Generate stream to its end and gather it."""
+    g = _Gather()
+    for r in responses:
+        g.add(r)
+    return g.done()
+
+
+async def acollect(responses: AsyncIterable[pb.GenerateResponse]) -> Completion:
+    """Read an asyncio Generate stream to its end and gather it."""
+    g = _Gather()
+    async for r in responses:
+        g.add(r)
+    return g.done()
+
+
+def _status_name(resp: health_pb2.HealthCheckResponse) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+class Client:
+    """Blocking client over one gRPC channel. Thread-safe, as the channel is."""
+
+    def __init__(self, target: str, *, channel: grpc.Channel | None = None) -> None:
+        """Connect to `target` ("host:port"), or use `channel` if given (then `target` only
+        names it in messages; close() closes it all the same)."""
+        self.target = target
+        self._channel = channel if channel is not None else grpc.insecure_channel(target)
+        stub = pb_grpc.GenerationStub(self._channel)
+        self._generate: grpc.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]
+        self._generate = stub.Generate
+        self._abort: grpc.UnaryUnaryMultiCallable[pb.AbortRequest, pb.AbortResponse]
+        self._abort = stub.Abort
+        self._model_info: grpc.UnaryUnaryMultiCallable[pb.GetModelInfoRequest, pb.ModelInfo]
+        self._model_info = stub.GetModelInfo
+        self._server_info: grpc.UnaryUnaryMultiCallable[pb.GetServerInfoRequest, pb.ServerInfo]
+        self._server_info = stub.GetServerInfo
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate(
+        self,
+        *,
+        text: str | None = None,
+        token_ids: Sequence[int] | None = None,
+        messages: Sequence[ChatMessageLike] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        ttft_ms: float = 0,
+        tpot_ms: float = 0,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> GenerateStream:
+        """Start generating; see `build_request` for the arguments. `timeout` (seconds) becomes
+        the call's gRPC deadline."""
+        req = build_request(
+            text=text, token_ids=token_ids, messages=messages, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, ttft_ms=ttft_ms,
+            tpot_ms=tpot_ms, request_id=request_id,
+        )
+        return self.send(req, timeout=timeout)
+
+    def send(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> GenerateStream:
+        """Send a prebuilt GenerateRequest (any content, also invalid: for tests)."""
+        return self._generate(request, timeout=timeout)
+
+    def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
+        """Abort a running request; False if the server knows no running request by that id."""
+        return self._abort(pb.AbortRequest(request_id=request_id), timeout=timeout).found
+
+    def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        return self._model_info(pb.GetModelInfoRequest(), timeout=timeout)
+
+    def server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
+        return self._server_info(pb.GetServerInfoRequest(), timeout=timeout)
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The grpc.health.v1 status name of `service` ("" = the whole server): "SERVING",
+        "NOT_SERVING", "UNKNOWN", or "SERVICE_UNKNOWN" when the server does not know it."""
+        try:
+            resp = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise
+        return _status_name(resp)
+
+    def wait_ready(self, timeout_s: float, service: str = "") -> None:
+        """Poll health until SERVING; TimeoutError after `timeout_s` seconds. Connection errors
+        while the server starts count as not ready yet."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.target} not SERVING after {timeout_s} s ({last})")
+            try:
+                last = self.health(service, timeout=min(left, 5.0))
+                if last == "SERVING":
+                    return
+            except grpc.RpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            time.sleep(min(_WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client over one grpc.aio channel; create and use it inside one event loop."""
+
+    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None) -> None:
+        """Connect to `target` ("host:port"), or use `channel` if given."""
+        self.target = target
+        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target)
+        stub = pb_grpc.GenerationStub(self._channel)
+        self._generate: grpc.aio.UnaryStreamMultiCallable[
+            pb.GenerateRequest, pb.GenerateResponse
+        ] = stub.Generate
+        self._abort: grpc.aio.UnaryUnaryMultiCallable[pb.AbortRequest, pb.AbortResponse]
+        self._abort = stub.Abort
+        self._model_info: grpc.aio.UnaryUnaryMultiCallable[pb.GetModelInfoRequest, pb.ModelInfo]
+        self._model_info = stub.GetModelInfo
+        self._server_info: grpc.aio.UnaryUnaryMultiCallable[
+            pb.GetServerInfoRequest, pb.ServerInfo
+        ] = stub.GetServerInfo
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate(
+        self,
+        *,
+        text: str | None = None,
+        token_ids: Sequence[int] | None = None,
+        messages: Sequence[ChatMessageLike] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        ttft_ms: float = 0,
+        tpot_ms: float = 0,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> AsyncGenerateStream:
+        """Start generating (`async for` the result); see `build_request` for the arguments."""
+        req = build_request(
+            text=text, token_ids=token_ids, messages=messages, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, ttft_ms=ttft_ms,
+            tpot_ms=tpot_ms, request_id=request_id,
+        )
+        return self.send(req, timeout=timeout)
+
+    def send(
+        self, request: pb.GenerateRequest, *, timeout: float | None = None
+    ) -> AsyncGenerateStream:
+        """Send a prebuilt GenerateRequest (any content, also invalid: for tests)."""
+        return self._generate(request, timeout=timeout)
+
+    async def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
+        """Abort a running request; False if the server knows no running request by that id."""
+        resp = await self._abort(pb.AbortRequest(request_id=request_id), timeout=timeout)
+        return resp.found
+
+    async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        return await self._model_info(pb.GetModelInfoRequest(), timeout=timeout)
+
+    async def server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
+        return await self._server_info(pb.GetServerInfoRequest(), timeout=timeout)
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """As `Client.health`."""
+        try:
+            resp = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise
+        return _status_name(resp)
+
+    async def wait_ready(self, timeout_s: float, service: str = "") -> None:
+        """As `Client.wait_ready`."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.target} not SERVING after {timeout_s} s ({last})")
+            try:
+                last = await self.health(service, timeout=min(left, 5.0))
+                if last == "SERVING":
+                    return
+            except grpc.aio.AioRpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            await asyncio.sleep(min(_WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

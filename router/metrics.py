@@ -1,0 +1,220 @@
+"""Every Prometheus metric of pdserve, owned by one object on the router.
+
+Names follow vLLM's with a `pdserve:` prefix, so its dashboards carry over. Workers do not
+export metrics themselves: their figures ride on the messages they already send the router,
+which records them here. All durations are seconds from monotonic clocks read in one process.
+
+prometheus_client appends `_total` to counter names itself (and strips it if given), so the
+counters below are declared without it and exposed as e.g. `pdserve:prompt_tokens_total`.
+Colons are legal in metric names (reserved for recording rules by convention, used by vLLM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import start_http_server as _start_http_server
+
+from router.validation import ValidSlo
+
+PREFIX = "pdserve:"
+
+# vLLM's buckets.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)
+# One request's KV over NVLink takes about a millisecond (512 MiB: 1.5 ms), over a network
+# up to seconds.
+KV_TRANSFER_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)
+
+SLO_PHASES = ("ttft", "tpot")
+
+
+class Metrics:
+    """The router's metrics, registered on `registry` (never the global default one, so that
+    tests and several routers in one process each have their own)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+        def hist(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(PREFIX + name, doc, buckets=buckets, registry=registry)
+
+        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labelnames=labels, registry=registry)
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(PREFIX + name, doc, labelnames=labels, registry=registry)
+
+        # Latency histograms. TTFT = queue + prefill (+ KV transfer when it precedes the first
+        # token) + the rest (routing, streaming); queue and prefill share TTFT's buckets.
+        self.ttft = hist("time_to_first_token_seconds",
+                         "Time from request arrival to its first token.", TTFT_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds",
+                        "Time between consecutive tokens of a request.", ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds",
+                        "Time from request arrival to its last token.", REQUEST_LATENCY_BUCKETS)
+        self.queue_time = hist("request_queue_time_seconds",
+                               "Time a request waited for admission and a prefill worker.",
+                               TTFT_BUCKETS)
+        self.prefill_time = hist("request_prefill_time_seconds",
+                                 "Prompt forward time of a request on its prefill worker.",
+                                 TTFT_BUCKETS)
+        self.decode_time = hist("request_decode_time_seconds",
+                                "Time from a request's first token to its last.",
+                                REQUEST_LATENCY_BUCKETS)
+        self.request_transfer_time = hist(
+            "request_kv_transfer_time_seconds",
+            "KV transfer time counted inside a request's time to first token.",
+            KV_TRANSFER_BUCKETS,
+        )
+        self.kv_transfer_time = hist("kv_transfer_seconds",
+                                     "Duration of one KV cache transfer, prefill to decode.",
+                                     KV_TRANSFER_BUCKETS)
+        self.tpot = hist("time_per_output_token_seconds",
+                         "Mean time per output token after the first, per request.",
+                         ITL_BUCKETS)
+
+        # Load.
+        self.running = gauge("num_requests_running", "Requests prefilling or decoding.")
+        self.waiting = gauge("num_requests_waiting", "Requests queued for admission.")
+        self.kv_usage = gauge("kv_cache_usage_perc",
+                              "Fraction of a worker's KV cache blocks in use (1 = full).",
+                              ("worker",))
+
+        # Counters.
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of ended requests.")
+        self.generation_tokens = counter("generation_tokens",
+                                         "Generated tokens of ended requests.")
+        self.success = counter("request_success",
+                               "Requests that ended with a finish reason.", ("finished_reason",))
+        self.failure = counter("request_failure",
+                               "Requests that ended with a gRPC error status.", ("code",))
+        self.kv_transfer_bytes = counter("kv_transfer_bytes",
+                                         "KV cache bytes moved from prefill to decode workers.")
+        self.slo_attained = counter("slo_attained",
+                                    "Requests that met their objective for a phase.", ("phase",))
+        self.slo_violated = counter("slo_violated",
+                                    "Requests that missed their objective for a phase.",
+                                    ("phase",))
+        self.preemptions = counter("num_preemptions",
+                                   "Sequences a decode worker handed back for recompute.")
+        # Show zeros for the SLO phases from the start, so rate() works before the first miss.
+        for phase in SLO_PHASES:
+            self.slo_attained.labels(phase=phase)
+            self.slo_violated.labels(phase=phase)
+
+    # ------------------------------------------------------------------ events
+
+    def observe_first_token(
+        self, ttft_s: float, queue_s: float, prefill_s: float, transfer_s: float | None = None
+    ) -> None:
+        """A request's first token reached the router. `transfer_s`: the KV transfer time
+        inside this TTFT, if any; None or 0 when the first token streams before the KV moves,
+        as on pdserve's path (every transfer is counted by observe_transfer either way)."""
+        self.ttft.observe(ttft_s)
+        self.queue_time.observe(queue_s)
+        self.prefill_time.observe(prefill_s)
+        if transfer_s:
+            self.request_transfer_time.observe(transfer_s)
+
+    def observe_tokens(self, itl_values: Sequence[float]) -> None:
+        """Inter-token latencies of the tokens in one decode-step message (any requests)."""
+        observe = self.itl.observe
+        for v in itl_values:
+            observe(v)
+
+    def observe_finished(
+        self,
+        reason: str,
+        e2e_s: float,
+        decode_s: float,
+        mean_tpot_s: float,
+        prompt_tokens: int,
+        completion_tokens: int,
+        slo: ValidSlo,
+        ttft_s: float | None,
+    ) -> None:
+        """A request ended with a finish reason ("stop", "length", "abort").
+
+        SLOs are judged on what was measured: TTFT if a first token came (`ttft_s` not None),
+        TPOT if there were at least two tokens; a phase with no objective is not counted.
+        """
+        self.e2e.observe(e2e_s)
+        self.decode_time.observe(decode_s)
+        if completion_tokens > 1:
+            self.tpot.observe(mean_tpot_s)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.success.labels(finished_reason=reason).inc()
+        if slo.ttft_ms is not None and ttft_s is not None:
+            self._slo("ttft", ttft_s * 1000.0 <= slo.ttft_ms)
+        if slo.tpot_ms is not None and completion_tokens > 1:
+            self._slo("tpot", mean_tpot_s * 1000.0 <= slo.tpot_ms)
+
+    def _slo(self, phase: str, met: bool) -> None:
+        (self.slo_attained if met else self.slo_violated).labels(phase=phase).inc()
+
+    def observe_failure(self, code: grpc.StatusCode | str) -> None:
+        """A request ended with an error status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...)."""
+        name = code.name if isinstance(code, grpc.StatusCode) else code
+        self.failure.labels(code=name).inc()
+
+    def set_queue(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    def set_kv_usage(self, worker: str, frac: float) -> None:
+        """Fraction (0..1, as vLLM's `kv_cache_usage_perc`) of `worker`'s KV blocks in use."""
+        self.kv_usage.labels(worker=worker).set(frac)
+
+    def forget_worker(self, worker: str) -> None:
+        """Drop a removed worker's series."""
+        with contextlib.suppress(KeyError):  # never reported, or already forgotten
+            self.kv_usage.remove(worker)
+
+    def observe_transfer(self, seconds: float, nbytes: int) -> None:
+        """One KV transfer completed (first prefill or a recompute after preemption)."""
+        self.kv_transfer_time.observe(seconds)
+        self.kv_transfer_bytes.inc(nbytes)
+
+    def observe_preemption(self) -> None:
+        self.preemptions.inc()
+
+    # ------------------------------------------------------------------ exposition
+
+    def start_http_server(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serve /metrics of this registry on a daemon thread; return the port bound (pass 0
+        to pick a free one)."""
+        if self._server is not None:
+            raise RuntimeError("the metrics HTTP server is already running")
+        self._server, self._thread = _start_http_server(port, addr, registry=self.registry)
+        return int(self._server.server_port)
+
+    def stop_http_server(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None

@@ -1,0 +1,159 @@
+"""router.metrics: names, buckets, event methods, and the /metrics HTTP endpoint."""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if sys.path[:1] != [_ROOT]:
+    sys.path.insert(0, _ROOT)
+
+from router.metrics import ITL_BUCKETS, TTFT_BUCKETS, Metrics  # noqa: E402
+from router.validation import ValidSlo  # noqa: E402
+
+
+@pytest.fixture()
+def metrics() -> Iterator[Metrics]:
+    m = Metrics(CollectorRegistry())
+    yield m
+    m.stop_http_server()
+
+
+def value(m: Metrics, name: str, **labels: str) -> float:
+    v = m.registry.get_sample_value(name, labels)
+    assert v is not None, f"no sample {name}{labels}"
+    return v
+
+
+def test_exposed_names(metrics: Metrics) -> None:
+    names = {s.name for f in metrics.registry.collect() for s in f.samples}
+    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                 "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "kv_transfer_seconds", "time_per_output_token_seconds"):
+        for suffix in ("_bucket", "_count", "_sum"):
+            assert f"pdserve:{hist}{suffix}" in names
+    for name in ("num_requests_running", "num_requests_waiting", "prompt_tokens_total",
+                 "generation_tokens_total", "kv_transfer_bytes_total", "slo_attained_total",
+                 "slo_violated_total", "num_preemptions_total"):
+        assert f"pdserve:{name}" in names, name
+    assert not any(n.endswith("_total_total") for n in names)
+
+
+def test_buckets(metrics: Metrics) -> None:
+    def bounds(name: str) -> list[float]:
+        fam = next(f for f in metrics.registry.collect() if f.name == name)
+        return [float(s.labels["le"]) for s in fam.samples if s.name.endswith("_bucket")]
+
+    assert bounds("pdserve:time_to_first_token_seconds") == [*TTFT_BUCKETS, float("inf")]
+    assert bounds("pdserve:inter_token_latency_seconds") == [*ITL_BUCKETS, float("inf")]
+    assert TTFT_BUCKETS[0] == 0.001 and TTFT_BUCKETS[-1] == 2560.0 and len(TTFT_BUCKETS) == 22
+    assert ITL_BUCKETS[0] == 0.01 and ITL_BUCKETS[-1] == 80.0 and len(ITL_BUCKETS) == 19
+
+
+def test_events(metrics: Metrics) -> None:
+    m = metrics
+    m.observe_first_token(0.05, 0.01, 0.03, None)
+    m.observe_first_token(0.5, 0.2, 0.1, 0.0)  # 0: no transfer inside TTFT, not observed
+    m.observe_first_token(0.5, 0.2, 0.1, 0.002)
+    assert value(m, "pdserve:time_to_first_token_seconds_count") == 3
+    assert value(m, "pdserve:time_to_first_token_seconds_bucket", le="0.06") == 1
+    assert value(m, "pdserve:request_queue_time_seconds_sum") == pytest.approx(0.41)
+    assert value(m, "pdserve:request_kv_transfer_time_seconds_count") == 1
+
+    m.observe_tokens([0.02, 0.03, 0.2])
+    m.observe_tokens([])
+    assert value(m, "pdserve:inter_token_latency_seconds_count") == 3
+    assert value(m, "pdserve:inter_token_latency_seconds_bucket", le="0.05") == 2
+
+    slo = ValidSlo(ttft_ms=100.0, tpot_ms=20.0)
+    m.observe_finished("stop", 1.0, 0.9, 0.015, 10, 61, slo, 0.05)  # both met
+    m.observe_finished("length", 2.0, 1.5, 0.025, 20, 61, slo, 0.5)  # both missed
+    m.observe_finished("abort", 0.3, 0.0, 0.0, 30, 0, slo, None)  # nothing to judge
+    m.observe_finished("stop", 0.1, 0.0, 0.0, 5, 1, ValidSlo(None, None), 0.1)
+    assert value(m, "pdserve:e2e_request_latency_seconds_count") == 4
+    assert value(m, "pdserve:time_per_output_token_seconds_count") == 2  # only with >1 token
+    assert value(m, "pdserve:prompt_tokens_total") == 65
+    assert value(m, "pdserve:generation_tokens_total") == 123
+    assert value(m, "pdserve:request_success_total", finished_reason="stop") == 2
+    assert value(m, "pdserve:request_success_total", finished_reason="length") == 1
+    assert value(m, "pdserve:request_success_total", finished_reason="abort") == 1
+    for phase in ("ttft", "tpot"):
+        assert value(m, "pdserve:slo_attained_total", phase=phase) == 1
+        assert value(m, "pdserve:slo_violated_total", phase=phase) == 1
+
+    m.observe_failure(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    m.observe_failure("INVALID_ARGUMENT")
+    m.observe_failure("INVALID_ARGUMENT")
+    assert value(m, "pdserve:request_failure_total", code="RESOURCE_EXHAUSTED") == 1
+    assert value(m, "pdserve:request_failure_total", code="INVALID_ARGUMENT") == 2
+
+    m.set_queue(running=3, waiting=7)
+    assert value(m, "pdserve:num_requests_running") == 3
+    assert value(m, "pdserve:num_requests_waiting") == 7
+
+    m.set_kv_usage("decode-0", 0.25)
+    m.set_kv_usage("decode-1", 1.0)
+    m.set_kv_usage("decode-0", 0.5)
+    assert value(m, "pdserve:kv_cache_usage_perc", worker="decode-0") == 0.5
+    m.forget_worker("decode-1")
+    m.forget_worker("never-seen")
+    assert m.registry.get_sample_value("pdserve:kv_cache_usage_perc",
+                                       {"worker": "decode-1"}) is None
+
+    m.observe_transfer(0.0015, 512 << 20)
+    m.observe_transfer(0.003, 1 << 20)
+    assert value(m, "pdserve:kv_transfer_seconds_count") == 2
+    assert value(m, "pdserve:kv_transfer_bytes_total") == (512 << 20) + (1 << 20)
+
+    m.observe_preemption()
+    assert value(m, "pdserve:num_preemptions_total") == 1
+
+
+def test_registries_are_independent() -> None:
+    a, b = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    a.observe_preemption()
+    assert value(a, "pdserve:num_preemptions_total") == 1
+    assert value(b, "pdserve:num_preemptions_total") == 0
+
+
+def test_http_endpoint(metrics: Metrics) -> None:
+    m = metrics
+    port = m.start_http_server(0, "127.0.0.1")
+    assert port > 0
+    with pytest.raises(RuntimeError, match="already running"):
+        m.start_http_server(0, "127.0.0.1")
+    m.observe_first_token(0.05, 0.01, 0.03, None)
+    m.observe_first_token(3.0, 1.0, 1.5, None)
+    m.observe_tokens([0.02] * 5)
+    m.observe_finished("stop", 1.0, 0.9, 0.02, 10, 6, ValidSlo(None, 50.0), 0.05)
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text) for s in fam.samples
+    }
+    assert samples[("pdserve:time_to_first_token_seconds_count", ())] == 2
+    assert samples[("pdserve:time_to_first_token_seconds_bucket", (("le", "0.06"),))] == 1
+    assert samples[("pdserve:inter_token_latency_seconds_count", ())] == 5
+    assert samples[("pdserve:e2e_request_latency_seconds_count", ())] == 1
+    assert samples[("pdserve:request_decode_time_seconds_count", ())] == 1
+    assert samples[("pdserve:time_per_output_token_seconds_count", ())] == 1
+    assert samples[("pdserve:request_success_total", (("finished_reason", "stop"),))] == 1
+    assert samples[("pdserve:slo_attained_total", (("phase", "tpot"),))] == 1
+    assert samples[("pdserve:slo_violated_total", (("phase", "ttft"),))] == 0
+
+    m.stop_http_server()
+    m.stop_http_server()  # idempotent
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
