@@ -41,7 +41,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     _add_model_flags(p)
 
 
-def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # noqa: ANN201
+def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """ServeConfig from --config plus flag overrides."""
     from cluster.config import ServeConfig
 

@@ -87,9 +87,9 @@ def launch(cfg: ServeConfig, address: str | None = None) -> Deployment:
 def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
     model_config = load_model_config(cfg.model)
     gpus = 1 if cfg.resolved_device() == "cuda" else 0
-    cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 2))
+    cpus = os.cpu_count() or 2
     ns = cfg.namespace
-    router = (
+    router: Any = (
         ray.remote(RouterService)
         .options(name=f"{ns}-router", num_cpus=0, max_concurrency=10000)
         .remote(cfg.server_config(model_config))
@@ -98,7 +98,7 @@ def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
 
     def worker(cls: type, role: str, i: int) -> tuple[str, Any]:
         name = f"{role}-{i}"
-        handle = (
+        handle: Any = (
             ray.remote(cls)
             .options(name=f"{ns}-{name}", num_cpus=1, num_gpus=gpus, max_concurrency=16)
             .remote(name, cfg.worker_config(role, cpus), router)

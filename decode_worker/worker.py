@@ -1,6 +1,6 @@
 """The decode worker: a Ray actor that holds leases, receives KV, and runs the step loop.
 
-Threads: Ray's (control calls: reserve, incoming, abort, stats), one receiver per channel
+Threads: Ray's (control calls: reserve, abort, stats), one receiver per channel
 (header -> reservation match -> per-layer payload -> unpack -> checksum), and the step loop
 (continuous batching; ONE report to the router per step). The scheduler and allocator are
 touched only under ``self._cv``; blocks of a sequence in the running step or being received
@@ -10,9 +10,9 @@ are freed only once that work is over, so a freed block is never written to afte
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ import torch
 from decode_worker.scheduler import DecodeScheduler, DecodeSeq
 from engine.config import WorkerConfig
 from engine.kv_cache import BlockAllocator
-from engine.kv_transfer import ChannelSpec, KVChannel, TransferError
+from engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
 from engine.messages import Lease, Reservation, StepReport, WorkerStats
 from engine.runner import DecodeItem, ModelRunner
 from engine.sampler import sample
@@ -50,7 +50,6 @@ class DecodeWorker:
         self._joined: list[tuple[str, float]] = []
         self._failed: list[tuple[str, str]] = []
         self._channels: dict[str, KVChannel] = {}
-        self._incoming: dict[str, queue.Queue[bool]] = {}
         self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
 
     # -- control (Ray calls) ----------------------------------------------------------------
@@ -59,33 +58,30 @@ class DecodeWorker:
         self._loop.start()
         return self.stats()
 
-    def host_channel(self, prefill_name: str) -> tuple[str, int]:
-        """Host the store of a new channel to ``prefill_name``; the channel opens (handshake,
-        process group) on a thread once the prefill worker joins. Returns (host, port)."""
-        store, port = KVChannel.host_store(self.cfg.host, 0, self.cfg.transfer_timeout_s)
-        q: queue.Queue[bool] = queue.Queue()
-        self._incoming[prefill_name] = q
-        spec = ChannelSpec.for_model(self.model_config, self.cfg.cache)
+    def host_channel(self, prefill_name: str) -> tuple[str, int, str]:
+        """Host the store of a new channel from ``prefill_name``; the channel opens
+        (handshake, process group) on a thread once the prefill worker joins, and that
+        thread then receives on it. Returns (host, port, channel name)."""
+        timeout = self.cfg.transfer_timeout_s
+        store, port = KVChannel.host_store(self.cfg.host, 0, timeout)
+        name = f"{prefill_name}@{self.name}.{uuid.uuid4().hex[:8]}"
+        spec = ChannelSpec.from_configs(self.model_config, self.cfg.cache)
 
         def open_and_serve() -> None:
             try:
                 ch = KVChannel.open(
-                    store=store, name=f"{prefill_name}->{self.name}", rank=1, spec=spec,
-                    device=self.runner.device, timeout_s=self.cfg.transfer_timeout_s,
+                    store=store, name=name, rank=1, spec=spec, device=self.runner.device,
+                    timeout_s=timeout, owns_store=True,
                 )
             except Exception:
-                log.exception("channel from %s failed to open", prefill_name)
+                log.exception("channel %s failed to open", name)
                 return
             self._channels[prefill_name] = ch
-            self._receive_loop(ch, q)
+            self._receive_loop(ch)
 
         threading.Thread(target=open_and_serve, name=f"kv-recv-{prefill_name}",
                          daemon=True).start()
-        return self.cfg.host, port
-
-    def incoming(self, prefill_name: str) -> None:
-        """The prefill worker is about to send one transfer on its channel."""
-        self._incoming[prefill_name].put(True)
+        return self.cfg.host, port, name
 
     def reserve(self, r: Reservation) -> Lease | None:
         with self._cv:
@@ -115,18 +111,19 @@ class DecodeWorker:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        for q in self._incoming.values():
-            q.put(False)
         for ch in self._channels.values():
             ch.close()
 
     # -- KV receive -------------------------------------------------------------------------
-    def _receive_loop(self, ch: KVChannel, q: queue.Queue[bool]) -> None:
+    def _receive_loop(self, ch: KVChannel) -> None:
         pool = self.runner.kv_pool
-        while q.get():
+        while not self._stop:
             rid = ""
             try:
-                header = ch.recv_header()
+                try:
+                    header = ch.recv_header(timeout_s=0.5)
+                except TransferTimeout:
+                    continue  # nothing sent yet; the channel is fine
                 t0 = time.monotonic()
                 with self._cv:
                     seq = self.sched.lease(header.transfer_id)
@@ -135,7 +132,7 @@ class DecodeWorker:
                         self._busy.add(rid)
                 problem = _mismatch(seq, header.epoch, self.sched.epoch, header.num_blocks)
                 if problem:
-                    ch.discard(header)
+                    ch.discard()
                     log.warning("refused transfer %d: %s", header.transfer_id, problem)
                     with self._cv:
                         self._busy.discard(rid)

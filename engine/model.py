@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from kernels.ops import KernelOps, rope_cos_sin
@@ -85,7 +86,7 @@ class LlamaModel:
         residual: torch.Tensor | None = None
         for i, (w_in, w_qkv, b_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
             h, residual = ops.rms_norm(x, w_in, eps, residual)
-            qkv = torch.nn.functional.linear(h, w_qkv, b_qkv)
+            qkv = F.linear(h, w_qkv, b_qkv)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.reshape(t, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
             k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)  # [T, Hk, D]
@@ -104,9 +105,9 @@ class LlamaModel:
                     q, k_cache, v_cache, meta.block_tables, meta.kv_lens, self.scale,
                     meta.num_splits,
                 )
-            x = torch.nn.functional.linear(o.reshape(t, cfg.q_size), w_o)
+            x = F.linear(o.reshape(t, cfg.q_size), w_o)
             h, residual = ops.rms_norm(x, w_post, eps, residual)
-            x = torch.nn.functional.linear(ops.silu_mul(torch.nn.functional.linear(h, w_gu)), w_down)
+            x = F.linear(ops.silu_mul(F.linear(h, w_gu)), w_down)
             if on_layer_done is not None:
                 on_layer_done(i)
         out, _ = ops.rms_norm(x, self.w["norm"], eps, residual)
@@ -114,4 +115,4 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states [N, H] to float32 logits [N, V]."""
-        return torch.nn.functional.linear(hidden, self.w["lm_head"]).float()
+        return F.linear(hidden, self.w["lm_head"]).float()

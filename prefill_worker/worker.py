@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -48,7 +47,6 @@ class PrefillWorker:
         self._in_step: set[str] = set()  # request ids whose blocks the running step uses
         self._orphans: list[PrefillSeq] = []  # aborted mid-step: free after the step
         self._channels: dict[str, KVChannel] = {}
-        self._peers: dict[str, Any] = {}  # decode worker name -> actor handle
         self._sends: queue.Queue[PrefillSeq | None] = queue.Queue()
         self._loop = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
@@ -62,23 +60,18 @@ class PrefillWorker:
         return self.stats()
 
     def channel_spec(self) -> ChannelSpec:
-        return ChannelSpec.for_model(self.model_config, self.cfg.cache)
+        return ChannelSpec.from_configs(self.model_config, self.cfg.cache)
 
-    def connect(self, decode_name: str, decode: Any, host: str, port: int) -> None:
-        """Join the channel the decode worker hosts at host:port (rank 0 of 2)."""
+    def connect(self, decode_name: str, host: str, port: int, channel: str) -> None:
+        """Join the channel ``channel`` that the decode worker hosts at host:port (rank 0)."""
         if decode_name in self._channels:
             return
-        store = torch.distributed.TCPStore(
-            host, port, 2, is_master=False,
-            timeout=timedelta(seconds=self.cfg.transfer_timeout_s),
+        timeout = self.cfg.transfer_timeout_s
+        self._channels[decode_name] = KVChannel.open(
+            store=KVChannel.connect_store(host, port, timeout), name=channel, rank=0,
+            spec=self.channel_spec(), device=self.runner.device, timeout_s=timeout,
+            owns_store=True,
         )
-        ch = KVChannel.open(
-            store=store, name=f"{self.name}->{decode_name}", rank=0,
-            spec=self.channel_spec(), device=self.runner.device,
-            timeout_s=self.cfg.transfer_timeout_s,
-        )
-        self._channels[decode_name] = ch
-        self._peers[decode_name] = decode
 
     def submit(self, task: PrefillTask) -> None:
         with self._cv:
@@ -190,19 +183,19 @@ class PrefillWorker:
                 ch = self._channels[lease.worker]
                 pool = self.runner.kv_pool
                 ids = torch.tensor(seq.block_ids, dtype=torch.int64, device=pool.device)
-                layer_shape = (2, len(seq.block_ids), *pool.shape[3:])
-                buf = torch.empty(layer_shape, dtype=pool.dtype, device=pool.device)
-                header = TransferHeader(
-                    transfer_id=lease.transfer_id, epoch=lease.epoch,
-                    num_blocks=len(seq.block_ids), num_layers=pool.shape[0],
-                    bytes_per_layer=buf.numel() * buf.element_size(),
-                    num_tokens=len(task.token_ids), first_token=seq.first_token,
+                # One staging slice per layer: a layer's buffer stays untouched until
+                # finish() because sends are asynchronous.
+                staging = torch.empty((pool.shape[0], 2, len(seq.block_ids), *pool.shape[3:]),
+                                      dtype=pool.dtype, device=pool.device)
+                header = TransferHeader.for_spec(
+                    ch.spec, transfer_id=lease.transfer_id, epoch=lease.epoch,
+                    num_blocks=len(seq.block_ids), num_tokens=len(task.token_ids),
+                    first_token=seq.first_token,
                 )
-                self._peers[lease.worker].incoming.remote(self.name)
                 ch.send_header(header)
                 for layer in range(pool.shape[0]):
-                    self.runner.model.ops.pack_kv(pool[layer], ids, buf)
-                    ch.send_layer(buf)
+                    self.runner.model.ops.pack_kv(pool[layer], ids, staging[layer])
+                    ch.send_layer(staging[layer])
                 ch.finish()
                 nbytes = header.bytes_per_layer * header.num_layers
             except Exception as e:  # a failed transfer is the router's to re-route

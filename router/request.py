@@ -90,7 +90,9 @@ class Request:
         return self._take(len(self.text)), None
 
     def flush(self) -> str:
-        """All text not yet streamed (at the end, nothing is held back)."""
+        """All text not yet streamed (at the end, nothing is held back: an unfinished
+        character at the very end comes out as the tokenizer decodes it)."""
+        self.text += self.detok.flush()
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:

@@ -23,6 +23,7 @@ from engine.messages import FirstToken, PrefillTask, Reservation, StepReport, Tr
 from router.metrics import Metrics
 from router.policy import DecodeLoad, PrefillLoad, decode_order, pick_prefill
 from router.request import Chunk, Request, State
+from router.validation import ValidSlo
 
 log = logging.getLogger("pdserve.router")
 
@@ -164,8 +165,8 @@ class Router:
                                for d in self.decode))
 
     async def _open_channel(self, p: str, d: str) -> None:
-        host, port = await self.decode[d].host_channel.remote(p)
-        await self.prefill[p].connect.remote(d, self.decode[d], host, port)
+        host, port, name = await self.decode[d].host_channel.remote(p)
+        await self.prefill[p].connect.remote(d, host, port, name)
         log.info("KV channel %s -> %s open", p, d)
 
     # -- worker reports ---------------------------------------------------------------------
@@ -295,7 +296,11 @@ class Router:
             reason=reason, e2e_s=now - req.arrival,
             decode_s=(req.t_last - req.t_first) if req.t_first else 0.0, mean_tpot_s=tpot,
             prompt_tokens=len(req.prompt_ids), completion_tokens=n,
-            ttft_s=ttft, ttft_slo_s=req.ttft_slo_s, tpot_slo_s=req.tpot_slo_s,
+            slo=ValidSlo(
+                ttft_ms=req.ttft_slo_s * 1e3 if req.ttft_slo_s else None,
+                tpot_ms=req.tpot_slo_s * 1e3 if req.tpot_slo_s else None,
+            ),
+            ttft_s=ttft,
         )
         self._update_queue_gauges()
 
@@ -332,7 +337,10 @@ class Router:
         self.metrics.set_queue(running=len(self.requests) - waiting, waiting=waiting)
 
     def deadline_callback(self, request_id: str) -> Callable[[], None]:
-        return lambda: self.abort(request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
+        def expire() -> None:
+            self.abort(request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
+
+        return expire
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

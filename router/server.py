@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
@@ -67,7 +68,7 @@ class RouterService:
         self.tokenizer: Tokenizer | None = None
         self.router: Router | None = None
         self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics_port = 0
 
@@ -173,7 +174,7 @@ class _Servicer(pb_grpc.GenerationServicer):
     def __init__(self, svc: RouterService) -> None:
         self.svc = svc
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
@@ -211,14 +212,14 @@ class _Servicer(pb_grpc.GenerationServicer):
             if not req.done:  # the client went away (cancel, deadline, disconnect)
                 router.abort(req.request_id)
 
-    async def Abort(  # noqa: N802
+    async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
         router = self.svc.router
         found = router is not None and router.abort(request.request_id)
         return pb.AbortResponse(found=found)
 
-    async def GetModelInfo(  # noqa: N802
+    async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         cfg = self.svc.cfg
@@ -232,7 +233,7 @@ class _Servicer(pb_grpc.GenerationServicer):
             max_tokens_limit=cfg.limits.max_tokens_limit,
         )
 
-    async def GetServerInfo(  # noqa: N802
+    async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerInfo:
         router = self.svc.router

@@ -10,6 +10,9 @@ class CharDetok:
     def add(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
 
+    def flush(self) -> str:
+        return ""
+
 
 def make(stop: tuple[str, ...]) -> Request:
     return Request("r", [1], SamplingParams(), stop, None, None, 0.0, CharDetok())  # type: ignore[arg-type]

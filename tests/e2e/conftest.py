@@ -1,0 +1,98 @@
+"""End-to-end fixtures: a real local Ray cluster, real workers, the real gRPC server on
+loopback, and the HF transformers reference for the embedded default model."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from cluster.config import ServeConfig
+from cluster.launch import Deployment, launch
+from engine.config import ModelSpec
+from proto.client import Client
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    ray.init(namespace="pdserve-tests", include_dashboard=False, num_cpus=8,
+             object_store_memory=200 * 1024 * 1024, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+def serve_config(default_gguf: Path, namespace: str, **over: object) -> ServeConfig:
+    base: dict[str, object] = dict(
+        model=ModelSpec("gguf", str(default_gguf)), port=0, metrics_port=0,
+        prefill_blocks=256, decode_blocks=256, max_batch_tokens=64, torch_threads=1,
+        namespace=namespace, lease_timeout_s=30.0,
+    )
+    base.update(over)
+    return ServeConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def deployment(ray_cluster: None, default_gguf: Path) -> Iterator[Deployment]:
+    dep = launch(serve_config(default_gguf, "e2e-main"))
+    yield dep
+    dep.stop()
+
+
+@pytest.fixture(scope="session")
+def client(deployment: Deployment) -> Iterator[Client]:
+    with Client(deployment.address) as c:
+        yield c
+
+
+class HFReference:
+    """Greedy continuation with transformers, no EOS handling (callers cut at EOS)."""
+
+    def __init__(self, gguf: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        ).eval()
+        self.eos = self.tokenizer.eos_token_id
+
+    @torch.inference_mode()
+    def greedy(self, ids: list[int], n: int, stop_at_eos: bool = True) -> list[int]:
+        out: list[int] = []
+        past = None
+        x = torch.tensor([ids])
+        for _ in range(n):
+            res = self.model(input_ids=x, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            if stop_at_eos and tok == self.eos:
+                break
+            x = torch.tensor([[tok]])
+        return out
+
+
+@pytest.fixture(scope="session")
+def hf_reference(default_gguf: Path) -> HFReference:
+    torch.set_num_threads(os.cpu_count() or 1)
+    return HFReference(default_gguf)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def all_blocks_free(dep: Deployment) -> bool:
+    return all(s.num_free_blocks == s.num_blocks for s in dep.worker_stats())

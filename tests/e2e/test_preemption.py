@@ -1,0 +1,80 @@
+"""A decode pool too small for its batch: sequences are preempted, re-prefilled (prompt +
+generated tokens) and their streams go on without a gap, still token-exact."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cluster.launch import Deployment, launch
+from proto.client import Client, collect
+from tests.e2e.conftest import HFReference, all_blocks_free, serve_config, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny(ray_cluster: None, default_gguf: Path) -> Iterator[Deployment]:
+    # 10 blocks of 16 tokens: three sequences of ~30 + 40 tokens cannot all fit.
+    dep = launch(serve_config(default_gguf, "e2e-tiny", decode_blocks=10, max_waiting=4))
+    yield dep
+    dep.stop()
+
+
+def test_preempted_sequences_still_match_reference(
+    tiny: Deployment, hf_reference: HFReference
+) -> None:
+    tok = hf_reference.tokenizer
+    prompts = [
+        "The history of the printing press begins in the fifteenth century, when",
+        "A recipe for a simple tomato soup: first, take four ripe tomatoes and",
+        "The three laws of motion, as described by Isaac Newton, state that",
+    ]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    n = 40
+    out: dict[int, list[int]] = {}
+    with Client(tiny.address) as client:
+        def run(i: int) -> None:
+            out[i] = collect(client.generate(token_ids=ids[i], max_tokens=n, temperature=0.0,
+                                             ignore_eos=True)).token_ids
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i in range(3):
+        assert out[i] == hf_reference.greedy(ids[i], n, stop_at_eos=False), f"prompt {i}"
+    body = urllib.request.urlopen(
+        f"http://127.0.0.1:{tiny.metrics_port}/metrics", timeout=5).read().decode()
+    preemptions = [float(line.split()[-1]) for line in body.splitlines()
+                   if line.startswith("pdserve:num_preemptions_total")]
+    assert preemptions and preemptions[0] >= 1, "the pool was meant to force a preemption"
+    wait_for(lambda: all_blocks_free(tiny), what="blocks freed")
+
+
+def test_full_queue_is_resource_exhausted(tiny: Deployment) -> None:
+    codes: list[grpc.StatusCode | None] = []
+    with Client(tiny.address) as client:
+        def run(i: int) -> None:
+            try:
+                collect(client.generate(text="Write about mountains " * 20, max_tokens=60,
+                                        temperature=0.0, ignore_eos=True))
+                codes.append(None)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert None in codes  # the admitted ones complete
+    assert set(codes) <= {None, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    wait_for(lambda: all_blocks_free(tiny), what="blocks freed")
