@@ -1,0 +1,1200 @@
+"""KV transfer between a prefill worker and a decode worker (DESIGN.md section 5).
+
+One :class:`KVChannel` per (prefill, decode) pair: a two-rank process group built without a
+global world (no ``init_process_group``), so workers can join and leave freely.
+
+* The decode side hosts a ``TCPStore`` (:meth:`KVChannel.host_store`); the prefill side
+  connects to it (:meth:`KVChannel.connect_store`). Each channel lives in its own namespace
+  ``pdserve/kv/{name}/`` of that store, over a connection of its own (a store connection
+  serializes its operations, and a receiver blocks in store waits), so one process can hold
+  several channels.
+* :meth:`KVChannel.open` (both sides) first runs a **handshake**: each side publishes its
+  :class:`ChannelSpec` as JSON and compares it with the peer's; any difference raises
+  :class:`HandshakeError` on both sides, naming every differing field with both values, and
+  no process group is created. Then it builds ``ProcessGroupGloo`` (CPU tensors) or
+  ``ProcessGroupNCCL`` (CUDA tensors) of size 2: rank 0 is the prefill side (it sends),
+  rank 1 the decode side (it receives).
+
+Wire protocol of one transfer (rank 0 -> rank 1, tensors only, never pickle)::
+
+    doorbell  store key bell/{seq}          (tells the receiver a transfer is starting)
+    header    int64[16]                     (TransferHeader)
+    layer l   uint8[bytes_per_layer]        (a [2, n, bs, Hk, D] tensor, l = 0 .. L-1)
+    trailer   int64[8]                      (status and the payload checksum)
+
+The **doorbell** lets the receiver wait for the next transfer for as long as it likes with a
+store wait, which times out harmlessly; a posted Gloo/NCCL receive that times out breaks the
+pair (Gloo closes the connection, the NCCL watchdog aborts the communicator), so the channel
+only posts a receive once the sender has committed to sending.
+
+The **checksum** (:func:`kv_checksum`) goes in the trailer because the header leaves before
+the payload exists (layer-wise streaming); both sides fold each layer's checksum into a
+running value on the tensors' device, so no payload is copied to the host.
+
+Staying in sync: after the header was read, every way a transfer can fail short of a broken
+channel still moves the whole transfer through the pipe, so the next transfer lines up:
+
+* receiver side: a header that does not match the caller's reservation (:meth:`match`), a bad
+  ``out`` tensor, a sink that raises (:meth:`recv_blocks`) or :meth:`verify` before the last
+  layer drain the remaining layers and the trailer before raising (:meth:`discard`); a
+  checksum mismatch is found after the trailer, so nothing is left to drain;
+* sender side: a bad layer tensor, an extra layer, :meth:`finish` before the last layer or a
+  failing layer source (:meth:`send_blocks`) *cancel* the transfer: the remaining layers go
+  out as zeros and the trailer says "cancelled", which the receiver reports as a
+  :class:`TransferError`.
+
+A truly broken channel (a send/receive timed out, the peer died, a garbled header or trailer)
+is aborted and marked :attr:`KVChannel.closed`; every later call raises :class:`ChannelClosed`
+and the owner opens a fresh channel under a new name. An idle receiver cannot tell a dead
+sender from a quiet one (:class:`TransferTimeout` either way): the reservation's lease and the
+router's health checks cover that.
+
+Thread safety: a channel end is used by one thread at a time.
+
+NCCL notes (untested on CPU-only machines; DESIGN.md section 10 reports the channel shape
+working between two Ray actors): the process group is bound to the tensors' device and
+connected eagerly, so point-to-point traffic reuses that communicator; all channel work runs
+on a dedicated CUDA stream that first waits on the caller's current stream, and received data
+is ordered before the caller's later work on its current stream. Layer sends and receives are
+only queued (no host round trip between layers); the sender blocks in :meth:`finish`, the
+receiver for the header and in :meth:`verify`. Every blocking wait polls with the channel's
+own deadline and calls ``abort()`` on expiry; the NCCL watchdog timeout is set well above it
+as a backstop. ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` defaults to tearing the whole process down
+when the watchdog fires; the channel sets it to ``2`` (abort the communicator only) unless the
+environment already chose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from engine.config import CacheConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+KV_LAYOUT = "L,2,N,bs,Hk,D"
+
+HEADER_MAGIC = 0x50444B56_48445231  # "PDKVHDR1"
+TRAILER_MAGIC = 0x50444B56_54524C31  # "PDKVTRL1"
+HEADER_SLOTS = 16
+TRAILER_SLOTS = 8
+
+# Header slots.
+_H_MAGIC, _H_VERSION, _H_TRANSFER_ID, _H_EPOCH = 0, 1, 2, 3
+_H_NUM_BLOCKS, _H_NUM_LAYERS, _H_BYTES_PER_LAYER, _H_CHECK = 4, 5, 6, 7
+_H_NUM_TOKENS, _H_FIRST_TOKEN = 8, 9
+_H_SPARE = range(10, HEADER_SLOTS)
+
+# Trailer slots.
+_T_MAGIC, _T_VERSION, _T_TRANSFER_ID, _T_EPOCH, _T_STATUS, _T_CHECKSUM = 0, 1, 2, 3, 4, 5
+STATUS_OK = 0
+STATUS_CANCELLED = 1
+
+# Gloo tags (NCCL ignores them; there the order alone frames the stream).
+_TAG_HEADER = 1
+_TAG_TRAILER = 2
+_TAG_LAYER0 = 16
+
+# Checksum arithmetic: a Mersenne prime modulus keeps every product of a 32-bit word and a
+# weight below 2**63, so plain int64 tensor math never overflows.
+CHECKSUM_PRIME = 2_147_483_647  # 2**31 - 1
+_WEIGHT_MULT = 1_103_515_245
+_LAYER_MULT = 1_000_003
+_CHECKSUM_CHUNK = 1 << 21  # words per step: ~16 MiB of int64 temporaries per live tensor
+
+_INT64_MAX = (1 << 63) - 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
+_ROLE = ("prefill", "decode")
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+
+class ChannelError(RuntimeError):
+    """Base class of KV channel failures (also raised for misuse of the channel API)."""
+
+
+class HandshakeError(ChannelError):
+    """The two ends of a channel disagree on the model, dtype or KV geometry."""
+
+
+class TransferError(ChannelError):
+    """One transfer failed (bad header, mismatch with the reservation, checksum, cancel).
+
+    Unless it is a :class:`ChannelClosed`, the channel is still in sync and usable."""
+
+
+class TransferTimeout(TransferError):
+    """No transfer started within the timeout. The channel is unaffected."""
+
+
+class ChannelClosed(TransferError):
+    """The channel is broken or closed; open a new one (under a new name)."""
+
+
+# --------------------------------------------------------------------------------------
+# Spec and handshake
+# --------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype name {name!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """What both ends of a channel must agree on before any KV moves."""
+
+    fingerprint: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_layout: str = KV_LAYOUT
+    protocol_version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _dtype_from_name(self.dtype)
+        for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ChannelSpec.{name} must be a positive int, got {value!r}")
+
+    @classmethod
+    def from_configs(cls, model: ModelConfig, cache: CacheConfig) -> ChannelSpec:
+        return cls(
+            fingerprint=model.fingerprint(),
+            dtype=_dtype_name(cache.dtype),
+            block_size=cache.block_size,
+            num_layers=model.num_layers,
+            num_kv_heads=model.num_kv_heads,
+            head_dim=model.head_dim,
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _dtype_from_name(self.dtype)
+
+    def layer_shape(self, num_blocks: int) -> tuple[int, int, int, int, int]:
+        """Shape of one layer's payload: ``[2, n, bs, Hk, D]``."""
+        return (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def layer_bytes(self, num_blocks: int) -> int:
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def spec_differences(prefill: dict[str, Any], decode: dict[str, Any]) -> list[str]:
+    """``"field: prefill=x decode=y"`` for every field of two JSON specs that differs."""
+    order = [f.name for f in dataclasses.fields(ChannelSpec)]
+    order += sorted((set(prefill) | set(decode)) - set(order))
+    missing = "<missing>"
+    diffs = []
+    for key in order:
+        a, b = prefill.get(key, missing), decode.get(key, missing)
+        if a != b:
+            diffs.append(f"{key}: prefill={a} decode={b}")
+    return diffs
+
+
+# --------------------------------------------------------------------------------------
+# Header and trailer
+# --------------------------------------------------------------------------------------
+
+
+def _header_check(values: Sequence[int]) -> int:
+    """A self-check over every header slot except the check slot itself."""
+    acc = 0
+    for i, v in enumerate(values):
+        if i != _H_CHECK:
+            acc = (acc * _LAYER_MULT + v % CHECKSUM_PRIME + i) % CHECKSUM_PRIME
+    return acc
+
+
+@dataclass(frozen=True)
+class TransferHeader:
+    """The fixed-size header that opens every transfer.
+
+    On the wire it is ``int64[16]``: magic, protocol version, transfer_id, epoch, num_blocks,
+    num_layers, bytes_per_layer, a self-check of the header, num_tokens, first_token and six
+    spare slots (zero). The payload checksum rides in the trailer, because the header leaves
+    before the (streamed) layers exist.
+    """
+
+    transfer_id: int
+    epoch: int
+    num_blocks: int
+    num_layers: int
+    bytes_per_layer: int
+    num_tokens: int
+    first_token: int = -1  # the prefill side's sampled first token; -1 for none
+
+    def __post_init__(self) -> None:
+        lower = {"num_layers": 1, "first_token": -1}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"header field {f.name} must be an int, got {value!r}")
+            low = lower.get(f.name, 0)
+            if not low <= value <= _INT64_MAX:
+                raise ValueError(f"header field {f.name}={value} out of range")
+
+    @classmethod
+    def for_spec(
+        cls,
+        spec: ChannelSpec,
+        *,
+        transfer_id: int,
+        epoch: int,
+        num_blocks: int,
+        num_tokens: int,
+        first_token: int = -1,
+    ) -> TransferHeader:
+        """A header whose geometry (layers, bytes per layer) follows ``spec``."""
+        return cls(
+            transfer_id=transfer_id,
+            epoch=epoch,
+            num_blocks=num_blocks,
+            num_layers=spec.num_layers,
+            bytes_per_layer=spec.layer_bytes(num_blocks),
+            num_tokens=num_tokens,
+            first_token=first_token,
+        )
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.num_layers * self.bytes_per_layer
+
+    def _slots(self) -> list[int]:
+        slots = [0] * HEADER_SLOTS
+        slots[_H_MAGIC] = HEADER_MAGIC
+        slots[_H_VERSION] = PROTOCOL_VERSION
+        slots[_H_TRANSFER_ID] = self.transfer_id
+        slots[_H_EPOCH] = self.epoch
+        slots[_H_NUM_BLOCKS] = self.num_blocks
+        slots[_H_NUM_LAYERS] = self.num_layers
+        slots[_H_BYTES_PER_LAYER] = self.bytes_per_layer
+        slots[_H_NUM_TOKENS] = self.num_tokens
+        slots[_H_FIRST_TOKEN] = self.first_token
+        slots[_H_CHECK] = _header_check(slots)
+        return slots
+
+    def to_tensor(self, device: torch.device | str = "cpu") -> Tensor:
+        return torch.tensor(self._slots(), dtype=torch.int64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> TransferHeader:
+        """Parse and validate a received header; :class:`TransferError` on garbage."""
+        if t.dtype != torch.int64 or tuple(t.shape) != (HEADER_SLOTS,):
+            raise TransferError(
+                f"header must be int64[{HEADER_SLOTS}], got {t.dtype}{list(t.shape)}"
+            )
+        v = [int(x) for x in t.tolist()]
+        if v[_H_MAGIC] != HEADER_MAGIC:
+            raise TransferError(f"bad header magic {v[_H_MAGIC] & ((1 << 64) - 1):#018x}")
+        if v[_H_VERSION] != PROTOCOL_VERSION:
+            raise TransferError(
+                f"header protocol version {v[_H_VERSION]}, expected {PROTOCOL_VERSION}"
+            )
+        if v[_H_CHECK] != _header_check(v):
+            raise TransferError("header self-check failed (corrupted header)")
+        if any(v[i] for i in _H_SPARE):
+            raise TransferError("header spare slots are not zero")
+        try:
+            return cls(
+                transfer_id=v[_H_TRANSFER_ID],
+                epoch=v[_H_EPOCH],
+                num_blocks=v[_H_NUM_BLOCKS],
+                num_layers=v[_H_NUM_LAYERS],
+                bytes_per_layer=v[_H_BYTES_PER_LAYER],
+                num_tokens=v[_H_NUM_TOKENS],
+                first_token=v[_H_FIRST_TOKEN],
+            )
+        except ValueError as e:
+            raise TransferError(f"bad header: {e}") from e
+
+
+def match_header(
+    header: TransferHeader, expected_transfer_id: int, expected_epoch: int, expected_blocks: int
+) -> None:
+    """Fail closed unless ``header`` is exactly the transfer the caller reserved blocks for.
+
+    Pure check; :meth:`KVChannel.match` also drains the rejected transfer."""
+    wrong = []
+    for name, got, want in (
+        ("transfer_id", header.transfer_id, expected_transfer_id),
+        ("epoch", header.epoch, expected_epoch),
+        ("num_blocks", header.num_blocks, expected_blocks),
+    ):
+        if got != want:
+            wrong.append(f"{name}: got {got}, expected {want}")
+    if wrong:
+        raise TransferError(
+            f"transfer {header.transfer_id} (epoch {header.epoch}) does not match the "
+            f"reservation for transfer {expected_transfer_id} (epoch {expected_epoch}): "
+            + "; ".join(wrong)
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Checksum
+# --------------------------------------------------------------------------------------
+
+
+def _byte_words(t: Tensor) -> tuple[Tensor, int]:
+    """``t``'s bytes as the widest integer words that fit, and the mask that makes a word
+    unsigned once widened to int64."""
+    if not t.is_contiguous():
+        raise ValueError("checksum needs a contiguous tensor")
+    b = t.reshape(-1).view(torch.uint8)
+    n, ptr = b.numel(), b.data_ptr()
+    if n % 4 == 0 and ptr % 4 == 0:
+        return b.view(torch.int32), 0xFFFFFFFF
+    if n % 2 == 0 and ptr % 2 == 0:
+        return b.view(torch.int16), 0xFFFF
+    return b, 0
+
+
+def _checksum_tensor(t: Tensor) -> Tensor:
+    """:func:`kv_checksum` as a 0-d int64 tensor on ``t``'s device (no host sync)."""
+    words, mask = _byte_words(t)
+    acc = torch.zeros((), dtype=torch.int64, device=t.device)
+    n = words.numel()
+    for start in range(0, n, _CHECKSUM_CHUNK):
+        w = words[start : start + _CHECKSUM_CHUNK].to(torch.int64)
+        if mask:
+            w.bitwise_and_(mask)  # unsigned word, < 2**32
+        # Position weight in [1, P]: distinct for every position below P, so swapping two
+        # different words (or blocks) changes the sum.
+        pos = torch.arange(start + 1, start + 1 + w.numel(), dtype=torch.int64, device=t.device)
+        pos.remainder_(CHECKSUM_PRIME).mul_(_WEIGHT_MULT).remainder_(CHECKSUM_PRIME).add_(1)
+        w.mul_(pos).remainder_(CHECKSUM_PRIME)  # < 2**32 * 2**31 before the remainder
+        acc.add_(w.sum()).remainder_(CHECKSUM_PRIME)
+    return acc
+
+
+def kv_checksum(t: Tensor) -> int:
+    """Position-sensitive checksum of a contiguous tensor's bytes, in ``[0, 2**31 - 1)``.
+
+    ``sum_i word_i * weight(i) mod (2**31 - 1)`` over the bytes viewed as 32-bit words, with
+    a distinct weight per position, computed with torch on the tensor's device in chunks
+    (bounded temporaries, no copy of the payload to the host)."""
+    return int(_checksum_tensor(t).item())
+
+
+def _fold_layer(acc: Tensor, layer_sum: Tensor) -> Tensor:
+    """Running checksum over layers (order-sensitive): ``acc * M + c_l + 1 mod P``."""
+    return (acc * _LAYER_MULT + layer_sum + 1).remainder_(CHECKSUM_PRIME)
+
+
+# --------------------------------------------------------------------------------------
+# The channel
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    work: Any  # torch.distributed Work
+    tensor: Tensor  # kept alive until the work completed
+
+
+@dataclass
+class _TxState:
+    header: TransferHeader
+    acc: Tensor
+    started: float
+    next_layer: int = 0
+    pending: list[_Pending] = field(default_factory=list)
+
+
+@dataclass
+class _RxState:
+    header: TransferHeader
+    acc: Tensor
+    started: float
+    next_layer: int = 0
+    pending: list[_Pending] = field(default_factory=list)  # queued CUDA receives
+
+
+def _normalize_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ChannelError("a CUDA KV channel needs CUDA")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ChannelError(f"KV channels support cpu (Gloo) and cuda (NCCL), not {device}")
+    return device
+
+
+class KVChannel:
+    """One end of a per-pair KV channel; rank 0 (prefill) sends, rank 1 (decode) receives.
+
+    Sender::
+
+        ch.send_header(TransferHeader.for_spec(spec, transfer_id=..., epoch=..., ...))
+        for l in range(spec.num_layers):
+            ch.send_layer(packed[l])  # returns at once; don't write packed[l] until finish()
+        ch.finish()  # sends the trailer, waits until everything left (or raises)
+
+    Receiver::
+
+        h = ch.recv_header()                  # waits for the doorbell; TransferTimeout if idle
+        ch.match(h, tid, epoch, nblocks)      # fail closed: drains the transfer and raises
+        for l in range(h.num_layers):
+            buf = ch.recv_layer()             # reused staging buffer, valid until next call
+            unpack_kv(buf, cache[l], block_ids)
+        ch.verify()                           # TransferError on checksum mismatch / cancel
+
+    Data reaching the caller's blocks before :meth:`verify` must not be used unless
+    :meth:`verify` returns; on failure the reservation's blocks are simply released.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        rank: int,
+        spec: ChannelSpec,
+        device: torch.device,
+        timeout_s: float,
+        pg: Any,
+        namespace: dist.Store,
+        stores: list[dist.Store],
+    ) -> None:
+        # Use KVChannel.open(); this only wires the parts together.
+        self.name = name
+        self.rank = rank
+        self.spec = spec
+        self.device = device
+        self.timeout_s = timeout_s
+        self._pg: Any = pg
+        self._ns: dist.Store | None = namespace
+        self._stores = stores  # keeps the (cloned / owned) stores alive until close()
+        self._peer = 1 - rank
+        self._is_cuda = device.type == "cuda"
+        self._stream: torch.cuda.Stream | None = (
+            torch.cuda.Stream(device=device) if self._is_cuda else None
+        )
+        self._closed_reason: str | None = None
+        self._seq = 0
+        self._tx: _TxState | None = None
+        self._rx: _RxState | None = None
+        self._staging: Tensor | None = None
+        # Test hook: (layer, tensor) -> tensor actually sent, applied after the checksum.
+        self._send_hook: Callable[[int, Tensor], Tensor] | None = None
+        # Stats of the last completed transfer, for metrics.
+        self.last_transfer_seconds = 0.0
+        self.last_transfer_bytes = 0
+        self.total_transfers = 0
+        self.total_bytes = 0
+
+    # ---- stores ---------------------------------------------------------------------
+
+    @staticmethod
+    def host_store(
+        host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0
+    ) -> tuple[dist.TCPStore, int]:
+        """Decode side: host the store the channels to this worker rendezvous through.
+        ``port=0`` picks a free port; returns the store and its actual port."""
+        store = dist.TCPStore(
+            host, port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+        return store, int(store.port)
+
+    @staticmethod
+    def connect_store(host: str, port: int, timeout_s: float = 30.0) -> dist.TCPStore:
+        """Prefill side: a client of the decode worker's store."""
+        return dist.TCPStore(
+            host, port, None, False, timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+
+    # ---- open / close ---------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        store: dist.Store,
+        name: str,
+        rank: int,
+        spec: ChannelSpec,
+        device: torch.device | str,
+        timeout_s: float,
+        open_timeout_s: float | None = None,
+        gloo_host: str | None = None,
+        owns_store: bool = False,
+    ) -> KVChannel:
+        """Both sides call this with the same ``name`` (unique per pairing and store: a name
+        is never reused, not even after close) and their own ``rank`` (0 prefill, 1 decode).
+
+        Handshake first (:class:`HandshakeError` on any spec difference, on both sides), then
+        the two-rank process group: Gloo for a cpu ``device``, NCCL for a cuda one.
+        ``open_timeout_s`` (default ``timeout_s``) bounds the handshake and the process
+        group's rendezvous, where the peer may still be starting; ``timeout_s`` bounds every
+        later blocking step. ``gloo_host`` is the address Gloo listens on (default: Gloo's
+        default device; GLOO_SOCKET_IFNAME is honoured). With ``owns_store`` the channel
+        keeps ``store`` alive and releases it on :meth:`close`.
+        """
+        if rank not in (0, 1):
+            raise ValueError(f"rank must be 0 (prefill) or 1 (decode), got {rank}")
+        if not _NAME_RE.match(name):
+            raise ValueError(f"bad channel name {name!r} (letters, digits, _.:@- only)")
+        open_s = timeout_s if open_timeout_s is None else open_timeout_s
+        if timeout_s <= 0 or open_s <= 0:
+            raise ValueError(f"timeouts must be positive, got {timeout_s} and {open_s}")
+        dev = _normalize_device(device)
+
+        base = _private_client(store, timedelta(seconds=open_s))
+        ns = dist.PrefixStore(f"pdserve/kv/{name}/", base)
+
+        _handshake(ns, name=name, rank=rank, spec=spec, timeout_s=open_s)
+
+        pg_store = dist.PrefixStore("pg/", ns)
+        try:
+            if dev.type == "cuda":
+                pg = _make_nccl(pg_store, rank, dev, timeout_s, name)
+            else:
+                pg = _make_gloo(pg_store, rank, timedelta(seconds=max(open_s, timeout_s)),
+                                gloo_host)
+        except Exception as e:
+            raise ChannelError(
+                f"KV channel {name!r}: could not build the process group as rank {rank}: {e}"
+            ) from e
+        stores = [base, store] if owns_store else [base]
+        logger.info("KV channel %r open as rank %d (%s) on %s", name, rank, _ROLE[rank], dev)
+        return cls(
+            name=name, rank=rank, spec=spec, device=dev, timeout_s=timeout_s, pg=pg,
+            namespace=ns, stores=stores,
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    @property
+    def busy(self) -> bool:
+        """A transfer is in progress on this end."""
+        return self._tx is not None or self._rx is not None
+
+    def close(self) -> None:
+        """Tear down the process group (abort if broken or mid-transfer, else shut down) and
+        release the stores. Idempotent."""
+        if self._pg is None:
+            return
+        pg, self._pg = self._pg, None
+        broken = self._closed_reason is not None or self.busy
+        if self._closed_reason is None:
+            self._closed_reason = "closed"
+        self._tx = self._rx = None
+        try:
+            if broken:
+                pg.abort()
+            else:
+                pg.shutdown()
+        except Exception as e:  # teardown is best effort
+            logger.warning("KV channel %r: teardown: %s", self.name, e)
+        del pg
+        self._ns = None
+        self._stores = []
+        self._staging = None
+
+    def __enter__(self) -> KVChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- sending (rank 0) -----------------------------------------------------------
+
+    def send_header(self, header: TransferHeader) -> None:
+        """Start a transfer: ring the doorbell and send the header (asynchronously)."""
+        self._check_open()
+        self._require_rank(0, "send_header")
+        if self._tx is not None:
+            raise ChannelError(
+                f"transfer {self._tx.header.transfer_id} is still in progress; "
+                "finish() or cancel() it first"
+            )
+        self._check_geometry(header)
+        assert self._ns is not None
+        try:
+            self._ns.set(f"bell/{self._seq}", str(header.transfer_id))
+        except Exception as e:
+            raise self._fail(f"ringing the doorbell failed: {e}") from e
+        self._seq += 1
+        with self._side_stream():
+            t = header.to_tensor(self.device)
+            acc = torch.zeros((), dtype=torch.int64, device=self.device)
+        tx = _TxState(header=header, acc=acc, started=time.perf_counter())
+        self._tx = tx
+        self._post_send(tx, t, _TAG_HEADER, "sending the header")
+
+    def send_layer(self, t: Tensor) -> None:
+        """Send the next layer's payload, a contiguous ``[2, n, bs, Hk, D]`` tensor.
+
+        Returns once the send is queued; ``t`` must not be written until :meth:`finish`.
+        On CUDA the send is ordered after the work queued so far on the current stream and
+        runs on the channel's stream, overlapping whatever the caller queues next. A bad
+        tensor (or one layer too many) cancels the transfer and raises ``ValueError``."""
+        self._check_open()
+        tx = self._require_tx("send_layer")
+        h = tx.header
+        layer = tx.next_layer
+        problem = (
+            f"all {h.num_layers} layers were already sent"
+            if layer >= h.num_layers
+            else self._layer_problem(t, h.num_blocks)
+        )
+        if problem:
+            self.cancel()
+            raise ValueError(
+                f"send_layer for transfer {h.transfer_id}, layer {layer}: {problem}; "
+                "the transfer was cancelled"
+            )
+        sent = self._send_hook(layer, t) if self._send_hook is not None else t
+        tx.next_layer += 1
+        if h.bytes_per_layer:
+            # Queue the send first, so it does not wait for the checksum kernels; both only
+            # read ``t``.
+            self._post_send(tx, sent.reshape(-1).view(torch.uint8), _TAG_LAYER0 + layer,
+                            f"sending layer {layer}")
+        with self._side_stream():
+            if self._stream is not None:
+                t.record_stream(self._stream)
+            tx.acc = _fold_layer(tx.acc, _checksum_tensor(t))
+
+    def finish(self) -> None:
+        """Send the trailer (with the checksum) and wait until the whole transfer left.
+
+        Raises :class:`ChannelClosed` if it cannot complete within ``timeout_s`` (dead or
+        stuck receiver: the channel is aborted). Called before the last layer, it cancels
+        the transfer and raises :class:`ChannelError`."""
+        self._check_open()
+        tx = self._require_tx("finish")
+        h = tx.header
+        if tx.next_layer != h.num_layers:
+            sent = tx.next_layer
+            self.cancel()
+            raise ChannelError(
+                f"finish() after {sent} of {h.num_layers} layers of transfer "
+                f"{h.transfer_id}; the transfer was cancelled"
+            )
+        self._send_trailer(tx, STATUS_OK)
+        self._complete_tx(tx, ok=True)
+
+    def cancel(self) -> None:
+        """Sender: end the current transfer as cancelled (no-op when idle). The remaining
+        layers go out as zeros and the trailer tells the receiver to drop it."""
+        tx = self._tx
+        if tx is None:
+            return
+        self._check_open()
+        h = tx.header
+        if tx.next_layer < h.num_layers and h.bytes_per_layer:
+            with self._side_stream():
+                filler = torch.zeros(h.bytes_per_layer, dtype=torch.uint8, device=self.device)
+            for layer in range(tx.next_layer, h.num_layers):
+                self._post_send(tx, filler, _TAG_LAYER0 + layer, f"sending filler {layer}")
+        tx.next_layer = h.num_layers
+        self._send_trailer(tx, STATUS_CANCELLED)
+        self._complete_tx(tx, ok=False)
+        logger.info("KV channel %r: transfer %d cancelled", self.name, h.transfer_id)
+
+    def send_blocks(self, header: TransferHeader, layers: Iterable[Tensor]) -> None:
+        """:meth:`send_header`, :meth:`send_layer` for each tensor, :meth:`finish`. If
+        ``layers`` raises (e.g. packing failed), the transfer is cancelled and the error
+        re-raised."""
+        self.send_header(header)
+        try:
+            for t in layers:
+                self.send_layer(t)
+        except Exception:
+            if self._tx is not None and not self.closed:
+                self.cancel()
+            raise
+        self.finish()
+
+    # ---- receiving (rank 1) ---------------------------------------------------------
+
+    def recv_header(self, timeout_s: float | None = None) -> TransferHeader:
+        """Wait up to ``timeout_s`` (default: the channel's) for the next transfer and
+        return its header. :class:`TransferTimeout` if none started (channel unaffected)."""
+        self._check_open()
+        self._require_rank(1, "recv_header")
+        if self._rx is not None:
+            raise ChannelError(
+                f"transfer {self._rx.header.transfer_id} is still being received; "
+                "verify() or discard() it first"
+            )
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        assert self._ns is not None
+        bell = f"bell/{self._seq}"
+        try:
+            self._ns.wait([bell], timedelta(seconds=wait_s))
+        except dist.DistStoreError as e:
+            raise TransferTimeout(
+                f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s"
+            ) from e
+        except Exception as e:
+            raise self._fail(f"waiting for the doorbell failed: {e}") from e
+        try:
+            self._ns.delete_key(bell)
+        except Exception as e:
+            raise self._fail(f"store failure: {e}") from e
+        self._seq += 1
+
+        with self._side_stream():
+            t = torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device)
+        self._recv_into(t, _TAG_HEADER, "receiving the header")
+        with self._side_stream():
+            try:
+                header = TransferHeader.from_tensor(t.cpu())
+            except TransferError as e:
+                raise self._fail(f"garbled header: {e}") from e
+        try:
+            self._check_geometry(header)
+        except ChannelError as e:
+            raise self._fail(f"protocol violation: {e}") from e
+        with self._side_stream():
+            acc = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._rx = _RxState(header=header, acc=acc, started=time.perf_counter())
+        return header
+
+    def match(
+        self,
+        header: TransferHeader,
+        expected_transfer_id: int,
+        expected_epoch: int,
+        expected_blocks: int,
+    ) -> None:
+        """:func:`match_header`, draining the rejected transfer before raising so that the
+        channel stays in sync."""
+        try:
+            match_header(header, expected_transfer_id, expected_epoch, expected_blocks)
+        except TransferError:
+            if self._rx is not None and self._rx.header == header:
+                self._drain_current()
+            raise
+
+    def recv_layer(self, out: Tensor | None = None) -> Tensor:
+        """Receive the next layer into ``out`` (contiguous ``[2, n, bs, Hk, D]`` of the
+        channel's dtype and device) or, by default, into a staging buffer the channel reuses
+        (valid until the next call; consume it on the current stream).
+
+        CPU: returns when the data is there (``timeout_s``; on expiry the channel is
+        aborted). CUDA: returns once the receive is queued, like any CUDA op: the data is
+        ordered before the caller's later work on its current stream, layers stream back to
+        back without a host round trip, and a stalled sender surfaces in :meth:`verify`
+        (deadline, then abort). Run the receive loop under a CUDA stream of its own so a
+        stalled transfer cannot hold up the decode stream. A bad ``out`` drains the transfer
+        and raises ``ValueError``."""
+        self._check_open()
+        rx = self._require_rx("recv_layer")
+        h = rx.header
+        if rx.next_layer >= h.num_layers:
+            raise ChannelError(
+                f"all {h.num_layers} layers of transfer {h.transfer_id} were received; "
+                "call verify()"
+            )
+        if out is not None:
+            problem = self._layer_problem(out, h.num_blocks)
+            if problem:
+                self._drain_current()
+                raise ValueError(
+                    f"recv_layer for transfer {h.transfer_id}: bad out tensor: {problem}; "
+                    "the transfer was drained"
+                )
+            buf = out
+        else:
+            buf = self._staging_view(h)
+        layer = rx.next_layer
+        if h.bytes_per_layer:
+            self._recv_into(buf.reshape(-1).view(torch.uint8), _TAG_LAYER0 + layer,
+                            f"receiving layer {layer}", rx)
+        with self._side_stream():
+            if self._stream is not None:
+                buf.record_stream(self._stream)
+            rx.acc = _fold_layer(rx.acc, _checksum_tensor(buf))
+        self._join_side_stream()
+        rx.next_layer += 1
+        return buf
+
+    def verify(self) -> TransferHeader:
+        """Receive the trailer and compare checksums; completes the transfer.
+
+        :class:`TransferError` on a mismatch ("checksum mismatch for transfer 17 ...") or a
+        transfer the sender cancelled; the channel stays in sync either way. Called before
+        the last layer, it drains the rest and raises."""
+        self._check_open()
+        rx = self._require_rx("verify")
+        h = rx.header
+        if rx.next_layer != h.num_layers:
+            got = rx.next_layer
+            self._drain_current()
+            raise TransferError(
+                f"verify() after {got} of {h.num_layers} layers of transfer "
+                f"{h.transfer_id}; the rest was drained"
+            )
+        status, sent_sum = self._recv_trailer(rx)
+        self._rx = None
+        if status == STATUS_CANCELLED:
+            raise TransferError(f"transfer {h.transfer_id} was cancelled by the sender")
+        with self._side_stream():
+            got_sum = int(rx.acc.item())
+        if got_sum != sent_sum:
+            raise TransferError(
+                f"checksum mismatch for transfer {h.transfer_id} (epoch {h.epoch}): "
+                f"sender {sent_sum:#x}, received {got_sum:#x}"
+            )
+        self._record_stats(h, rx.started)
+        return h
+
+    def discard(self) -> None:
+        """Receiver: drop the rest of the current transfer (remaining layers and trailer) so
+        the next transfer lines up. No-op when idle."""
+        self._drain_current()
+
+    def recv_blocks(
+        self,
+        resolve: Callable[[TransferHeader], Callable[[int, Tensor], None]],
+        timeout_s: float | None = None,
+    ) -> TransferHeader:
+        """Receive one whole transfer.
+
+        ``resolve(header)`` looks up the caller's reservation, checks it (e.g. with
+        :func:`match_header`; raise to reject) and returns a sink ``(layer, buf)`` that
+        consumes each layer (e.g. unpacks it into the reserved blocks). Rejections and sink
+        errors drain the transfer and re-raise; :meth:`verify` runs at the end."""
+        header = self.recv_header(timeout_s)
+        try:
+            sink = resolve(header)
+            for layer in range(header.num_layers):
+                sink(layer, self.recv_layer())
+        except Exception:
+            if not self.closed:
+                self._drain_current()
+            raise
+        return self.verify()
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed_reason is not None:
+            raise ChannelClosed(f"KV channel {self.name!r} is closed: {self._closed_reason}")
+
+    def _require_rank(self, rank: int, op: str) -> None:
+        if self.rank != rank:
+            raise ChannelError(
+                f"{op} belongs to the {_ROLE[rank]} end (rank {rank}); this end is "
+                f"rank {self.rank} ({_ROLE[self.rank]})"
+            )
+
+    def _require_tx(self, op: str) -> _TxState:
+        self._require_rank(0, op)
+        if self._tx is None:
+            raise ChannelError(f"{op} without a transfer in progress; send_header() first")
+        return self._tx
+
+    def _require_rx(self, op: str) -> _RxState:
+        self._require_rank(1, op)
+        if self._rx is None:
+            raise ChannelError(f"{op} without a transfer in progress; recv_header() first")
+        return self._rx
+
+    def _check_geometry(self, h: TransferHeader) -> None:
+        if h.num_layers != self.spec.num_layers:
+            raise ChannelError(
+                f"transfer {h.transfer_id}: num_layers {h.num_layers}, channel has "
+                f"{self.spec.num_layers}"
+            )
+        want = self.spec.layer_bytes(h.num_blocks)
+        if h.bytes_per_layer != want:
+            raise ChannelError(
+                f"transfer {h.transfer_id}: bytes_per_layer {h.bytes_per_layer}, but "
+                f"{h.num_blocks} blocks take {want}"
+            )
+
+    def _layer_problem(self, t: Tensor, num_blocks: int) -> str | None:
+        shape = self.spec.layer_shape(num_blocks)
+        if tuple(t.shape) != shape:
+            return f"shape {list(t.shape)}, expected {list(shape)}"
+        if t.dtype != self.spec.torch_dtype:
+            return f"dtype {_dtype_name(t.dtype)}, expected {self.spec.dtype}"
+        if t.device != self.device:
+            return f"device {t.device}, expected {self.device}"
+        if not t.is_contiguous():
+            return "not contiguous"
+        return None
+
+    def _side_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """Run on the channel's CUDA stream, after the caller's queued work (no-op on CPU)."""
+        if self._stream is None:
+            return contextlib.nullcontext()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._stream)
+
+    def _join_side_stream(self) -> None:
+        """Order the caller's later work on its current stream after the channel's."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
+    def _staging_view(self, h: TransferHeader) -> Tensor:
+        nbytes = h.bytes_per_layer
+        if self._staging is None or self._staging.numel() < nbytes:
+            with self._side_stream():
+                self._staging = torch.empty(max(nbytes, 1), dtype=torch.uint8,
+                                            device=self.device)
+        view = self._staging[:nbytes].view(self.spec.torch_dtype)
+        return view.view(self.spec.layer_shape(h.num_blocks))
+
+    def _post_send(self, tx: _TxState, t: Tensor, tag: int, what: str) -> None:
+        try:
+            with self._side_stream():
+                work = self._pg.send([t], self._peer, tag)
+        except Exception as e:
+            raise self._fail(f"{what} failed: {e}") from e
+        tx.pending.append(_Pending(work, t))
+
+    def _send_trailer(self, tx: _TxState, status: int) -> None:
+        h = tx.header
+        slots = [0] * TRAILER_SLOTS
+        slots[_T_MAGIC] = TRAILER_MAGIC
+        slots[_T_VERSION] = PROTOCOL_VERSION
+        slots[_T_TRANSFER_ID] = h.transfer_id
+        slots[_T_EPOCH] = h.epoch
+        slots[_T_STATUS] = status
+        with self._side_stream():
+            t = torch.tensor(slots, dtype=torch.int64, device=self.device)
+            t[_T_CHECKSUM].copy_(tx.acc)  # stays on the device: no host sync on the sender
+        self._post_send(tx, t, _TAG_TRAILER, "sending the trailer")
+
+    def _complete_tx(self, tx: _TxState, *, ok: bool) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        for p in tx.pending:
+            self._wait(p.work, deadline, f"transfer {tx.header.transfer_id}")
+        tx.pending.clear()
+        self._tx = None
+        if ok:
+            self._record_stats(tx.header, tx.started)
+
+    def _recv_into(self, t: Tensor, tag: int, what: str, rx: _RxState | None = None) -> None:
+        """Receive into ``t``; blocks until it arrived, except for a layer (``rx`` given) on
+        CUDA: then the channel's stream waits for it and :meth:`_recv_trailer` checks it."""
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            with self._side_stream():
+                work = self._pg.recv([t], self._peer, tag)
+                if rx is not None and self._is_cuda:
+                    work.wait()  # the channel's stream waits for the NCCL stream; no host sync
+                    rx.pending.append(_Pending(work, t))
+                    return
+        except Exception as e:
+            raise self._fail(f"{what} failed: {e}") from e
+        with self._side_stream():
+            self._wait(work, deadline, what)
+
+    def _recv_trailer(self, rx: _RxState) -> tuple[int, int]:
+        h = rx.header
+        with self._side_stream():
+            t = torch.empty(TRAILER_SLOTS, dtype=torch.int64, device=self.device)
+        # The trailer follows the layers on the same stream: once it is in, so are they.
+        self._recv_into(t, _TAG_TRAILER, "receiving the trailer")
+        deadline = time.monotonic() + self.timeout_s
+        for p in rx.pending:
+            self._wait(p.work, deadline, f"receiving transfer {h.transfer_id}")
+        rx.pending.clear()
+        with self._side_stream():
+            v = [int(x) for x in t.tolist()]
+        if (v[_T_MAGIC] != TRAILER_MAGIC or v[_T_VERSION] != PROTOCOL_VERSION
+                or v[_T_TRANSFER_ID] != h.transfer_id or v[_T_EPOCH] != h.epoch
+                or v[_T_STATUS] not in (STATUS_OK, STATUS_CANCELLED)):
+            raise self._fail(f"garbled trailer for transfer {h.transfer_id}: {v[:6]}")
+        return v[_T_STATUS], v[_T_CHECKSUM]
+
+    def _drain_current(self) -> None:
+        """Receive (and drop) whatever is left of the current transfer, trailer included."""
+        rx = self._rx
+        if rx is None:
+            return
+        self._check_open()
+        h = rx.header
+        for layer in range(rx.next_layer, h.num_layers):
+            if h.bytes_per_layer:
+                buf = self._staging_view(h)
+                self._recv_into(buf.reshape(-1).view(torch.uint8), _TAG_LAYER0 + layer,
+                                f"draining layer {layer}", rx)
+        rx.next_layer = h.num_layers
+        self._recv_trailer(rx)
+        self._rx = None
+        logger.info("KV channel %r: transfer %d drained", self.name, h.transfer_id)
+
+    def _wait(self, work: Any, deadline: float, what: str) -> None:
+        """Wait for ``work`` until ``deadline``; on failure abort the channel and raise."""
+        try:
+            if self._is_cuda:
+                # Poll: the NCCL work's CUDA event tells when the GPU finished; our deadline
+                # fires (and aborts the communicator) well before the watchdog would.
+                delay = 10e-6
+                while not work.is_completed():
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"timed out after {self.timeout_s:.3g} s")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 200e-6)
+                work.wait()  # orders the current stream after the NCCL stream; raises errors
+            else:
+                remaining = max(deadline - time.monotonic(), 1e-3)
+                work.wait(timedelta(seconds=remaining))
+        except Exception as e:
+            raise self._fail(f"{what}: {e}") from e
+
+    def _fail(self, reason: str) -> ChannelClosed:
+        """Mark the channel broken, abort the process group, and return the error to raise."""
+        if self._closed_reason is None:
+            self._closed_reason = reason
+            logger.warning("KV channel %r broken: %s", self.name, reason)
+        self.close()
+        return ChannelClosed(f"KV channel {self.name!r}: {reason}")
+
+    def _record_stats(self, h: TransferHeader, started: float) -> None:
+        self.last_transfer_seconds = time.perf_counter() - started
+        self.last_transfer_bytes = h.payload_bytes
+        self.total_transfers += 1
+        self.total_bytes += h.payload_bytes
+
+
+# --------------------------------------------------------------------------------------
+# Construction helpers
+# --------------------------------------------------------------------------------------
+
+
+def _private_client(store: dist.Store, timeout: timedelta) -> dist.Store:
+    """A connection of the channel's own to ``store``.
+
+    A TCPStore client serializes its operations, so a receiver blocked in a doorbell wait
+    would stall every other channel sharing the connection; each channel therefore gets its
+    own. Its default timeout (which bounds the process group's rendezvous) is the channel's,
+    and the caller's store is left untouched. Other store types are used as they are."""
+    if not isinstance(store, dist.TCPStore):
+        return store
+    clone = getattr(store, "clone", None)
+    client: dist.TCPStore
+    if clone is not None:
+        client = clone()
+    else:  # older torch
+        client = dist.TCPStore(store.host, store.port, None, False, timeout,
+                               wait_for_workers=False)
+    client.set_timeout(timeout)
+    return client
+
+
+def _handshake(ns: dist.Store, *, name: str, rank: int, spec: ChannelSpec,
+               timeout_s: float) -> None:
+    my_key, peer_key = f"spec/{rank}", f"spec/{1 - rank}"
+    try:
+        if ns.check([my_key]):
+            raise ChannelError(
+                f"KV channel name {name!r} was already used on this store (its "
+                f"{_ROLE[rank]} end exists); use a fresh name for every pairing"
+            )
+        ns.set(my_key, spec.to_json())
+        ns.wait([peer_key], timedelta(seconds=timeout_s))
+        raw = ns.get(peer_key)
+    except ChannelError:
+        raise
+    except dist.DistStoreError as e:
+        raise ChannelError(
+            f"KV channel {name!r}: the {_ROLE[1 - rank]} side did not join within "
+            f"{timeout_s:.3g} s"
+        ) from e
+    except Exception as e:
+        raise ChannelError(f"KV channel {name!r}: store failure in the handshake: {e}") from e
+    try:
+        peer = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HandshakeError(f"KV channel {name!r}: the peer's spec is not JSON") from e
+    if not isinstance(peer, dict):
+        raise HandshakeError(f"KV channel {name!r}: the peer's spec is not a JSON object")
+    mine = dataclasses.asdict(spec)
+    diffs = spec_differences(*((mine, peer) if rank == 0 else (peer, mine)))
+    if diffs:
+        raise HandshakeError(
+            f"KV channel {name!r}: prefill and decode disagree: " + "; ".join(diffs)
+        )
+
+
+def _make_gloo(store: dist.Store, rank: int, timeout: timedelta, host: str | None) -> Any:
+    if host is None:
+        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+    gloo_cls: Any = dist.ProcessGroupGloo  # the options type is not in the stubs
+    opts = gloo_cls._Options()
+    opts._timeout = timeout
+    opts._devices = [gloo_cls.create_device(hostname=host)]
+    return gloo_cls(store, rank, 2, opts)
+
+
+def _make_nccl(store: dist.Store, rank: int, device: torch.device, timeout_s: float,
+               name: str) -> Any:
+    nccl_cls: Any = getattr(dist, "ProcessGroupNCCL", None)
+    if nccl_cls is None or not dist.is_nccl_available():
+        raise ChannelError("this torch build has no NCCL")
+    # Without this the watchdog tears the whole worker down on a timeout; we want only the
+    # communicator aborted (our own deadlines normally abort first anyway).
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    opts = nccl_cls.Options()
+    opts._timeout = timedelta(seconds=max(3 * timeout_s, timeout_s + 60))
+    opts.is_high_priority_stream = False
+    with contextlib.suppress(AttributeError, TypeError):
+        opts.group_name = f"pdserve-kv-{name}"
+    with torch.cuda.device(device):
+        pg = nccl_cls(store, rank, 2, opts)
+        # Bind the device and build the communicator now (both sides rendezvous here), so the
+        # first transfer does not pay for it and p2p reuses this communicator.
+        pg.eager_connect_single_device(device)
+    return pg
+
+
+__all__ = [
+    "KV_LAYOUT",
+    "PROTOCOL_VERSION",
+    "ChannelClosed",
+    "ChannelError",
+    "ChannelSpec",
+    "HandshakeError",
+    "KVChannel",
+    "TransferError",
+    "TransferHeader",
+    "TransferTimeout",
+    "kv_checksum",
+    "match_header",
+    "spec_differences",
+]

@@ -1,0 +1,648 @@
+"""KV channel tests on CPU (Gloo): two ends on two threads of one process, and one test with
+two real processes (spawn)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # a bare ``pytest`` does not put the repository on sys.path
+    sys.path.insert(0, _ROOT)
+
+from engine.kv_transfer import (  # noqa: E402
+    CHECKSUM_PRIME,
+    HEADER_SLOTS,
+    ChannelClosed,
+    ChannelError,
+    ChannelSpec,
+    HandshakeError,
+    KVChannel,
+    TransferError,
+    TransferHeader,
+    TransferTimeout,
+    kv_checksum,
+    match_header,
+)
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+SPEC = ChannelSpec(
+    fingerprint="0123456789abcdef", dtype="float32", block_size=4, num_layers=3,
+    num_kv_heads=2, head_dim=8,
+)
+HOST = "127.0.0.1"
+_names = itertools.count()
+
+
+def _name(tag: str) -> str:
+    return f"{tag}-{os.getpid()}-{next(_names)}"
+
+
+def _layers(spec: ChannelSpec, num_blocks: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(spec.layer_shape(num_blocks), generator=g).to(spec.torch_dtype)
+        for _ in range(spec.num_layers)
+    ]
+
+
+def _header(spec: ChannelSpec, tid: int, num_blocks: int, epoch: int = 1) -> TransferHeader:
+    return TransferHeader.for_spec(
+        spec, transfer_id=tid, epoch=epoch, num_blocks=num_blocks,
+        num_tokens=max(0, num_blocks * spec.block_size - 1), first_token=1000 + tid,
+    )
+
+
+def _both(send: Callable[[], T], recv: Callable[[], U], timeout: float = 30) -> tuple[T, U]:
+    """Run the two ends concurrently; re-raise the first error."""
+    with ThreadPoolExecutor(2) as pool:
+        fs, fr = pool.submit(send), pool.submit(recv)
+        return fs.result(timeout), fr.result(timeout)
+
+
+def _catch(fn: Callable[[], Any]) -> Callable[[], BaseException | None]:
+    def run() -> BaseException | None:
+        try:
+            fn()
+        except BaseException as e:
+            return e
+        return None
+
+    return run
+
+
+# Opening waits generously: in some sandboxes an occasional TCP connect to the store stalls
+# for seconds. Per-operation timeouts stay short.
+OPEN_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def decode_store() -> Iterator[tuple[torch.distributed.TCPStore, int]]:
+    store, port = KVChannel.host_store(HOST, 0, timeout_s=OPEN_TIMEOUT_S)
+    yield store, port
+
+
+_clients: dict[int, torch.distributed.TCPStore] = {}
+
+
+def _client(port: int) -> torch.distributed.TCPStore:
+    """The prefill process's connection to a decode store (one per store, like a worker)."""
+    if port not in _clients:
+        _clients[port] = KVChannel.connect_store(HOST, port, timeout_s=OPEN_TIMEOUT_S)
+    return _clients[port]
+
+
+@contextmanager
+def _pair(
+    decode_store: tuple[torch.distributed.TCPStore, int],
+    spec: ChannelSpec = SPEC,
+    decode_spec: ChannelSpec | None = None,
+    timeout_s: float = 5.0,
+    name: str | None = None,
+) -> Iterator[tuple[KVChannel, KVChannel]]:
+    store, port = decode_store
+    name = name or _name("pair")
+
+    def open_end(rank: int) -> KVChannel:
+        return KVChannel.open(
+            store=_client(port) if rank == 0 else store, name=name, rank=rank,
+            spec=spec if rank == 0 else (decode_spec or spec), device="cpu",
+            timeout_s=timeout_s, open_timeout_s=OPEN_TIMEOUT_S, gloo_host=HOST,
+        )
+
+    tx, rx = _both(lambda: open_end(0), lambda: open_end(1))
+    try:
+        yield tx, rx
+    finally:
+        tx.close()
+        rx.close()
+
+
+def _recv_checked(rx: KVChannel, tid: int, epoch: int, num_blocks: int) -> tuple[
+        TransferHeader, list[torch.Tensor]]:
+    h = rx.recv_header()
+    rx.match(h, tid, epoch, num_blocks)
+    got = [rx.recv_layer().clone() for _ in range(h.num_layers)]
+    rx.verify()
+    return h, got
+
+
+# ---- checksum, header, matching ------------------------------------------------------
+
+
+def test_kv_checksum_position_sensitive() -> None:
+    x = torch.randn(SPEC.layer_shape(5), generator=torch.Generator().manual_seed(0))
+    base = kv_checksum(x)
+    assert 0 <= base < CHECKSUM_PRIME
+    assert kv_checksum(x.clone()) == base
+
+    swapped = x.clone()  # swap blocks 1 and 3 of the K half
+    swapped[0, 1], swapped[0, 3] = x[0, 3].clone(), x[0, 1].clone()
+    assert kv_checksum(swapped) != base
+
+    kv_swapped = torch.stack([x[1], x[0]])  # K and V exchanged
+    assert kv_checksum(kv_swapped) != base
+
+    flat = x.clone().view(-1)  # two neighbouring words exchanged
+    flat[10], flat[11] = x.view(-1)[11].item(), x.view(-1)[10].item()
+    assert kv_checksum(flat) != base
+
+    bit = x.clone()  # one bit flipped
+    bit.view(torch.int32).view(-1)[7] ^= 1
+    assert kv_checksum(bit) != base
+
+    # bf16, odd byte counts and empty tensors all work.
+    xb = x.to(torch.bfloat16)
+    sb = xb.clone()
+    sb[1, 0], sb[1, 2] = xb[1, 2].clone(), xb[1, 0].clone()
+    assert kv_checksum(xb) != kv_checksum(sb)
+    odd = torch.arange(7, dtype=torch.uint8)
+    assert kv_checksum(odd) != kv_checksum(odd.flip(0))
+    assert kv_checksum(torch.empty(0)) == 0
+    with pytest.raises(ValueError, match="contiguous"):
+        kv_checksum(x.transpose(1, 2))
+
+
+def test_spec_from_configs() -> None:
+    from engine.config import PRESETS, CacheConfig
+
+    model = PRESETS["tiny"]
+    spec = ChannelSpec.from_configs(model, CacheConfig(block_size=16, dtype=torch.bfloat16))
+    assert spec == ChannelSpec(
+        fingerprint=model.fingerprint(), dtype="bfloat16", block_size=16,
+        num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+    )
+    assert spec.layer_bytes(3) == 2 * 3 * 16 * model.num_kv_heads * model.head_dim * 2
+    with pytest.raises(ValueError, match="dtype"):
+        dataclasses.replace(spec, dtype="float128")
+
+
+def test_header_round_trip_and_garbage() -> None:
+    h = _header(SPEC, tid=17, num_blocks=5, epoch=3)
+    t = h.to_tensor()
+    assert t.dtype == torch.int64 and t.shape == (HEADER_SLOTS,)
+    assert TransferHeader.from_tensor(t) == h
+    assert h.bytes_per_layer == SPEC.layer_bytes(5) == 2 * 5 * 4 * 2 * 8 * 4
+
+    for slot, value, msg in [
+        (0, 12345, "magic"),
+        (1, 99, "version"),
+        (4, 6, "self-check"),  # num_blocks changed in flight
+        (12, 1, "self-check"),
+    ]:
+        bad = t.clone()
+        bad[slot] = value
+        with pytest.raises(TransferError, match=msg):
+            TransferHeader.from_tensor(bad)
+    with pytest.raises(TransferError, match="int64"):
+        TransferHeader.from_tensor(t.to(torch.int32))
+    with pytest.raises(TransferError, match="int64"):
+        TransferHeader.from_tensor(torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="epoch"):
+        dataclasses.replace(h, epoch=-1)
+
+
+def test_match_header_fails_closed() -> None:
+    h = _header(SPEC, tid=17, num_blocks=5, epoch=3)
+    match_header(h, 17, 3, 5)
+    with pytest.raises(TransferError, match="transfer_id: got 17, expected 18"):
+        match_header(h, 18, 3, 5)
+    with pytest.raises(TransferError, match="epoch: got 3, expected 4"):
+        match_header(h, 17, 4, 5)
+    with pytest.raises(TransferError, match="num_blocks: got 5, expected 6"):
+        match_header(h, 17, 3, 6)
+    with pytest.raises(TransferError, match="epoch: got 3, expected 2; num_blocks: got 5"):
+        match_header(h, 17, 2, 4)
+
+
+# ---- channel over threads --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_back_to_back(decode_store: Any, dtype: str) -> None:
+    spec = dataclasses.replace(SPEC, dtype=dtype)
+    plan = [(101, 1), (102, 3), (103, 0), (104, 7), (105, 2)]  # (transfer_id, num_blocks)
+
+    with _pair(decode_store, spec) as (tx, rx):
+        def send() -> None:
+            for i, (tid, n) in enumerate(plan):
+                layers = _layers(spec, n, seed=tid)
+                if i % 2:
+                    tx.send_blocks(_header(spec, tid, n), layers)
+                else:  # streaming: header first, then the layers as they become ready
+                    tx.send_header(_header(spec, tid, n))
+                    for t in layers:
+                        tx.send_layer(t)
+                    tx.finish()
+                assert tx.last_transfer_bytes == spec.num_layers * spec.layer_bytes(n)
+
+        def recv() -> list[tuple[TransferHeader, list[torch.Tensor]]]:
+            out = []
+            for i, (tid, n) in enumerate(plan):
+                if i % 2:
+                    got: list[torch.Tensor] = []
+
+                    def resolve(h: TransferHeader, tid: int = tid, n: int = n,
+                                got: list[torch.Tensor] = got) -> Callable[
+                                    [int, torch.Tensor], None]:
+                        match_header(h, tid, 1, n)
+                        return lambda layer, buf: got.append(buf.clone())
+
+                    out.append((rx.recv_blocks(resolve), got))
+                else:
+                    out.append(_recv_checked(rx, tid, 1, n))
+                assert rx.last_transfer_bytes == spec.num_layers * spec.layer_bytes(n)
+                assert rx.last_transfer_seconds > 0
+            return out
+
+        _, received = _both(send, recv)
+        assert tx.total_transfers == rx.total_transfers == len(plan)
+
+    for (tid, n), (h, got) in zip(plan, received, strict=True):
+        assert h == _header(spec, tid, n)
+        assert h.first_token == 1000 + tid
+        assert len(got) == spec.num_layers
+        for a, b in zip(got, _layers(spec, n, seed=tid), strict=True):
+            assert a.dtype == spec.torch_dtype and a.shape == spec.layer_shape(n)
+            assert torch.equal(a, b)
+
+
+def test_recv_into_caller_buffer(decode_store: Any) -> None:
+    with _pair(decode_store) as (tx, rx):
+        layers = _layers(SPEC, 2, seed=5)
+        outs = [torch.empty(SPEC.layer_shape(2)) for _ in range(SPEC.num_layers)]
+
+        def recv() -> None:
+            h = rx.recv_header()
+            rx.match(h, 7, 1, 2)
+            for o in outs:
+                assert rx.recv_layer(o) is o
+            rx.verify()
+
+        _both(lambda: tx.send_blocks(_header(SPEC, 7, 2), layers), recv)
+        for a, b in zip(outs, layers, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("field", "prefill_value", "decode_value"),
+    [
+        ("block_size", 16, 32),
+        ("fingerprint", "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"),
+        ("dtype", "bfloat16", "float16"),
+    ],
+)
+def test_handshake_mismatch_raises_on_both_sides(
+    decode_store: Any, field: str, prefill_value: Any, decode_value: Any
+) -> None:
+    store, port = decode_store
+    name = _name("hs")
+    specs = [dataclasses.replace(SPEC, **{field: v}) for v in (prefill_value, decode_value)]
+    def open_end(rank: int) -> None:
+        KVChannel.open(store=_client(port) if rank == 0 else store, name=name, rank=rank,
+                       spec=specs[rank], device="cpu", timeout_s=5,
+                       open_timeout_s=OPEN_TIMEOUT_S)
+
+    errs = _both(_catch(lambda: open_end(0)), _catch(lambda: open_end(1)))
+    want = f"{field}: prefill={prefill_value} decode={decode_value}"
+    for err in errs:
+        assert isinstance(err, HandshakeError), err
+        assert want in str(err)
+
+
+def test_handshake_lists_every_difference(decode_store: Any) -> None:
+    store, port = decode_store
+    name = _name("hs")
+    specs = [SPEC, dataclasses.replace(SPEC, num_layers=4, head_dim=16, kv_layout="L,N,2")]
+    def open_end(rank: int) -> None:
+        KVChannel.open(store=_client(port) if rank == 0 else store, name=name, rank=rank,
+                       spec=specs[rank], device="cpu", timeout_s=5,
+                       open_timeout_s=OPEN_TIMEOUT_S)
+
+    for err in _both(_catch(lambda: open_end(0)), _catch(lambda: open_end(1))):
+        assert isinstance(err, HandshakeError)
+        msg = str(err)
+        for part in ("num_layers: prefill=3 decode=4", "head_dim: prefill=8 decode=16",
+                     "kv_layout: prefill=L,2,N,bs,Hk,D decode=L,N,2"):
+            assert part in msg
+        assert "block_size" not in msg
+
+
+def test_corrupted_payload_detected_then_next_transfer_ok(decode_store: Any) -> None:
+    with _pair(decode_store) as (tx, rx):
+        def corrupt(layer: int, t: torch.Tensor) -> torch.Tensor:
+            if layer != 1:
+                return t
+            bad = t.clone()
+            bad[1, 0, 2, 1, 3] += 1.0
+            return bad
+
+        def send() -> None:
+            tx._send_hook = corrupt
+            tx.send_blocks(_header(SPEC, 17, 3), _layers(SPEC, 3, seed=17))
+            tx._send_hook = None
+            tx.send_blocks(_header(SPEC, 18, 2), _layers(SPEC, 2, seed=18))
+
+        def recv() -> list[torch.Tensor]:
+            with pytest.raises(TransferError, match="checksum mismatch for transfer 17"):
+                _recv_checked(rx, 17, 1, 3)
+            assert not rx.closed and not rx.busy
+            return _recv_checked(rx, 18, 1, 2)[1]
+
+        _, got = _both(send, recv)
+        assert all(torch.equal(a, b) for a, b in zip(got, _layers(SPEC, 2, 18), strict=True))
+        assert not tx.closed and not rx.closed
+
+
+@pytest.mark.parametrize(
+    ("expect", "message"),
+    [
+        ((99, 1, 3), "transfer_id: got 17, expected 99"),
+        ((17, 2, 3), "epoch: got 1, expected 2"),
+        ((17, 1, 4), "num_blocks: got 3, expected 4"),
+    ],
+)
+def test_header_mismatch_rejected_and_drained(
+    decode_store: Any, expect: tuple[int, int, int], message: str
+) -> None:
+    with _pair(decode_store) as (tx, rx):
+        def send() -> None:
+            tx.send_blocks(_header(SPEC, 17, 3), _layers(SPEC, 3, seed=1))
+            tx.send_blocks(_header(SPEC, 18, 3), _layers(SPEC, 3, seed=2))
+
+        def recv() -> list[torch.Tensor]:
+            h = rx.recv_header()
+            with pytest.raises(TransferError, match=message):
+                rx.match(h, *expect)
+            assert not rx.busy and not rx.closed  # the rejected payload was drained
+            return _recv_checked(rx, 18, 1, 3)[1]
+
+        _, got = _both(send, recv)
+        assert all(torch.equal(a, b) for a, b in zip(got, _layers(SPEC, 3, 2), strict=True))
+
+
+def test_cancel_and_receiver_aborts_keep_channel_in_sync(decode_store: Any) -> None:
+    with _pair(decode_store) as (tx, rx):
+        def failing_layers() -> Iterator[torch.Tensor]:
+            yield _layers(SPEC, 2, seed=3)[0]
+            raise RuntimeError("pack kernel failed")
+
+        def send() -> None:
+            # 1: a layer of the wrong shape cancels the transfer
+            tx.send_header(_header(SPEC, 1, 2))
+            with pytest.raises(ValueError, match="shape"):
+                tx.send_layer(torch.zeros(SPEC.layer_shape(3)))
+            assert not tx.busy
+            # 2: the layer source fails mid-way
+            with pytest.raises(RuntimeError, match="pack kernel failed"):
+                tx.send_blocks(_header(SPEC, 2, 2), failing_layers())
+            # 3: the receiver's sink fails; 4: the receiver verifies too early; 5: good
+            for tid in (3, 4, 5):
+                tx.send_blocks(_header(SPEC, tid, 2), _layers(SPEC, 2, seed=tid))
+
+        def recv() -> list[torch.Tensor]:
+            for tid in (1, 2):
+                with pytest.raises(TransferError, match=f"transfer {tid} was cancelled"):
+                    _recv_checked(rx, tid, 1, 2)
+
+            def bad_sink(h: TransferHeader) -> Callable[[int, torch.Tensor], None]:
+                def sink(layer: int, buf: torch.Tensor) -> None:
+                    raise KeyError("reservation vanished")
+                return sink
+
+            with pytest.raises(KeyError):
+                rx.recv_blocks(bad_sink)
+            h = rx.recv_header()
+            rx.recv_layer()
+            with pytest.raises(TransferError, match="verify\\(\\) after 1 of 3 layers"):
+                rx.verify()
+            assert h.transfer_id == 4 and not rx.busy
+            return _recv_checked(rx, 5, 1, 2)[1]
+
+        _, got = _both(send, recv)
+        assert all(torch.equal(a, b) for a, b in zip(got, _layers(SPEC, 2, 5), strict=True))
+        assert not tx.closed and not rx.closed
+
+
+def test_one_prefill_two_decoders(decode_store: Any) -> None:
+    other = KVChannel.host_store(HOST, 0, timeout_s=OPEN_TIMEOUT_S)
+    with _pair(decode_store, name="p0-to-d") as (tx_a, rx_a), \
+            _pair(other, name="p0-to-d") as (tx_b, rx_b):  # same name, other decoder's store
+        def send() -> None:
+            for i in range(3):  # interleaved transfers on the two channels
+                tx_a.send_blocks(_header(SPEC, 10 + i, 2), _layers(SPEC, 2, seed=10 + i))
+                tx_b.send_blocks(_header(SPEC, 20 + i, 1), _layers(SPEC, 1, seed=20 + i))
+
+        def recv(rx: KVChannel, base: int, n: int) -> Callable[[], list[list[torch.Tensor]]]:
+            return lambda: [_recv_checked(rx, base + i, 1, n)[1] for i in range(3)]
+
+        with ThreadPoolExecutor(3) as pool:
+            fs = pool.submit(send)
+            fa, fb = pool.submit(recv(rx_a, 10, 2)), pool.submit(recv(rx_b, 20, 1))
+            fs.result(30)
+            got_a, got_b = fa.result(30), fb.result(30)
+    for i in range(3):
+        want_a, want_b = _layers(SPEC, 2, 10 + i), _layers(SPEC, 1, 20 + i)
+        assert all(torch.equal(a, b) for a, b in zip(got_a[i], want_a, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got_b[i], want_b, strict=True))
+
+
+def test_idle_receiver_times_out_without_breaking_the_channel(decode_store: Any) -> None:
+    with _pair(decode_store) as (tx, rx):
+        t0 = time.monotonic()
+        with pytest.raises(TransferTimeout, match="no transfer started"):
+            rx.recv_header(timeout_s=0.5)
+        assert time.monotonic() - t0 < 3
+        assert not rx.closed
+        _, (_, got) = _both(
+            lambda: tx.send_blocks(_header(SPEC, 1, 1), _layers(SPEC, 1, seed=1)),
+            lambda: _recv_checked(rx, 1, 1, 1),
+        )
+        assert torch.equal(got[2], _layers(SPEC, 1, seed=1)[2])
+
+
+def test_stalled_sender_closes_the_channel(decode_store: Any) -> None:
+    with _pair(decode_store, timeout_s=1.0) as (tx, rx):
+        tx.send_header(_header(SPEC, 1, 2))
+        tx.send_layer(_layers(SPEC, 2, seed=1)[0])  # ... and then the sender stalls
+        rx.recv_header()
+        rx.recv_layer()
+        t0 = time.monotonic()
+        with pytest.raises(ChannelClosed, match="receiving layer 1"):
+            rx.recv_layer()
+        assert 0.5 < time.monotonic() - t0 < 4
+        assert rx.closed
+        with pytest.raises(ChannelClosed, match="is closed"):
+            rx.recv_header()
+
+
+def test_sender_does_not_block_forever_on_a_dead_receiver(decode_store: Any) -> None:
+    with _pair(decode_store, timeout_s=1.0) as (tx, _rx):
+        t0 = time.monotonic()
+        with pytest.raises(ChannelClosed):
+            tx.send_blocks(_header(SPEC, 1, 2), _layers(SPEC, 2, seed=1))  # nobody receives
+        assert time.monotonic() - t0 < 4
+        assert tx.closed and not tx.busy
+        with pytest.raises(ChannelClosed):
+            tx.send_header(_header(SPEC, 2, 2))
+
+
+def test_misuse_is_rejected(decode_store: Any) -> None:
+    name = _name("reuse")
+    with _pair(decode_store, name=name) as (tx, rx):
+        with pytest.raises(ChannelError, match="decode end"):
+            tx.recv_header()
+        with pytest.raises(ChannelError, match="prefill end"):
+            rx.send_header(_header(SPEC, 1, 1))
+        with pytest.raises(ChannelError, match="num_layers"):
+            tx.send_header(dataclasses.replace(_header(SPEC, 1, 1), num_layers=2))
+        with pytest.raises(ChannelError, match="send_header\\(\\) first"):
+            tx.send_layer(torch.zeros(SPEC.layer_shape(1)))
+    # names are never reused
+    with pytest.raises(ChannelError, match="already used"), _pair(decode_store, name=name):
+        pass
+
+
+# ---- two processes ---------------------------------------------------------------------
+
+
+def _prefill_process(port: int, name: str) -> None:
+    """Child: the prefill end. Three good bf16 transfers, then dies mid-transfer."""
+    spec = dataclasses.replace(SPEC, dtype="bfloat16")
+    store = KVChannel.connect_store(HOST, port, timeout_s=60)
+    ch = KVChannel.open(store=store, name=name, rank=0, spec=spec, device="cpu", timeout_s=10,
+                        open_timeout_s=60)
+    for tid in (1, 2, 3):
+        ch.send_blocks(_header(spec, tid, tid + 1), _layers(spec, tid + 1, seed=tid))
+    ch.send_header(_header(spec, 4, 2))
+    ch.send_layer(_layers(spec, 2, seed=4)[0])
+    time.sleep(0.5)  # let layer 0 leave, then die without a goodbye
+    os._exit(3)
+
+
+def test_cross_process_round_trip_and_dead_peer(decode_store: Any) -> None:
+    store, port = decode_store
+    name = _name("xproc")
+    spec = dataclasses.replace(SPEC, dtype="bfloat16")
+    proc = mp.get_context("spawn").Process(target=_prefill_process, args=(port, name))
+    proc.start()
+    try:
+        rx = KVChannel.open(store=store, name=name, rank=1, spec=spec, device="cpu",
+                            timeout_s=10, open_timeout_s=60)
+        for tid in (1, 2, 3):
+            h, got = _recv_checked(rx, tid, 1, tid + 1)
+            assert h.first_token == 1000 + tid
+            for a, b in zip(got, _layers(spec, tid + 1, seed=tid), strict=True):
+                assert torch.equal(a, b)
+        rx.recv_header()
+        rx.recv_layer()
+        t0 = time.monotonic()
+        with pytest.raises(ChannelClosed):
+            rx.recv_layer()  # the peer died: noticed from the connection, not the timeout
+        assert time.monotonic() - t0 < 10
+        assert rx.closed
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 3
+
+
+# ---- NCCL (two GPUs; skipped elsewhere) -----------------------------------------------
+# Runs without pytest fixtures, so it also runs as a plain function on a GPU machine.
+
+GPU_SPEC = ChannelSpec(  # Llama-3.1-8B geometry
+    fingerprint="0123456789abcdef", dtype="bfloat16", block_size=16, num_layers=32,
+    num_kv_heads=8, head_dim=128,
+)
+GPU_PLAN = [(1, 1), (2, 3), (3, 5), (4, 2), (5, 4), (6, 256)]  # (transfer_id, num_blocks)
+GPU_CORRUPT = 4
+
+
+def _gpu_layers(spec: ChannelSpec, n: int, seed: int, device: str) -> list[torch.Tensor]:
+    shape = spec.layer_shape(n)
+    numel = 1
+    for d in shape:
+        numel *= d
+    base = torch.arange(numel, device=device, dtype=torch.int64)
+    return [((base * (seed + 3 + layer)) % 251 - 125).to(spec.torch_dtype).view(shape)
+            for layer in range(spec.num_layers)]
+
+
+def _nccl_prefill(port: int, name: str) -> None:
+    torch.cuda.set_device(0)
+    store = KVChannel.connect_store(HOST, port, timeout_s=120)
+    ch = KVChannel.open(store=store, name=name, rank=0, spec=GPU_SPEC, device="cuda:0",
+                        timeout_s=10, open_timeout_s=120)
+    for tid, n in GPU_PLAN:
+        layers = _gpu_layers(GPU_SPEC, n, tid, "cuda:0")
+        ch._send_hook = (lambda layer, t: t.neg() if layer == 3 else t) \
+            if tid == GPU_CORRUPT else None
+        ch.send_header(_header(GPU_SPEC, tid, n))
+        for t in layers:
+            ch.send_layer(t)
+        ch.finish()
+    ch._send_hook = None
+    ch.send_header(_header(GPU_SPEC, 99, 2))
+    ch.send_layer(_gpu_layers(GPU_SPEC, 2, 99, "cuda:0")[0])
+    torch.cuda.synchronize()
+    time.sleep(1.0)
+    os._exit(3)  # dies mid-transfer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_two_gpus_round_trip_corruption_dead_peer() -> None:
+    store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
+    name = _name("nccl")
+    proc = mp.get_context("spawn").Process(target=_nccl_prefill, args=(port, name))
+    proc.start()
+    try:
+        rx = KVChannel.open(store=store, name=name, rank=1, spec=GPU_SPEC, device="cuda:1",
+                            timeout_s=10, open_timeout_s=120)
+        for tid, n in GPU_PLAN:
+            h = rx.recv_header()
+            rx.match(h, tid, 1, n)
+            want = _gpu_layers(GPU_SPEC, n, tid, "cuda:1")
+            equal = []
+            for layer in range(h.num_layers):
+                buf = rx.recv_layer()
+                assert buf.device == torch.device("cuda:1")
+                equal.append(torch.equal(buf, want[layer]))
+            if tid == GPU_CORRUPT:
+                with pytest.raises(TransferError, match=f"checksum mismatch for transfer {tid}"):
+                    rx.verify()
+                assert equal.count(False) == 1
+                continue
+            rx.verify()
+            assert all(equal), (tid, equal)
+        gbps = rx.last_transfer_bytes / rx.last_transfer_seconds / 1e9
+        print(f"NCCL KV transfer: {rx.last_transfer_bytes / 2**20:.0f} MiB in "
+              f"{rx.last_transfer_seconds * 1e3:.2f} ms = {gbps:.1f} GB/s (incl. checksums)")
+        h = rx.recv_header()
+        t0 = time.monotonic()
+        with pytest.raises(ChannelClosed):  # the peer died mid-transfer: deadline, abort()
+            for _ in range(h.num_layers):
+                rx.recv_layer()  # queued on CUDA; the stall surfaces in verify()
+            rx.verify()
+        assert time.monotonic() - t0 < 30
+        assert rx.closed
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 3
