@@ -59,6 +59,7 @@ class DecodeScheduler:
         lease_timeout_s: float = 30.0,
         epoch: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        first_transfer_id: int = 1,
     ) -> None:
         self.allocator = allocator
         self.block_size = block_size
@@ -67,7 +68,7 @@ class DecodeScheduler:
         self.lease_timeout_s = lease_timeout_s
         self.epoch = epoch
         self.clock = clock
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_transfer_id)
         self.reserved: dict[int, DecodeSeq] = {}  # by transfer id
         self.ready: list[DecodeSeq] = []
         self.running: list[DecodeSeq] = []
@@ -171,7 +172,7 @@ class DecodeScheduler:
             seq.num_generated += 1
             seq.last_token = tok
             reason = finish_reason(seq.sampling, tok, seq.num_generated)
-            out.append(TokenOut(seq.request_id, tok, reason))
+            out.append(TokenOut(seq.request_id, seq.transfer_id, tok, reason))
             if reason is not None:
                 self.running.remove(seq)
                 self.allocator.free(seq.block_ids)

@@ -10,6 +10,7 @@ are freed only once that work is over, so a freed block is never written to afte
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -42,6 +43,9 @@ class DecodeWorker:
         self.sched = DecodeScheduler(
             self.allocator, cfg.cache.block_size, name, cfg.max_num_seqs,
             cfg.lease_timeout_s, epoch,
+            # Transfer ids from a random base: unique across decode workers in practice, so
+            # the router can tell one attempt of a request from the next by id alone.
+            first_transfer_id=secrets.randbits(40) << 12,
         )
         self._cv = threading.Condition()
         self._stop = False

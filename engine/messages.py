@@ -55,6 +55,7 @@ class FirstToken:
 
     worker: str
     request_id: str
+    transfer_id: int  # the lease it was prefilled for: tells attempts apart
     token: int
     finish_reason: str | None
     queue_s: float
@@ -78,6 +79,7 @@ class TokenOut:
     """One sequence's new token in a decode step."""
 
     request_id: str
+    transfer_id: int  # the lease the sequence joined under: tells attempts apart
     token: int
     finish_reason: str | None
 

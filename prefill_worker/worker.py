@@ -158,7 +158,7 @@ class PrefillWorker:
                 tok = by_id[task.request_id]
                 reason = finish_reason(task.sampling, tok, task.num_generated + 1)
                 self.router.on_first_token.remote(FirstToken(
-                    self.name, task.request_id, tok, reason,
+                    self.name, task.request_id, task.lease.transfer_id, tok, reason,
                     queue_s=seq.started - seq.arrived, prefill_s=now - seq.started,
                 ))
                 if reason is None:

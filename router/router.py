@@ -104,8 +104,9 @@ class Router:
                         log.exception("dispatch of %s failed", req.request_id)
                         if not req.done:
                             self._fail(req, "UNAVAILABLE", f"dispatch failed: {e}")
-                    if self.waiting and self.waiting[0] is req:
-                        self.waiting.popleft()
+                    # A preempted request may have been put in front meanwhile.
+                    if req in self.waiting:
+                        self.waiting.remove(req)
                 if not self._repump:
                     break
         finally:
@@ -176,8 +177,9 @@ class Router:
         if req is not None and load is not None:
             load.queued_tokens = max(0, load.queued_tokens - len(req.prompt_ids)
                                      - len(req.output_ids))
-        if req is None or req.done or req.prefill_worker != msg.worker or not req.awaiting_first:
-            return
+        if req is None or req.done or not req.awaiting_first or req.lease is None \
+                or req.lease.transfer_id != msg.transfer_id:
+            return  # a report from an earlier attempt (preempted or failed since)
         now = time.monotonic()
         req.awaiting_first = False
         req.prefill_s += msg.prefill_s
@@ -226,8 +228,9 @@ class Router:
         for out in report.tokens:
             req = self.requests.get(out.request_id)
             if req is None or req.done or req.lease is None \
-                    or req.lease.worker != report.worker:
-                continue
+                    or req.lease.worker != report.worker \
+                    or req.lease.transfer_id != out.transfer_id:
+                continue  # finished, aborted, or from an earlier attempt
             if req.awaiting_first:  # the prefill worker's report is still on its way
                 req.early.append((out.token, out.finish_reason))
                 continue
