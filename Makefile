@@ -29,6 +29,8 @@ typecheck: install
 	$(PY) -m mypy engine kernels prefill_worker decode_worker router cluster proto
 
 test: install lint typecheck
+	# The pinned protoc that generated proto/*_pb2*.py, so a test can check they are current.
+	$(PY) -m proto.gen --install-tools
 	$(PY) -m pytest -q -ra
 
 proto: install

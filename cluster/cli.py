@@ -1,4 +1,4 @@
-"""The ``pdserve`` command: serve, generate, info, demo."""
+"""The ``pdserve`` command: serve, generate, info, demo, bench."""
 
 from __future__ import annotations
 
@@ -125,6 +125,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(serve_config(args), args.max_tokens)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`pdserve bench`: a load test of a running server, or `bench plot` of saved results."""
+    from cluster.bench import BenchConfig, DatasetError, parse_rates, run_bench
+    from cluster.bench_plot import load_results, plot_results
+    from cluster.bench_report import Slo
+
+    if args.bench_command == "plot" or args.plot_from:
+        plot = args.bench_command == "plot"
+        out = args.out if plot else args.plot_dir
+        try:
+            if not out:
+                raise ValueError("--plot-from needs --plot-dir")
+            results = load_results(args.results if plot else args.plot_from)
+        except ValueError as e:
+            print(f"pdserve bench: error: {e}", file=sys.stderr)
+            return 2
+        for png in plot_results(results, out, args.rate if plot else args.plot_rate,
+                                args.attainment_target):
+            print(png)
+        return 0
+    try:
+        cfg = BenchConfig(
+            server=args.server, label=args.label, dataset=args.dataset,
+            dataset_path=args.dataset_path, num_prompts=args.num_prompts,
+            input_len=args.input_len, output_len=args.output_len,
+            input_len_dist=args.input_len_dist, output_len_dist=args.output_len_dist,
+            range_ratio=args.range_ratio, request_rates=parse_rates(args.request_rate),
+            burstiness=args.burstiness, max_concurrency=args.max_concurrency, seed=args.seed,
+            temperature=args.temperature, ignore_eos=args.ignore_eos,
+            slo=Slo(args.slo_ttft_ms, args.slo_tpot_ms),
+            goodput_attainment=args.goodput_attainment, request_timeout_s=args.timeout,
+            ready_timeout_s=args.ready_timeout, result_json=args.result_json,
+            plot_dir=args.plot_dir, plot_rate=args.plot_rate, progress=not args.no_progress,
+        )
+    except ValueError as e:
+        print(f"pdserve bench: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_bench(cfg)
+    except (DatasetError, TimeoutError) as e:
+        print(f"pdserve bench: error: {e}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as e:  # GetModelInfo failed; per-request errors are in the report
+        print(f"pdserve bench: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdserve",
@@ -162,6 +210,68 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_flags(p)
     p.add_argument("--max-tokens", type=int, default=96)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        # no abbreviations: `bench plot ... --out` must not read as a prefix of --output-len
+        "bench", allow_abbrev=False,
+        help="load-test a running server: TTFT/TPOT/ITL, SLO attainment, goodput",
+        description="Drive a running server over gRPC (like `vllm bench serve`): Poisson or "
+                    "gamma arrivals at each --request-rate of a sweep, report latency "
+                    "percentiles, throughput, SLO attainment and goodput (the highest rate at "
+                    "which --goodput-attainment of requests meet both SLOs). "
+                    "`pdserve bench plot A.json B.json --out DIR` overlays saved results.")
+    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--label", default="pdserve", help="name of this configuration in plots")
+    g = p.add_argument_group("workload")
+    g.add_argument("--dataset", choices=("random", "chat", "jsonl"), default="random",
+                   help="random token prompts; a ShareGPT-like length mix; or a JSONL file")
+    g.add_argument("--dataset-path", metavar="FILE.jsonl",
+                   help='JSONL: {"prompt": str} or {"messages": [...]}, optional "max_tokens"')
+    g.add_argument("--num-prompts", type=int, default=100)
+    g.add_argument("--input-len", type=int, default=512, help="random: mean prompt tokens")
+    g.add_argument("--output-len", type=int, default=128,
+                   help="random: mean output tokens; jsonl: when a line gives none")
+    dists = ("fixed", "uniform", "normal", "lognormal")
+    g.add_argument("--input-len-dist", choices=dists, default="fixed")
+    g.add_argument("--output-len-dist", choices=dists, default="fixed")
+    g.add_argument("--range-ratio", type=float, default=0.0,
+                   help="spread r: uniform in [L(1-r), L(1+r)], normal std rL, lognormal "
+                        "log-std r")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="chat/jsonl: generate exactly max_tokens (random always does)")
+    g = p.add_argument_group("load")
+    g.add_argument("--request-rate", default="inf", metavar="R[,R...]",
+                   help="req/s (inf: all at once); a comma list runs a sweep")
+    g.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the gaps: 1 = Poisson, <1 burstier, >1 steadier")
+    g.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
+    g.add_argument("--timeout", type=float, help="per-request deadline in seconds")
+    g.add_argument("--ready-timeout", type=float, default=60.0,
+                   help="seconds to wait for the server to report SERVING")
+    g = p.add_argument_group("SLOs and output")
+    g.add_argument("--slo-ttft-ms", type=float, help="TTFT objective (also sent per request)")
+    g.add_argument("--slo-tpot-ms", type=float, help="TPOT objective (also sent per request)")
+    g.add_argument("--goodput-attainment", type=float, default=0.9,
+                   help="fraction of requests that must meet both SLOs (DistServe: 0.9)")
+    g.add_argument("--result-json", metavar="PATH",
+                   help="write config, reports and per-request records")
+    g.add_argument("--plot-dir", metavar="DIR", help="write PNG plots here")
+    g.add_argument("--plot-rate", type=float, help="rate of the latency CDFs (default: highest)")
+    g.add_argument("--plot-from", nargs="+", metavar="RESULT.json",
+                   help="only plot these results into --plot-dir (no load test)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bsub = p.add_subparsers(dest="bench_command", metavar="{plot}")
+    pp = bsub.add_parser("plot", help="overlay saved results as PNG plots",
+                         description="SLO attainment vs request rate, one line per result "
+                                     "file (label), and TTFT/TPOT CDFs at one rate.")
+    pp.add_argument("results", nargs="+", metavar="RESULT.json")
+    pp.add_argument("--out", required=True, metavar="DIR")
+    pp.add_argument("--rate", type=float, help="rate of the CDFs (default: highest shared)")
+    pp.add_argument("--attainment-target", type=float,
+                    help="the target line (default: from the first result)")
+    p.set_defaults(func=cmd_bench, attainment_target=None)
     return parser
 
 

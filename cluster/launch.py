@@ -18,6 +18,9 @@ from router.server import RouterService
 
 log = logging.getLogger("pdserve.launch")
 
+# c10d logs a warning each time a store wait times out; the KV receivers wait on purpose.
+WORKER_ENV = {"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}}
+
 
 @dataclass
 class Deployment:
@@ -100,7 +103,8 @@ def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
         name = f"{role}-{i}"
         handle: Any = (
             ray.remote(cls)
-            .options(name=f"{ns}-{name}", num_cpus=1, num_gpus=gpus, max_concurrency=16)
+            .options(name=f"{ns}-{name}", num_cpus=1, num_gpus=gpus, max_concurrency=16,
+                     runtime_env=WORKER_ENV)
             .remote(name, cfg.worker_config(role, cpus), router)
         )
         return name, handle

@@ -20,6 +20,7 @@ import torch
 
 from decode_worker.scheduler import DecodeScheduler, DecodeSeq
 from engine.config import WorkerConfig
+from engine.device import describe_device
 from engine.kv_cache import BlockAllocator
 from engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
 from engine.messages import Lease, Reservation, StepReport, WorkerStats
@@ -109,6 +110,7 @@ class DecodeWorker:
                 num_free_blocks=self.allocator.num_free, num_running=len(self.sched.running),
                 num_waiting=len(self.sched.reserved) + len(self.sched.ready),
                 kv_usage=self.allocator.usage,
+                device=describe_device(self.runner.device),
             )
 
     def shutdown(self) -> None:
@@ -125,7 +127,7 @@ class DecodeWorker:
             rid = ""
             try:
                 try:
-                    header = ch.recv_header(timeout_s=0.5)
+                    header = ch.recv_header(timeout_s=2.0)
                 except TransferTimeout:
                     continue  # nothing sent yet; the channel is fine
                 t0 = time.monotonic()

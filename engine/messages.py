@@ -115,3 +115,4 @@ class WorkerStats:
     num_running: int
     num_waiting: int
     kv_usage: float
+    device: str = ""  # e.g. "cuda:0 NVIDIA H200 (CUDA_VISIBLE_DEVICES=1)"

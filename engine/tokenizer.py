@@ -4,13 +4,18 @@ the router uses to stream text as tokens arrive."""
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from engine.config import ModelConfig, ModelSpec
 from engine.model_files import default_gguf_path, resolve_gguf_path
+
+log = logging.getLogger("pdserve.tokenizer")
 
 # A lone "\ufffd" at the end of decoded text means an incomplete UTF-8 sequence (or a
 # byte-fallback piece) that later tokens may complete.
@@ -89,6 +94,11 @@ def load_tokenizer(spec: ModelSpec, config: ModelConfig) -> Tokenizer:
     if spec.source == "hf":
         assert spec.path is not None
         hf = _load_hf(str(Path(spec.path).resolve()), None)
+    elif spec.source == "dummy" and (path := _default_gguf_if_available()) is None:
+        # Offline (e.g. a GPU box with no package index): dummy weights produce noise
+        # anyway, so a byte-level tokenizer serves them.
+        log.warning("default tokenizer not available; dummy model uses a byte tokenizer")
+        hf = byte_level_tokenizer()
     else:
         path = default_gguf_path() if spec.source == "dummy" else resolve_gguf_path(spec.path)
         hf = _load_hf(str(path.parent.resolve()), path.name)
@@ -102,6 +112,30 @@ def load_tokenizer(spec: ModelSpec, config: ModelConfig) -> Tokenizer:
         # The tokenizer's eos (e.g. an instruct model's end-of-turn) also ends generation.
         eos = tuple(dict.fromkeys((*eos, hf.eos_token_id)))
     return Tokenizer(hf, eos, chat_template)
+
+
+def _default_gguf_if_available() -> Path | None:
+    try:
+        return default_gguf_path()
+    except (RuntimeError, OSError):
+        return None
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per byte (ids 0-255) and ``<eos>`` = 256, built in memory:
+    no files, no network. Ids a dummy model samples beyond 256 decode as placeholders."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<eos>"] = len(vocab)
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    hf.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    return hf
 
 
 @functools.lru_cache(maxsize=4)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.config import WorkerConfig
+from engine.device import describe_device
 from engine.kv_cache import BlockAllocator
 from engine.kv_transfer import ChannelSpec, KVChannel, TransferHeader
 from engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
@@ -96,6 +97,7 @@ class PrefillWorker:
                 worker=self.name, role="prefill", num_blocks=self.allocator.num_blocks,
                 num_free_blocks=self.allocator.num_free, num_running=len(self.sched.active),
                 num_waiting=len(self.sched.waiting), kv_usage=self.allocator.usage,
+                device=describe_device(self.runner.device),
             )
 
     def queued_tokens(self) -> int:

@@ -189,3 +189,16 @@ def test_incremental_garbage_stays_bounded(tok: Tokenizer) -> None:
             2 * IncrementalDetokenizer.FORCE_HELD_TOKENS)
     detok.flush()
     assert detok.text == tok.decode(detok.output_ids)
+
+
+def test_byte_level_fallback_round_trips_and_streams() -> None:
+    from engine.tokenizer import IncrementalDetokenizer, Tokenizer, byte_level_tokenizer
+
+    tok = Tokenizer(byte_level_tokenizer(), (256,))
+    text = "héllo wörld 🙂"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode()) and max(ids) < 256
+    assert tok.decode(ids) == text
+    detok = IncrementalDetokenizer(tok, [])
+    assert "".join(detok.add([i]) for i in ids) + detok.flush() == text
+    assert tok.apply_chat_template([("user", "hi")])  # has a template

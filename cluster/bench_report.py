@@ -1,0 +1,293 @@
+"""Statistics of a `pdserve bench` run: per-request records, latency percentiles, throughput,
+SLO attainment, and goodput over a sweep of request rates.
+
+Definitions (as `vllm bench serve` and DistServe use them):
+- TTFT: send -> first response carrying a token. E2E: send -> last response.
+- TPOT of a request: (E2E - TTFT) / (output_tokens - 1), for output_tokens > 1.
+- ITL: the gap between consecutive responses; a response carrying n tokens spreads its gap
+  evenly over them (n values of gap / n), so merged chunks do not hide per-token latency.
+- SLO attainment: the fraction of ALL requests (failures count as misses) that meet the TTFT
+  objective and the TPOT objective; an absent objective is met.
+- Request goodput (vLLM): requests meeting the SLOs per second of one run.
+- Goodput (DistServe): the highest request rate at which at least 90% of requests meet both
+  objectives, read off a sweep of rates.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cluster.bench import BenchConfig
+
+TIMING_FIELDS = ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s", "mean_tpot_s", "e2e_s")
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request of a run as the client saw it; times in seconds since the run started."""
+
+    index: int
+    max_tokens: int  # asked for
+    send_s: float
+    end_s: float  # last response, or the error
+    chunks: tuple[tuple[float, int], ...] = ()  # (arrival time, token count) per response
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ok: bool = False
+    status: str = "OK"  # "OK", a gRPC status code name, or "INCOMPLETE"
+    error: str = ""
+    finish_reason: str = ""
+    server_timing: dict[str, float] = field(default_factory=dict)  # Timing of the last response
+
+    @property
+    def first_token_s(self) -> float | None:
+        for t, n in self.chunks:
+            if n > 0:
+                return t
+        return self.chunks[0][0] if self.chunks else None
+
+    @property
+    def ttft_s(self) -> float | None:
+        first = self.first_token_s
+        return first - self.send_s if self.ok and first is not None else None
+
+    @property
+    def e2e_s(self) -> float | None:
+        return self.end_s - self.send_s if self.ok else None
+
+    @property
+    def tpot_s(self) -> float | None:
+        ttft, e2e = self.ttft_s, self.e2e_s
+        if ttft is None or e2e is None or self.output_tokens < 2:
+            return None
+        return (e2e - ttft) / (self.output_tokens - 1)
+
+    def itl_s(self) -> list[float]:
+        """Inter-token latencies: each gap after the first token, spread over its chunk."""
+        if not self.ok:
+            return []
+        out: list[float] = []
+        last: float | None = None
+        for t, n in self.chunks:
+            if n <= 0:
+                continue
+            if last is not None:
+                out.extend([(t - last) / n] * n)
+            last = t
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["chunks"] = [[round(t, 6), n] for t, n in self.chunks]
+        for name in ("ttft", "tpot", "e2e"):  # derived, for readers of the file; not read back
+            v = getattr(self, f"{name}_s")
+            d[f"{name}_ms"] = None if v is None else round(v * 1e3, 3)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RequestRecord:
+        return cls(
+            index=int(d["index"]), max_tokens=int(d["max_tokens"]), send_s=float(d["send_s"]),
+            end_s=float(d["end_s"]), chunks=tuple((float(t), int(n)) for t, n in d["chunks"]),
+            prompt_tokens=int(d["prompt_tokens"]), output_tokens=int(d["output_tokens"]),
+            ok=bool(d["ok"]), status=str(d["status"]), error=str(d["error"]),
+            finish_reason=str(d["finish_reason"]),
+            server_timing={k: float(v) for k, v in d["server_timing"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Latency objectives in ms; None: no objective (always met)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, v in (("ttft_ms", self.ttft_ms), ("tpot_ms", self.tpot_ms)):
+            if v is not None and not v > 0:
+                raise ValueError(f"SLO {name} must be > 0, got {v}")
+
+    def meets(self, r: RequestRecord) -> tuple[bool, bool]:
+        """(TTFT met, TPOT met); a failed request meets neither. TPOT of a request with one
+        output token is undefined and meets any objective (as in vLLM)."""
+        if not r.ok:
+            return False, False
+        ttft, tpot = r.ttft_s, r.tpot_s
+        ttft_ok = self.ttft_ms is None or (ttft is not None and ttft * 1e3 <= self.ttft_ms)
+        tpot_ok = self.tpot_ms is None or tpot is None or tpot * 1e3 <= self.tpot_ms
+        return ttft_ok, tpot_ok
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Mean and percentiles in ms (None when there are no values)."""
+
+    count: int
+    mean_ms: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+
+
+def percentile(values_s: Sequence[float], q: float) -> float:
+    """q-th percentile (0..100) with linear interpolation between order statistics."""
+    if not values_s:
+        raise ValueError("percentile of no values")
+    return float(np.percentile(np.asarray(values_s, dtype=np.float64), q))
+
+
+def latency_stats(values_s: Sequence[float]) -> LatencyStats:
+    if not values_s:
+        return LatencyStats(0, None, None, None, None)
+    ms = [v * 1e3 for v in values_s]
+    return LatencyStats(len(ms), float(np.mean(ms)), percentile(ms, 50), percentile(ms, 90),
+                        percentile(ms, 99))
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The summary of one run (one request rate)."""
+
+    label: str
+    request_rate: float  # inf: all requests at once
+    burstiness: float
+    max_concurrency: int | None
+    num_requests: int
+    completed: int
+    failed: int
+    failures: dict[str, int]  # gRPC status name -> count
+    first_error: str
+    duration_s: float  # run start -> the last request's end
+    total_input_tokens: int  # completed requests only, as vLLM counts
+    total_output_tokens: int
+    request_throughput: float
+    output_throughput: float
+    total_token_throughput: float
+    ttft: LatencyStats
+    tpot: LatencyStats
+    itl: LatencyStats
+    e2e: LatencyStats
+    slo_ttft_ms: float | None
+    slo_tpot_ms: float | None
+    attainment: float  # both objectives, over all requests
+    attainment_ttft: float
+    attainment_tpot: float
+    request_goodput: float  # requests meeting both objectives per second
+
+
+def make_report(label: str, rate: float, burstiness: float, max_concurrency: int | None,
+                records: Sequence[RequestRecord], slo: Slo) -> RunReport:
+    done = [r for r in records if r.ok]
+    failed = [r for r in records if not r.ok]
+    duration = max((r.end_s for r in records), default=0.0)
+    inp = sum(r.prompt_tokens for r in done)
+    out = sum(r.output_tokens for r in done)
+    met = [slo.meets(r) for r in records]
+    n = len(records)
+    both = sum(1 for a, b in met if a and b)
+
+    def per_s(x: float) -> float:
+        return x / duration if duration > 0 else 0.0
+
+    def frac(k: int) -> float:
+        return k / n if n else 0.0
+
+    return RunReport(
+        label=label, request_rate=rate, burstiness=burstiness, max_concurrency=max_concurrency,
+        num_requests=n, completed=len(done), failed=len(failed),
+        failures=dict(Counter(r.status for r in failed)),
+        first_error=next((f"{r.status}: {r.error}" for r in failed), ""),
+        duration_s=duration, total_input_tokens=inp, total_output_tokens=out,
+        request_throughput=per_s(len(done)), output_throughput=per_s(out),
+        total_token_throughput=per_s(inp + out),
+        ttft=latency_stats([v for r in done if (v := r.ttft_s) is not None]),
+        tpot=latency_stats([v for r in done if (v := r.tpot_s) is not None]),
+        itl=latency_stats([v for r in done for v in r.itl_s()]),
+        e2e=latency_stats([v for r in done if (v := r.e2e_s) is not None]),
+        slo_ttft_ms=slo.ttft_ms, slo_tpot_ms=slo.tpot_ms,
+        attainment=frac(both), attainment_ttft=frac(sum(1 for a, _ in met if a)),
+        attainment_tpot=frac(sum(1 for _, b in met if b)), request_goodput=per_s(both),
+    )
+
+
+@dataclass(frozen=True)
+class Goodput:
+    """DistServe goodput read off a sweep: the highest swept rate with attainment >= target.
+    Not bracketed: the sweep did not cross the target (even the highest rate met it, so the
+    true goodput may be higher; or no rate met it, so it is below the lowest)."""
+
+    target: float
+    rate: float | None
+    bracketed: bool
+    note: str
+
+
+def sweep_goodput(points: Sequence[tuple[float, float]], target: float) -> Goodput:
+    """`points`: (request rate, SLO attainment) per run, any order."""
+    pts = sorted(points)
+    if not pts:
+        return Goodput(target, None, False, "no runs")
+    passing = [rate for rate, a in pts if a >= target]
+    lo_rate, lo_att = pts[0]
+    hi_rate = pts[-1][0]
+    if not passing:
+        return Goodput(target, None, False,
+                       f"not bracketed: below the lowest rate swept ({fmt_rate(lo_rate)} req/s "
+                       f"met the SLOs for {lo_att:.1%} < {target:.0%}); sweep lower rates")
+    best = max(passing)
+    if best == hi_rate:
+        return Goodput(target, best, False,
+                       f"not bracketed: even the highest rate swept ({fmt_rate(hi_rate)} req/s) "
+                       f"met {target:.0%}; goodput is at least this, sweep higher rates")
+    above = min(rate for rate, _ in pts if rate > best)
+    return Goodput(target, best, True,
+                   f"between {fmt_rate(best)} (met) and {fmt_rate(above)} req/s (missed)")
+
+
+def fmt_rate(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def jsonable(x: Any) -> Any:
+    """Dataclasses/dicts/lists to JSON-ready values: inf -> "inf", nan -> None."""
+    if hasattr(x, "__dataclass_fields__"):
+        x = asdict(x)
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float):
+        if math.isnan(x):
+            return None
+        return ("inf" if x > 0 else "-inf") if math.isinf(x) else x
+    return x
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What one `pdserve bench` invocation measured: a report and the records per rate."""
+
+    config: BenchConfig
+    model: dict[str, Any]
+    reports: list[RunReport]
+    records: list[list[RequestRecord]]  # per rate, in the order of config.request_rates
+    goodput: Goodput
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pdserve_bench": 1, "label": self.config.label,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": jsonable(asdict(self.config)), "model": self.model,
+            "goodput": jsonable(self.goodput),
+            "runs": [{"report": jsonable(rep), "requests": [r.to_json() for r in recs]}
+                     for rep, recs in zip(self.reports, self.records, strict=True)],
+        }
