@@ -86,7 +86,7 @@ class RequestRecord:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["chunks"] = [[round(t, 6), n] for t, n in self.chunks]
+        d["chunks"] = [[t, n] for t, n in self.chunks]
         for name in ("ttft", "tpot", "e2e"):  # derived, for readers of the file; not read back
             v = getattr(self, f"{name}_s")
             d[f"{name}_ms"] = None if v is None else round(v * 1e3, 3)

@@ -31,8 +31,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400)")
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="join this Ray cluster (default: start a local Ray instance)")
+    p.add_argument("--mode", choices=("disaggregated", "colocated"),
+                   help="disaggregated (default): prefill and decode workers; colocated: "
+                        "--num-decode replicas that each prefill (chunked, mixed into decode "
+                        "steps) and decode")
     p.add_argument("--num-prefill", type=int, help="prefill workers (default 1)")
-    p.add_argument("--num-decode", type=int, help="decode workers (default 1)")
+    p.add_argument("--num-decode", type=int,
+                   help="decode workers, or replicas in colocated mode (default 1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--backend", choices=("auto", "torch", "triton"), help="kernel backend")
@@ -49,6 +54,7 @@ def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     over = {
         k: v for k, v in {
             "port": args.port, "host": args.host, "metrics_port": args.metrics_port,
+            "mode": args.mode,
             "num_prefill": args.num_prefill, "num_decode": args.num_decode,
             "device": args.device, "dtype": args.dtype, "backend": args.backend,
             "decode_blocks": args.decode_blocks, "prefill_blocks": args.prefill_blocks,
@@ -65,8 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.launch import launch
 
     cfg = serve_config(args)
-    print(f"pdserve: starting {cfg.num_prefill} prefill + {cfg.num_decode} decode workers",
-          file=sys.stderr)
+    pools = (f"{cfg.num_decode} colocated replicas" if cfg.colocated
+             else f"{cfg.num_prefill} prefill + {cfg.num_decode} decode workers")
+    print(f"pdserve: starting {pools}", file=sys.stderr)
     dep = launch(cfg, args.address)
     print(f"pdserve: serving on {dep.address} (gRPC), metrics on "
           f"http://{cfg.host}:{dep.metrics_port}/metrics; Ctrl-C stops", file=sys.stderr)

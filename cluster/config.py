@@ -27,8 +27,9 @@ class ServeConfig:
     """A pdserve deployment: model, pools, limits, ports."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    num_prefill: int = 1
-    num_decode: int = 1
+    mode: str = "disaggregated"  # or "colocated": each decode worker also prefills
+    num_prefill: int = 1  # ignored in colocated mode
+    num_decode: int = 1  # decode workers; in colocated mode, the replicas
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     backend: str = "auto"  # kernels: auto = triton on cuda, torch on cpu
@@ -50,6 +51,8 @@ class ServeConfig:
     namespace: str = "pdserve"  # Ray namespace; also prefixes actor names
 
     def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("num_prefill and num_decode must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -77,10 +80,18 @@ class ServeConfig:
             return self.backend
         return "triton" if self.resolved_device() == "cuda" else "torch"
 
+    @property
+    def colocated(self) -> bool:
+        return self.mode == "colocated"
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_decode if self.colocated else self.num_prefill + self.num_decode
+
     def threads_per_worker(self, cpus: int) -> int:
         if self.torch_threads > 0:
             return self.torch_threads
-        return max(1, cpus // (self.num_prefill + self.num_decode))
+        return max(1, cpus // self.num_workers)
 
     # -- the pieces -------------------------------------------------------------------------
     def worker_config(self, role: str, cpus: int) -> WorkerConfig:
@@ -94,7 +105,7 @@ class ServeConfig:
                              else 0),
             max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
             lease_timeout_s=self.lease_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
-            host=self.host,
+            host=self.host, colocated=self.colocated and role == "decode",
         )
 
     def server_config(self, model_config: ModelConfig) -> ServerConfig:
@@ -108,7 +119,7 @@ class ServeConfig:
             model=self.model, model_config=model_config, limits=limits,
             router=RouterConfig(max_waiting=self.max_waiting), block_size=self.block_size,
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
-            port=self.port, metrics_port=self.metrics_port,
+            port=self.port, metrics_port=self.metrics_port, mode=self.mode,
         )
 
     # -- YAML -------------------------------------------------------------------------------

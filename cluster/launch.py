@@ -70,7 +70,7 @@ def init_ray(address: str | None, cfg: ServeConfig) -> bool:
     ray.init(
         namespace=cfg.namespace, include_dashboard=False, log_to_driver=True,
         # Every actor asks for one CPU; leave room for all of them on a small machine.
-        num_cpus=max(cpus, cfg.num_prefill + cfg.num_decode + 2),
+        num_cpus=max(cpus, cfg.num_workers + 2),
         object_store_memory=256 * 1024 * 1024,
     )
     return True
@@ -109,7 +109,8 @@ def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
         )
         return name, handle
 
-    prefill = dict(worker(PrefillWorker, "prefill", i) for i in range(cfg.num_prefill))
+    prefill = {} if cfg.colocated else dict(
+        worker(PrefillWorker, "prefill", i) for i in range(cfg.num_prefill))
     decode = dict(worker(DecodeWorker, "decode", i) for i in range(cfg.num_decode))
     ray.get([h.start.remote() for h in [*prefill.values(), *decode.values()]])
     ray.get(router.attach.remote(prefill, decode))

@@ -40,11 +40,25 @@ class DecodeSeq:
 
 
 @dataclass
+class PrefillChunk:
+    """Colocated mode: ``length`` prompt tokens of ``seq`` from position ``start``."""
+
+    seq: DecodeSeq
+    token_ids: list[int]
+    start: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.start + len(self.token_ids) == self.seq.num_tokens - 1
+
+
+@dataclass
 class StepPlan:
-    """What the next decode step runs, and who was pushed out to make room."""
+    """What the next step runs, and who was pushed out to make room."""
 
     batch: list[DecodeSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    chunks: list[PrefillChunk] = field(default_factory=list)  # colocated mode only
 
 
 class DecodeScheduler:
@@ -70,6 +84,9 @@ class DecodeScheduler:
         self.clock = clock
         self._ids = itertools.count(first_transfer_id)
         self.reserved: dict[int, DecodeSeq] = {}  # by transfer id
+        # Colocated mode: reserved sequences whose prompt this worker prefills itself, with
+        # their prompt tokens and how many of them are cached so far.
+        self.prefilling: dict[int, tuple[list[int], int]] = {}
         self.ready: list[DecodeSeq] = []
         self.running: list[DecodeSeq] = []
 
@@ -111,6 +128,48 @@ class DecodeScheduler:
         self.ready.append(seq)
         return True
 
+    def start_prefill(self, transfer_id: int, token_ids: list[int]) -> bool:
+        """Colocated mode: this worker prefills the prompt of lease ``transfer_id`` itself
+        (no transfer), in chunks mixed into its decode steps."""
+        seq = self.reserved.get(transfer_id)
+        if seq is None:
+            return False
+        if len(token_ids) != seq.num_tokens - 1:
+            raise ValueError(f"lease {transfer_id} was made for {seq.num_tokens - 1} tokens, "
+                             f"got {len(token_ids)}")
+        self.prefilling[transfer_id] = (list(token_ids), 0)
+        seq.deadline = float("inf")  # no KV to wait for
+        return True
+
+    def schedule_prefill(self, budget: int) -> list[PrefillChunk]:
+        """Colocated mode: prompt chunks for this step, oldest first, under ``budget``
+        tokens (what the decode batch leaves of the step's token budget)."""
+        chunks = []
+        for tid, (tokens, done) in self.prefilling.items():
+            if budget <= 0:
+                break
+            n = min(len(tokens) - done, budget)
+            chunks.append(PrefillChunk(self.reserved[tid], tokens[done:done + n], done))
+            budget -= n
+        return chunks
+
+    def prefilled(self, chunks: list[PrefillChunk]) -> list[DecodeSeq]:
+        """Record that ``chunks`` ran; returns sequences whose whole prompt is cached (their
+        first token is sampled by the caller and passed to :meth:`activate`)."""
+        done = []
+        for c in chunks:
+            tid = c.seq.transfer_id
+            if tid not in self.prefilling:
+                continue  # released during the step
+            tokens, _ = self.prefilling[tid]
+            cached = c.start + len(c.token_ids)
+            if cached == len(tokens):
+                del self.prefilling[tid]
+                done.append(c.seq)
+            else:
+                self.prefilling[tid] = (tokens, cached)
+        return done
+
     def expire(self) -> list[str]:
         """Free leases whose KV did not arrive in time; returns their request ids."""
         now = self.clock()
@@ -132,6 +191,7 @@ class DecodeScheduler:
         if seq is None:
             return False
         self.reserved.pop(seq.transfer_id, None)
+        self.prefilling.pop(seq.transfer_id, None)
         for group in (self.ready, self.running):
             if seq in group:
                 group.remove(seq)

@@ -18,14 +18,15 @@ from typing import Any
 
 import torch
 
-from decode_worker.scheduler import DecodeScheduler, DecodeSeq
+from decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
 from engine.config import WorkerConfig
 from engine.device import describe_device
 from engine.kv_cache import BlockAllocator
 from engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
-from engine.messages import Lease, Reservation, StepReport, WorkerStats
-from engine.runner import DecodeItem, ModelRunner
+from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepReport, WorkerStats
+from engine.runner import DecodeItem, ModelRunner, PrefillItem
 from engine.sampler import sample
+from engine.sequence import finish_reason
 from engine.weights import load_model_config
 
 log = logging.getLogger("pdserve.decode")
@@ -54,6 +55,7 @@ class DecodeWorker:
         self._pending_abort: set[str] = set()
         self._joined: list[tuple[str, float]] = []
         self._failed: list[tuple[str, str]] = []
+        self._submitted: dict[int, tuple[float, float]] = {}  # colocated: (arrived, started)
         self._channels: dict[str, KVChannel] = {}
         self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
 
@@ -87,6 +89,15 @@ class DecodeWorker:
         threading.Thread(target=open_and_serve, name=f"kv-recv-{prefill_name}",
                          daemon=True).start()
         return self.cfg.host, port, name
+
+    def submit(self, task: PrefillTask) -> None:
+        """Colocated mode: prefill ``task`` here, under the lease this worker granted it."""
+        if not self.cfg.colocated:
+            raise RuntimeError(f"{self.name} is a decode-only worker")
+        with self._cv:
+            if self.sched.start_prefill(task.lease.transfer_id, list(task.token_ids)):
+                self._submitted[task.lease.transfer_id] = (time.monotonic(), 0.0)
+                self._cv.notify()
 
     def reserve(self, r: Reservation) -> Lease | None:
         with self._cv:
@@ -191,27 +202,74 @@ class DecodeWorker:
                 for rid in self.sched.expire():
                     self._failed.append((rid, "KV did not arrive before the lease expired"))
                 plan = self.sched.schedule()
+                if self.cfg.colocated:
+                    plan.chunks = self.sched.schedule_prefill(
+                        self.cfg.max_batch_tokens - len(plan.batch))
                 batch = plan.batch
                 joined, self._joined = self._joined, []
                 failed, self._failed = self._failed, []
-                self._busy |= {s.request_id for s in batch}
-                if not batch and not plan.preempted and not failed:
+                in_step = {s.request_id for s in batch} | {c.seq.request_id for c in plan.chunks}
+                self._busy |= in_step
+                if not batch and not plan.chunks and not plan.preempted and not failed:
                     if self._stop:
                         return
                     self._cv.wait(timeout=0.05)
                     continue
             t0 = time.monotonic()
-            tokens = self._step(batch) if batch else []
+            if plan.chunks:
+                tokens, firsts = self._mixed_step(batch, plan.chunks)
+            else:
+                tokens, firsts = (self._step(batch) if batch else []), []
             step_s = time.monotonic() - t0
             with self._cv:
                 outs = self.sched.postprocess(batch, tokens)
-                self._busy -= {s.request_id for s in batch}
+                if plan.chunks:
+                    self._first_tokens(plan.chunks, firsts, t0)
+                self._busy -= in_step
                 report = StepReport(
                     worker=self.name, tokens=outs, joined=joined, preempted=plan.preempted,
                     failed=failed, step_s=step_s, num_running=len(self.sched.running),
                     num_free_blocks=self.allocator.num_free, kv_usage=self.allocator.usage,
                 )
             self.router.on_step.remote(report)
+
+    def _mixed_step(
+        self, batch: list[DecodeSeq], chunks: list[PrefillChunk]
+    ) -> tuple[list[int], list[int]]:
+        """Colocated mode: one forward over the decode batch (one token each) and the prompt
+        chunks, as vLLM's chunked prefill does; returns decode tokens and the first tokens
+        of the sequences whose last chunk ran."""
+        items = [PrefillItem([s.last_token], s.num_tokens - 1, s.block_ids) for s in batch]
+        items += [PrefillItem(c.token_ids, c.start, c.seq.block_ids) for c in chunks]
+        logits = self.runner.prefill(items)
+        last = [len(batch) + i for i, c in enumerate(chunks) if c.is_last]
+        rows = list(range(len(batch))) + last
+        params = [s.sampling for s in batch] + [chunks[i - len(batch)].seq.sampling for i in last]
+        steps = [s.num_generated for s in batch]
+        steps += [chunks[i - len(batch)].seq.num_generated - 1 for i in last]
+        sampled = sample(logits[rows], params, steps)
+        return sampled[: len(batch)], sampled[len(batch):]
+
+    def _first_tokens(self, chunks: list[PrefillChunk], firsts: list[int], t0: float) -> None:
+        """Colocated mode, under the lock: report first tokens; finished prompts join."""
+        now = time.monotonic()
+        for c in chunks:
+            arrived, started = self._submitted.get(c.seq.transfer_id, (t0, 0.0))
+            if not started:
+                self._submitted[c.seq.transfer_id] = (arrived, t0)
+        first = dict(zip([c.seq.transfer_id for c in chunks if c.is_last], firsts, strict=True))
+        for seq in self.sched.prefilled(chunks):
+            tok = first[seq.transfer_id]
+            arrived, started = self._submitted.pop(seq.transfer_id, (t0, t0))
+            reason = finish_reason(seq.sampling, tok, seq.num_generated)
+            self.router.on_first_token.remote(FirstToken(
+                self.name, seq.request_id, seq.transfer_id, tok, reason,
+                queue_s=started - arrived, prefill_s=now - started,
+            ))
+            if reason is None:
+                self.sched.activate(seq.transfer_id, tok, 0.0)
+            else:
+                self.sched.release(seq.request_id)
 
     def _step(self, batch: list[DecodeSeq]) -> list[int]:
         items = [DecodeItem(s.last_token, s.num_tokens - 1, s.block_ids) for s in batch]

@@ -81,14 +81,14 @@ class CacheConfig:
     head_dim]``."""
 
     block_size: int = 16
-    num_blocks: int = 1024
+    num_blocks: int = 1024  # 0 = auto: sized from free GPU memory (ModelRunner.num_blocks)
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks must be positive or 0 (auto), got {self.num_blocks}")
 
     def blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
@@ -164,10 +164,21 @@ class RunnerConfig:
     dtype: torch.dtype = torch.float32
     backend: str = "torch"  # kernels backend: "torch" or "triton"
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs
+    cuda_graph_max_batch: int = 256  # largest decode batch captured; bigger batches run eager
+    # CUDA, CacheConfig.num_blocks == 0: the share of the GPU's total memory this worker may
+    # hold (weights, activations, graphs and the KV pool that fills the rest).
+    gpu_memory_utilization: float = 0.85
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "triton"):
             raise ValueError(f"backend must be torch or triton, got {self.backend!r}")
+        if self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,7 @@ class WorkerConfig:
     lease_timeout_s: float = 30.0  # decode: a reservation whose KV has not arrived expires
     transfer_timeout_s: float = 60.0  # KV channel operations
     host: str = "127.0.0.1"  # address the decode side's channel store binds to
+    colocated: bool = False  # a decode worker that also prefills its own requests
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < self.cache.block_size:

@@ -128,13 +128,14 @@ class Router:
         if req.done:  # aborted while we waited for the lease
             self.decode[lease.worker].abort.remote(req.request_id)
             return True
-        p = pick_prefill(self.p_load.values())
-        await self._ensure_channel(p.name, lease.worker)
+        p = pick_prefill(self.p_load.values()) if self.prefill else None
+        if p is not None:
+            await self._ensure_channel(p.name, lease.worker)
         if req.done:
             self.decode[lease.worker].abort.remote(req.request_id)
             return True
         req.lease = lease
-        req.prefill_worker = p.name
+        req.prefill_worker = p.name if p is not None else ""
         req.attempts += 1
         req.state = State.PREFILLING
         req.awaiting_first = True
@@ -142,10 +143,13 @@ class Router:
         if req.attempts == 1:
             req.t_dispatch = now
             req.queue_s = now - req.queued_at
-        p.queued_tokens += len(tokens)
-        self.prefill[p.name].submit.remote(
-            PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling, lease)
-        )
+        task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,
+                           lease)
+        if p is None:  # colocated: the decode worker prefills the prompt itself
+            self.decode[lease.worker].submit.remote(task)
+        else:
+            p.queued_tokens += len(tokens)
+            self.prefill[p.name].submit.remote(task)
         return True
 
     async def _ensure_channel(self, p: str, d: str) -> None:

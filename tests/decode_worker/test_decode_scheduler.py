@@ -113,3 +113,24 @@ def test_release_in_every_state() -> None:
     assert not s.release("r")
     assert s.allocator.num_free == 16
     assert s.activate(lease.transfer_id, 1, 0.0) is False  # a released lease stays gone
+
+
+def test_colocated_prefill_chunks_then_joins() -> None:
+    s, clock = make(blocks=16, bs=4)
+    lease = s.reserve(res("c", 10))  # prompt of 10 tokens (+1 slot for the first token)
+    assert lease is not None
+    assert s.start_prefill(lease.transfer_id, list(range(10)))
+    with pytest.raises(ValueError):
+        s.start_prefill(lease.transfer_id, [1, 2])
+    c1 = s.schedule_prefill(budget=6)
+    assert [(c.start, len(c.token_ids), c.is_last) for c in c1] == [(0, 6, False)]
+    assert s.prefilled(c1) == []
+    c2 = s.schedule_prefill(budget=6)
+    assert [(c.start, len(c.token_ids), c.is_last) for c in c2] == [(6, 4, True)]
+    (seq,) = s.prefilled(c2)
+    clock.t = 100.0
+    assert s.expire() == []  # a lease being prefilled here has no KV to wait for
+    assert s.activate(seq.transfer_id, 7, 0.0)
+    plan = s.schedule()
+    assert [q.request_id for q in plan.batch] == ["c"] and plan.batch[0].last_token == 7
+    assert s.release("c") and s.allocator.num_free == 16
