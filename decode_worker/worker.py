@@ -163,13 +163,13 @@ class DecodeWorker:
                 for layer in range(header.num_layers):
                     ch.recv_layer(buf)
                     self.runner.model.ops.unpack_kv(buf, pool[layer], ids)
-                ch.verify()
+                first_token = ch.verify().first_token  # the trailer's, if streamed
                 with self._cv:
                     self._busy.discard(rid)
                     if rid in self._pending_abort:
                         self._pending_abort.discard(rid)
                         self.sched.release(rid)
-                    elif self.sched.activate(header.transfer_id, header.first_token,
+                    elif self.sched.activate(header.transfer_id, first_token,
                                              time.monotonic() - t0):
                         self._joined.append((rid, time.monotonic() - t0))
                     self._cv.notify()

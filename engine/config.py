@@ -194,6 +194,7 @@ class WorkerConfig:
     transfer_timeout_s: float = 60.0  # KV channel operations
     host: str = "127.0.0.1"  # address the decode side's channel store binds to
     colocated: bool = False  # a decode worker that also prefills its own requests
+    layerwise_transfer: bool = True  # prefill: send layer l's KV while layer l+1 computes
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < self.cache.block_size:

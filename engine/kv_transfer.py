@@ -102,6 +102,7 @@ _H_SPARE = range(10, HEADER_SLOTS)
 
 # Trailer slots.
 _T_MAGIC, _T_VERSION, _T_TRANSFER_ID, _T_EPOCH, _T_STATUS, _T_CHECKSUM = 0, 1, 2, 3, 4, 5
+_T_FIRST_TOKEN = 6  # set when the header left before the first token existed (layer-wise)
 STATUS_OK = 0
 STATUS_CANCELLED = 1
 
@@ -693,8 +694,12 @@ class KVChannel:
                 t.record_stream(self._stream)
             tx.acc = _fold_layer(tx.acc, _checksum_tensor(t))
 
-    def finish(self) -> None:
+    def finish(self, first_token: int = -1) -> None:
         """Send the trailer (with the checksum) and wait until the whole transfer left.
+
+        ``first_token`` rides in the trailer when the header went out before the token was
+        sampled (layer-wise streaming during the forward pass); the receiver's
+        :meth:`verify` returns it in the header it gives back.
 
         Raises :class:`ChannelClosed` if it cannot complete within ``timeout_s`` (dead or
         stuck receiver: the channel is aborted). Called before the last layer, it cancels
@@ -709,7 +714,7 @@ class KVChannel:
                 f"finish() after {sent} of {h.num_layers} layers of transfer "
                 f"{h.transfer_id}; the transfer was cancelled"
             )
-        self._send_trailer(tx, STATUS_OK)
+        self._send_trailer(tx, STATUS_OK, first_token)
         self._complete_tx(tx, ok=True)
 
     def cancel(self) -> None:
@@ -865,7 +870,7 @@ class KVChannel:
                 f"verify() after {got} of {h.num_layers} layers of transfer "
                 f"{h.transfer_id}; the rest was drained"
             )
-        status, sent_sum = self._recv_trailer(rx)
+        status, sent_sum, first_token = self._recv_trailer(rx)
         self._rx = None
         if status == STATUS_CANCELLED:
             raise TransferError(f"transfer {h.transfer_id} was cancelled by the sender")
@@ -877,6 +882,8 @@ class KVChannel:
                 f"sender {sent_sum:#x}, received {got_sum:#x}"
             )
         self._record_stats(h, rx.started)
+        if first_token != -1:
+            h = dataclasses.replace(h, first_token=first_token)
         return h
 
     def discard(self) -> None:
@@ -985,9 +992,10 @@ class KVChannel:
             raise self._fail(f"{what} failed: {e}") from e
         tx.pending.append(_Pending(work, t))
 
-    def _send_trailer(self, tx: _TxState, status: int) -> None:
+    def _send_trailer(self, tx: _TxState, status: int, first_token: int = -1) -> None:
         h = tx.header
         slots = [0] * TRAILER_SLOTS
+        slots[_T_FIRST_TOKEN] = first_token
         slots[_T_MAGIC] = TRAILER_MAGIC
         slots[_T_VERSION] = PROTOCOL_VERSION
         slots[_T_TRANSFER_ID] = h.transfer_id
@@ -1023,7 +1031,7 @@ class KVChannel:
         with self._side_stream():
             self._wait(work, deadline, what)
 
-    def _recv_trailer(self, rx: _RxState) -> tuple[int, int]:
+    def _recv_trailer(self, rx: _RxState) -> tuple[int, int, int]:
         h = rx.header
         with self._side_stream():
             t = torch.empty(TRAILER_SLOTS, dtype=torch.int64, device=self.device)
@@ -1039,7 +1047,7 @@ class KVChannel:
                 or v[_T_TRANSFER_ID] != h.transfer_id or v[_T_EPOCH] != h.epoch
                 or v[_T_STATUS] not in (STATUS_OK, STATUS_CANCELLED)):
             raise self._fail(f"garbled trailer for transfer {h.transfer_id}: {v[:6]}")
-        return v[_T_STATUS], v[_T_CHECKSUM]
+        return v[_T_STATUS], v[_T_CHECKSUM], v[_T_FIRST_TOKEN]
 
     def _drain_current(self) -> None:
         """Receive (and drop) whatever is left of the current transfer, trailer included."""

@@ -12,19 +12,19 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
-
-import torch
 
 from engine.config import WorkerConfig
 from engine.device import describe_device
 from engine.kv_cache import BlockAllocator
-from engine.kv_transfer import ChannelSpec, KVChannel, TransferHeader
+from engine.kv_transfer import ChannelSpec, KVChannel
 from engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
 from engine.runner import ModelRunner, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
 from engine.weights import load_model_config
+from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import PrefillScheduler, PrefillSeq
 
 log = logging.getLogger("pdserve.prefill")
@@ -48,6 +48,7 @@ class PrefillWorker:
         self._in_step: set[str] = set()  # request ids whose blocks the running step uses
         self._orphans: list[PrefillSeq] = []  # aborted mid-step: free after the step
         self._channels: dict[str, KVChannel] = {}
+        self._channel_locks: dict[str, threading.Lock] = {}  # one transfer at a time each
         self._sends: queue.Queue[PrefillSeq | None] = queue.Queue()
         self._loop = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
@@ -68,6 +69,7 @@ class PrefillWorker:
         if decode_name in self._channels:
             return
         timeout = self.cfg.transfer_timeout_s
+        self._channel_locks[decode_name] = threading.Lock()
         self._channels[decode_name] = KVChannel.open(
             store=KVChannel.connect_store(host, port, timeout), name=channel, rank=0,
             spec=self.channel_spec(), device=self.runner.device, timeout_s=timeout,
@@ -131,13 +133,17 @@ class PrefillWorker:
             if not chunks:  # waiting for blocks held by in-flight transfers
                 time.sleep(0.002)
                 continue
+            streams = self._open_streams([c.seq for c in chunks if c.is_last])
             try:
                 logits = self.runner.prefill(
                     [PrefillItem(c.seq.task.token_ids[c.start:c.start + c.length], c.start,
-                                 c.seq.block_ids) for c in chunks]
+                                 c.seq.block_ids) for c in chunks],
+                    on_layer_done=self._layer_sender(list(streams.values())),
                 )
             except Exception:
                 log.exception("prefill step failed")
+                for out in streams.values():
+                    self._close_stream(out, None, "prefill step failed")
                 raise
             last = [i for i, c in enumerate(chunks) if c.is_last]
             tokens = []
@@ -163,51 +169,99 @@ class PrefillWorker:
                     self.name, task.request_id, task.lease.transfer_id, tok, reason,
                     queue_s=seq.started - seq.arrived, prefill_s=now - seq.started,
                 ))
-                if reason is None:
-                    seq.first_token = tok
+                seq.first_token = tok
+                stream = streams.get(task.request_id)
+                if stream is not None:
+                    del streams[task.request_id]
+                    self._close_stream(stream, tok if reason is None else None, "")
+                elif reason is None:
                     self._sends.put(seq)
                 else:
                     with self._cv:
                         self.allocator.free(seq.block_ids)
+            for out in streams.values():  # aborted during the step
+                self._close_stream(out, None, "aborted")
 
     # -- KV transfer ------------------------------------------------------------------------
+    def _open_streams(self, seqs: list[PrefillSeq]) -> dict[str, OutgoingKV]:
+        """Start layer-wise transfers for sequences whose prompt completes in this step, one
+        per channel that is free right now (the others go to the send thread after)."""
+        if not self.cfg.layerwise_transfer:
+            return {}
+        streams: dict[str, OutgoingKV] = {}
+        for seq in seqs:
+            lease = seq.task.lease
+            lock = self._channel_locks.get(lease.worker)
+            if lock is None or not lock.acquire(blocking=False):
+                continue
+            out = OutgoingKV(seq, self._channels[lease.worker], lock, self.runner.kv_pool,
+                             self.runner.model.ops)
+            try:
+                out.start()
+            except Exception as e:
+                log.exception("KV transfer of %s failed to start", seq.task.request_id)
+                lock.release()
+                self._report_transfer(seq, 0.0, 0, f"{type(e).__name__}: {e}")
+                continue
+            streams[seq.task.request_id] = out
+        return streams
+
+    def _layer_sender(self, streams: list[OutgoingKV]) -> Callable[[int], None] | None:
+        if not streams:
+            return None
+
+        def on_layer_done(layer: int) -> None:
+            for out in streams:
+                out.send_layer(layer)
+
+        return on_layer_done
+
+    def _close_stream(self, out: OutgoingKV, first_token: int | None, why: str) -> None:
+        """Finish (with the first token) or cancel a layer-wise transfer; free its blocks."""
+        seconds, error = 0.0, why
+        try:
+            if first_token is None:
+                out.cancel()
+            else:
+                seconds = out.finish(first_token)
+        except Exception as e:
+            log.exception("KV transfer of %s failed", out.seq.task.request_id)
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            out.lock.release()
+            with self._cv:
+                self.allocator.free(out.seq.block_ids)
+        if first_token is not None:
+            self._report_transfer(out.seq, seconds, out.nbytes if not error else 0, error)
+
+    def _report_transfer(self, seq: PrefillSeq, seconds: float, nbytes: int,
+                         error: str) -> None:
+        self.router.on_transfer_done.remote(TransferDone(
+            self.name, seq.task.request_id, ok=not error, seconds=seconds, nbytes=nbytes,
+            error=error,
+        ))
+
     def _send_loop(self) -> None:
+        """Transfers that could not stream during their step, one whole request at a time."""
         while True:
             seq = self._sends.get()
             if seq is None:
                 return
-            task = seq.task
-            lease = task.lease
-            t0 = time.monotonic()
-            nbytes = 0
-            error = ""
-            try:
-                ch = self._channels[lease.worker]
-                pool = self.runner.kv_pool
-                ids = torch.tensor(seq.block_ids, dtype=torch.int64, device=pool.device)
-                # One staging slice per layer: a layer's buffer stays untouched until
-                # finish() because sends are asynchronous.
-                staging = torch.empty((pool.shape[0], 2, len(seq.block_ids), *pool.shape[3:]),
-                                      dtype=pool.dtype, device=pool.device)
-                header = TransferHeader.for_spec(
-                    ch.spec, transfer_id=lease.transfer_id, epoch=lease.epoch,
-                    num_blocks=len(seq.block_ids), num_tokens=len(task.token_ids),
-                    first_token=seq.first_token,
-                )
-                ch.send_header(header)
-                for layer in range(pool.shape[0]):
-                    self.runner.model.ops.pack_kv(pool[layer], ids, staging[layer])
-                    ch.send_layer(staging[layer])
-                ch.finish()
-                nbytes = header.bytes_per_layer * header.num_layers
-            except Exception as e:  # a failed transfer is the router's to re-route
-                log.exception("KV transfer of %s failed", task.request_id)
-                error = f"{type(e).__name__}: {e}"
-            finally:
-                with self._cv:
-                    self.allocator.free(seq.block_ids)
-            self.router.on_transfer_done.remote(TransferDone(
-                self.name, task.request_id, ok=not error, seconds=time.monotonic() - t0,
-                nbytes=nbytes, error=error,
-            ))
-
+            worker = seq.task.lease.worker
+            lock = self._channel_locks[worker]
+            seconds, nbytes, error = 0.0, 0, ""
+            with lock:
+                out = OutgoingKV(seq, self._channels[worker], lock, self.runner.kv_pool,
+                                 self.runner.model.ops)
+                try:
+                    out.start()
+                    out.send_all_layers()
+                    seconds, nbytes = out.finish(seq.first_token), out.nbytes
+                except Exception as e:  # a failed transfer is the router's to re-route
+                    log.exception("KV transfer of %s failed", seq.task.request_id)
+                    error = f"{type(e).__name__}: {e}"
+                    out.cancel()
+                finally:
+                    with self._cv:
+                        self.allocator.free(seq.block_ids)
+            self._report_transfer(seq, seconds, nbytes, error)
