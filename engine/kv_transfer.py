@@ -110,6 +110,7 @@ STATUS_CANCELLED = 1
 _TAG_HEADER = 1
 _TAG_TRAILER = 2
 _TAG_LAYER0 = 16
+_TAG_RAW = 15  # raw_exchange (benchmarks)
 
 # Checksum arithmetic: a Mersenne prime modulus keeps every product of a 32-bit word and a
 # weight below 2**63, so plain int64 tensor math never overflows.
@@ -597,6 +598,19 @@ class KVChannel:
             name=name, rank=rank, spec=spec, device=dev, timeout_s=timeout_s, pg=pg,
             namespace=ns, stores=stores,
         )
+
+    def raw_exchange(self, t: Tensor) -> None:
+        """Benchmark ceiling: send (rank 0) or receive (rank 1) ``t`` over this channel's
+        process group with no header, checksum or doorbell, and wait for it. Only between
+        transfers, and both ends must call it with tensors of the same size."""
+        self._check_open()
+        if self._tx is not None or self._rx is not None:
+            raise ChannelError("raw_exchange during a transfer")
+        with self._side_stream():
+            op = self._pg.send if self.rank == 0 else self._pg.recv
+            op([t.reshape(-1).view(torch.uint8)], self._peer, _TAG_RAW).wait()
+        if self._stream is not None:
+            self._stream.synchronize()
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,190 @@
+"""KV transfer on two GPUs: layer-wise streaming against prefill alone, and channel
+bandwidth against raw NCCL send/recv of the same bytes over the same process group.
+
+    python -m cluster.bench_kv --preset llama-3.1-8b --prompt-len 4096 --json out.json
+
+Two processes (prefill on cuda:0, decode on cuda:1), the real ``KVChannel`` and the real
+prefill path (``OutgoingKV`` hooked into the forward pass). Printed, all from one run:
+- TTFT overhead: (prefill with layer-wise sending, to first token) / (prefill alone) - 1;
+- time from the first token until the decode side has every layer unpacked and verified;
+- channel bandwidth (pack + send + checksum + receive + unpack) / raw NCCL bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
+from engine.kv_cache import allocate_kv_pool
+from engine.kv_transfer import ChannelSpec, KVChannel
+from engine.messages import Lease, PrefillTask
+from engine.runner import ModelRunner, PrefillItem
+from engine.sequence import SamplingParams
+from kernels.ops import get_ops
+from prefill_worker.kv_sender import OutgoingKV
+from prefill_worker.scheduler import PrefillSeq
+
+BLOCK = 16
+DTYPE = torch.bfloat16
+
+
+def _cache(n_blocks: int) -> CacheConfig:
+    return CacheConfig(BLOCK, n_blocks, DTYPE)
+
+
+def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
+    dev = torch.device("cuda:1")
+    torch.cuda.set_device(dev)
+    cfg = PRESETS[args["preset"]]
+    n = (args["prompt_len"] + BLOCK - 1) // BLOCK
+    pool = allocate_kv_pool(cfg, _cache(n + 8), dev)
+    store, port = KVChannel.host_store("127.0.0.1", 0, 120.0)
+    ports.put(port)
+    ch = KVChannel.open(store=store, name="bench-kv", rank=1,
+                        spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
+                        timeout_s=120.0, owns_store=True)
+    ops = get_ops("triton")
+    ids = torch.arange(n, dtype=torch.int64, device=dev)
+    times = []
+    for _ in range(args["transfers"]):
+        h = ch.recv_header(timeout_s=300.0)
+        t0 = time.perf_counter()
+        buf = torch.empty((2, h.num_blocks, *pool.shape[3:]), dtype=pool.dtype, device=dev)
+        for layer in range(h.num_layers):
+            ch.recv_layer(buf)
+            ops.unpack_kv(buf, pool[layer], ids)
+        ch.verify()
+        torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    raw = torch.empty(cfg.num_layers * 2 * n * pool[0, 0, 0].numel(), dtype=DTYPE, device=dev)
+    for _ in range(args["iters"]):
+        ch.raw_exchange(raw)
+    results.put({"receiver_s": times})
+    ch.close()
+
+
+def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
+    dev = torch.device("cuda:0")
+    torch.cuda.set_device(dev)
+    cfg = PRESETS[args["preset"]]
+    n = (args["prompt_len"] + BLOCK - 1) // BLOCK
+    runner = ModelRunner(cfg, _cache(n + 8), ModelSpec("dummy", preset=args["preset"]),
+                         RunnerConfig("cuda", DTYPE, "triton"), progress=False)
+    port = ports.get(timeout=300)
+    ch = KVChannel.open(store=KVChannel.connect_store("127.0.0.1", port, 120.0),
+                        name="bench-kv", rank=0,
+                        spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
+                        timeout_s=120.0, owns_store=True)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1000, cfg.vocab_size, (args["prompt_len"],), generator=gen).tolist()
+    blocks = list(range(n))
+    item = PrefillItem(prompt, 0, blocks)
+    seq = PrefillSeq(PrefillTask("bench", tuple(prompt), 0, SamplingParams(temperature=0.0),
+                                 Lease("decode", "bench", 1, 0, n, 60.0)), blocks, 0.0)
+    lock = threading.Lock()
+
+    def first_token(hook: Any = None) -> int:
+        return int(runner.prefill([item], on_layer_done=hook).argmax(-1)[0])
+
+    for _ in range(2):  # warm-up: Triton compilation, allocator
+        first_token()
+    alone, streamed_first, streamed_done, bulk = [], [], [], []
+    for _ in range(args["iters"]):
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        first_token()
+        alone.append(time.perf_counter() - t0)
+    for _ in range(args["iters"]):
+        out = OutgoingKV(seq, ch, lock, runner.kv_pool, runner.model.ops)
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        out.start()
+        tok = first_token(out.send_layer)
+        streamed_first.append(time.perf_counter() - t0)
+        out.finish(tok)
+        torch.cuda.synchronize(dev)
+        streamed_done.append(time.perf_counter() - t0)
+    for _ in range(args["iters"]):
+        out = OutgoingKV(seq, ch, lock, runner.kv_pool, runner.model.ops)
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        out.start()
+        out.send_all_layers()
+        out.finish(0)
+        torch.cuda.synchronize(dev)
+        bulk.append(time.perf_counter() - t0)
+    nbytes = out.nbytes
+    raw_t = []
+    raw = torch.empty(nbytes // 2, dtype=DTYPE, device=dev)
+    for _ in range(args["iters"]):
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        ch.raw_exchange(raw)
+        raw_t.append(time.perf_counter() - t0)
+    results.put({"alone_s": alone, "streamed_first_s": streamed_first,
+                 "streamed_done_s": streamed_done, "bulk_s": bulk, "raw_s": raw_t,
+                 "bytes": nbytes, "device": torch.cuda.get_device_name(dev)})
+    ch.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.bench_kv", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
+    p.add_argument("--prompt-len", type=int, default=4096)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--json", metavar="PATH")
+    a = p.parse_args(argv)
+    if torch.cuda.device_count() < 2:
+        print("needs two GPUs", file=sys.stderr)
+        return 2
+    args = {"preset": a.preset, "prompt_len": a.prompt_len, "iters": a.iters,
+            "transfers": 2 * a.iters}
+    ctx = mp.get_context("spawn")
+    ports, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=f, args=(args, ports, results)) for f in (_receiver, _sender)]
+    for proc in procs:
+        proc.start()
+    out: dict[str, Any] = {}
+    for _ in procs:
+        out.update(results.get(timeout=900))
+    for proc in procs:
+        proc.join(timeout=60)
+    med = {k: statistics.median(v) for k, v in out.items() if isinstance(v, list)}
+    gbs = out["bytes"] / 1e9
+    report = {
+        "device": out["device"], "preset": a.preset, "prompt_len": a.prompt_len,
+        "kv_bytes": out["bytes"], "median_s": med,
+        "ttft_overhead": med["streamed_first_s"] / med["alone_s"] - 1,
+        "kv_ready_after_first_token_s": med["streamed_done_s"] - med["streamed_first_s"],
+        "channel_gbps": gbs / med["bulk_s"], "raw_nccl_gbps": gbs / med["raw_s"],
+        "channel_over_raw": med["raw_s"] / med["bulk_s"],
+    }
+    print(f"{a.preset}, {a.prompt_len}-token prompt, {out['bytes'] / 2**20:.0f} MiB of KV, "
+          f"{out['device']} x2")
+    print(f"prefill alone (to first token)         {med['alone_s'] * 1e3:8.2f} ms")
+    print(f"prefill + layer-wise send (to 1st tok) {med['streamed_first_s'] * 1e3:8.2f} ms"
+          f"   overhead {report['ttft_overhead'] * 100:+.1f}%")
+    print(f"KV verified on decode side after 1st   "
+          f"{report['kv_ready_after_first_token_s'] * 1e3:8.2f} ms")
+    print(f"channel transfer (pack/send/unpack)    {med['bulk_s'] * 1e3:8.2f} ms "
+          f"{report['channel_gbps']:7.1f} GB/s")
+    print(f"raw NCCL send/recv, same bytes         {med['raw_s'] * 1e3:8.2f} ms "
+          f"{report['raw_nccl_gbps']:7.1f} GB/s   ratio {report['channel_over_raw']:.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"report": report, "raw": out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
