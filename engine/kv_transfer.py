@@ -82,6 +82,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+import kernels.kv_checksum
 from engine.config import CacheConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,7 @@ _TAG_RAW = 15  # raw_exchange (benchmarks)
 # Checksum arithmetic: a Mersenne prime modulus keeps every product of a 32-bit word and a
 # weight below 2**63, so plain int64 tensor math never overflows.
 CHECKSUM_PRIME = 2_147_483_647  # 2**31 - 1
-_WEIGHT_MULT = 1_103_515_245
 _LAYER_MULT = 1_000_003
-_CHECKSUM_CHUNK = 1 << 21  # words per step: ~16 MiB of int64 temporaries per live tensor
 
 _INT64_MAX = (1 << 63) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
@@ -371,44 +370,20 @@ def match_header(
 # --------------------------------------------------------------------------------------
 
 
-def _byte_words(t: Tensor) -> tuple[Tensor, int]:
-    """``t``'s bytes as the widest integer words that fit, and the mask that makes a word
-    unsigned once widened to int64."""
+def _checksum_tensor(t: Tensor) -> Tensor:
+    """:func:`kv_checksum` as a 0-d int64 tensor on ``t``'s device (no host sync): one fused
+    Triton pass on a GPU, the identical torch computation elsewhere."""
     if not t.is_contiguous():
         raise ValueError("checksum needs a contiguous tensor")
-    b = t.reshape(-1).view(torch.uint8)
-    n, ptr = b.numel(), b.data_ptr()
-    if n % 4 == 0 and ptr % 4 == 0:
-        return b.view(torch.int32), 0xFFFFFFFF
-    if n % 2 == 0 and ptr % 2 == 0:
-        return b.view(torch.int16), 0xFFFF
-    return b, 0
-
-
-def _checksum_tensor(t: Tensor) -> Tensor:
-    """:func:`kv_checksum` as a 0-d int64 tensor on ``t``'s device (no host sync)."""
-    words, mask = _byte_words(t)
-    acc = torch.zeros((), dtype=torch.int64, device=t.device)
-    n = words.numel()
-    for start in range(0, n, _CHECKSUM_CHUNK):
-        w = words[start : start + _CHECKSUM_CHUNK].to(torch.int64)
-        if mask:
-            w.bitwise_and_(mask)  # unsigned word, < 2**32
-        # Position weight in [1, P]: distinct for every position below P, so swapping two
-        # different words (or blocks) changes the sum.
-        pos = torch.arange(start + 1, start + 1 + w.numel(), dtype=torch.int64, device=t.device)
-        pos.remainder_(CHECKSUM_PRIME).mul_(_WEIGHT_MULT).remainder_(CHECKSUM_PRIME).add_(1)
-        w.mul_(pos).remainder_(CHECKSUM_PRIME)  # < 2**32 * 2**31 before the remainder
-        acc.add_(w.sum()).remainder_(CHECKSUM_PRIME)
-    return acc
+    if t.is_cuda:
+        return kernels.kv_checksum.kv_checksum(t)
+    return kernels.kv_checksum.kv_checksum_ref(t)
 
 
 def kv_checksum(t: Tensor) -> int:
-    """Position-sensitive checksum of a contiguous tensor's bytes, in ``[0, 2**31 - 1)``.
-
-    ``sum_i word_i * weight(i) mod (2**31 - 1)`` over the bytes viewed as 32-bit words, with
-    a distinct weight per position, computed with torch on the tensor's device in chunks
-    (bounded temporaries, no copy of the payload to the host)."""
+    """Position-sensitive checksum of a contiguous tensor's bytes (``kernels.kv_checksum``:
+    ``sum_i word_i * weight(i) mod 2**64`` over 32-bit words, a distinct odd weight per
+    position), computed on the tensor's device with no copy of the payload to the host."""
     return int(_checksum_tensor(t).item())
 
 
@@ -1192,6 +1167,8 @@ def _make_nccl(store: dist.Store, rank: int, device: torch.device, timeout_s: fl
     # Without this the watchdog tears the whole worker down on a timeout; we want only the
     # communicator aborted (our own deadlines normally abort first anyway).
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    # One transfer at a time per channel by design, so P2P serialization is what we want.
+    os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     opts = nccl_cls.Options()
     opts._timeout = timedelta(seconds=max(3 * timeout_s, timeout_s + 60))
     opts.is_high_priority_stream = False

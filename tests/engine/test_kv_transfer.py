@@ -23,7 +23,6 @@ if _ROOT not in sys.path:  # a bare ``pytest`` does not put the repository on sy
     sys.path.insert(0, _ROOT)
 
 from engine.kv_transfer import (  # noqa: E402
-    CHECKSUM_PRIME,
     HEADER_SLOTS,
     ChannelClosed,
     ChannelError,
@@ -147,7 +146,7 @@ def _recv_checked(rx: KVChannel, tid: int, epoch: int, num_blocks: int) -> tuple
 def test_kv_checksum_position_sensitive() -> None:
     x = torch.randn(SPEC.layer_shape(5), generator=torch.Generator().manual_seed(0))
     base = kv_checksum(x)
-    assert 0 <= base < CHECKSUM_PRIME
+    assert isinstance(base, int) and base != 0
     assert kv_checksum(x.clone()) == base
 
     swapped = x.clone()  # swap blocks 1 and 3 of the K half
