@@ -1,0 +1,162 @@
+"""`pdserve bench` against a real local deployment (Ray actors, gRPC server, the default model):
+a short sweep through the CLI, whose JSON report is checked against its own per-request
+records, and a JSONL run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from cluster.bench import BenchConfig, run_bench
+from cluster.bench_report import RequestRecord, Slo
+from cluster.cli import main
+from cluster.launch import launch
+from tests.e2e.conftest import serve_config
+
+pytestmark = pytest.mark.e2e
+
+RATES = (2.0, 8.0)
+NUM_PROMPTS = 6
+OUTPUT_LEN = 8
+SLO_TTFT_MS, SLO_TPOT_MS = 2000.0, 300.0
+
+
+@pytest.fixture(scope="module")
+def server(default_gguf: Path) -> Iterator[str]:
+    """A deployment of its own; Ray is started here only if nothing else started it."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(namespace="pdserve-tests", include_dashboard=False, num_cpus=8,
+                 object_store_memory=200 * 1024 * 1024, log_to_driver=True)
+    try:
+        dep = launch(serve_config(default_gguf, "bench-test"))
+        try:
+            yield dep.address
+        finally:
+            dep.stop()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def ttft_ms(r: RequestRecord) -> float:
+    """Recomputed from the raw chunk times, not through the record's properties."""
+    first = next(t for t, n in r.chunks if n > 0)
+    return (first - r.send_s) * 1e3
+
+
+def tpot_ms(r: RequestRecord) -> float:
+    return ((r.end_s - r.send_s) * 1e3 - ttft_ms(r)) / (r.output_tokens - 1)
+
+
+def itls_ms(r: RequestRecord) -> list[float]:
+    """Gaps between responses with tokens after the first, each spread over its tokens."""
+    timed = [(t, n) for t, n in r.chunks if n > 0]
+    out: list[float] = []
+    for (prev, _), (t, n) in pairwise(timed):
+        out += [(t - prev) * 1e3 / n] * n
+    assert len(out) == r.output_tokens - timed[0][1]
+    return out
+
+
+def check_stats(stats: dict[str, float], values: list[float]) -> None:
+    assert stats["count"] == len(values)
+    assert stats["mean_ms"] == pytest.approx(float(np.mean(values)), rel=1e-6)
+    for q in (50, 90, 99):
+        assert stats[f"p{q}_ms"] == pytest.approx(float(np.percentile(values, q)), rel=1e-6)
+
+
+def test_rate_sweep_report_matches_records(server: str, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    plots = tmp_path / "plots"
+    rc = main([
+        "bench", "--server", server, "--label", "cpu", "--dataset", "random",
+        "--num-prompts", str(NUM_PROMPTS), "--input-len", "24", "--input-len-dist", "uniform",
+        "--range-ratio", "0.3", "--output-len", str(OUTPUT_LEN),
+        "--request-rate", ",".join(f"{r:g}" for r in RATES), "--seed", "3",
+        "--slo-ttft-ms", str(SLO_TTFT_MS), "--slo-tpot-ms", str(SLO_TPOT_MS),
+        "--timeout", "120", "--result-json", str(out), "--plot-dir", str(plots),
+        "--no-progress",
+    ])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["label"] == "cpu" and data["config"]["request_rates"] == list(RATES)
+    assert data["config"]["slo"] == {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS}
+    assert len(data["runs"]) == len(RATES)
+    prompts_per_rate = []
+    for run, rate in zip(data["runs"], RATES, strict=True):
+        rep = run["report"]
+        recs = [RequestRecord.from_json(d) for d in run["requests"]]
+        assert rep["request_rate"] == rate and len(recs) == NUM_PROMPTS
+        assert [r.index for r in recs] == list(range(NUM_PROMPTS))
+        ok = [r for r in recs if r.ok]
+        # the tiny workload fits easily: everything completes, with exactly OUTPUT_LEN tokens
+        assert rep["completed"] == len(ok) == NUM_PROMPTS and rep["failed"] == 0
+        for r in ok:
+            assert r.output_tokens == OUTPUT_LEN and r.finish_reason == "length"
+            assert 16 <= r.prompt_tokens <= 32
+            assert r.send_s <= r.chunks[0][0] <= r.end_s
+            assert r.server_timing["ttft_s"] > 0
+            assert r.server_timing["e2e_s"] <= r.end_s - r.send_s + 0.05
+        prompts_per_rate.append([r.prompt_tokens for r in recs])
+        duration = max(r.end_s for r in recs)
+        inp = sum(r.prompt_tokens for r in ok)
+        outp = sum(r.output_tokens for r in ok)
+        assert rep["duration_s"] == pytest.approx(duration)
+        assert rep["total_input_tokens"] == inp and rep["total_output_tokens"] == outp
+        assert rep["request_throughput"] == pytest.approx(len(ok) / duration)
+        assert rep["output_throughput"] == pytest.approx(outp / duration)
+        assert rep["total_token_throughput"] == pytest.approx((inp + outp) / duration)
+        ttfts = [ttft_ms(r) for r in ok]
+        tpots = [tpot_ms(r) for r in ok]
+        check_stats(rep["ttft"], ttfts)
+        check_stats(rep["tpot"], tpots)
+        check_stats(rep["e2e"], [(r.end_s - r.send_s) * 1e3 for r in ok])
+        check_stats(rep["itl"], [v for r in ok for v in itls_ms(r)])
+        met = [a <= SLO_TTFT_MS and b <= SLO_TPOT_MS for a, b in zip(ttfts, tpots, strict=True)]
+        assert rep["attainment"] == pytest.approx(sum(met) / NUM_PROMPTS)
+        assert rep["attainment_ttft"] == pytest.approx(
+            sum(a <= SLO_TTFT_MS for a in ttfts) / NUM_PROMPTS)
+        assert rep["request_goodput"] == pytest.approx(sum(met) / duration)
+        # the requests arrive at the configured rate's schedule, not all at once
+        sends = sorted(r.send_s for r in recs)
+        assert sends[-1] > 0.5 / rate
+    assert prompts_per_rate[0] == prompts_per_rate[1]  # the same workload at every rate
+    passing = [rate for run, rate in zip(data["runs"], RATES, strict=True)
+               if run["report"]["attainment"] >= 0.9]
+    assert data["goodput"]["rate"] == (max(passing) if passing else None)
+    for name in ("slo_attainment.png", "latency_cdf.png"):
+        png = plots / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as im:
+            im.verify()
+
+
+def test_jsonl_dataset(server: str, tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    lines = [
+        {"prompt": "The capital of France is", "max_tokens": 4},
+        {"messages": [{"role": "user", "content": "Say hi."}], "output_len": 3},
+        {"prompt": "1, 2, 3,"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = BenchConfig(server=server, label="jsonl", dataset="jsonl", dataset_path=str(path),
+                      num_prompts=3, output_len=5, request_rates=(math.inf,),
+                      max_concurrency=2, ignore_eos=True, slo=Slo(ttft_ms=5000),
+                      progress=False, request_timeout_s=120)
+    result = run_bench(cfg)
+    (rep,) = result.reports
+    (recs,) = result.records
+    assert rep.completed == 3 and rep.failed == 0 and rep.max_concurrency == 2
+    assert [r.output_tokens for r in recs] == [4, 3, 5]  # ignore_eos: exactly max_tokens
+    assert all(r.prompt_tokens > 3 for r in recs)  # counted by the server's tokenizer
+    assert recs[1].prompt_tokens > 5  # the chat template wraps the message
+    assert rep.total_output_tokens == 12 and rep.tpot.count == 3
