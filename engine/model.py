@@ -113,6 +113,9 @@ class LlamaModel:
         out, _ = ops.rms_norm(x, self.w["norm"], eps, residual)
         return out
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Project hidden states [N, H] to float32 logits [N, V]."""
-        return F.linear(hidden, self.w["lm_head"]).float()
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Project hidden states [N, H] to float32 logits [N, V] (into ``out`` [N, V] float32
+        when given: a CUDA graph's fixed output buffer)."""
+        if out is None:
+            return F.linear(hidden, self.w["lm_head"]).float()
+        return out.copy_(F.linear(hidden, self.w["lm_head"]))
