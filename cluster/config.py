@@ -34,8 +34,8 @@ class ServeConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     backend: str = "auto"  # kernels: auto = triton on cuda, torch on cpu
     block_size: int = 16
-    prefill_blocks: int = 512
-    decode_blocks: int = 1024
+    prefill_blocks: int = 0  # KV blocks per prefill worker; 0: auto (GPU memory; 512 on CPU)
+    decode_blocks: int = 0  # per decode worker; 0: auto (GPU memory; 1024 on CPU)
     max_batch_tokens: int = 2048
     max_num_seqs: int = 64
     max_waiting: int = 256
@@ -61,7 +61,7 @@ class ServeConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
-        CacheConfig(self.block_size, self.prefill_blocks)  # validates block_size
+        CacheConfig(self.block_size, self.prefill_blocks)  # validates block_size and counts
         CacheConfig(self.block_size, self.decode_blocks)
 
     # -- resolution of "auto" ---------------------------------------------------------------
@@ -96,13 +96,17 @@ class ServeConfig:
     # -- the pieces -------------------------------------------------------------------------
     def worker_config(self, role: str, cpus: int) -> WorkerConfig:
         blocks = self.prefill_blocks if role == "prefill" else self.decode_blocks
+        cpu = self.resolved_device() == "cpu"
+        if blocks == 0 and cpu:  # no device memory to size from
+            blocks = 512 if role == "prefill" else 1024
         dtype = self.resolved_dtype()
         return WorkerConfig(
             model=self.model,
             cache=CacheConfig(self.block_size, blocks, dtype),
             run=RunnerConfig(self.resolved_device(), dtype, self.resolved_backend(),
-                             self.threads_per_worker(cpus) if self.resolved_device() == "cpu"
-                             else 0),
+                             self.threads_per_worker(cpus) if cpu else 0,
+                             # A prefill worker never decodes: no graphs to capture.
+                             enforce_eager=role == "prefill"),
             max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
             lease_timeout_s=self.lease_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
             host=self.host, colocated=self.colocated and role == "decode",

@@ -40,8 +40,13 @@ class DecodeWorker:
         self.cfg = cfg
         self.router = router
         self.model_config = load_model_config(cfg.model)
-        self.runner = ModelRunner(self.model_config, cfg.cache, cfg.model, cfg.run)
-        self.allocator = BlockAllocator(cfg.cache.num_blocks)
+        self.runner = ModelRunner(self.model_config, cfg.cache, cfg.model, cfg.run,
+                                  max_num_seqs=cfg.max_num_seqs,
+                                  max_batch_tokens=cfg.max_batch_tokens)
+        # Kernel compilation and CUDA-graph capture, before any block is handed out and
+        # before another thread touches the GPU.
+        self.runner.warmup()
+        self.allocator = BlockAllocator(self.runner.num_blocks)
         self.sched = DecodeScheduler(
             self.allocator, cfg.cache.block_size, name, cfg.max_num_seqs,
             cfg.lease_timeout_s, epoch,

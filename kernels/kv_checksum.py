@@ -23,7 +23,7 @@ def _checksum_kernel(words_ptr, partial_ptr, n, BLOCK: tl.constexpr):
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w = tl.load(words_ptr + offs, mask=mask, other=0).to(tl.int64) & 0xFFFFFFFF
-    weight = ((offs * _GOLDEN) & 0x7FFFFFFF) | 1
+    weight = ((offs * 2654435761) & 0x7FFFFFFF) | 1  # _GOLDEN (no globals in kernels)
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, w * weight, 0), axis=0))
 
 

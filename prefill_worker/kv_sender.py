@@ -42,6 +42,7 @@ class OutgoingKV:
             num_blocks=len(seq.block_ids), num_tokens=len(seq.task.token_ids),
         )
         self.started = 0.0
+        self.error = ""  # set when a layer failed to go out; the rest is then skipped
 
     @property
     def nbytes(self) -> int:
@@ -55,12 +56,24 @@ class OutgoingKV:
         self.ops.pack_kv(self.pool[layer], self.ids, self.staging[layer])
         self.channel.send_layer(self.staging[layer])
 
+    def send_layer_safely(self, layer: int) -> None:
+        """For the forward pass's layer hook: a failing transfer must not fail the step
+        (other requests share it); the error is kept and reported at finish time."""
+        if self.error:
+            return
+        try:
+            self.send_layer(layer)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+
     def send_all_layers(self) -> None:
         for layer in range(self.pool.shape[0]):
             self.send_layer(layer)
 
     def finish(self, first_token: int) -> float:
         """Trailer (with the first token) out, wait until all left; returns seconds."""
+        if self.error:
+            raise RuntimeError(f"a layer failed to go out: {self.error}")
         self.channel.finish(first_token)
         return time.monotonic() - self.started
 

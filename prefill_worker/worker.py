@@ -25,7 +25,7 @@ from engine.sampler import sample
 from engine.sequence import finish_reason
 from engine.weights import load_model_config
 from prefill_worker.kv_sender import OutgoingKV
-from prefill_worker.scheduler import PrefillScheduler, PrefillSeq
+from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -38,8 +38,13 @@ class PrefillWorker:
         self.cfg = cfg
         self.router = router
         self.model_config = load_model_config(cfg.model)
-        self.runner = ModelRunner(self.model_config, cfg.cache, cfg.model, cfg.run)
-        self.allocator = BlockAllocator(cfg.cache.num_blocks)
+        self.runner = ModelRunner(self.model_config, cfg.cache, cfg.model, cfg.run,
+                                  max_num_seqs=cfg.max_num_seqs,
+                                  max_batch_tokens=cfg.max_batch_tokens)
+        # Kernel compilation and CUDA-graph capture, before any block is handed out and
+        # before another thread touches the GPU.
+        self.runner.warmup()
+        self.allocator = BlockAllocator(self.runner.num_blocks)
         self.sched = PrefillScheduler(
             self.allocator, cfg.cache.block_size, cfg.max_batch_tokens, cfg.max_num_seqs
         )
@@ -140,11 +145,12 @@ class PrefillWorker:
                                  c.seq.block_ids) for c in chunks],
                     on_layer_done=self._layer_sender(list(streams.values())),
                 )
-            except Exception:
+            except Exception as e:  # keep serving: this step's requests go back to the router
                 log.exception("prefill step failed")
                 for out in streams.values():
                     self._close_stream(out, None, "prefill step failed")
-                raise
+                self._fail_step(chunks, f"prefill step failed: {type(e).__name__}: {e}")
+                continue
             last = [i for i, c in enumerate(chunks) if c.is_last]
             tokens = []
             if last:
@@ -182,6 +188,19 @@ class PrefillWorker:
             for out in streams.values():  # aborted during the step
                 self._close_stream(out, None, "aborted")
 
+    def _fail_step(self, chunks: list[Chunk], error: str) -> None:
+        """Drop every request of a failed step and tell the router (which re-dispatches)."""
+        with self._cv:
+            self._in_step = set()
+            for c in chunks:
+                if self.sched.abort(c.seq.task.request_id) is not None:
+                    self.allocator.free(c.seq.block_ids)
+            for seq in self._orphans:
+                self.allocator.free(seq.block_ids)
+            self._orphans.clear()
+        for c in chunks:
+            self._report_transfer(c.seq, 0.0, 0, error)
+
     # -- KV transfer ------------------------------------------------------------------------
     def _open_streams(self, seqs: list[PrefillSeq]) -> dict[str, OutgoingKV]:
         """Start layer-wise transfers for sequences whose prompt completes in this step, one
@@ -212,7 +231,7 @@ class PrefillWorker:
 
         def on_layer_done(layer: int) -> None:
             for out in streams:
-                out.send_layer(layer)
+                out.send_layer_safely(layer)
 
         return on_layer_done
 
