@@ -108,10 +108,14 @@ class DecodeWorker:
         with self._cv:
             return self.sched.reserve(r)
 
-    def abort(self, request_id: str) -> bool:
-        """Free a request's blocks in whatever state it is; True if it was here."""
+    def abort(self, request_id: str, transfer_id: int | None = None) -> bool:
+        """Free a request's blocks in whatever state it is; True if it was here. With
+        ``transfer_id``, only that attempt's: an abort of an old attempt that arrives after
+        the request's next lease (Ray runs a threaded actor's calls concurrently) must not
+        free the new one."""
         with self._cv:
-            if self.sched.find(request_id) is None:
+            seq = self.sched.find(request_id)
+            if seq is None or (transfer_id is not None and seq.transfer_id != transfer_id):
                 return False
             if request_id in self._busy:
                 self._pending_abort.add(request_id)
@@ -152,7 +156,8 @@ class DecodeWorker:
                     if seq is not None:
                         rid = seq.request_id
                         self._busy.add(rid)
-                problem = _mismatch(seq, header.epoch, self.sched.epoch, header.num_blocks)
+                problem = _mismatch(seq, header.epoch, self.sched.epoch, header.num_tokens,
+                                    header.num_blocks, self.cfg.cache.block_size)
                 if problem:
                     ch.discard()
                     log.warning("refused transfer %d: %s", header.transfer_id, problem)
@@ -164,7 +169,10 @@ class DecodeWorker:
                 assert seq is not None
                 buf = torch.empty((2, header.num_blocks, *pool.shape[3:]), dtype=pool.dtype,
                                   device=pool.device)
-                ids = torch.tensor(seq.block_ids, dtype=torch.int64, device=pool.device)
+                # The lease also holds the slot of the first generated token, which may
+                # need a block of its own beyond the prompt's.
+                ids = torch.tensor(seq.block_ids[: header.num_blocks], dtype=torch.int64,
+                                   device=pool.device)
                 for layer in range(header.num_layers):
                     ch.recv_layer(buf)
                     self.runner.model.ops.unpack_kv(buf, pool[layer], ids)
@@ -282,12 +290,15 @@ class DecodeWorker:
         return sample(logits, [s.sampling for s in batch], [s.num_generated for s in batch])
 
 
-def _mismatch(seq: DecodeSeq | None, epoch: int, my_epoch: int, num_blocks: int) -> str:
+def _mismatch(seq: DecodeSeq | None, epoch: int, my_epoch: int, num_tokens: int,
+              num_blocks: int, block_size: int) -> str:
     """Why an arriving transfer does not match its reservation ('' if it does)."""
     if seq is None:
         return "no reservation holds this transfer id (expired or aborted)"
     if epoch != my_epoch:
         return f"epoch {epoch} != this worker's {my_epoch}"
-    if num_blocks != len(seq.block_ids):
-        return f"{num_blocks} blocks sent, {len(seq.block_ids)} reserved"
+    if num_tokens != seq.num_tokens - 1:
+        return f"KV of {num_tokens} tokens sent, {seq.num_tokens - 1} reserved"
+    if num_blocks != (num_tokens + block_size - 1) // block_size:
+        return f"{num_blocks} blocks sent for {num_tokens} tokens"
     return ""

@@ -118,6 +118,9 @@ class Metrics:
                                     ("phase",))
         self.preemptions = counter("num_preemptions",
                                    "Sequences a decode worker handed back for recompute.")
+        self.retries = counter("request_retries",
+                               "Re-dispatches after a failed or refused KV transfer or an "
+                               "expired lease (preemptions not included).")
         # Show zeros for the SLO phases from the start, so rate() works before the first miss.
         for phase in SLO_PHASES:
             self.slo_attained.labels(phase=phase)
@@ -199,6 +202,9 @@ class Metrics:
 
     def observe_preemption(self) -> None:
         self.preemptions.inc()
+
+    def observe_retry(self) -> None:
+        self.retries.inc()
 
     # ------------------------------------------------------------------ exposition
 

@@ -126,13 +126,13 @@ class Router:
         else:
             return False
         if req.done:  # aborted while we waited for the lease
-            self.decode[lease.worker].abort.remote(req.request_id)
+            self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
             return True
         p = pick_prefill(self.p_load.values()) if self.prefill else None
         if p is not None:
             await self._ensure_channel(p.name, lease.worker)
         if req.done:
-            self.decode[lease.worker].abort.remote(req.request_id)
+            self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
             return True
         req.lease = lease
         req.prefill_worker = p.name if p is not None else ""
@@ -214,6 +214,7 @@ class Router:
         if msg.ok:
             req.transfer_s += msg.seconds
         else:
+            self.metrics.observe_retry()
             self._retry(req, f"KV transfer failed: {msg.error}")
 
     def on_step(self, report: StepReport) -> None:
@@ -251,6 +252,7 @@ class Router:
             req = self.requests.get(rid)
             if req is not None and not req.done and req.lease is not None \
                     and req.lease.worker == report.worker:
+                self.metrics.observe_retry()
                 self._retry(req, why)
         if report.preempted or report.failed or any(t.finish_reason for t in report.tokens):
             self._spawn(self._pump())
@@ -267,7 +269,7 @@ class Router:
             return
         log.info("re-dispatching %s: %s", req.request_id, why)
         if req.lease is not None:
-            self.decode[req.lease.worker].abort.remote(req.request_id)
+            self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
         req.lease = None
         req.state = State.QUEUED
         self.waiting.appendleft(req)
@@ -294,7 +296,7 @@ class Router:
             # A stop string, a first token that ends the request, or an abort leave the
             # sequence (or its lease) on the decode worker; when the worker finished it
             # itself, this finds nothing there.
-            self.decode[req.lease.worker].abort.remote(req.request_id)
+            self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
         now = time.monotonic()
         n = len(req.output_ids)
         tpot = (req.t_last - req.t_first) / (n - 1) if n > 1 and req.t_first else 0.0
@@ -316,7 +318,7 @@ class Router:
         req.state = State.FAILED
         self.requests.pop(req.request_id, None)
         if req.lease is not None:
-            self.decode[req.lease.worker].abort.remote(req.request_id)
+            self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
         self.metrics.observe_failure(code)
         self._update_queue_gauges()
 

@@ -210,3 +210,18 @@ def test_metrics_histograms_count_requests(client: Client, deployment: Deploymen
         assert counts and float(counts[0].split()[-1]) >= 1, name
     assert "pdserve:num_requests_running" in body
     assert 'pdserve:kv_cache_usage_perc{worker="decode-0"}' in body
+
+
+def test_prompts_filling_whole_blocks(client: Client, hf_reference: HFReference,
+                                      deployment: Deployment) -> None:
+    # A prompt of exactly k blocks: the lease holds one more block for the first generated
+    # token than the KV that arrives; the transfer must still be accepted the first time.
+    for n in (16, 32, 64):
+        ids = [(37 * i) % 4000 + 300 for i in range(n)]
+        done = collect(client.generate(token_ids=ids, max_tokens=6, temperature=0.0))
+        assert done.token_ids == hf_reference.greedy(ids, 6), n
+    body = urllib.request.urlopen(
+        f"http://127.0.0.1:{deployment.metrics_port}/metrics", timeout=5).read().decode()
+    retries = [line for line in body.splitlines()
+               if line.startswith("pdserve:request_retries_total")]
+    assert retries == ["pdserve:request_retries_total 0.0"]
