@@ -27,6 +27,7 @@ from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepRep
 from engine.runner import DecodeItem, ModelRunner, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
+from engine.warmup import warm_up
 from engine.weights import load_model_config
 
 log = logging.getLogger("pdserve.decode")
@@ -201,9 +202,8 @@ class DecodeWorker:
 
     # -- step loop --------------------------------------------------------------------------
     def _warmup(self) -> None:
-        ids = self.allocator.allocate(1)
-        self.runner.decode([DecodeItem(1, 0, ids)])
-        self.allocator.free(ids)
+        warm_up(self.runner, self.allocator, self.cfg.max_num_seqs,
+                prefill=self.cfg.colocated, decode=True)
 
     def _run(self) -> None:
         while True:

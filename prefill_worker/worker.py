@@ -23,6 +23,7 @@ from engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
 from engine.runner import ModelRunner, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
+from engine.warmup import warm_up
 from engine.weights import load_model_config
 from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
@@ -121,10 +122,7 @@ class PrefillWorker:
 
     # -- step loop --------------------------------------------------------------------------
     def _warmup(self) -> None:
-        ids = self.allocator.allocate(1)
-        n = min(8, self.cfg.cache.block_size)
-        self.runner.prefill([PrefillItem(list(range(1, n + 1)), 0, ids)])
-        self.allocator.free(ids)
+        warm_up(self.runner, self.allocator, self.cfg.max_num_seqs, prefill=True, decode=False)
 
     def _run(self) -> None:
         while True:

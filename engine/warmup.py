@@ -1,0 +1,43 @@
+"""Warm-up before a worker reports ready: run each kernel shape family once, so that the
+first requests pay no Triton JIT compilation (a first 4k-token prompt on a cold worker
+spent over a second compiling the prefill and transfer kernels on an H200)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kv_cache import BlockAllocator
+from engine.kv_transfer import kv_checksum
+from engine.runner import DecodeItem, ModelRunner, PrefillItem
+
+
+def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
+            prefill: bool, decode: bool) -> None:
+    """Scratch forward passes on two borrowed blocks (returned afterwards).
+
+    On a GPU, prefill runs at every power-of-two batch size up to ``max_num_seqs`` (the
+    prefill kernel specializes on it), with partial and full blocks and a cached prefix;
+    the transfer kernels (pack, unpack, checksum) run once. On the CPU nothing compiles, so
+    one small pass each is enough.
+    """
+    bs = runner.block_size
+    ids = allocator.allocate(2)
+    try:
+        if prefill:
+            cuda = runner.device.type == "cuda"
+            sizes = [1 << i for i in range(max(1, max_num_seqs).bit_length())] if cuda else [1]
+            for b in sizes:
+                for n in ((3, bs) if cuda else (min(8, bs),)):
+                    runner.prefill([PrefillItem(list(range(1, n + 1)), 0, ids[:1])] * b)
+            if cuda:  # a chunk after a cached prefix
+                runner.prefill([PrefillItem([1, 2, 3], bs, ids)])
+        if decode:
+            runner.decode([DecodeItem(1, 0, ids[:1])])
+        pool = runner.kv_pool
+        block = torch.tensor(ids[:1], dtype=torch.int64, device=pool.device)
+        buf = torch.empty((2, 1, *pool.shape[3:]), dtype=pool.dtype, device=pool.device)
+        runner.model.ops.pack_kv(pool[0], block, buf)
+        runner.model.ops.unpack_kv(buf, pool[0], block)
+        kv_checksum(buf)
+    finally:
+        allocator.free(ids)
