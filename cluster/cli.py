@@ -41,6 +41,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--backend", choices=("auto", "torch", "triton"), help="kernel backend")
+    p.add_argument("--max-batch-tokens", type=int,
+                   help="tokens in one prefill step (chunked prefill beyond; default 2048)")
+    p.add_argument("--max-num-seqs", type=int,
+                   help="sequences in one step or decode batch (default 64)")
     p.add_argument("--decode-blocks", type=int, help="KV blocks per decode worker")
     p.add_argument("--prefill-blocks", type=int, help="KV blocks per prefill worker")
     _add_model_flags(p)
@@ -58,6 +62,7 @@ def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             "num_prefill": args.num_prefill, "num_decode": args.num_decode,
             "device": args.device, "dtype": args.dtype, "backend": args.backend,
             "decode_blocks": args.decode_blocks, "prefill_blocks": args.prefill_blocks,
+            "max_batch_tokens": args.max_batch_tokens, "max_num_seqs": args.max_num_seqs,
         }.items() if v is not None
     }
     if args.model or args.load_format or args.preset:

@@ -108,10 +108,6 @@ class PrefillWorker:
                 device=describe_device(self.runner.device),
             )
 
-    def queued_tokens(self) -> int:
-        with self._cv:
-            return self.sched.queued_tokens
-
     def shutdown(self) -> None:
         with self._cv:
             self._stop = True

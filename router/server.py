@@ -120,9 +120,6 @@ class RouterService:
         if self.server is not None:
             await self.server.stop(grace_s)
 
-    async def num_in_flight(self) -> int:
-        return 0 if self.router is None else len(self.router.requests)
-
     async def debug_state(self) -> list[str]:
         """One line per in-flight request (state, attempts, tokens): for operators and
         tests."""
