@@ -139,7 +139,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`pdserve bench`: a load test of a running server, or `bench plot` of saved results."""
-    from cluster.bench import BenchConfig, DatasetError, parse_rates, run_bench
+    from cluster.bench import BenchConfig, parse_rates, run_bench
+    from cluster.bench_data import DatasetError
     from cluster.bench_plot import load_results, plot_results
     from cluster.bench_report import Slo
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.bench import (
+from cluster.bench import BenchConfig, parse_rates
+from cluster.bench_data import (
     CHAT_MIX,
-    BenchConfig,
     DatasetError,
     arrival_offsets,
     chat_lengths,
     load_jsonl,
-    parse_rates,
     sample_lengths,
     token_prompts,
 )
