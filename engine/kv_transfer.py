@@ -15,21 +15,8 @@ global world (no ``init_process_group``), so workers can join and leave freely.
   ``ProcessGroupNCCL`` (CUDA tensors) of size 2: rank 0 is the prefill side (it sends),
   rank 1 the decode side (it receives).
 
-Wire protocol of one transfer (rank 0 -> rank 1, tensors only, never pickle)::
-
-    doorbell  store key bell/{seq}          (tells the receiver a transfer is starting)
-    header    int64[16]                     (TransferHeader)
-    layer l   uint8[bytes_per_layer]        (a [2, n, bs, Hk, D] tensor, l = 0 .. L-1)
-    trailer   int64[8]                      (status and the payload checksum)
-
-The **doorbell** lets the receiver wait for the next transfer for as long as it likes with a
-store wait, which times out harmlessly; a posted Gloo/NCCL receive that times out breaks the
-pair (Gloo closes the connection, the NCCL watchdog aborts the communicator), so the channel
-only posts a receive once the sender has committed to sending.
-
-The **checksum** (:func:`kv_checksum`) goes in the trailer because the header leaves before
-the payload exists (layer-wise streaming); both sides fold each layer's checksum into a
-running value on the tensors' device, so no payload is copied to the host.
+The wire protocol (framing, header, trailer, checksum, doorbell) is defined in
+:mod:`engine.kv_protocol`.
 
 Staying in sync: after the header was read, every way a transfer can fail short of a broken
 channel still moves the whole transfer through the pipe, so the next transfer lines up:
@@ -73,7 +60,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -82,314 +69,44 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import kernels.kv_checksum
-from engine.config import CacheConfig, ModelConfig
+from engine.kv_protocol import (
+    _T_CHECKSUM,
+    _T_EPOCH,
+    _T_FIRST_TOKEN,
+    _T_MAGIC,
+    _T_STATUS,
+    _T_TRANSFER_ID,
+    _T_VERSION,
+    _TAG_HEADER,
+    _TAG_LAYER0,
+    _TAG_RAW,
+    _TAG_TRAILER,
+    HEADER_SLOTS,
+    KV_LAYOUT,
+    PROTOCOL_VERSION,
+    STATUS_CANCELLED,
+    STATUS_OK,
+    TRAILER_MAGIC,
+    TRAILER_SLOTS,
+    ChannelClosed,
+    ChannelError,
+    ChannelSpec,
+    HandshakeError,
+    TransferError,
+    TransferHeader,
+    TransferTimeout,
+    _checksum_tensor,
+    _dtype_name,
+    _fold_layer,
+    kv_checksum,
+    match_header,
+    spec_differences,
+)
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-KV_LAYOUT = "L,2,N,bs,Hk,D"
-
-HEADER_MAGIC = 0x50444B56_48445231  # "PDKVHDR1"
-TRAILER_MAGIC = 0x50444B56_54524C31  # "PDKVTRL1"
-HEADER_SLOTS = 16
-TRAILER_SLOTS = 8
-
-# Header slots.
-_H_MAGIC, _H_VERSION, _H_TRANSFER_ID, _H_EPOCH = 0, 1, 2, 3
-_H_NUM_BLOCKS, _H_NUM_LAYERS, _H_BYTES_PER_LAYER, _H_CHECK = 4, 5, 6, 7
-_H_NUM_TOKENS, _H_FIRST_TOKEN = 8, 9
-_H_SPARE = range(10, HEADER_SLOTS)
-
-# Trailer slots.
-_T_MAGIC, _T_VERSION, _T_TRANSFER_ID, _T_EPOCH, _T_STATUS, _T_CHECKSUM = 0, 1, 2, 3, 4, 5
-_T_FIRST_TOKEN = 6  # set when the header left before the first token existed (layer-wise)
-STATUS_OK = 0
-STATUS_CANCELLED = 1
-
-# Gloo tags (NCCL ignores them; there the order alone frames the stream).
-_TAG_HEADER = 1
-_TAG_TRAILER = 2
-_TAG_LAYER0 = 16
-_TAG_RAW = 15  # raw_exchange (benchmarks)
-
-# Checksum arithmetic: a Mersenne prime modulus keeps every product of a 32-bit word and a
-# weight below 2**63, so plain int64 tensor math never overflows.
-CHECKSUM_PRIME = 2_147_483_647  # 2**31 - 1
-_LAYER_MULT = 1_000_003
-
-_INT64_MAX = (1 << 63) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 _ROLE = ("prefill", "decode")
-
-
-# --------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------
-
-
-class ChannelError(RuntimeError):
-    """Base class of KV channel failures (also raised for misuse of the channel API)."""
-
-
-class HandshakeError(ChannelError):
-    """The two ends of a channel disagree on the model, dtype or KV geometry."""
-
-
-class TransferError(ChannelError):
-    """One transfer failed (bad header, mismatch with the reservation, checksum, cancel).
-
-    Unless it is a :class:`ChannelClosed`, the channel is still in sync and usable."""
-
-
-class TransferTimeout(TransferError):
-    """No transfer started within the timeout. The channel is unaffected."""
-
-
-class ChannelClosed(TransferError):
-    """The channel is broken or closed; open a new one (under a new name)."""
-
-
-# --------------------------------------------------------------------------------------
-# Spec and handshake
-# --------------------------------------------------------------------------------------
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype name {name!r}")
-    return dtype
-
-
-@dataclass(frozen=True)
-class ChannelSpec:
-    """What both ends of a channel must agree on before any KV moves."""
-
-    fingerprint: str
-    dtype: str
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    kv_layout: str = KV_LAYOUT
-    protocol_version: int = PROTOCOL_VERSION
-
-    def __post_init__(self) -> None:
-        _dtype_from_name(self.dtype)
-        for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ChannelSpec.{name} must be a positive int, got {value!r}")
-
-    @classmethod
-    def from_configs(cls, model: ModelConfig, cache: CacheConfig) -> ChannelSpec:
-        return cls(
-            fingerprint=model.fingerprint(),
-            dtype=_dtype_name(cache.dtype),
-            block_size=cache.block_size,
-            num_layers=model.num_layers,
-            num_kv_heads=model.num_kv_heads,
-            head_dim=model.head_dim,
-        )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _dtype_from_name(self.dtype)
-
-    def layer_shape(self, num_blocks: int) -> tuple[int, int, int, int, int]:
-        """Shape of one layer's payload: ``[2, n, bs, Hk, D]``."""
-        return (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-
-    def layer_bytes(self, num_blocks: int) -> int:
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * itemsize
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-
-def spec_differences(prefill: dict[str, Any], decode: dict[str, Any]) -> list[str]:
-    """``"field: prefill=x decode=y"`` for every field of two JSON specs that differs."""
-    order = [f.name for f in dataclasses.fields(ChannelSpec)]
-    order += sorted((set(prefill) | set(decode)) - set(order))
-    missing = "<missing>"
-    diffs = []
-    for key in order:
-        a, b = prefill.get(key, missing), decode.get(key, missing)
-        if a != b:
-            diffs.append(f"{key}: prefill={a} decode={b}")
-    return diffs
-
-
-# --------------------------------------------------------------------------------------
-# Header and trailer
-# --------------------------------------------------------------------------------------
-
-
-def _header_check(values: Sequence[int]) -> int:
-    """A self-check over every header slot except the check slot itself."""
-    acc = 0
-    for i, v in enumerate(values):
-        if i != _H_CHECK:
-            acc = (acc * _LAYER_MULT + v % CHECKSUM_PRIME + i) % CHECKSUM_PRIME
-    return acc
-
-
-@dataclass(frozen=True)
-class TransferHeader:
-    """The fixed-size header that opens every transfer.
-
-    On the wire it is ``int64[16]``: magic, protocol version, transfer_id, epoch, num_blocks,
-    num_layers, bytes_per_layer, a self-check of the header, num_tokens, first_token and six
-    spare slots (zero). The payload checksum rides in the trailer, because the header leaves
-    before the (streamed) layers exist.
-    """
-
-    transfer_id: int
-    epoch: int
-    num_blocks: int
-    num_layers: int
-    bytes_per_layer: int
-    num_tokens: int
-    first_token: int = -1  # the prefill side's sampled first token; -1 for none
-
-    def __post_init__(self) -> None:
-        lower = {"num_layers": 1, "first_token": -1}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"header field {f.name} must be an int, got {value!r}")
-            low = lower.get(f.name, 0)
-            if not low <= value <= _INT64_MAX:
-                raise ValueError(f"header field {f.name}={value} out of range")
-
-    @classmethod
-    def for_spec(
-        cls,
-        spec: ChannelSpec,
-        *,
-        transfer_id: int,
-        epoch: int,
-        num_blocks: int,
-        num_tokens: int,
-        first_token: int = -1,
-    ) -> TransferHeader:
-        """A header whose geometry (layers, bytes per layer) follows ``spec``."""
-        return cls(
-            transfer_id=transfer_id,
-            epoch=epoch,
-            num_blocks=num_blocks,
-            num_layers=spec.num_layers,
-            bytes_per_layer=spec.layer_bytes(num_blocks),
-            num_tokens=num_tokens,
-            first_token=first_token,
-        )
-
-    @property
-    def payload_bytes(self) -> int:
-        return self.num_layers * self.bytes_per_layer
-
-    def _slots(self) -> list[int]:
-        slots = [0] * HEADER_SLOTS
-        slots[_H_MAGIC] = HEADER_MAGIC
-        slots[_H_VERSION] = PROTOCOL_VERSION
-        slots[_H_TRANSFER_ID] = self.transfer_id
-        slots[_H_EPOCH] = self.epoch
-        slots[_H_NUM_BLOCKS] = self.num_blocks
-        slots[_H_NUM_LAYERS] = self.num_layers
-        slots[_H_BYTES_PER_LAYER] = self.bytes_per_layer
-        slots[_H_NUM_TOKENS] = self.num_tokens
-        slots[_H_FIRST_TOKEN] = self.first_token
-        slots[_H_CHECK] = _header_check(slots)
-        return slots
-
-    def to_tensor(self, device: torch.device | str = "cpu") -> Tensor:
-        return torch.tensor(self._slots(), dtype=torch.int64, device=device)
-
-    @classmethod
-    def from_tensor(cls, t: Tensor) -> TransferHeader:
-        """Parse and validate a received header; :class:`TransferError` on garbage."""
-        if t.dtype != torch.int64 or tuple(t.shape) != (HEADER_SLOTS,):
-            raise TransferError(
-                f"header must be int64[{HEADER_SLOTS}], got {t.dtype}{list(t.shape)}"
-            )
-        v = [int(x) for x in t.tolist()]
-        if v[_H_MAGIC] != HEADER_MAGIC:
-            raise TransferError(f"bad header magic {v[_H_MAGIC] & ((1 << 64) - 1):#018x}")
-        if v[_H_VERSION] != PROTOCOL_VERSION:
-            raise TransferError(
-                f"header protocol version {v[_H_VERSION]}, expected {PROTOCOL_VERSION}"
-            )
-        if v[_H_CHECK] != _header_check(v):
-            raise TransferError("header self-check failed (corrupted header)")
-        if any(v[i] for i in _H_SPARE):
-            raise TransferError("header spare slots are not zero")
-        try:
-            return cls(
-                transfer_id=v[_H_TRANSFER_ID],
-                epoch=v[_H_EPOCH],
-                num_blocks=v[_H_NUM_BLOCKS],
-                num_layers=v[_H_NUM_LAYERS],
-                bytes_per_layer=v[_H_BYTES_PER_LAYER],
-                num_tokens=v[_H_NUM_TOKENS],
-                first_token=v[_H_FIRST_TOKEN],
-            )
-        except ValueError as e:
-            raise TransferError(f"bad header: {e}") from e
-
-
-def match_header(
-    header: TransferHeader, expected_transfer_id: int, expected_epoch: int, expected_blocks: int
-) -> None:
-    """Fail closed unless ``header`` is exactly the transfer the caller reserved blocks for.
-
-    Pure check; :meth:`KVChannel.match` also drains the rejected transfer."""
-    wrong = []
-    for name, got, want in (
-        ("transfer_id", header.transfer_id, expected_transfer_id),
-        ("epoch", header.epoch, expected_epoch),
-        ("num_blocks", header.num_blocks, expected_blocks),
-    ):
-        if got != want:
-            wrong.append(f"{name}: got {got}, expected {want}")
-    if wrong:
-        raise TransferError(
-            f"transfer {header.transfer_id} (epoch {header.epoch}) does not match the "
-            f"reservation for transfer {expected_transfer_id} (epoch {expected_epoch}): "
-            + "; ".join(wrong)
-        )
-
-
-# --------------------------------------------------------------------------------------
-# Checksum
-# --------------------------------------------------------------------------------------
-
-
-def _checksum_tensor(t: Tensor) -> Tensor:
-    """:func:`kv_checksum` as a 0-d int64 tensor on ``t``'s device (no host sync): one fused
-    Triton pass on a GPU, the identical torch computation elsewhere."""
-    if not t.is_contiguous():
-        raise ValueError("checksum needs a contiguous tensor")
-    if t.is_cuda:
-        return kernels.kv_checksum.kv_checksum(t)
-    return kernels.kv_checksum.kv_checksum_ref(t)
-
-
-def kv_checksum(t: Tensor) -> int:
-    """Position-sensitive checksum of a contiguous tensor's bytes (``kernels.kv_checksum``:
-    ``sum_i word_i * weight(i) mod 2**64`` over 32-bit words, a distinct odd weight per
-    position), computed on the tensor's device with no copy of the payload to the host."""
-    return int(_checksum_tensor(t).item())
-
-
-def _fold_layer(acc: Tensor, layer_sum: Tensor) -> Tensor:
-    """Running checksum over layers (order-sensitive): ``acc * M + c_l + 1 mod P``."""
-    return (acc * _LAYER_MULT + layer_sum + 1).remainder_(CHECKSUM_PRIME)
 
 
 # --------------------------------------------------------------------------------------
@@ -1183,6 +900,7 @@ def _make_nccl(store: dist.Store, rank: int, device: torch.device, timeout_s: fl
 
 
 __all__ = [
+    "HEADER_SLOTS",
     "KV_LAYOUT",
     "PROTOCOL_VERSION",
     "ChannelClosed",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from engine.kv_cache import BlockAllocator
-from engine.kv_transfer import kv_checksum
+from engine.kv_protocol import kv_checksum
 from engine.runner import DecodeItem, ModelRunner, PrefillItem
 
 
