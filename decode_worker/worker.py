@@ -21,14 +21,12 @@ import torch
 from decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
 from engine.config import WorkerConfig
 from engine.device import describe_device
-from engine.kv_cache import BlockAllocator
 from engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
 from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepReport, WorkerStats
-from engine.runner import DecodeItem, ModelRunner, PrefillItem
+from engine.runner import DecodeItem, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
-from engine.warmup import warm_up
-from engine.weights import load_model_config
+from engine.warmup import start_runner, warm_up
 
 log = logging.getLogger("pdserve.decode")
 
@@ -40,14 +38,7 @@ class DecodeWorker:
         self.name = name
         self.cfg = cfg
         self.router = router
-        self.model_config = load_model_config(cfg.model)
-        self.runner = ModelRunner(self.model_config, cfg.cache, cfg.model, cfg.run,
-                                  max_num_seqs=cfg.max_num_seqs,
-                                  max_batch_tokens=cfg.max_batch_tokens)
-        # Kernel compilation and CUDA-graph capture, before any block is handed out and
-        # before another thread touches the GPU.
-        self.runner.warmup()
-        self.allocator = BlockAllocator(self.runner.num_blocks)
+        self.model_config, self.runner, self.allocator = start_runner(cfg)
         self.sched = DecodeScheduler(
             self.allocator, cfg.cache.block_size, name, cfg.max_num_seqs,
             cfg.lease_timeout_s, epoch,

@@ -1,14 +1,17 @@
-"""Warm-up before a worker reports ready: run each kernel shape family once, so that the
-first requests pay no Triton JIT compilation (a first 4k-token prompt on a cold worker
-spent over a second compiling the prefill and transfer kernels on an H200)."""
+"""Bringing a worker's model up, and warming it before the worker reports ready: each
+kernel shape family runs once, so that the first requests pay no Triton JIT compilation (a
+first 4k-token prompt on a cold worker spent over a second compiling the prefill and
+transfer kernels on an H200)."""
 
 from __future__ import annotations
 
 import torch
 
+from engine.config import ModelConfig, WorkerConfig
 from engine.kv_cache import BlockAllocator
 from engine.kv_protocol import kv_checksum
 from engine.runner import DecodeItem, ModelRunner, PrefillItem
+from engine.weights import load_model_config
 
 
 def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
@@ -41,3 +44,15 @@ def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
         kv_checksum(buf)
     finally:
         allocator.free(ids)
+
+
+def start_runner(cfg: WorkerConfig) -> tuple[ModelConfig, ModelRunner, BlockAllocator]:
+    """A worker's model: its config, the runner (weights loaded, kernels compiled, decode
+    CUDA graphs captured) and an allocator over the pool the runner sized. The runner's
+    warm-up comes before any block is handed out and before another thread touches the
+    GPU (graph capture needs the device to itself)."""
+    model_config = load_model_config(cfg.model)
+    runner = ModelRunner(model_config, cfg.cache, cfg.model, cfg.run,
+                         max_num_seqs=cfg.max_num_seqs, max_batch_tokens=cfg.max_batch_tokens)
+    runner.warmup()
+    return model_config, runner, BlockAllocator(runner.num_blocks)

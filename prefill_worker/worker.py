@@ -17,14 +17,12 @@ from typing import Any
 
 from engine.config import WorkerConfig
 from engine.device import describe_device
-from engine.kv_cache import BlockAllocator
 from engine.kv_transfer import ChannelSpec, KVChannel
 from engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
-from engine.runner import ModelRunner, PrefillItem
+from engine.runner import PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
-from engine.warmup import warm_up
-from engine.weights import load_model_config
+from engine.warmup import start_runner, warm_up
 from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
 
@@ -38,14 +36,7 @@ class PrefillWorker:
         self.name = name
         self.cfg = cfg
         self.router = router
-        self.model_config = load_model_config(cfg.model)
-        self.runner = ModelRunner(self.model_config, cfg.cache, cfg.model, cfg.run,
-                                  max_num_seqs=cfg.max_num_seqs,
-                                  max_batch_tokens=cfg.max_batch_tokens)
-        # Kernel compilation and CUDA-graph capture, before any block is handed out and
-        # before another thread touches the GPU.
-        self.runner.warmup()
-        self.allocator = BlockAllocator(self.runner.num_blocks)
+        self.model_config, self.runner, self.allocator = start_runner(cfg)
         self.sched = PrefillScheduler(
             self.allocator, cfg.cache.block_size, cfg.max_batch_tokens, cfg.max_num_seqs
         )
