@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
+from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig, blocks_for
 from engine.kv_cache import allocate_kv_pool
 from engine.kv_transfer import ChannelSpec, KVChannel
 from engine.messages import Lease, PrefillTask
@@ -45,7 +45,7 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     dev = torch.device("cuda:1")
     torch.cuda.set_device(dev)
     cfg = PRESETS[args["preset"]]
-    n = (args["prompt_len"] + BLOCK - 1) // BLOCK
+    n = blocks_for(args["prompt_len"], BLOCK)
     pool = allocate_kv_pool(cfg, _cache(n + 8), dev)
     store, port = KVChannel.host_store("127.0.0.1", 0, 120.0)
     ports.put(port)
@@ -76,7 +76,7 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
     dev = torch.device("cuda:0")
     torch.cuda.set_device(dev)
     cfg = PRESETS[args["preset"]]
-    n = (args["prompt_len"] + BLOCK - 1) // BLOCK
+    n = blocks_for(args["prompt_len"], BLOCK)
     runner = ModelRunner(cfg, _cache(n + 8), ModelSpec("dummy", preset=args["preset"]),
                          RunnerConfig("cuda", DTYPE, "triton"), progress=False)
     port = ports.get(timeout=300)

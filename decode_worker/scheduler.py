@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.config import blocks_for
 from engine.kv_cache import BlockAllocator
 from engine.messages import Lease, Reservation, TokenOut
 from engine.sequence import SamplingParams, finish_reason
@@ -36,7 +37,6 @@ class DecodeSeq:
     deadline: float
     last_token: int = -1
     joined_at: float = 0.0
-    transfer_s: float = 0.0
 
 
 @dataclass
@@ -91,9 +91,6 @@ class DecodeScheduler:
         self.running: list[DecodeSeq] = []
 
     # -- leases ---------------------------------------------------------------------------
-    def _blocks_for(self, num_tokens: int) -> int:
-        return (num_tokens + self.block_size - 1) // self.block_size
-
     def reserve(self, r: Reservation) -> Lease | None:
         """Hold blocks for the prompt's KV plus the first generated token, or None if this
         worker cannot take the request now."""
@@ -101,7 +98,7 @@ class DecodeScheduler:
             raise ValueError(f"request {r.request_id} already holds a lease here")
         if len(self.reserved) + len(self.ready) + len(self.running) >= self.max_num_seqs:
             return None
-        n = self._blocks_for(r.num_tokens + 1)
+        n = blocks_for(r.num_tokens + 1, self.block_size)
         if not self.allocator.can_allocate(n):
             return None
         tid = next(self._ids)
@@ -116,14 +113,13 @@ class DecodeScheduler:
         """The reservation an incoming transfer claims, if this worker still holds it."""
         return self.reserved.get(transfer_id)
 
-    def activate(self, transfer_id: int, first_token: int, transfer_s: float) -> bool:
+    def activate(self, transfer_id: int, first_token: int) -> bool:
         """The KV for ``transfer_id`` arrived and verified: the sequence joins at the next
         step with ``first_token`` (sampled by the prefill worker) as its last token."""
         seq = self.reserved.pop(transfer_id, None)
         if seq is None:
             return False
         seq.last_token = first_token
-        seq.transfer_s = transfer_s
         seq.joined_at = self.clock()
         self.ready.append(seq)
         return True
@@ -209,7 +205,7 @@ class DecodeScheduler:
         for seq in list(self.running):
             if seq not in self.running:
                 continue  # preempted while making room for an older one
-            need = self._blocks_for(seq.num_tokens) - len(seq.block_ids)
+            need = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_ids)
             while need > 0 and not self.allocator.can_allocate(need):
                 victim = max(self.running, key=lambda s: s.joined_at)
                 self.running.remove(victim)

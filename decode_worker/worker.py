@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
-from engine.config import WorkerConfig
+from engine.config import WorkerConfig, blocks_for
 from engine.device import describe_device
 from engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
 from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepReport, WorkerStats
@@ -50,7 +50,7 @@ class DecodeWorker:
         self._stop = False
         self._busy: set[str] = set()  # in the running step or being received
         self._pending_abort: set[str] = set()
-        self._joined: list[tuple[str, float]] = []
+        self._joined: list[str] = []
         self._failed: list[tuple[str, str]] = []
         self._submitted: dict[int, tuple[float, float]] = {}  # colocated: (arrived, started)
         self._channels: dict[str, KVChannel] = {}
@@ -142,7 +142,6 @@ class DecodeWorker:
                     header = ch.recv_header(timeout_s=2.0)
                 except TransferTimeout:
                     continue  # nothing sent yet; the channel is fine
-                t0 = time.monotonic()
                 with self._cv:
                     seq = self.sched.lease(header.transfer_id)
                     if seq is not None:
@@ -174,9 +173,8 @@ class DecodeWorker:
                     if rid in self._pending_abort:
                         self._pending_abort.discard(rid)
                         self.sched.release(rid)
-                    elif self.sched.activate(header.transfer_id, first_token,
-                                             time.monotonic() - t0):
-                        self._joined.append((rid, time.monotonic() - t0))
+                    elif self.sched.activate(header.transfer_id, first_token):
+                        self._joined.append(rid)
                     self._cv.notify()
             except TransferError as e:
                 log.warning("transfer for %s failed: %s", rid or "?", e)
@@ -271,7 +269,7 @@ class DecodeWorker:
                 queue_s=started - arrived, prefill_s=now - started,
             ))
             if reason is None:
-                self.sched.activate(seq.transfer_id, tok, 0.0)
+                self.sched.activate(seq.transfer_id, tok)
             else:
                 self.sched.release(seq.request_id)
 
@@ -290,6 +288,6 @@ def _mismatch(seq: DecodeSeq | None, epoch: int, my_epoch: int, num_tokens: int,
         return f"epoch {epoch} != this worker's {my_epoch}"
     if num_tokens != seq.num_tokens - 1:
         return f"KV of {num_tokens} tokens sent, {seq.num_tokens - 1} reserved"
-    if num_blocks != (num_tokens + block_size - 1) // block_size:
+    if num_blocks != blocks_for(num_tokens, block_size):
         return f"{num_blocks} blocks sent for {num_tokens} tokens"
     return ""

@@ -75,6 +75,11 @@ class ModelConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks of ``block_size`` tokens that ``num_tokens`` tokens occupy."""
+    return (num_tokens + block_size - 1) // block_size
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV pool of one worker: ``[num_layers, 2, num_blocks, block_size, kv_heads,
@@ -91,7 +96,7 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be positive or 0 (auto), got {self.num_blocks}")
 
     def blocks_for(self, num_tokens: int) -> int:
-        return (num_tokens + self.block_size - 1) // self.block_size
+        return blocks_for(num_tokens, self.block_size)
 
 
 PRESETS: dict[str, ModelConfig] = {

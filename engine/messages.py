@@ -95,7 +95,7 @@ class StepReport:
 
     worker: str
     tokens: list[TokenOut] = field(default_factory=list)
-    joined: list[tuple[str, float]] = field(default_factory=list)  # (request_id, transfer_s)
+    joined: list[str] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     step_s: float = 0.0

@@ -47,13 +47,12 @@ def sample(
             [params[i].top_k for i in rows],
             [params[i].top_p for i in rows],
         )
-        noise = torch.empty_like(probs)
+        noise = torch.empty_like(probs).exponential_()  # unseeded rows: one batched draw
         for j, i in enumerate(rows):
             seed = params[i].seed
-            gen = None
-            if seed is not None:
+            if seed is not None:  # seeded rows: their own (seed, step) stream
                 gen = torch.Generator(device=logits.device).manual_seed(step_seed(seed, steps[i]))
-            noise[j].exponential_(generator=gen)
+                noise[j].exponential_(generator=gen)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (Gumbel-max in disguise).
         picked = (probs / noise).argmax(dim=-1)
         out[idx] = picked

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.config import blocks_for
 from engine.kv_cache import BlockAllocator
 from engine.messages import PrefillTask
 
@@ -70,16 +71,13 @@ class PrefillScheduler:
     def add(self, task: PrefillTask) -> None:
         if not task.token_ids:
             raise ValueError(f"request {task.request_id}: empty prompt")
-        blocks = self._blocks_for(len(task.token_ids))
+        blocks = blocks_for(len(task.token_ids), self.block_size)
         if blocks > self.allocator.num_blocks:
             raise ValueError(
                 f"request {task.request_id}: prompt needs {blocks} blocks, the pool has "
                 f"{self.allocator.num_blocks}"
             )
         self.waiting.append(PrefillSeq(task, [], self.clock()))
-
-    def _blocks_for(self, n: int) -> int:
-        return (n + self.block_size - 1) // self.block_size
 
     @property
     def queued_tokens(self) -> int:
@@ -108,7 +106,7 @@ class PrefillScheduler:
             budget -= n
         while self.waiting and budget > 0 and len(chunks) < self.max_num_seqs:
             s = self.waiting[0]
-            need = self._blocks_for(len(s.task.token_ids))
+            need = blocks_for(len(s.task.token_ids), self.block_size)
             if not self.allocator.can_allocate(need):
                 break
             self.waiting.popleft()

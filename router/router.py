@@ -225,7 +225,7 @@ class Router:
             load.kv_usage = report.kv_usage
             self.metrics.set_kv_usage(report.worker, report.kv_usage)
         now = time.monotonic()
-        for rid, _transfer_s in report.joined:
+        for rid in report.joined:
             req = self.requests.get(rid)
             if req is not None and not req.done and req.state == State.TRANSFERRING:
                 req.state = State.DECODING

@@ -29,7 +29,7 @@ def join(s: DecodeScheduler, clock: Clock, rid: str, n: int, max_tokens: int = 1
     lease = s.reserve(res(rid, n, max_tokens))
     assert lease is not None
     clock.t += 0.001
-    assert s.activate(lease.transfer_id, 5, 0.0)
+    assert s.activate(lease.transfer_id, 5)
 
 
 def test_reserve_holds_prompt_plus_first_token() -> None:
@@ -112,7 +112,7 @@ def test_release_in_every_state() -> None:
         assert s.release(rid)
     assert not s.release("r")
     assert s.allocator.num_free == 16
-    assert s.activate(lease.transfer_id, 1, 0.0) is False  # a released lease stays gone
+    assert s.activate(lease.transfer_id, 1) is False  # a released lease stays gone
 
 
 def test_colocated_prefill_chunks_then_joins() -> None:
@@ -130,7 +130,7 @@ def test_colocated_prefill_chunks_then_joins() -> None:
     (seq,) = s.prefilled(c2)
     clock.t = 100.0
     assert s.expire() == []  # a lease being prefilled here has no KV to wait for
-    assert s.activate(seq.transfer_id, 7, 0.0)
+    assert s.activate(seq.transfer_id, 7)
     plan = s.schedule()
     assert [q.request_id for q in plan.batch] == ["c"] and plan.batch[0].last_token == 7
     assert s.release("c") and s.allocator.num_free == 16
