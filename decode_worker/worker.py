@@ -158,16 +158,12 @@ class DecodeWorker:
                             self._failed.append((rid, f"KV transfer refused: {problem}"))
                     continue
                 assert seq is not None
-                buf = torch.empty((2, header.num_blocks, *pool.shape[3:]), dtype=pool.dtype,
-                                  device=pool.device)
                 # The lease also holds the slot of the first generated token, which may
                 # need a block of its own beyond the prompt's.
                 ids = torch.tensor(seq.block_ids[: header.num_blocks], dtype=torch.int64,
                                    device=pool.device)
-                for layer in range(header.num_layers):
-                    ch.recv_layer(buf)
-                    self.runner.model.ops.unpack_kv(buf, pool[layer], ids)
-                first_token = ch.verify().first_token  # the trailer's, if streamed
+                # Scattered into the pool as it lands; verified before the sequence runs.
+                first_token = ch.recv_pool_blocks(header, pool, ids).first_token
                 with self._cv:
                     self._busy.discard(rid)
                     if rid in self._pending_abort:

@@ -6,17 +6,26 @@ Wire protocol of one transfer (rank 0 -> rank 1, tensors only, never pickle)::
 
     doorbell  store key bell/{seq}          (tells the receiver a transfer is starting)
     header    int64[16]                     (TransferHeader)
-    layer l   uint8[bytes_per_layer]        (a [2, n, bs, Hk, D] tensor, l = 0 .. L-1)
+    message m uint8[k_m * bytes_per_layer]  (layers [m*k, m*k + k_m) as [k_m, 2, n, bs, Hk, D])
     trailer   int64[8]                      (status and the payload checksum)
+
+The layers travel in **messages** of ``k = layers_per_message`` consecutive layers (the last
+one may hold fewer). Layer-wise streaming during the forward pass sends one layer per message
+(``k = 1``) as each layer finishes; a request whose KV is complete goes in a few large
+messages, so per-message costs (a kernel launch, an NCCL operation, host work) stay small
+against the bytes: 32 one-layer sends of a 4k-token prompt spent more time in fixed costs
+than on NVLink.
 
 The **doorbell** lets the receiver wait for the next transfer for as long as it likes with a
 store wait, which times out harmlessly; a posted Gloo/NCCL receive that times out breaks the
 pair (Gloo closes the connection, the NCCL watchdog aborts the communicator), so the channel
 only posts a receive once the sender has committed to sending.
 
-The **checksum** (:func:`kv_checksum`) goes in the trailer because the header leaves before
-the payload exists (layer-wise streaming); both sides fold each layer's checksum into a
-running value on the tensors' device, so no payload is copied to the host.
+The **checksum** (:func:`kv_checksum`) covers the whole payload, the layers in order, as one
+sequence of 32-bit words with a weight per position; a message adds its words' share at its
+offset, computed in the same kernel pass that packs (sender) or unpacks (receiver) it, on the
+tensors' device, so no payload is copied to the host and nothing is read twice. It goes in
+the trailer because the header leaves before the (streamed) layers exist.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from torch import Tensor
 import kernels.kv_checksum
 from engine.config import CacheConfig, ModelConfig
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 KV_LAYOUT = "L,2,N,bs,Hk,D"
 
 HEADER_MAGIC = 0x50444B56_48445231  # "PDKVHDR1"
@@ -44,8 +53,8 @@ TRAILER_SLOTS = 8
 # Header slots.
 _H_MAGIC, _H_VERSION, _H_TRANSFER_ID, _H_EPOCH = 0, 1, 2, 3
 _H_NUM_BLOCKS, _H_NUM_LAYERS, _H_BYTES_PER_LAYER, _H_CHECK = 4, 5, 6, 7
-_H_NUM_TOKENS, _H_FIRST_TOKEN = 8, 9
-_H_SPARE = range(10, HEADER_SLOTS)
+_H_NUM_TOKENS, _H_FIRST_TOKEN, _H_LAYERS_PER_MESSAGE = 8, 9, 10
+_H_SPARE = range(11, HEADER_SLOTS)
 
 # Trailer slots.
 _T_MAGIC, _T_VERSION, _T_TRANSFER_ID, _T_EPOCH, _T_STATUS, _T_CHECKSUM = 0, 1, 2, 3, 4, 5
@@ -59,10 +68,12 @@ _TAG_TRAILER = 2
 _TAG_LAYER0 = 16
 _TAG_RAW = 15  # raw_exchange (benchmarks)
 
-# Checksum arithmetic: a Mersenne prime modulus keeps every product of a 32-bit word and a
-# weight below 2**63, so plain int64 tensor math never overflows.
+# The header's self-check: a Mersenne prime modulus keeps every product below 2**63.
 CHECKSUM_PRIME = 2_147_483_647  # 2**31 - 1
 _LAYER_MULT = 1_000_003
+
+# The size a whole-request transfer aims at per message (see layers_per_message()).
+MESSAGE_BYTES = 64 << 20
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -189,9 +200,9 @@ class TransferHeader:
     """The fixed-size header that opens every transfer.
 
     On the wire it is ``int64[16]``: magic, protocol version, transfer_id, epoch, num_blocks,
-    num_layers, bytes_per_layer, a self-check of the header, num_tokens, first_token and six
-    spare slots (zero). The payload checksum rides in the trailer, because the header leaves
-    before the (streamed) layers exist.
+    num_layers, bytes_per_layer, a self-check of the header, num_tokens, first_token,
+    layers_per_message and five spare slots (zero). The payload checksum rides in the
+    trailer, because the header leaves before the (streamed) layers exist.
     """
 
     transfer_id: int
@@ -201,9 +212,10 @@ class TransferHeader:
     bytes_per_layer: int
     num_tokens: int
     first_token: int = -1  # the prefill side's sampled first token; -1 for none
+    layers_per_message: int = 1  # k: the layers travel in messages of k (the last: fewer)
 
     def __post_init__(self) -> None:
-        lower = {"num_layers": 1, "first_token": -1}
+        lower = {"num_layers": 1, "first_token": -1, "layers_per_message": 1}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -211,6 +223,11 @@ class TransferHeader:
             low = lower.get(f.name, 0)
             if not low <= value <= _INT64_MAX:
                 raise ValueError(f"header field {f.name}={value} out of range")
+        if self.layers_per_message > self.num_layers:
+            raise ValueError(
+                f"header field layers_per_message={self.layers_per_message} exceeds "
+                f"num_layers={self.num_layers}"
+            )
 
     @classmethod
     def for_spec(
@@ -222,6 +239,7 @@ class TransferHeader:
         num_blocks: int,
         num_tokens: int,
         first_token: int = -1,
+        layers_per_message: int = 1,
     ) -> TransferHeader:
         """A header whose geometry (layers, bytes per layer) follows ``spec``."""
         return cls(
@@ -232,11 +250,21 @@ class TransferHeader:
             bytes_per_layer=spec.layer_bytes(num_blocks),
             num_tokens=num_tokens,
             first_token=first_token,
+            layers_per_message=layers_per_message,
         )
 
     @property
     def payload_bytes(self) -> int:
         return self.num_layers * self.bytes_per_layer
+
+    @property
+    def num_messages(self) -> int:
+        return -(-self.num_layers // self.layers_per_message)
+
+    def message_layers(self, m: int) -> range:
+        """The layers message ``m`` carries."""
+        k = self.layers_per_message
+        return range(m * k, min(self.num_layers, (m + 1) * k))
 
     def _slots(self) -> list[int]:
         slots = [0] * HEADER_SLOTS
@@ -249,6 +277,7 @@ class TransferHeader:
         slots[_H_BYTES_PER_LAYER] = self.bytes_per_layer
         slots[_H_NUM_TOKENS] = self.num_tokens
         slots[_H_FIRST_TOKEN] = self.first_token
+        slots[_H_LAYERS_PER_MESSAGE] = self.layers_per_message
         slots[_H_CHECK] = _header_check(slots)
         return slots
 
@@ -282,6 +311,7 @@ class TransferHeader:
                 bytes_per_layer=v[_H_BYTES_PER_LAYER],
                 num_tokens=v[_H_NUM_TOKENS],
                 first_token=v[_H_FIRST_TOKEN],
+                layers_per_message=v[_H_LAYERS_PER_MESSAGE],
             )
         except ValueError as e:
             raise TransferError(f"bad header: {e}") from e
@@ -314,26 +344,30 @@ def match_header(
 # --------------------------------------------------------------------------------------
 
 
-def _checksum_tensor(t: Tensor) -> Tensor:
-    """:func:`kv_checksum` as a 0-d int64 tensor on ``t``'s device (no host sync): one fused
-    Triton pass on a GPU, the identical torch computation elsewhere."""
+def layers_per_message(bytes_per_layer: int, num_layers: int,
+                       target: int = MESSAGE_BYTES) -> int:
+    """How many layers a whole-request transfer puts in one message: about ``target``
+    bytes each (at least one layer, at most all)."""
+    return max(1, min(num_layers, target // max(bytes_per_layer, 1)))
+
+
+def _checksum_tensor(t: Tensor, word_offset: int = 0) -> Tensor:
+    """:func:`kv_checksum` of ``t`` taken at ``word_offset`` as a 0-d int64 tensor on ``t``'s
+    device (no host sync): one fused Triton pass on a GPU, the identical torch computation
+    elsewhere."""
     if not t.is_contiguous():
         raise ValueError("checksum needs a contiguous tensor")
     if t.is_cuda:
-        return kernels.kv_checksum.kv_checksum(t)
-    return kernels.kv_checksum.kv_checksum_ref(t)
+        return kernels.kv_checksum.kv_checksum(t, word_offset)
+    return kernels.kv_checksum.kv_checksum_ref(t, word_offset)
 
 
 def kv_checksum(t: Tensor) -> int:
     """Position-sensitive checksum of a contiguous tensor's bytes (``kernels.kv_checksum``:
     ``sum_i word_i * weight(i) mod 2**64`` over 32-bit words, a distinct odd weight per
-    position), computed on the tensor's device with no copy of the payload to the host."""
+    position), computed on the tensor's device with no copy of the payload to the host.
+    A transfer's checksum is this over its whole payload ``[L, 2, n, bs, Hk, D]``."""
     return int(_checksum_tensor(t).item())
-
-
-def _fold_layer(acc: Tensor, layer_sum: Tensor) -> Tensor:
-    """Running checksum over layers (order-sensitive): ``acc * M + c_l + 1 mod P``."""
-    return (acc * _LAYER_MULT + layer_sum + 1).remainder_(CHECKSUM_PRIME)
 
 
 __all__ = [
@@ -341,6 +375,7 @@ __all__ = [
     "HEADER_MAGIC",
     "HEADER_SLOTS",
     "KV_LAYOUT",
+    "MESSAGE_BYTES",
     "PROTOCOL_VERSION",
     "STATUS_CANCELLED",
     "STATUS_OK",
@@ -354,6 +389,7 @@ __all__ = [
     "TransferHeader",
     "TransferTimeout",
     "kv_checksum",
+    "layers_per_message",
     "match_header",
     "spec_differences",
 ]

@@ -69,6 +69,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+import kernels.kv_pack
 from engine.kv_protocol import (
     _T_CHECKSUM,
     _T_EPOCH,
@@ -97,7 +98,6 @@ from engine.kv_protocol import (
     TransferTimeout,
     _checksum_tensor,
     _dtype_name,
-    _fold_layer,
     kv_checksum,
     match_header,
     spec_differences,
@@ -105,6 +105,7 @@ from engine.kv_protocol import (
 
 logger = logging.getLogger(__name__)
 
+_U64 = (1 << 64) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 _ROLE = ("prefill", "decode")
 
@@ -123,9 +124,9 @@ class _Pending:
 @dataclass
 class _TxState:
     header: TransferHeader
-    acc: Tensor
+    acc: Tensor  # running checksum (0-d int64 on the device)
     started: float
-    next_layer: int = 0
+    next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)
 
 
@@ -134,8 +135,9 @@ class _RxState:
     header: TransferHeader
     acc: Tensor
     started: float
-    next_layer: int = 0
+    next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)  # queued CUDA receives
+    posted: dict[int, tuple[Tensor, Any]] = field(default_factory=dict)  # message -> buf, work
 
 
 def _normalize_device(device: torch.device | str) -> torch.device:
@@ -153,20 +155,25 @@ def _normalize_device(device: torch.device | str) -> torch.device:
 class KVChannel:
     """One end of a per-pair KV channel; rank 0 (prefill) sends, rank 1 (decode) receives.
 
-    Sender::
+    Sender (straight from the KV pool; the channel packs and checksums in one pass)::
 
-        ch.send_header(TransferHeader.for_spec(spec, transfer_id=..., epoch=..., ...))
-        for l in range(spec.num_layers):
-            ch.send_layer(packed[l])  # returns at once; don't write packed[l] until finish()
-        ch.finish()  # sends the trailer, waits until everything left (or raises)
+        h = TransferHeader.for_spec(spec, transfer_id=..., epoch=..., num_blocks=...,
+                                    num_tokens=..., layers_per_message=k)
+        ch.send_header(h)
+        for m in range(h.num_messages):      # layer-wise streaming: k = 1, one per layer
+            layers = h.message_layers(m)
+            ch.send_from_pool(pool[layers.start:layers.stop], block_ids)  # returns at once
+        ch.finish(first_token)  # sends the trailer, waits until everything left (or raises)
+
+    (:meth:`send_message` sends caller-packed ``[k_m, 2, n, bs, Hk, D]`` tensors instead.)
 
     Receiver::
 
         h = ch.recv_header()                  # waits for the doorbell; TransferTimeout if idle
         ch.match(h, tid, epoch, nblocks)      # fail closed: drains the transfer and raises
-        for l in range(h.num_layers):
-            buf = ch.recv_layer()             # reused staging buffer, valid until next call
-            unpack_kv(buf, cache[l], block_ids)
+        for m in range(h.num_messages):
+            layers = h.message_layers(m)
+            ch.recv_into_pool(pool[layers.start:layers.stop], block_ids)  # or recv_message()
         ch.verify()                           # TransferError on checksum mismatch / cancel
 
     Data reaching the caller's blocks before :meth:`verify` must not be used unless
@@ -203,8 +210,11 @@ class KVChannel:
         self._seq = 0
         self._tx: _TxState | None = None
         self._rx: _RxState | None = None
-        self._staging: Tensor | None = None
-        # Test hook: (layer, tensor) -> tensor actually sent, applied after the checksum.
+        # Two staging buffers, alternating by message (pack/receive m+1 while m moves), and on
+        # the sender the send that last read each one.
+        self._slots: list[Tensor | None] = [None, None]
+        self._slot_work: list[_Pending | None] = [None, None]
+        # Test hook: (message, tensor) -> tensor actually sent, applied after the checksum.
         self._send_hook: Callable[[int, Tensor], Tensor] | None = None
         # Stats of the last completed transfer, for metrics.
         self.last_transfer_seconds = 0.0
@@ -333,7 +343,8 @@ class KVChannel:
         del pg
         self._ns = None
         self._stores = []
-        self._staging = None
+        self._slots = [None, None]
+        self._slot_work = [None, None]
 
     def __enter__(self) -> KVChannel:
         return self
@@ -366,39 +377,65 @@ class KVChannel:
         self._tx = tx
         self._post_send(tx, t, _TAG_HEADER, "sending the header")
 
-    def send_layer(self, t: Tensor) -> None:
-        """Send the next layer's payload, a contiguous ``[2, n, bs, Hk, D]`` tensor.
-
-        Returns once the send is queued; ``t`` must not be written until :meth:`finish`.
-        On CUDA the send is ordered after the work queued so far on the current stream and
-        runs on the channel's stream, overlapping whatever the caller queues next. A bad
-        tensor (or one layer too many) cancels the transfer and raises ``ValueError``."""
+    def send_message(self, t: Tensor) -> None:
+        """Send the next message: its layers already packed, ``[k_m, 2, n, bs, Hk, D]``
+        (contiguous, the channel's dtype and device). Returns at once; don't write ``t``
+        until :meth:`finish`. A bad tensor cancels the transfer and raises ``ValueError``."""
         self._check_open()
-        tx = self._require_tx("send_layer")
-        h = tx.header
-        layer = tx.next_layer
-        problem = (
-            f"all {h.num_layers} layers were already sent"
-            if layer >= h.num_layers
-            else self._layer_problem(t, h.num_blocks)
-        )
+        tx = self._require_tx("send_message")
+        h, m = tx.header, tx.next_msg
+        problem = (f"all {h.num_layers} layers were already sent" if m >= h.num_messages
+                   else self._message_problem(t, h, m))
         if problem:
             self.cancel()
             raise ValueError(
-                f"send_layer for transfer {h.transfer_id}, layer {layer}: {problem}; "
+                f"sending transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
                 "the transfer was cancelled"
             )
-        sent = self._send_hook(layer, t) if self._send_hook is not None else t
-        tx.next_layer += 1
-        if h.bytes_per_layer:
-            # Queue the send first, so it does not wait for the checksum kernels; both only
-            # read ``t``.
-            self._post_send(tx, sent.reshape(-1).view(torch.uint8), _TAG_LAYER0 + layer,
-                            f"sending layer {layer}")
+        self._send_next(tx, t, None)  # queued first: the checksum only reads ``t`` too
         with self._side_stream():
             if self._stream is not None:
                 t.record_stream(self._stream)
-            tx.acc = _fold_layer(tx.acc, _checksum_tensor(t))
+            tx.acc += _checksum_tensor(t, self._word_offset(h, m))
+
+    def send_layer(self, t: Tensor) -> None:
+        """:meth:`send_message` for a one-layer message (``layers_per_message == 1``):
+        ``t`` is ``[2, n, bs, Hk, D]``."""
+        tx = self._require_tx("send_layer")
+        if tx.header.layers_per_message != 1:
+            raise ChannelError(
+                f"send_layer in transfer {tx.header.transfer_id}, whose messages hold "
+                f"{tx.header.layers_per_message} layers; use send_message"
+            )
+        self.send_message(t.unsqueeze(0))
+
+    def send_from_pool(self, caches: Tensor, block_ids: Tensor) -> None:
+        """Pack and send the next message straight from the KV pool: ``caches`` is the
+        message's layers of the pool, ``pool[l0:l1]`` ``[k_m, 2, N, bs, Hk, D]``, and
+        ``block_ids`` (int64 on the device) the request's blocks in order.
+
+        One kernel gathers the blocks into a staging buffer of the channel and takes the
+        message's checksum in the same pass; it runs on the channel's stream after the
+        caller's queued work (e.g. the layer's forward pass), and the send follows it. Two
+        staging buffers alternate: packing message m+1 overlaps sending message m."""
+        self._check_open()
+        tx = self._require_tx("send_from_pool")
+        h, m = tx.header, tx.next_msg
+        problem = (f"all {h.num_layers} layers were already sent" if m >= h.num_messages
+                   else self._pool_problem(caches, block_ids, h, m))
+        if problem:
+            self.cancel()
+            raise ValueError(
+                f"sending transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
+                "the transfer was cancelled"
+            )
+        staging = self._tx_staging(h, m)
+        with self._side_stream():
+            if self._stream is not None:
+                caches.record_stream(self._stream)
+                block_ids.record_stream(self._stream)
+            tx.acc += _pack(caches, block_ids, staging, self._word_offset(h, m))
+        self._send_next(tx, staging, m % 2)
 
     def finish(self, first_token: int = -1) -> None:
         """Send the trailer (with the checksum) and wait until the whole transfer left.
@@ -413,8 +450,8 @@ class KVChannel:
         self._check_open()
         tx = self._require_tx("finish")
         h = tx.header
-        if tx.next_layer != h.num_layers:
-            sent = tx.next_layer
+        if tx.next_msg != h.num_messages:
+            sent = h.message_layers(tx.next_msg).start
             self.cancel()
             raise ChannelError(
                 f"finish() after {sent} of {h.num_layers} layers of transfer "
@@ -425,35 +462,48 @@ class KVChannel:
 
     def cancel(self) -> None:
         """Sender: end the current transfer as cancelled (no-op when idle). The remaining
-        layers go out as zeros and the trailer tells the receiver to drop it."""
+        messages go out as zeros and the trailer tells the receiver to drop it."""
         tx = self._tx
         if tx is None:
             return
         self._check_open()
         h = tx.header
-        if tx.next_layer < h.num_layers and h.bytes_per_layer:
+        if tx.next_msg < h.num_messages and h.bytes_per_layer:
             with self._side_stream():
-                filler = torch.zeros(h.bytes_per_layer, dtype=torch.uint8, device=self.device)
-            for layer in range(tx.next_layer, h.num_layers):
-                self._post_send(tx, filler, _TAG_LAYER0 + layer, f"sending filler {layer}")
-        tx.next_layer = h.num_layers
+                filler = torch.zeros(h.layers_per_message * h.bytes_per_layer,
+                                     dtype=torch.uint8, device=self.device)
+            for m in range(tx.next_msg, h.num_messages):
+                nbytes = len(h.message_layers(m)) * h.bytes_per_layer
+                self._post_send(tx, filler[:nbytes], _TAG_LAYER0 + m,
+                                f"sending filler for {_what(h, m)}")
+        tx.next_msg = h.num_messages
         self._send_trailer(tx, STATUS_CANCELLED)
         self._complete_tx(tx, ok=False)
         logger.info("KV channel %r: transfer %d cancelled", self.name, h.transfer_id)
 
     def send_blocks(self, header: TransferHeader, layers: Iterable[Tensor]) -> None:
-        """:meth:`send_header`, :meth:`send_layer` for each tensor, :meth:`finish`. If
-        ``layers`` raises (e.g. packing failed), the transfer is cancelled and the error
-        re-raised."""
+        """:meth:`send_header`, :meth:`send_message` for each packed message (``[2, n, ...]``
+        layers are taken as one-layer messages), :meth:`finish`. If ``layers`` raises (e.g.
+        packing failed), the transfer is cancelled and the error re-raised."""
         self.send_header(header)
         try:
             for t in layers:
-                self.send_layer(t)
+                self.send_message(t.unsqueeze(0) if t.dim() == 5 else t)
         except Exception:
             if self._tx is not None and not self.closed:
                 self.cancel()
             raise
         self.finish()
+
+    def send_pool_blocks(self, header: TransferHeader, pool: Tensor, block_ids: Tensor,
+                         first_token: int = -1) -> None:
+        """A whole transfer from the pool ``[L, 2, N, bs, Hk, D]``: header, every message
+        with :meth:`send_from_pool`, trailer; waits until it left."""
+        self.send_header(header)
+        for m in range(header.num_messages):
+            layers = header.message_layers(m)
+            self.send_from_pool(pool[layers.start:layers.stop], block_ids)
+        self.finish(first_token)
 
     # ---- receiving (rank 1) ---------------------------------------------------------
 
@@ -517,48 +567,72 @@ class KVChannel:
                 self._drain_current()
             raise
 
-    def recv_layer(self, out: Tensor | None = None) -> Tensor:
-        """Receive the next layer into ``out`` (contiguous ``[2, n, bs, Hk, D]`` of the
+    def recv_message(self, out: Tensor | None = None) -> Tensor:
+        """Receive the next message ``[k_m, 2, n, bs, Hk, D]`` into ``out`` (contiguous, the
         channel's dtype and device) or, by default, into a staging buffer the channel reuses
         (valid until the next call; consume it on the current stream).
 
         CPU: returns when the data is there (``timeout_s``; on expiry the channel is
         aborted). CUDA: returns once the receive is queued, like any CUDA op: the data is
-        ordered before the caller's later work on its current stream, layers stream back to
-        back without a host round trip, and a stalled sender surfaces in :meth:`verify`
-        (deadline, then abort). Run the receive loop under a CUDA stream of its own so a
-        stalled transfer cannot hold up the decode stream. A bad ``out`` drains the transfer
-        and raises ``ValueError``."""
+        ordered before the caller's later work on its current stream, messages stream back
+        to back without a host round trip (into the staging buffers, the next message's
+        receive is posted before this one is handed out), and a stalled sender surfaces in
+        :meth:`verify` (deadline, then abort). Run the receive loop under a CUDA stream of
+        its own so a stalled transfer cannot hold up the decode stream. A bad ``out`` drains
+        the transfer and raises ``ValueError``."""
         self._check_open()
-        rx = self._require_rx("recv_layer")
-        h = rx.header
-        if rx.next_layer >= h.num_layers:
-            raise ChannelError(
-                f"all {h.num_layers} layers of transfer {h.transfer_id} were received; "
-                "call verify()"
-            )
+        rx = self._require_rx("recv_message")
+        h, m = rx.header, rx.next_msg
+        self._check_more(rx)
         if out is not None:
-            problem = self._layer_problem(out, h.num_blocks)
+            problem = self._message_problem(out, h, m)
             if problem:
                 self._drain_current()
                 raise ValueError(
-                    f"recv_layer for transfer {h.transfer_id}: bad out tensor: {problem}; "
-                    "the transfer was drained"
+                    f"receiving transfer {h.transfer_id}, {_what(h, m)}: bad out tensor: "
+                    f"{problem}; the transfer was drained"
                 )
-            buf = out
-        else:
-            buf = self._staging_view(h)
-        layer = rx.next_layer
-        if h.bytes_per_layer:
-            self._recv_into(buf.reshape(-1).view(torch.uint8), _TAG_LAYER0 + layer,
-                            f"receiving layer {layer}", rx)
+        buf = self._take_message(rx, out)
+        with self._side_stream():
+            rx.acc += _checksum_tensor(buf, self._word_offset(h, m))
+        self._join_side_stream()
+        return buf
+
+    def recv_layer(self, out: Tensor | None = None) -> Tensor:
+        """:meth:`recv_message` for a one-layer message: returns ``[2, n, bs, Hk, D]``."""
+        rx = self._require_rx("recv_layer")
+        if rx.header.layers_per_message != 1:
+            raise ChannelError(
+                f"recv_layer in transfer {rx.header.transfer_id}, whose messages hold "
+                f"{rx.header.layers_per_message} layers; use recv_message"
+            )
+        buf = self.recv_message(None if out is None else out.unsqueeze(0))[0]
+        return buf if out is None else out
+
+    def recv_into_pool(self, caches: Tensor, block_ids: Tensor) -> None:
+        """Receive the next message and scatter it into the pool: ``caches`` is the
+        message's layers of the pool, ``pool[l0:l1]``, and ``block_ids`` (int64 on the
+        device) the reserved blocks in the sender's order. One kernel unpacks and takes the
+        checksum; like :meth:`recv_message` it only queues work on CUDA. A bad argument
+        drains the transfer and raises ``ValueError``."""
+        self._check_open()
+        rx = self._require_rx("recv_into_pool")
+        h, m = rx.header, rx.next_msg
+        self._check_more(rx)
+        problem = self._pool_problem(caches, block_ids, h, m)
+        if problem:
+            self._drain_current()
+            raise ValueError(
+                f"receiving transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
+                "the transfer was drained"
+            )
+        buf = self._take_message(rx, None)
         with self._side_stream():
             if self._stream is not None:
-                buf.record_stream(self._stream)
-            rx.acc = _fold_layer(rx.acc, _checksum_tensor(buf))
+                caches.record_stream(self._stream)
+                block_ids.record_stream(self._stream)
+            rx.acc += _unpack(buf, caches, block_ids, self._word_offset(h, m))
         self._join_side_stream()
-        rx.next_layer += 1
-        return buf
 
     def verify(self) -> TransferHeader:
         """Receive the trailer and compare checksums; completes the transfer.
@@ -569,8 +643,8 @@ class KVChannel:
         self._check_open()
         rx = self._require_rx("verify")
         h = rx.header
-        if rx.next_layer != h.num_layers:
-            got = rx.next_layer
+        if rx.next_msg != h.num_messages:
+            got = h.message_layers(rx.next_msg).start
             self._drain_current()
             raise TransferError(
                 f"verify() after {got} of {h.num_layers} layers of transfer "
@@ -585,7 +659,7 @@ class KVChannel:
         if got_sum != sent_sum:
             raise TransferError(
                 f"checksum mismatch for transfer {h.transfer_id} (epoch {h.epoch}): "
-                f"sender {sent_sum:#x}, received {got_sum:#x}"
+                f"sender {sent_sum & _U64:#x}, received {got_sum & _U64:#x}"
             )
         self._record_stats(h, rx.started)
         if first_token != -1:
@@ -606,17 +680,30 @@ class KVChannel:
 
         ``resolve(header)`` looks up the caller's reservation, checks it (e.g. with
         :func:`match_header`; raise to reject) and returns a sink ``(layer, buf)`` that
-        consumes each layer (e.g. unpacks it into the reserved blocks). Rejections and sink
-        errors drain the transfer and re-raise; :meth:`verify` runs at the end."""
+        consumes each layer ``[2, n, bs, Hk, D]`` (e.g. unpacks it into the reserved
+        blocks). Rejections and sink errors drain the transfer and re-raise; :meth:`verify`
+        runs at the end."""
         header = self.recv_header(timeout_s)
         try:
             sink = resolve(header)
-            for layer in range(header.num_layers):
-                sink(layer, self.recv_layer())
+            for m in range(header.num_messages):
+                buf = self.recv_message()
+                for i, layer in enumerate(header.message_layers(m)):
+                    sink(layer, buf[i])
         except Exception:
             if not self.closed:
                 self._drain_current()
             raise
+        return self.verify()
+
+    def recv_pool_blocks(self, header: TransferHeader, pool: Tensor,
+                         block_ids: Tensor) -> TransferHeader:
+        """The rest of the transfer ``header`` (from :meth:`recv_header`) into the pool
+        ``[L, 2, N, bs, Hk, D]``: :meth:`recv_into_pool` for every message, then
+        :meth:`verify`."""
+        for m in range(header.num_messages):
+            layers = header.message_layers(m)
+            self.recv_into_pool(pool[layers.start:layers.stop], block_ids)
         return self.verify()
 
     # ---- internals ------------------------------------------------------------------
@@ -644,6 +731,14 @@ class KVChannel:
             raise ChannelError(f"{op} without a transfer in progress; recv_header() first")
         return self._rx
 
+    def _check_more(self, rx: _RxState) -> None:
+        h = rx.header
+        if rx.next_msg >= h.num_messages:
+            raise ChannelError(
+                f"all {h.num_layers} layers of transfer {h.transfer_id} were received; "
+                "call verify()"
+            )
+
     def _check_geometry(self, h: TransferHeader) -> None:
         if h.num_layers != self.spec.num_layers:
             raise ChannelError(
@@ -657,8 +752,8 @@ class KVChannel:
                 f"{h.num_blocks} blocks take {want}"
             )
 
-    def _layer_problem(self, t: Tensor, num_blocks: int) -> str | None:
-        shape = self.spec.layer_shape(num_blocks)
+    def _message_problem(self, t: Tensor, h: TransferHeader, m: int) -> str | None:
+        shape = (len(h.message_layers(m)), *self.spec.layer_shape(h.num_blocks))
         if tuple(t.shape) != shape:
             return f"shape {list(t.shape)}, expected {list(shape)}"
         if t.dtype != self.spec.torch_dtype:
@@ -668,6 +763,30 @@ class KVChannel:
         if not t.is_contiguous():
             return "not contiguous"
         return None
+
+    def _pool_problem(self, caches: Tensor, block_ids: Tensor, h: TransferHeader,
+                      m: int) -> str | None:
+        s = self.spec
+        k = len(h.message_layers(m))
+        if (caches.dim() != 6 or caches.shape[0] != k or caches.shape[1] != 2
+                or tuple(caches.shape[3:]) != (s.block_size, s.num_kv_heads, s.head_dim)):
+            return (f"pool layers of shape {list(caches.shape)}, expected "
+                    f"[{k}, 2, N, {s.block_size}, {s.num_kv_heads}, {s.head_dim}]")
+        if caches.dtype != s.torch_dtype:
+            return f"pool dtype {_dtype_name(caches.dtype)}, expected {s.dtype}"
+        if caches.device != self.device or block_ids.device != self.device:
+            return f"pool on {caches.device}, block ids on {block_ids.device}, expected " \
+                   f"{self.device}"
+        if not caches[0, 0, 0].is_contiguous():
+            return "pool blocks are not contiguous"
+        if block_ids.dtype != torch.int64 or tuple(block_ids.shape) != (h.num_blocks,):
+            return (f"block ids {_dtype_name(block_ids.dtype)}{list(block_ids.shape)}, "
+                    f"expected int64[{h.num_blocks}]")
+        return None
+
+    def _word_offset(self, h: TransferHeader, m: int) -> int:
+        """Position of message ``m``'s first 32-bit word in the transfer's payload."""
+        return h.message_layers(m).start * h.bytes_per_layer // 4
 
     def _side_stream(self) -> contextlib.AbstractContextManager[Any]:
         """Run on the channel's CUDA stream, after the caller's queued work (no-op on CPU)."""
@@ -681,14 +800,44 @@ class KVChannel:
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
-    def _staging_view(self, h: TransferHeader) -> Tensor:
-        nbytes = h.bytes_per_layer
-        if self._staging is None or self._staging.numel() < nbytes:
+    def _staging(self, slot: int, h: TransferHeader, m: int) -> Tensor:
+        """Staging buffer ``slot`` (0 or 1) as message ``m``'s ``[k_m, 2, n, ...]`` tensor;
+        grown when a transfer needs more (never shrunk: the next transfer reuses it)."""
+        nbytes = len(h.message_layers(m)) * h.bytes_per_layer
+        buf = self._slots[slot]
+        if buf is None or buf.numel() < nbytes:
             with self._side_stream():
-                self._staging = torch.empty(max(nbytes, 1), dtype=torch.uint8,
-                                            device=self.device)
-        view = self._staging[:nbytes].view(self.spec.torch_dtype)
-        return view.view(self.spec.layer_shape(h.num_blocks))
+                size = max(h.layers_per_message * h.bytes_per_layer, 1)
+                buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self._slots[slot] = buf
+        shape = (len(h.message_layers(m)), *self.spec.layer_shape(h.num_blocks))
+        return buf[:nbytes].view(self.spec.torch_dtype).view(shape)
+
+    def _tx_staging(self, h: TransferHeader, m: int) -> Tensor:
+        """The sender's staging buffer for message ``m``; the send that last read it must
+        have left first (a stream wait on CUDA, no host sync)."""
+        slot = m % 2
+        last, self._slot_work[slot] = self._slot_work[slot], None
+        if last is not None:
+            if self._is_cuda:
+                with self._side_stream():
+                    last.work.wait()
+            else:  # a Gloo work completes once: wait here, and not again in finish()
+                self._wait(last.work, time.monotonic() + self.timeout_s, "a previous send")
+                if self._tx is not None:
+                    self._tx.pending = [p for p in self._tx.pending if p is not last]
+        return self._staging(slot, h, m)
+
+    def _send_next(self, tx: _TxState, t: Tensor, slot: int | None) -> None:
+        """Post message ``tx.next_msg`` from ``t`` (staging buffer ``slot``, if one)."""
+        h, m = tx.header, tx.next_msg
+        sent = self._send_hook(m, t) if self._send_hook is not None else t
+        tx.next_msg += 1
+        if h.bytes_per_layer:
+            self._post_send(tx, sent.reshape(-1).view(torch.uint8), _TAG_LAYER0 + m,
+                            f"sending {_what(h, m)}")
+            if slot is not None:
+                self._slot_work[slot] = tx.pending[-1]
 
     def _post_send(self, tx: _TxState, t: Tensor, tag: int, what: str) -> None:
         try:
@@ -717,21 +866,55 @@ class KVChannel:
         for p in tx.pending:
             self._wait(p.work, deadline, f"transfer {tx.header.transfer_id}")
         tx.pending.clear()
+        self._slot_work = [None, None]
         self._tx = None
         if ok:
             self._record_stats(tx.header, tx.started)
 
-    def _recv_into(self, t: Tensor, tag: int, what: str, rx: _RxState | None = None) -> None:
-        """Receive into ``t``; blocks until it arrived, except for a layer (``rx`` given) on
-        CUDA: then the channel's stream waits for it and :meth:`_recv_trailer` checks it."""
+    def _take_message(self, rx: _RxState, out: Tensor | None) -> Tensor:
+        """Message ``rx.next_msg`` in ``out`` or a staging buffer, ordered before the
+        channel stream's later work. On CUDA, into staging, the next message's receive is
+        posted first, so it flows while this one is consumed."""
+        h, m = rx.header, rx.next_msg
+        rx.next_msg += 1
+        if not h.bytes_per_layer:
+            return out if out is not None else self._staging(m % 2, h, m)
+        if m not in rx.posted and out is not None:
+            self._post_recv(rx, m, out)
+        elif m not in rx.posted:
+            self._post_recv(rx, m, self._staging(m % 2, h, m))
+        if self._is_cuda and out is None and m + 1 < h.num_messages:
+            self._post_recv(rx, m + 1, self._staging((m + 1) % 2, h, m + 1))
+        buf, work = rx.posted.pop(m)
+        if self._is_cuda:
+            with self._side_stream():
+                work.wait()  # the channel's stream waits for the NCCL stream; no host sync
+            rx.pending.append(_Pending(work, buf))
+        else:
+            self._wait(work, time.monotonic() + self.timeout_s, f"receiving {_what(h, m)}")
+        if out is not None and buf is not out:  # posted ahead into staging
+            with self._side_stream():
+                out.copy_(buf)
+            return out
+        return buf
+
+    def _post_recv(self, rx: _RxState, m: int, buf: Tensor) -> None:
+        try:
+            with self._side_stream():
+                if self._stream is not None:
+                    buf.record_stream(self._stream)
+                work = self._pg.recv([buf.reshape(-1).view(torch.uint8)], self._peer,
+                                     _TAG_LAYER0 + m)
+        except Exception as e:
+            raise self._fail(f"receiving {_what(rx.header, m)} failed: {e}") from e
+        rx.posted[m] = (buf, work)
+
+    def _recv_into(self, t: Tensor, tag: int, what: str) -> None:
+        """Receive a header or trailer into ``t`` and wait until it arrived."""
         deadline = time.monotonic() + self.timeout_s
         try:
             with self._side_stream():
                 work = self._pg.recv([t], self._peer, tag)
-                if rx is not None and self._is_cuda:
-                    work.wait()  # the channel's stream waits for the NCCL stream; no host sync
-                    rx.pending.append(_Pending(work, t))
-                    return
         except Exception as e:
             raise self._fail(f"{what} failed: {e}") from e
         with self._side_stream():
@@ -762,12 +945,8 @@ class KVChannel:
             return
         self._check_open()
         h = rx.header
-        for layer in range(rx.next_layer, h.num_layers):
-            if h.bytes_per_layer:
-                buf = self._staging_view(h)
-                self._recv_into(buf.reshape(-1).view(torch.uint8), _TAG_LAYER0 + layer,
-                                f"draining layer {layer}", rx)
-        rx.next_layer = h.num_layers
+        while rx.next_msg < h.num_messages:
+            self._take_message(rx, None)
         self._recv_trailer(rx)
         self._rx = None
         logger.info("KV channel %r: transfer %d drained", self.name, h.transfer_id)
@@ -804,6 +983,28 @@ class KVChannel:
         self.last_transfer_bytes = h.payload_bytes
         self.total_transfers += 1
         self.total_bytes += h.payload_bytes
+
+
+def _what(h: TransferHeader, m: int) -> str:
+    """``"layer 3"`` or ``"layers 4-7"``: what message ``m`` carries, for errors."""
+    layers = h.message_layers(m)
+    if len(layers) == 1:
+        return f"layer {layers.start}"
+    return f"layers {layers.start}-{layers.stop - 1}"
+
+
+def _pack(caches: Tensor, block_ids: Tensor, out: Tensor, word_offset: int) -> Tensor:
+    """Fused pack + checksum share (Triton on a GPU, the torch reference elsewhere)."""
+    if out.is_cuda:
+        return kernels.kv_pack.pack_kv_checksum(caches, block_ids, out, word_offset)
+    return kernels.kv_pack.pack_kv_checksum_ref(caches, block_ids, out, word_offset)
+
+
+def _unpack(buf: Tensor, caches: Tensor, block_ids: Tensor, word_offset: int) -> Tensor:
+    """Fused unpack + checksum share (Triton on a GPU, the torch reference elsewhere)."""
+    if buf.is_cuda:
+        return kernels.kv_pack.unpack_kv_checksum(buf, caches, block_ids, word_offset)
+    return kernels.kv_pack.unpack_kv_checksum_ref(buf, caches, block_ids, word_offset)
 
 
 # --------------------------------------------------------------------------------------

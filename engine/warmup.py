@@ -12,6 +12,7 @@ from engine.kv_cache import BlockAllocator
 from engine.kv_protocol import kv_checksum
 from engine.runner import DecodeItem, ModelRunner, PrefillItem
 from engine.weights import load_model_config
+from kernels.kv_pack import pack_kv_checksum, unpack_kv_checksum
 
 
 def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
@@ -36,14 +37,23 @@ def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
                 runner.prefill([PrefillItem([1, 2, 3], bs, ids)])
         if decode:
             runner.decode([DecodeItem(1, 0, ids[:1])])
-        pool = runner.kv_pool
-        block = torch.tensor(ids[:1], dtype=torch.int64, device=pool.device)
-        buf = torch.empty((2, 1, *pool.shape[3:]), dtype=pool.dtype, device=pool.device)
-        runner.model.ops.pack_kv(pool[0], block, buf)
-        runner.model.ops.unpack_kv(buf, pool[0], block)
-        kv_checksum(buf)
+        _warm_transfer_kernels(runner.kv_pool, ids[0])
     finally:
         allocator.free(ids)
+
+
+def _warm_transfer_kernels(pool: torch.Tensor, block: int) -> None:
+    """The KV channel's fused pack/unpack + checksum kernels, both directions, for the block
+    counts Triton specializes on (1, a multiple of 16, any other), and the plain checksum.
+    Only scratch block ``block`` is touched."""
+    if pool.device.type != "cuda":
+        return
+    for n in (1, 3, 16):
+        ids = torch.full((n,), block, dtype=torch.int64, device=pool.device)
+        buf = torch.empty((1, 2, n, *pool.shape[3:]), dtype=pool.dtype, device=pool.device)
+        pack_kv_checksum(pool[:1], ids, buf, 0)
+        unpack_kv_checksum(buf, pool[:1], ids, 0)
+        kv_checksum(buf)
 
 
 def start_runner(cfg: WorkerConfig) -> tuple[ModelConfig, ModelRunner, BlockAllocator]:

@@ -18,12 +18,12 @@ _CHUNK = 1 << 22  # words per step of the reference: bounded int64 temporaries
 
 
 @jit
-def _checksum_kernel(words_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+def _checksum_kernel(words_ptr, partial_ptr, n, word_offset, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w = tl.load(words_ptr + offs, mask=mask, other=0).to(tl.int64) & 0xFFFFFFFF
-    weight = ((offs * 2654435761) & 0x7FFFFFFF) | 1  # _GOLDEN (no globals in kernels)
+    weight = (((word_offset + offs) * 2654435761) & 0x7FFFFFFF) | 1  # _GOLDEN
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, w * weight, 0), axis=0))
 
 
@@ -36,19 +36,22 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return b.view(torch.int32)
 
 
-def kv_checksum_ref(t: torch.Tensor) -> torch.Tensor:
-    """The checksum of contiguous ``t`` as a 0-d int64 tensor on its device."""
+def kv_checksum_ref(t: torch.Tensor, word_offset: int = 0) -> torch.Tensor:
+    """The checksum of contiguous ``t`` as a 0-d int64 tensor on its device. With
+    ``word_offset``, ``t``'s words count from that position: the checksum of a payload sent
+    in pieces is the (wrapping) sum of the pieces' checksums at their offsets."""
     words = _words(t)
     acc = torch.zeros((), dtype=torch.int64, device=t.device)
     for start in range(0, words.numel(), _CHUNK):
         w = words[start:start + _CHUNK].to(torch.int64).bitwise_and_(0xFFFFFFFF)
-        pos = torch.arange(start, start + w.numel(), dtype=torch.int64, device=t.device)
+        pos = torch.arange(word_offset + start, word_offset + start + w.numel(),
+                           dtype=torch.int64, device=t.device)
         weight = pos.mul_(_GOLDEN).bitwise_and_(0x7FFFFFFF).bitwise_or_(1)
         acc += (w * weight).sum()
     return acc
 
 
-def kv_checksum(t: torch.Tensor, block: int = 4096) -> torch.Tensor:
+def kv_checksum(t: torch.Tensor, word_offset: int = 0, block: int = 4096) -> torch.Tensor:
     """Triton launcher of :func:`kv_checksum_ref` (same value); no host sync."""
     assert t.is_contiguous(), "checksum needs a contiguous tensor"
     words = _words(t)
@@ -57,5 +60,5 @@ def kv_checksum(t: torch.Tensor, block: int = 4096) -> torch.Tensor:
     if n == 0:
         return partial[:1].zero_().sum()
     check_launch(words, partial)
-    _checksum_kernel[(cdiv(n, block),)](words, partial, n, BLOCK=block)
+    _checksum_kernel[(cdiv(n, block),)](words, partial, n, word_offset, BLOCK=block)
     return partial.sum()

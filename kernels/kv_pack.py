@@ -1,63 +1,123 @@
 # mypy: disable-error-code="no-untyped-def"
-"""Gather one request's KV blocks of one layer into a contiguous buffer (pack, on the prefill
-side before sending) and scatter a received buffer into the receiver's blocks (unpack)."""
+"""Gather one request's KV blocks into a contiguous transfer buffer (pack, on the prefill side
+before sending) and scatter a received buffer into the receiver's blocks (unpack).
+
+One kernel does both directions over ``k`` consecutive layers at once (the KV channel moves a
+request's KV in messages of several layers), and can fold the transfer checksum
+(:mod:`kernels.kv_checksum`) into the same pass, so the payload is read once: each program
+also writes the weighted sum of the 32-bit words it moved to a partials buffer.
+
+The copy runs over 32-bit words when a block's ``[bs, Hk, D]`` payload allows it (it always
+does for 16- and 32-bit dtypes with an even head_dim), elements otherwise (no checksum then).
+"""
 
 import torch
 
 from kernels._triton import cdiv, check_launch, jit, tl
+from kernels.kv_checksum import kv_checksum_ref
 
 
 @jit
-def _copy_blocks_kernel(
-    cache_ptr, buf_ptr, ids_ptr,
-    num_ids, block_elems, stride_cache_kv, stride_cache_block,
-    TO_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
+def _move_blocks_kernel(
+    cache_ptr, buf_ptr, ids_ptr, partial_ptr,
+    num_ids, block_elems, stride_layer, stride_kv, stride_block, word_offset,
+    TO_BUFFER: tl.constexpr, CHECKSUM: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # grid: (n blocks, K or V, chunks of one block's bs*Hk*D contiguous elements)
+    # grid: (n blocks, k layers x {K, V}, chunks of one block's bs*Hk*D contiguous elements)
     i = tl.program_id(0).to(tl.int64)
-    kv = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    lkv = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2).to(tl.int64)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < block_elems
     block = tl.load(ids_ptr + i).to(tl.int64)
-    cache_off = kv * stride_cache_kv + block * stride_cache_block + offs
-    buf_off = (kv * num_ids + i) * block_elems + offs
+    cache_off = (lkv // 2) * stride_layer + (lkv % 2) * stride_kv + block * stride_block + offs
+    buf_off = (lkv * num_ids + i) * block_elems + offs
     if TO_BUFFER:
         x = tl.load(cache_ptr + cache_off, mask=mask)
         tl.store(buf_ptr + buf_off, x, mask=mask)
     else:
         x = tl.load(buf_ptr + buf_off, mask=mask)
         tl.store(cache_ptr + cache_off, x, mask=mask)
+    if CHECKSUM:
+        # kv_checksum's word weights at the words' positions in the whole transfer
+        w = x.to(tl.int64) & 0xFFFFFFFF
+        weight = (((word_offset + buf_off) * 2654435761) & 0x7FFFFFFF) | 1
+        pid = (i * tl.num_programs(1) + lkv) * tl.num_programs(2) + chunk
+        tl.store(partial_ptr + pid, tl.sum(tl.where(mask, w * weight, 0), axis=0))
 
 
-def _launch(layer_cache: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor,
-            to_buffer: bool) -> None:
-    check_launch(layer_cache, buf, block_ids)
-    assert layer_cache.dim() == 5 and layer_cache.shape[0] == 2, layer_cache.shape
+def _word_view(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` with its last dim reinterpreted as 32-bit words, when its bytes allow it."""
+    row = t.shape[-1] * t.element_size()
+    if row % 4 or t.data_ptr() % 4 or t.stride(-1) != 1:
+        return None
+    if any(s * t.element_size() % 4 for s in t.stride()[:-1]):
+        return None
+    return t.view(torch.uint8).view(torch.int32) if t.dtype != torch.int32 else t
+
+
+def _check(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor) -> None:
+    check_launch(caches, buf, block_ids)
+    assert caches.dim() == 6 and caches.shape[1] == 2, caches.shape
     n = block_ids.shape[0]
     assert block_ids.dim() == 1 and block_ids.dtype == torch.int64, block_ids.dtype
-    assert buf.shape == (2, n, *layer_cache.shape[2:]), (buf.shape, layer_cache.shape)
-    assert buf.dtype == layer_cache.dtype and buf.is_contiguous()
+    assert buf.shape == (caches.shape[0], 2, n, *caches.shape[3:]), (buf.shape, caches.shape)
+    assert buf.dtype == caches.dtype and buf.is_contiguous()
     # Each block's [bs, Hk, D] payload must be one contiguous run (true of the pool layout).
-    assert layer_cache[0, 0].is_contiguous(), layer_cache.stride()
-    if n == 0:
-        return
-    block_elems = layer_cache[0, 0].numel()
-    chunk = min(4096, 1 << max(0, (block_elems - 1).bit_length()))
-    _copy_blocks_kernel[(n, 2, cdiv(block_elems, chunk))](
-        layer_cache, buf, block_ids,
-        n, block_elems, layer_cache.stride(0), layer_cache.stride(1),
-        TO_BUFFER=to_buffer, BLOCK=chunk, num_warps=4,
+    assert caches[0, 0, 0].is_contiguous(), caches.stride()
+
+
+def _launch(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor,
+            to_buffer: bool, word_offset: int | None) -> torch.Tensor | None:
+    """Move ``block_ids`` of ``caches`` [k, 2, N, bs, Hk, D] to/from ``buf`` [k, 2, n, ...];
+    with ``word_offset`` also return the checksum contribution (0-d int64) of ``buf``'s
+    words taken at positions ``word_offset + i``."""
+    _check(caches, buf, block_ids)
+    n = block_ids.shape[0]
+    checksum = word_offset is not None
+    if n == 0 or caches.shape[0] == 0:
+        return torch.zeros((), dtype=torch.int64, device=buf.device) if checksum else None
+    cw, bw = _word_view(caches), _word_view(buf)
+    if cw is None or bw is None:
+        assert not checksum, "the checksum needs 32-bit-word aligned KV rows"
+        cw, bw = caches, buf
+    block_elems = cw[0, 0, 0].numel()
+    chunk = min(2048, 1 << max(0, (block_elems - 1).bit_length()))
+    grid = (n, 2 * caches.shape[0], cdiv(block_elems, chunk))
+    partial = torch.empty(grid[0] * grid[1] * grid[2] if checksum else 1, dtype=torch.int64,
+                          device=buf.device)
+    _move_blocks_kernel[grid](
+        cw, bw, block_ids, partial,
+        n, block_elems, cw.stride(0), cw.stride(1), cw.stride(2), word_offset or 0,
+        TO_BUFFER=to_buffer, CHECKSUM=checksum, BLOCK=chunk, num_warps=4,
     )
+    return partial.sum() if checksum else None
 
 
 def pack_kv(layer_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor) -> None:
     """Triton launcher; same contract as :func:`pack_kv_ref`."""
-    _launch(layer_cache, out, block_ids, to_buffer=True)
+    _launch(layer_cache[None], out[None], block_ids, True, None)
 
 
 def unpack_kv(buf: torch.Tensor, layer_cache: torch.Tensor, block_ids: torch.Tensor) -> None:
     """Triton launcher; same contract as :func:`unpack_kv_ref`."""
-    _launch(layer_cache, buf, block_ids, to_buffer=False)
+    _launch(layer_cache[None], buf[None], block_ids, False, None)
+
+
+def pack_kv_checksum(caches: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor,
+                     word_offset: int) -> torch.Tensor:
+    """Triton launcher; same contract as :func:`pack_kv_checksum_ref`."""
+    part = _launch(caches, out, block_ids, True, word_offset)
+    assert part is not None
+    return part
+
+
+def unpack_kv_checksum(buf: torch.Tensor, caches: torch.Tensor, block_ids: torch.Tensor,
+                       word_offset: int) -> torch.Tensor:
+    """Triton launcher; same contract as :func:`unpack_kv_checksum_ref`."""
+    part = _launch(caches, buf, block_ids, False, word_offset)
+    assert part is not None
+    return part
 
 
 def pack_kv_ref(layer_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -68,3 +128,22 @@ def pack_kv_ref(layer_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.T
 def unpack_kv_ref(buf: torch.Tensor, layer_cache: torch.Tensor, block_ids: torch.Tensor) -> None:
     """``buf: [2, n, bs, Hk, D]`` -> the blocks ``block_ids`` of ``layer_cache``."""
     layer_cache.index_copy_(1, block_ids.long(), buf)
+
+
+def pack_kv_checksum_ref(caches: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor,
+                         word_offset: int) -> torch.Tensor:
+    """Pack ``k`` layers, ``caches: [k, 2, N, bs, Hk, D]`` -> ``out: [k, 2, n, bs, Hk, D]``,
+    and return ``kv_checksum_ref(out, word_offset)``: ``out``'s share of the checksum of a
+    transfer in which its first 32-bit word sits at position ``word_offset``."""
+    for layer in range(caches.shape[0]):
+        pack_kv_ref(caches[layer], block_ids, out[layer])
+    return kv_checksum_ref(out, word_offset)
+
+
+def unpack_kv_checksum_ref(buf: torch.Tensor, caches: torch.Tensor, block_ids: torch.Tensor,
+                           word_offset: int) -> torch.Tensor:
+    """Scatter ``buf: [k, 2, n, bs, Hk, D]`` into ``caches: [k, 2, N, ...]`` and return
+    ``kv_checksum_ref(buf, word_offset)`` (see :func:`pack_kv_checksum_ref`)."""
+    for layer in range(caches.shape[0]):
+        unpack_kv_ref(buf[layer], caches[layer], block_ids)
+    return kv_checksum_ref(buf, word_offset)

@@ -1,8 +1,9 @@
-"""One request's KV on its way out: header, one packed layer at a time, trailer.
+"""One request's KV on its way out: header, messages of packed layers, trailer.
 
-Used two ways by the prefill worker: layer-wise during the forward pass (layer l leaves
-while layer l+1 computes; on GPU the channel sends on its own stream), or in one go from
-the send thread when the request's channel was busy with another transfer.
+Used two ways by the prefill worker: layer-wise during the forward pass (one layer per
+message: layer l leaves while layer l+1 computes; on GPU the channel packs and sends on its
+own stream), or in one go from the send thread when the request's channel was busy with
+another transfer (a few large messages of several layers each).
 """
 
 from __future__ import annotations
@@ -12,34 +13,35 @@ import time
 
 import torch
 
+from engine.kv_protocol import layers_per_message
 from engine.kv_transfer import KVChannel, TransferHeader
-from kernels.ops import KernelOps
 from prefill_worker.scheduler import PrefillSeq
 
 
 class OutgoingKV:
-    """Streams ``seq``'s blocks from ``pool`` [L, 2, N, bs, Hk, D] over ``channel``.
+    """Streams ``seq``'s blocks from ``pool`` [L, 2, N, bs, Hk, D] over ``channel``:
+    ``layerwise`` one layer per message as the forward pass produces them, else in messages
+    of about :data:`engine.kv_protocol.MESSAGE_BYTES`.
 
     The caller holds ``lock`` (the channel's: one transfer at a time per channel) from
     :meth:`start` until :meth:`finish` or :meth:`cancel` returns.
     """
 
     def __init__(self, seq: PrefillSeq, channel: KVChannel, lock: threading.Lock,
-                 pool: torch.Tensor, ops: KernelOps) -> None:
+                 pool: torch.Tensor, layerwise: bool) -> None:
         self.seq = seq
         self.channel = channel
         self.lock = lock
         self.pool = pool
-        self.ops = ops
         self.ids = torch.tensor(seq.block_ids, dtype=torch.int64, device=pool.device)
-        # One staging slice per layer: sends are asynchronous, so a layer's buffer stays
-        # untouched until finish().
-        self.staging = torch.empty((pool.shape[0], 2, len(seq.block_ids), *pool.shape[3:]),
-                                   dtype=pool.dtype, device=pool.device)
         lease = seq.task.lease
+        spec = channel.spec
+        per_message = 1 if layerwise else layers_per_message(
+            spec.layer_bytes(len(seq.block_ids)), spec.num_layers)
         self.header = TransferHeader.for_spec(
-            channel.spec, transfer_id=lease.transfer_id, epoch=lease.epoch,
+            spec, transfer_id=lease.transfer_id, epoch=lease.epoch,
             num_blocks=len(seq.block_ids), num_tokens=len(seq.task.token_ids),
+            layers_per_message=per_message,
         )
         self.started = 0.0
         self.error = ""  # set when a layer failed to go out; the rest is then skipped
@@ -53,8 +55,9 @@ class OutgoingKV:
         self.channel.send_header(self.header)
 
     def send_layer(self, layer: int) -> None:
-        self.ops.pack_kv(self.pool[layer], self.ids, self.staging[layer])
-        self.channel.send_layer(self.staging[layer])
+        """Layer-wise: ``layer`` of the pool, packed and sent on the channel's stream after
+        the work queued so far (the layer's forward pass)."""
+        self.channel.send_from_pool(self.pool[layer:layer + 1], self.ids)
 
     def send_layer_safely(self, layer: int) -> None:
         """For the forward pass's layer hook: a failing transfer must not fail the step
@@ -67,8 +70,11 @@ class OutgoingKV:
             self.error = f"{type(e).__name__}: {e}"
 
     def send_all_layers(self) -> None:
-        for layer in range(self.pool.shape[0]):
-            self.send_layer(layer)
+        """Every message of a complete request's KV."""
+        h = self.header
+        for m in range(h.num_messages):
+            layers = h.message_layers(m)
+            self.channel.send_from_pool(self.pool[layers.start:layers.stop], self.ids)
 
     def finish(self, first_token: int) -> float:
         """Trailer (with the first token) out, wait until all left; returns seconds."""

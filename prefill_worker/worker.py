@@ -199,7 +199,7 @@ class PrefillWorker:
             if lock is None or not lock.acquire(blocking=False):
                 continue
             out = OutgoingKV(seq, self._channels[lease.worker], lock, self.runner.kv_pool,
-                             self.runner.model.ops)
+                             layerwise=True)
             try:
                 out.start()
             except Exception as e:
@@ -256,7 +256,7 @@ class PrefillWorker:
             seconds, nbytes, error = 0.0, 0, ""
             with lock:
                 out = OutgoingKV(seq, self._channels[worker], lock, self.runner.kv_pool,
-                                 self.runner.model.ops)
+                                 layerwise=False)
                 try:
                     out.start()
                     out.send_all_layers()

@@ -22,6 +22,7 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:  # a bare ``pytest`` does not put the repository on sys.path
     sys.path.insert(0, _ROOT)
 
+from engine.kv_protocol import layers_per_message  # noqa: E402
 from engine.kv_transfer import (  # noqa: E402
     HEADER_SLOTS,
     ChannelClosed,
@@ -215,6 +216,20 @@ def test_header_round_trip_and_garbage() -> None:
         dataclasses.replace(h, epoch=-1)
 
 
+def test_header_messages() -> None:
+    h = dataclasses.replace(_header(SPEC, tid=3, num_blocks=2), layers_per_message=2)
+    assert TransferHeader.from_tensor(h.to_tensor()) == h
+    assert h.num_messages == 2  # 3 layers: [0, 1], [2]
+    assert [list(h.message_layers(m)) for m in range(h.num_messages)] == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="layers_per_message=4 exceeds num_layers=3"):
+        dataclasses.replace(h, layers_per_message=4)
+    with pytest.raises(ValueError, match="layers_per_message"):
+        dataclasses.replace(h, layers_per_message=0)
+    assert layers_per_message(16 << 20, 32) == 4
+    assert layers_per_message(200 << 20, 32) == 1
+    assert layers_per_message(1, 32) == 32
+
+
 def test_match_header_fails_closed() -> None:
     h = _header(SPEC, tid=17, num_blocks=5, epoch=3)
     match_header(h, 17, 3, 5)
@@ -297,6 +312,122 @@ def test_recv_into_caller_buffer(decode_store: Any) -> None:
             assert torch.equal(a, b)
 
 
+def _pool(spec: ChannelSpec, num_blocks: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads,
+             spec.head_dim)
+    return torch.randn(shape, generator=g).to(spec.torch_dtype)
+
+
+@pytest.mark.parametrize("per_message", [1, 2, 3])
+def test_pool_round_trip_in_messages(decode_store: Any, per_message: int) -> None:
+    """send_from_pool / recv_into_pool: the blocks land in the receiver's own block ids, in
+    messages of 1, 2 (3 layers: 2 + 1) and 3 layers; the checksum the receiver verified is
+    kv_checksum of the whole packed payload; the next transfer (other k) lines up."""
+    src = _pool(SPEC, 9, seed=per_message)
+    src_ids = torch.tensor([7, 0, 4, 8])
+    dst = torch.zeros_like(src)
+    dst_ids = torch.tensor([1, 5, 2, 6])
+    with _pair(decode_store) as (tx, rx):
+        def send() -> None:
+            for tid, k in ((40, per_message), (41, 1)):
+                h = dataclasses.replace(_header(SPEC, tid, 4), layers_per_message=k)
+                tx.send_pool_blocks(h, src, src_ids, first_token=tid)
+
+        def recv() -> list[int]:
+            tokens = []
+            for tid in (40, 41):
+                h = rx.recv_header()
+                rx.match(h, tid, 1, 4)
+                dst.zero_()
+                tokens.append(rx.recv_pool_blocks(h, dst, dst_ids).first_token)
+                assert torch.equal(dst[:, :, dst_ids], src[:, :, src_ids])
+                others = [i for i in range(9) if i not in dst_ids.tolist()]
+                assert not dst[:, :, others].any()
+            return tokens
+
+        _, tokens = _both(send, recv)
+        assert tokens == [40, 41]
+        assert tx.last_transfer_bytes == rx.last_transfer_bytes == 3 * SPEC.layer_bytes(4)
+
+
+def test_messages_and_checksum_cover_the_whole_payload(decode_store: Any) -> None:
+    """recv_message hands out [k_m, 2, n, ...] messages; a corrupted second message of a
+    2-layer-message transfer is caught; caller-packed messages send_message and pool
+    messages agree on the checksum (the same transfer either way)."""
+    src = _pool(SPEC, 5, seed=11)
+    ids = torch.tensor([3, 1])
+    packed = src[:, :, ids].contiguous()  # [L, 2, n, ...]
+    with _pair(decode_store) as (tx, rx):
+        def send() -> None:
+            h = dataclasses.replace(_header(SPEC, 50, 2), layers_per_message=2)
+            tx.send_header(h)
+            tx.send_message(packed[0:2])
+            tx.send_message(packed[2:3])
+            tx.finish()
+            tx._send_hook = lambda m, t: t.neg() if m == 1 else t
+            tx.send_pool_blocks(dataclasses.replace(h, transfer_id=51), src, ids)
+            tx._send_hook = None
+
+        def recv() -> list[torch.Tensor]:
+            h = rx.recv_header()
+            got = [rx.recv_message().clone() for _ in range(h.num_messages)]
+            rx.verify()
+            h = rx.recv_header()
+            rx.recv_message()
+            with pytest.raises(ValueError, match="bad out tensor: shape"):
+                rx.recv_message(torch.empty(2, *SPEC.layer_shape(2)))  # 1 layer left
+            h = rx.recv_header()  # the bad out drained transfer 51; send it again below
+            return got
+
+        def send_again() -> None:
+            send()
+            h = dataclasses.replace(_header(SPEC, 52, 2), layers_per_message=2)
+            tx._send_hook = lambda m, t: t.neg() if m == 1 else t
+            tx.send_pool_blocks(h, src, ids)
+            tx._send_hook = None
+
+        def recv_corrupt() -> list[torch.Tensor]:
+            got = recv()
+            dst = torch.zeros_like(src)
+            with pytest.raises(TransferError, match="checksum mismatch for transfer 52"):
+                rx.recv_pool_blocks(rx._rx.header if rx._rx else rx.recv_header(), dst, ids)
+            return got
+
+        _, got = _both(send_again, recv_corrupt)
+        assert [tuple(g.shape) for g in got] == [(2, *SPEC.layer_shape(2)),
+                                                 (1, *SPEC.layer_shape(2))]
+        assert torch.equal(torch.cat(got), packed)
+
+
+def test_pool_arguments_are_checked(decode_store: Any) -> None:
+    src = _pool(SPEC, 4, seed=2)
+    with _pair(decode_store) as (tx, rx):
+        def send() -> None:
+            h = _header(SPEC, 60, 2)
+            tx.send_header(h)
+            with pytest.raises(ValueError, match="expected int64\\[2\\]"):
+                tx.send_from_pool(src[0:1], torch.tensor([0, 1, 2]))  # cancels transfer 60
+            tx.send_header(dataclasses.replace(h, transfer_id=61))
+            with pytest.raises(ValueError, match="pool layers of shape"):
+                tx.send_from_pool(src[0:2], torch.tensor([0, 1]))  # 2 layers, k = 1
+            tx.send_pool_blocks(dataclasses.replace(h, transfer_id=62), src,
+                                torch.tensor([0, 1]))
+
+        def recv() -> None:
+            for tid in (60, 61):
+                h = rx.recv_header()
+                assert h.transfer_id == tid
+                with pytest.raises(TransferError, match=f"transfer {tid} was cancelled"):
+                    rx.recv_pool_blocks(h, torch.zeros_like(src), torch.tensor([2, 3]))
+            h = rx.recv_header()
+            with pytest.raises(ValueError, match="pool dtype"):
+                rx.recv_into_pool(src[0:1].double(), torch.tensor([2, 3]))
+            assert not rx.busy  # drained
+
+        _both(send, recv)
+
+
 @pytest.mark.parametrize(
     ("field", "prefill_value", "decode_value"),
     [
@@ -343,11 +474,11 @@ def test_handshake_lists_every_difference(decode_store: Any) -> None:
 
 def test_corrupted_payload_detected_then_next_transfer_ok(decode_store: Any) -> None:
     with _pair(decode_store) as (tx, rx):
-        def corrupt(layer: int, t: torch.Tensor) -> torch.Tensor:
-            if layer != 1:
+        def corrupt(message: int, t: torch.Tensor) -> torch.Tensor:
+            if message != 1:
                 return t
-            bad = t.clone()
-            bad[1, 0, 2, 1, 3] += 1.0
+            bad = t.clone()  # [1, 2, n, bs, Hk, D]: one layer per message
+            bad[0, 1, 0, 2, 1, 3] += 1.0
             return bad
 
         def send() -> None:
