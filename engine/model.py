@@ -115,7 +115,29 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Project hidden states [N, H] to float32 logits [N, V] (into ``out`` [N, V] float32
-        when given: a CUDA graph's fixed output buffer)."""
-        if out is None:
-            return F.linear(hidden, self.w["lm_head"]).float()
-        return out.copy_(F.linear(hidden, self.w["lm_head"]))
+        when given: a CUDA graph's fixed output buffer). On a GPU a bf16/fp16 model's GEMM
+        accumulates and writes float32 directly: rounding the logits to bf16 first (2**-8
+        relative) would turn near-ties into flips of the top token."""
+        logits = _linear_f32(hidden, self.w["lm_head"])
+        return logits if out is None else out.copy_(logits)
+
+
+def _linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` as float32. Low-precision CUDA inputs use cuBLAS's float32 output
+    (``torch.mm(..., out_dtype=)``) where this torch has it; elsewhere the product is
+    computed in the inputs' dtype and widened."""
+    global _F32_MM
+    if x.dtype == torch.float32 or not x.is_cuda or _F32_MM is False:
+        return F.linear(x, w).float()
+    if _F32_MM is None:  # probed once, eagerly (warm-up runs before any graph capture)
+        try:
+            y = torch.mm(x, w.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _F32_MM = False
+            return F.linear(x, w).float()
+        _F32_MM = True
+        return y
+    return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+
+_F32_MM: bool | None = None  # whether torch.mm takes out_dtype on this build

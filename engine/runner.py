@@ -43,14 +43,15 @@ def activation_reserve_bytes(
     graph_batch: int,
 ) -> int:
     """GPU memory to keep free beside weights and KV: the live tensors of one layer for a
-    ``max_batch_tokens`` prefill step (x, residual, normed, qkv, attention out, gate_up, SiLU
-    product), twice for the caching allocator's fragmentation; the CUDA-graph pool (the same
+    ``max_batch_tokens`` prefill step (x, the float32 residual, normed, qkv, attention out,
+    gate_up, SiLU product), twice for the caching allocator's fragmentation; the CUDA-graph pool (the same
     per token for ``graph_batch`` rows, plus their logits); the float32 logits and sampler
     temporaries of ``max_num_seqs`` rows; and a fixed slack."""
     item = torch.empty((), dtype=dtype).element_size()
     c = config
-    per_token = item * (4 * c.hidden_size + 2 * c.q_size + 2 * c.kv_size
-                        + 3 * c.intermediate_size)
+    # x and normed in the model's dtype, the float32 residual stream (in and out)
+    per_token = (item * (2 * c.hidden_size + 2 * c.q_size + 2 * c.kv_size
+                         + 3 * c.intermediate_size) + 4 * 2 * c.hidden_size)
     logits_row = c.vocab_size * (item + 4)
     prefill = 2 * max_batch_tokens * per_token
     graphs = graph_batch * (per_token + logits_row)

@@ -33,8 +33,9 @@ class RmsNormFn(Protocol):
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x, residual: [T, H]``, ``weight: [H]``. ``r = x (+ residual)``; returns
-        ``(rmsnorm(r) * weight, r)`` (HF LlamaRMSNorm numerics)."""
+        """``x: [T, H]``, ``residual: [T, H]`` float32 (the residual stream), ``weight: [H]``.
+        ``r = x (+ residual)`` in float32; returns ``(rmsnorm(r) * weight, r)``, the first
+        in ``x``'s dtype (HF LlamaRMSNorm numerics in float32)."""
         ...
 
 

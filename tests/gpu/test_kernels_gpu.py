@@ -124,7 +124,7 @@ def test_decode_cuda_graph() -> None:
 def test_elementwise(dtype: torch.dtype) -> None:
     gen = torch.Generator(device=DEV).manual_seed(0)
     x = torch.randn(333, 4096, generator=gen, device=DEV).to(dtype)
-    res = torch.randn(333, 4096, generator=gen, device=DEV).to(dtype)
+    res = torch.randn(333, 4096, generator=gen, device=DEV)  # the float32 residual stream
     w = torch.randn(4096, generator=gen, device=DEV).to(dtype)
     out, r = rms_norm(x, w, 1e-5, res)
     out_ref, r_ref = rms_norm_ref(x, w, 1e-5, res)
