@@ -7,7 +7,8 @@
   and torch SDPA's time (``enable_gqa=True``, contiguous ``[B, Hk, ctx, D]`` K/V) over ours;
   both timed as CUDA-graph replays, as decode steps run in serving;
 - prefill attention: TFLOP/s, and ours over torch SDPA causal (K/V expanded to all heads);
-- KV pack/unpack: bytes moved per second over copy bandwidth;
+- KV pack/unpack: bytes moved per second over copy bandwidth: one layer eagerly and under
+  CUDA graphs, and the channel's several-layer message with its checksum fused in;
 - ``--step``: a whole decode step of a dummy model (default llama-3.1-8b, batch 64, context
   2k, bf16, CUDA graphs) over its roofline, (weight + KV bytes) / copy bandwidth: see
   ``engine/bench_step.py``.
@@ -171,30 +172,55 @@ def _prefill_case(seq: int, tokens: int) -> Row:
 
 
 def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
-    from kernels.kv_pack import pack_kv, unpack_kv
+    """One request's blocks of one layer, launched eagerly (what a layer-wise send pays,
+    launch included) and as CUDA-graph replays (the kernel alone); and the KV channel's
+    message, several layers packed with the checksum in the same pass (eagerly)."""
+    from kernels.kv_pack import pack_kv, pack_kv_checksum, unpack_kv, unpack_kv_checksum
 
     n = tokens // BLOCK
     nbytes = 2 * n * BLOCK * HK * HEAD_DIM * DTYPE.itemsize
-    copies = _rotation(nbytes)
+    layers = max(1, (64 << 20) // nbytes)  # engine.kv_protocol.layers_per_message
+    copies = _rotation(nbytes * layers)
     num_blocks = n * copies * 2
-    layer = torch.randn(2, num_blocks, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    pool = torch.randn(layers, 2, num_blocks, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
     ids = torch.randperm(num_blocks, device="cuda")[: n * copies].view(copies, n)
-    bufs = torch.empty(copies, 2, n, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    bufs = torch.empty(copies, layers, 2, n, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
     cycle = _Cycle(copies)
 
-    def pack() -> None:
-        i = cycle.next()
-        pack_kv(layer, ids[i], bufs[i])
+    def pack(i: int) -> Callable[[], object]:
+        return lambda: pack_kv(pool[0], ids[i], bufs[i, 0])
 
-    def unpack() -> None:
-        i = cycle.next()
-        unpack_kv(bufs[i], layer, ids[i])
+    def unpack(i: int) -> Callable[[], object]:
+        return lambda: unpack_kv(bufs[i, 0], pool[0], ids[i])
 
-    rows = []
-    for name, fn in (("kv_pack", pack), ("kv_unpack", unpack)):
-        ms = _bench(fn)
-        bw = 2 * nbytes / (ms * 1e-3)  # read + write, like the copy ceiling
-        rows.append(Row(name, f"tokens={tokens}", ms, bw / 1e9, "GB/s", "copy bandwidth",
+    def pack_msg() -> object:
+        i = cycle.next()
+        return pack_kv_checksum(pool, ids[i], bufs[i], 0)
+
+    def unpack_msg() -> object:
+        i = cycle.next()
+        return unpack_kv_checksum(bufs[i], pool, ids[i], 0)
+
+    def eager(make: Callable[[int], Callable[[], object]]) -> float:
+        fns = [make(i) for i in range(copies)]
+        return _bench(lambda: fns[cycle.next()]())
+
+    def graphs(make: Callable[[int], Callable[[], object]]) -> float:
+        return _bench_graphs([make(i) for i in range(copies)])
+
+    rows: list[Row] = []
+    for name, ms, moved in (
+        ("kv_pack", eager(pack), nbytes),
+        ("kv_unpack", eager(unpack), nbytes),
+        ("kv_pack", graphs(pack), nbytes),
+        ("kv_unpack", graphs(unpack), nbytes),
+        ("kv_pack+sum", _bench(pack_msg), nbytes * layers),
+        ("kv_unpk+sum", _bench(unpack_msg), nbytes * layers),
+    ):
+        bw = 2 * moved / (ms * 1e-3)  # read + write, like the copy ceiling
+        how = ("eager, 1 layer" if len(rows) < 2 else "graph, 1 layer" if len(rows) < 4
+               else f"eager, {layers} layers")
+        rows.append(Row(name, f"tok={tokens} {how}", ms, bw / 1e9, "GB/s", "copy bandwidth",
                         bw / copy_bw))
     return rows
 
@@ -258,11 +284,11 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}")
-    header = f"{'kernel':<10} {'shape':<18} {'ms':>9} {'achieved':>14}  {'ratio':>6}  ceiling"
+    header = f"{'kernel':<11} {'shape':<28} {'ms':>9} {'achieved':>14}  {'ratio':>6}  ceiling"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.kernel:<10} {r.shape:<18} {r.ms:>9.4f} {r.achieved:>9.1f} {r.unit:<7}"
+        print(f"{r.kernel:<11} {r.shape:<28} {r.ms:>9.4f} {r.achieved:>9.1f} {r.unit:<7}"
               f" {r.ratio:>6.2f}  {r.ceiling}")
     if args.json:
         with open(args.json, "w") as f:
