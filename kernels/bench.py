@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short sweep")
+    parser.add_argument("--only", default="decode,prefill,pack", metavar="PARTS",
+                        help="comma-separated parts to run (default: decode,prefill,pack)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--step", action="store_true",
                         help="benchmark a model's decode step instead (engine/bench_step.py)")
@@ -278,9 +280,15 @@ def main(argv: list[str] | None = None) -> None:
     copy_bw = copy_bandwidth()
     rows = [Row("copy", "1 GiB d2d", 2 * (1 << 30) / copy_bw * 1e3, copy_bw / 1e9, "GB/s",
                 "-", 1.0)]
-    rows += bench_decode(batches, contexts, copy_bw)
-    rows += bench_prefill(prefill_lens)
-    rows += bench_pack(pack_tokens, copy_bw)
+    parts = set(args.only.split(","))
+    if parts - {"decode", "prefill", "pack"}:
+        parser.error(f"--only: unknown parts {sorted(parts - {'decode', 'prefill', 'pack'})}")
+    if "decode" in parts:
+        rows += bench_decode(batches, contexts, copy_bw)
+    if "prefill" in parts:
+        rows += bench_prefill(prefill_lens)
+    if "pack" in parts:
+        rows += bench_pack(pack_tokens, copy_bw)
 
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}")
