@@ -9,6 +9,22 @@ the tiles before it that needs no host sync; a program finds its sequence by cou
 starts at or below its id, and idles if it is past its sequence's last tile. Key tiles wholly
 below the tile's first query position run without a mask; the diagonal tiles are masked and
 tiles past the last query position are never visited.
+
+Tuning switches (launcher keywords; ``python -m kernels.tune_prefill`` sweeps them):
+
+- ``heavy_first``: programs take tiles last-first, so that a sequence's late (causal: longest)
+  tiles start first and the grid ends on short ones, instead of one long tile per SM at the
+  end.
+- ``scale``: where the softmax scale (times log2 e) is applied: ``"tile"`` multiplies each score
+  tile; ``"fma"`` takes the row max of the raw scores and folds scale and max subtraction into
+  one FMA per score (the Triton fused-attention tutorial's form); ``"q"`` scales q once
+  (rounded back to q's dtype, so slightly less accurate in fp16/bf16).
+- ``page_ids``: per key tile, load one block id per page and broadcast it over the page's keys
+  instead of one (repeated) id per key.
+
+Unmasked tiles skip the ``-inf`` guards: every score there is finite, so the running max is
+finite after the first one; the masked (diagonal) tiles keep them, so a row with no visible
+key in a tile never computes ``exp(-inf - -inf)``.
 """
 
 import math
@@ -18,42 +34,92 @@ import torch.nn.functional as F
 
 from kernels._triton import check_last_dim_contiguous, check_launch, jit, next_pow2, tl
 
+SCALE_MODES = ("tile", "fma", "q")
+
+
+@jit
+def _kv_rows(
+    table_row, n0, end, stride_cb, stride_ct,
+    MASKED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_IDS: tl.constexpr,
+):
+    """Element offset in the cache of keys ``n0 + [0, BLOCK_N)`` (without head and d), int64:
+    block id x block stride overflows int32 on large pools. ``n0`` is a multiple of BLOCK_N."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    if PAGE_IDS and BLOCK_N <= PAGE:  # the whole key tile lies in one page (both powers of 2)
+        blk = tl.load(table_row + n0 // PAGE)
+        row = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_ct
+    elif PAGE_IDS:
+        pages = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
+        if MASKED:
+            blk = tl.load(table_row + pages, mask=pages * PAGE < end, other=0)
+        else:
+            blk = tl.load(table_row + pages)
+        base = blk.to(tl.int64) * stride_cb  # [BLOCK_N // PAGE] -> one per key
+        base = tl.reshape(tl.broadcast_to(base[:, None], (BLOCK_N // PAGE, PAGE)), (BLOCK_N,))
+        row = base + (pos % PAGE) * stride_ct
+    else:
+        if MASKED:
+            blk = tl.load(table_row + pos // PAGE, mask=pos < end, other=0)
+        else:
+            blk = tl.load(table_row + pos // PAGE)
+        row = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_ct
+    return row
+
+
+@jit
+def _load_kv(ptr, key_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    if MASKED:  # masked V too: a stale slot may hold NaN, and 0 * NaN is NaN
+        return tl.load(ptr, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=d_ok[None, :], other=0.0)
+
 
 @jit
 def _prefill_tiles(
-    acc, l_sum, m, q, q_pos, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, end, qk_scale,
-    stride_cb, stride_ct, stride_ch,
+    acc, l_sum, m, q, q_pos, k_base, v_base, table_row, start, end, qk_scale,
+    stride_cb, stride_ct,
     MASKED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, SCALE: tl.constexpr, PAGE_IDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key tiles [start, end). MASKED tiles may cross the causal diagonal
-    or the last query position ``end - 1``; the others lie wholly below every row's query."""
+    or the last query position ``end - 1``; the others lie wholly below every row's query.
+    Scores are in log2 units: ``SCALE`` 0 scales each tile, 1 folds the scale into the
+    exponent's FMA, 2 means q is scaled already."""
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
-    d_ok = (d < HEAD_DIM)[None, :]
+    d_ok = d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + n
+        key_ok = pos < end
+        row = _kv_rows(table_row, n0, end, stride_cb, stride_ct, MASKED, PAGE, BLOCK_N, PAGE_IDS)
+        off = row[:, None] + d[None, :]
+        k = _load_kv(k_base + off, key_ok, d_ok, MASKED, HEAD_DIM == BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N]
         if MASKED:
-            p_ok = pos < end
-            blk = tl.load(table_row + pos // PAGE, mask=p_ok, other=0)
-            kv_mask = p_ok[:, None] & d_ok
-        else:
-            blk = tl.load(table_row + pos // PAGE)
-            kv_mask = (pos >= 0)[:, None] & d_ok  # all true; folded when HEAD_DIM == BLOCK_D
-        # Block ids are int32 in the table: widen before multiplying by the block stride.
-        off = (blk.to(tl.int64)[:, None] * stride_cb + (pos % PAGE)[:, None] * stride_ct
-               + kv_head * stride_ch + d[None, :])
-        k = tl.load(k_cache_ptr + off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
-        if MASKED:
+            if SCALE != 2:
+                s = s * qk_scale
             s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # no exp(-inf - -inf)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # no exp(-inf - -inf)
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+        elif SCALE == 1:  # qk_scale > 0, so max(s) * scale == max(s * scale)
+            m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        else:
+            if SCALE == 0:
+                s = s * qk_scale
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + off, mask=kv_mask, other=0.0)  # masked: no 0 * NaN
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v = _load_kv(v_base + off, key_ok, d_ok, MASKED, HEAD_DIM == BLOCK_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m = m_new
     return acc, l_sum, m
 
@@ -65,9 +131,12 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_table,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, HEAVY_FIRST: tl.constexpr, SCALE: tl.constexpr,
+    PAGE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if HEAVY_FIRST:  # within a sequence, later tiles see more keys
+        pid = tl.num_programs(0) - 1 - pid
     kv_head = tl.program_id(1).to(tl.int64)
     bi = tl.arange(0, BLOCK_B)
     b_mask = bi < num_seqs
@@ -91,6 +160,8 @@ def _prefill_kernel(
     q_row = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=q_mask, other=0.0)
+    if SCALE == 2:
+        q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
     q_pos = kv_len - q_len + tok  # absolute position of each row's query
 
     first_pos = kv_len - q_len + tile * BLOCK_Q
@@ -101,15 +172,17 @@ def _prefill_kernel(
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_row = table_ptr + seq64 * stride_table
+    k_base = k_cache_ptr + kv_head * stride_ch
+    v_base = v_cache_ptr + kv_head * stride_ch
     acc, l_sum, m = _prefill_tiles(
-        acc, l_sum, m, q, q_pos, k_cache_ptr, v_cache_ptr, table_row, kv_head, 0, full_end,
-        qk_scale, stride_cb, stride_ct, stride_ch,
-        False, PAGE, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        acc, l_sum, m, q, q_pos, k_base, v_base, table_row, 0, full_end, qk_scale,
+        stride_cb, stride_ct,
+        False, PAGE, HEAD_DIM, BLOCK_N, BLOCK_D, SCALE, PAGE_IDS, DOT_PRECISION,
     )
     acc, l_sum, m = _prefill_tiles(
-        acc, l_sum, m, q, q_pos, k_cache_ptr, v_cache_ptr, table_row, kv_head, full_end,
-        last_pos + 1, qk_scale, stride_cb, stride_ct, stride_ch,
-        True, PAGE, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        acc, l_sum, m, q, q_pos, k_base, v_base, table_row, full_end, last_pos + 1, qk_scale,
+        stride_cb, stride_ct,
+        True, PAGE, HEAD_DIM, BLOCK_N, BLOCK_D, SCALE, PAGE_IDS, DOT_PRECISION,
     )
     o = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -141,11 +214,18 @@ def prefill_attention(
     block_n: int = 0,
     num_warps: int = 0,
     num_stages: int = 0,
+    heavy_first: bool = True,
+    scale_mode: str = "fma",
+    page_ids: bool = False,
 ) -> torch.Tensor:
     """Triton launcher; same contract as :func:`prefill_attention_ref`. ``block_m`` (rows of
     a query tile, tokens x grouped heads), ``block_n`` (keys per tile), warps and stages are
-    tuning knobs, 0 = default."""
+    tuning knobs, 0 = default; ``heavy_first``, ``scale_mode`` (one of :data:`SCALE_MODES`)
+    and ``page_ids`` are the switches of the module docstring (``page_ids`` is ignored when
+    the page size is not a power of two)."""
     del max_seqlen_q  # the grid is bounded by T and B instead (no host sync either way)
+    assert scale_mode in SCALE_MODES, scale_mode
+    assert scale > 0, scale  # the "fma" form takes the row max before scaling
     check_launch(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables)
     assert q.dim() == 3 and k_cache.dim() == 4, (q.shape, k_cache.shape)
     tokens, num_q_heads, head_dim = q.shape
@@ -172,6 +252,7 @@ def prefill_attention(
     num_warps = num_warps or cfg[2]
     num_stages = num_stages or cfg[3]
     block_q = block_m // group
+    page_ids = page_ids and next_pow2(block_size) == block_size
     grid = (tokens // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, kv_lens, block_tables,
@@ -180,7 +261,8 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, PAGE=block_size, HEAD_DIM=head_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_B=max(2, next_pow2(num_seqs)),
+        BLOCK_B=max(2, next_pow2(num_seqs)), HEAVY_FIRST=heavy_first,
+        SCALE=SCALE_MODES.index(scale_mode), PAGE_IDS=page_ids,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
