@@ -4,6 +4,9 @@ It builds a workload (random token prompts of chosen length distributions, a bui
 length mix, or a JSONL file), sends it over gRPC at Poisson or gamma arrivals for each request
 rate of a sweep (optionally capped by a concurrency limit), records every response's arrival,
 and reports latency percentiles, throughput, SLO attainment and goodput (see bench_report).
+A sweep can stop at the first rate whose attainment falls below a threshold (rates then run in
+ascending order), and can cap each rate's run near a duration, so a sweep that reaches well
+past saturation fits a short device budget.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc.aio
@@ -36,11 +40,17 @@ from cluster.bench_report import (
     RequestRecord,
     RunReport,
     Slo,
+    fmt_rate,
+    jsonable,
     make_report,
     sweep_goodput,
 )
 from proto import pdserve_pb2 as pb
 from proto.client import AsyncClient, build_request
+
+# --max-duration-s never cuts a rate's run below this many prompts (or --num-prompts if fewer):
+# a handful of requests says little about a percentile or an attainment.
+MIN_PROMPTS_PER_RATE = 20
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,8 @@ class BenchConfig:
     plot_dir: str | None = None
     plot_rate: float | None = None
     progress: bool = True
+    stop_below_attainment: float | None = None  # stop the (ascending) sweep below this
+    max_duration_s: float | None = None  # per rate: about this long at the rate, see below
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -95,6 +107,59 @@ class BenchConfig:
             raise ValueError("--goodput-attainment must be in (0, 1]")
         if self.temperature < 0:
             raise ValueError("--temperature must be >= 0")
+        if self.stop_below_attainment is not None:
+            if not 0 < self.stop_below_attainment <= 1:
+                raise ValueError("--stop-below-attainment must be in (0, 1], got "
+                                 f"{self.stop_below_attainment}")
+            if self.slo.ttft_ms is None and self.slo.tpot_ms is None:
+                raise ValueError("--stop-below-attainment needs an SLO: --slo-ttft-ms or "
+                                 "--slo-tpot-ms")
+        if self.max_duration_s is not None and not self.max_duration_s > 0:
+            raise ValueError(f"--max-duration-s must be > 0, got {self.max_duration_s}")
+
+
+@dataclass(frozen=True)
+class SweepStop:
+    """Why a sweep stopped before its last rate, and the rates it then did not run."""
+
+    reason: str
+    skipped_rates: tuple[float, ...]
+
+
+def sweep_order(cfg: BenchConfig) -> tuple[float, ...]:
+    """The rates in the order they run: ascending when the sweep may stop early (so the rates
+    it skips are the ones above the first that missed), else as given."""
+    if cfg.stop_below_attainment is None:
+        return cfg.request_rates
+    return tuple(sorted(cfg.request_rates))
+
+
+def sweep_stop(order: Sequence[float], attainments: Sequence[float],
+               threshold: float | None) -> SweepStop | None:
+    """After the first len(attainments) rates of `order` ran with these attainments: whether
+    the sweep stops here. It stops after the first rate below `threshold` (None: never) when
+    rates remain; the last rate missing skips nothing, so that is no early stop."""
+    if threshold is None or not attainments or len(attainments) >= len(order):
+        return None
+    att = attainments[-1]
+    if att >= threshold:
+        return None
+    rate = order[len(attainments) - 1]
+    return SweepStop(
+        f"SLO attainment {att:.1%} at {fmt_rate(rate)} req/s < {threshold:.0%} "
+        "(--stop-below-attainment)",
+        tuple(order[len(attainments):]))
+
+
+def prompts_for_rate(num_prompts: int, rate: float, max_duration_s: float | None) -> int:
+    """How many of the workload's prompts a run at `rate` sends: all of them, or with a
+    duration cap about rate * max_duration_s (rounded up), but never fewer than
+    MIN_PROMPTS_PER_RATE (or num_prompts if that is fewer)."""
+    if max_duration_s is None or math.isinf(rate):
+        return num_prompts
+    # the epsilon keeps a product like 0.55 * 100 = 55.00000000000001 at 55
+    at_rate = math.ceil(rate * max_duration_s - 1e-9)
+    return min(num_prompts, max(at_rate, MIN_PROMPTS_PER_RATE))
 
 
 def parse_rates(s: str) -> tuple[float, ...]:
@@ -190,18 +255,31 @@ async def bench_async(cfg: BenchConfig) -> BenchResult:
         await client.wait_ready(cfg.ready_timeout_s)
         info = await client.model_info(timeout=30)
         prompts = build_workload(cfg, info)
+        order = sweep_order(cfg)
         reports: list[RunReport] = []
         records: list[list[RequestRecord]] = []
-        for rate in cfg.request_rates:
-            recs = await run_rate(client, cfg, prompts, rate)
+        for rate in order:
+            n = prompts_for_rate(len(prompts), rate, cfg.max_duration_s)
+            recs = await run_rate(client, cfg, prompts[:n], rate)
             records.append(recs)
             reports.append(make_report(cfg.label, rate, cfg.burstiness, cfg.max_concurrency,
                                        recs, cfg.slo))
+            if sweep_stop(order, [r.attainment for r in reports], cfg.stop_below_attainment):
+                break
     model = {"model_name": info.model_name, "vocab_size": info.vocab_size,
              "max_context_length": info.max_context_length, "dtype": info.dtype}
+    # DistServe goodput over the rates that ran; skipped ones lie above one below the stop line
     goodput = sweep_goodput([(r.request_rate, r.attainment) for r in reports],
                             cfg.goodput_attainment)
-    return BenchResult(cfg, model, reports, records, goodput)
+    # the result keeps its records in the order of its config's rates: the swept order
+    return BenchResult(replace(cfg, request_rates=order), model, reports, records, goodput)
+
+
+def result_stop(result: BenchResult) -> SweepStop | None:
+    """The early stop of a finished sweep (None: every rate ran)."""
+    cfg = result.config
+    return sweep_stop(cfg.request_rates, [r.attainment for r in result.reports],
+                      cfg.stop_below_attainment)
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -210,7 +288,14 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     for rep in result.reports:
         print(format_report(rep))
     print(format_sweep(result.reports, result.goodput))
+    stop = result_stop(result)
+    if stop is not None:
+        skipped = ", ".join(fmt_rate(r) for r in stop.skipped_rates)
+        print(f"Stopped early: {stop.reason}; skipped {skipped} req/s")
     data = result.to_json()
+    # each run's report.num_requests is the number of prompts sent at its rate
+    data["skipped_rates"] = jsonable(list(stop.skipped_rates) if stop else [])
+    data["stopped_early"] = stop.reason if stop else None
     if cfg.result_json:
         path = Path(cfg.result_json)
         path.parent.mkdir(parents=True, exist_ok=True)

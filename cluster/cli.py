@@ -158,6 +158,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 args.attainment_target):
             print(png)
         return 0
+    if args.stop_below_attainment is not None and args.slo_ttft_ms is None \
+            and args.slo_tpot_ms is None:
+        # attainment without an objective only counts completed requests: nothing to stop on
+        args.usage_error("--stop-below-attainment needs an SLO: give --slo-ttft-ms and/or "
+                         "--slo-tpot-ms")
     try:
         cfg = BenchConfig(
             server=args.server, label=args.label, dataset=args.dataset,
@@ -171,6 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             goodput_attainment=args.goodput_attainment, request_timeout_s=args.timeout,
             ready_timeout_s=args.ready_timeout, result_json=args.result_json,
             plot_dir=args.plot_dir, plot_rate=args.plot_rate, progress=not args.no_progress,
+            stop_below_attainment=args.stop_below_attainment,
+            max_duration_s=args.max_duration_s,
         )
     except ValueError as e:
         print(f"pdserve bench: error: {e}", file=sys.stderr)
@@ -184,6 +191,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"pdserve bench: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _fraction(s: str) -> float:
+    """An argparse type: a float in (0, 1]."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def _positive(s: str) -> float:
+    """An argparse type: a float > 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, help="per-request deadline in seconds")
     g.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds to wait for the server to report SERVING")
+    g.add_argument("--stop-below-attainment", type=_fraction, metavar="X",
+                   help="run the rates in ascending order and skip the rest after the first "
+                        "whose SLO attainment is below X (needs --slo-ttft-ms/--slo-tpot-ms)")
+    g.add_argument("--max-duration-s", type=_positive, metavar="D",
+                   help="per rate, send min(--num-prompts, ceil(rate * D)) prompts, but at "
+                        "least 20 (or --num-prompts if fewer)")
     g = p.add_argument_group("SLOs and output")
     g.add_argument("--slo-ttft-ms", type=float, help="TTFT objective (also sent per request)")
     g.add_argument("--slo-tpot-ms", type=float, help="TPOT objective (also sent per request)")
@@ -284,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--rate", type=float, help="rate of the CDFs (default: highest shared)")
     pp.add_argument("--attainment-target", type=float,
                     help="the target line (default: from the first result)")
-    p.set_defaults(func=cmd_bench, attainment_target=None)
+    p.set_defaults(func=cmd_bench, attainment_target=None, usage_error=p.error)
     return parser
 
 

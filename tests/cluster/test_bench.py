@@ -160,3 +160,23 @@ def test_jsonl_dataset(server: str, tmp_path: Path) -> None:
     assert all(r.prompt_tokens > 3 for r in recs)  # counted by the server's tokenizer
     assert recs[1].prompt_tokens > 5  # the chat template wraps the message
     assert rep.total_output_tokens == 12 and rep.tpot.count == 3
+
+
+def test_sweep_stops_below_attainment(server: str, tmp_path: Path) -> None:
+    """A TTFT objective no request can meet: the ascending sweep runs its lowest rate only."""
+    out = tmp_path / "stop.json"
+    rc = main([
+        "bench", "--server", server, "--label", "stop", "--num-prompts", "3",
+        "--input-len", "8", "--output-len", "2", "--request-rate", "16,4,8",
+        "--slo-ttft-ms", "0.001", "--stop-below-attainment", "0.9", "--max-duration-s", "1",
+        "--timeout", "120", "--result-json", str(out), "--no-progress",
+    ])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    (run,) = data["runs"]
+    assert run["report"]["request_rate"] == 4.0 and run["report"]["attainment"] == 0.0
+    assert run["report"]["num_requests"] == len(run["requests"]) == 3  # the floor: all 3
+    assert run["report"]["completed"] == 3
+    assert data["skipped_rates"] == [8.0, 16.0]
+    assert "0.0% at 4 req/s" in data["stopped_early"]
+    assert data["goodput"]["rate"] is None
