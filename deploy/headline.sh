@@ -2,12 +2,17 @@
 # The headline comparison (issue 4): disaggregated (1 prefill + 1 decode worker) against
 # colocated (2 replicas) on the same two GPUs, same workloads, one run. Goodput as
 # DistServe defines it: the highest rate at which >= 90% of requests meet TTFT and TPOT.
+# Each sweep runs its rates in ascending order and stops after the first rate below 90%
+# attainment (the rates above it are skipped, and listed in the JSON), and each rate sends
+# min(N, ceil(rate * MAX_DUR)) requests, at least 20: so a sweep that reaches well past
+# saturation costs little device time beyond the knee.
 #
 #   deploy/headline.sh                       # nvidia-h200-x2, dummy llama-3.1-8b (defaults)
 #   MODEL_ARGS="--device cpu" RATES_A=1,2 RATES_B=1,2 N=4 IN_A=32 OUT_A=8 IN_B=16 OUT_B=8 \
 #     deploy/headline.sh                     # a smoke run of the same machinery on a CPU
 #
-# Writes OUT_DIR/{disagg,coloc}-{a,b}.json and the plots OUT_DIR/{a,b}/*.png.
+# Writes OUT_DIR/{disagg,coloc}-{a,b}.json, the plots OUT_DIR/{a,b}/*.png, and the goodput
+# table OUT_DIR/summary.md (also printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PDSERVE=${PDSERVE:-.venv/bin/pdserve}
@@ -15,27 +20,34 @@ PDSERVE=${PDSERVE:-.venv/bin/pdserve}
 MODEL_ARGS=${MODEL_ARGS:---device cuda --load-format dummy --preset llama-3.1-8b \
   --max-batch-tokens 8192 --max-num-seqs 256}
 OUT_DIR=${OUT_DIR:-out/headline}
-N=${N:-200}
-IN_A=${IN_A:-4096}; OUT_A=${OUT_A:-256}; RATES_A=${RATES_A:-0.5,1,2,3,4,6}
-IN_B=${IN_B:-512}; OUT_B=${OUT_B:-512}; RATES_B=${RATES_B:-2,4,8,12,16,24}
+N=${N:-120}
+MAX_DUR=${MAX_DUR:-60}  # seconds of arrivals per rate (at least 20 requests)
+# ascending, reaching well past saturation of 8B llama on one H200 per worker
+IN_A=${IN_A:-4096}; OUT_A=${OUT_A:-256}; RATES_A=${RATES_A:-1,2,3,4,5,6,8}
+IN_B=${IN_B:-512}; OUT_B=${OUT_B:-512}; RATES_B=${RATES_B:-2,4,6,8,12,16,24,32}
 SLO=(--slo-ttft-ms "${SLO_TTFT_MS:-1000}" --slo-tpot-ms "${SLO_TPOT_MS:-40}")
 PORT=${PORT:-50051}
 mkdir -p "$OUT_DIR"
+SERVER_PID=
+# a failed bench (set -e) must not leave the server and its Ray cluster running
+trap 'if [ -n "$SERVER_PID" ]; then kill -INT "$SERVER_PID" 2>/dev/null || true; fi' EXIT
 
 run_config() {  # label, serve flags...
   local label=$1; shift
   # shellcheck disable=SC2086
   $PDSERVE serve --port "$PORT" --metrics-port 0 "$@" $MODEL_ARGS &
   local pid=$!
+  SERVER_PID=$pid
   for w in a b; do
     local in=IN_${w^^} out=OUT_${w^^} rates=RATES_${w^^}
     $PDSERVE bench --server "127.0.0.1:$PORT" --ready-timeout 900 --label "$label" \
       --dataset random --input-len "${!in}" --output-len "${!out}" --num-prompts "$N" \
-      --request-rate "${!rates}" "${SLO[@]}" --no-progress \
-      --result-json "$OUT_DIR/$label-$w.json"
+      --request-rate "${!rates}" "${SLO[@]}" --stop-below-attainment 0.9 \
+      --max-duration-s "$MAX_DUR" --no-progress --result-json "$OUT_DIR/$label-$w.json"
   done
   kill -INT "$pid"
   wait "$pid" || true
+  SERVER_PID=
 }
 
 run_config disagg --mode disaggregated --num-prefill 1 --num-decode 1
@@ -43,15 +55,44 @@ run_config coloc --mode colocated --num-decode 2
 for w in a b; do
   $PDSERVE bench plot "$OUT_DIR/disagg-$w.json" "$OUT_DIR/coloc-$w.json" --out "$OUT_DIR/$w"
 done
-python3 - "$OUT_DIR" <<'PY'
+python3 - "$OUT_DIR" "$IN_A/$OUT_A" "$IN_B/$OUT_B" <<'PY' | tee "$OUT_DIR/summary.md"
 import json, sys
-out = sys.argv[1]
+out, shapes = sys.argv[1], dict(zip("ab", sys.argv[2:4]))
+
+
+def fmt(r):  # a rate as the JSON holds it: a number, or "inf"
+    return f"{r:g}" if isinstance(r, (float, int)) else str(r)
+
+
+print("| workload | config | goodput req/s | ratio |")
+print("|---|---|---|---|")
+notes = []
 for w in ("a", "b"):
     g = {}
     for label in ("disagg", "coloc"):
         res = json.load(open(f"{out}/{label}-{w}.json"))
-        g[label] = res.get("goodput", {}).get("rate")
-    ratio = (g["disagg"] / g["coloc"]) if g["disagg"] and g["coloc"] else None
-    print(f"workload {w}: goodput disagg {g['disagg']} req/s, coloc {g['coloc']} req/s, "
-          f"ratio {ratio}")
+        g[label] = res.get("goodput", {})
+        if res.get("stopped_early"):
+            skipped = ", ".join(fmt(r) for r in res["skipped_rates"])
+            notes.append(f"{label}-{w} stopped early: {res['stopped_early']}; "
+                         f"skipped {skipped} req/s")
+    rate = {k: v.get("rate") for k, v in g.items()}
+    finite = all(isinstance(r, (float, int)) for r in rate.values())
+    ratio = rate["disagg"] / rate["coloc"] if finite else None
+    unbracketed = not all(v.get("bracketed") for v in g.values())
+    for label in ("disagg", "coloc"):
+        r = rate[label]
+        cell = "none (below the lowest rate)" if r is None else fmt(r)
+        if r is not None and not g[label].get("bracketed"):
+            cell = f">= {fmt(r)} (not bracketed)"
+        ratio_cell = "-" if ratio is None else f"{ratio:.2f}" if label == "disagg" else "1.00"
+        if ratio is not None and unbracketed:
+            ratio_cell += " *"
+        print(f"| {w} ({shapes[w]} tok in/out) | {label} | {cell} | {ratio_cell} |")
+print()
+print("Goodput: the highest swept rate at which >= 90% of requests meet both SLOs; ratio: "
+      "disaggregated over colocated (* a goodput the sweep did not bracket: not a measured "
+      "ratio).")
+for n in notes:
+    print(f"- {n}")
 PY
