@@ -44,9 +44,9 @@ def activation_reserve_bytes(
 ) -> int:
     """GPU memory to keep free beside weights and KV: the live tensors of one layer for a
     ``max_batch_tokens`` prefill step (x, the float32 residual, normed, qkv, attention out,
-    gate_up, SiLU product), twice for the caching allocator's fragmentation; the CUDA-graph pool (the same
-    per token for ``graph_batch`` rows, plus their logits); the float32 logits and sampler
-    temporaries of ``max_num_seqs`` rows; and a fixed slack."""
+    gate_up, SiLU product), twice for the caching allocator's fragmentation; the CUDA-graph
+    pool (the same per token for ``graph_batch`` rows, plus their logits); the float32
+    logits and sampler temporaries of ``max_num_seqs`` rows; and a fixed slack."""
     item = torch.empty((), dtype=dtype).element_size()
     c = config
     # x and normed in the model's dtype, the float32 residual stream (in and out)
