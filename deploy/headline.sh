@@ -12,7 +12,8 @@
 #     deploy/headline.sh                     # a smoke run of the same machinery on a CPU
 #
 # Writes OUT_DIR/{disagg,coloc}-{a,b}.json, the plots OUT_DIR/{a,b}/*.png, and the goodput
-# table OUT_DIR/summary.md (also printed).
+# table OUT_DIR/summary.md (also printed). CONFIGS=disagg or CONFIGS=coloc runs one
+# configuration (e.g. one per device call); the plots and table follow once both JSONs exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PDSERVE=${PDSERVE:-.venv/bin/pdserve}
@@ -50,8 +51,16 @@ run_config() {  # label, serve flags...
   SERVER_PID=
 }
 
-run_config disagg --mode disaggregated --num-prefill 1 --num-decode 1
-run_config coloc --mode colocated --num-decode 2
+CONFIGS=${CONFIGS:-disagg,coloc}  # e.g. CONFIGS=disagg, then CONFIGS=coloc in a later call
+[[ ",$CONFIGS," == *,disagg,* ]] && run_config disagg --mode disaggregated --num-prefill 1 \
+  --num-decode 1
+[[ ",$CONFIGS," == *,coloc,* ]] && run_config coloc --mode colocated --num-decode 2
+for f in disagg-a disagg-b coloc-a coloc-b; do
+  if [ ! -f "$OUT_DIR/$f.json" ]; then
+    echo "$OUT_DIR/$f.json missing: plots and summary once both configurations ran"
+    exit 0
+  fi
+done
 for w in a b; do
   $PDSERVE bench plot "$OUT_DIR/disagg-$w.json" "$OUT_DIR/coloc-$w.json" --out "$OUT_DIR/$w"
 done
