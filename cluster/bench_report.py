@@ -253,6 +253,20 @@ def sweep_goodput(points: Sequence[tuple[float, float]], target: float) -> Goodp
                    f"between {fmt_rate(best)} (met) and {fmt_rate(above)} req/s (missed)")
 
 
+def rescore_goodput(result: dict[str, Any], slo: Slo, target: float = 0.9) -> Goodput:
+    """The goodput a saved result (``pdserve bench --result-json``) would show under another
+    SLO, from its per-request records: attainment per rate recomputed, then
+    :func:`sweep_goodput`. A sweep that stopped early under its own SLO may leave a looser
+    objective not bracketed; the returned note says so."""
+    points = []
+    for run in result["runs"]:
+        records = [RequestRecord.from_json(r) for r in run["requests"]]
+        met = [slo.meets(r) for r in records]
+        attained = sum(1 for a, b in met if a and b) / len(records) if records else 0.0
+        points.append((float(run["report"]["request_rate"]), attained))
+    return sweep_goodput(points, target)
+
+
 def fmt_rate(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
 

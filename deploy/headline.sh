@@ -18,6 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PDSERVE=${PDSERVE:-.venv/bin/pdserve}
 [ -x "$PDSERVE" ] || PDSERVE="python3 -m cluster.cli"
+PYTHON=${PYTHON:-.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python3
 MODEL_ARGS=${MODEL_ARGS:---device cuda --load-format dummy --preset llama-3.1-8b \
   --max-batch-tokens 8192 --max-num-seqs 256}
 OUT_DIR=${OUT_DIR:-out/headline}
@@ -64,7 +66,7 @@ done
 for w in a b; do
   $PDSERVE bench plot "$OUT_DIR/disagg-$w.json" "$OUT_DIR/coloc-$w.json" --out "$OUT_DIR/$w"
 done
-python3 - "$OUT_DIR" "$IN_A/$OUT_A" "$IN_B/$OUT_B" <<'PY' | tee "$OUT_DIR/summary.md"
+$PYTHON - "$OUT_DIR" "$IN_A/$OUT_A" "$IN_B/$OUT_B" <<'PY' | tee "$OUT_DIR/summary.md"
 import json, sys
 out, shapes = sys.argv[1], dict(zip("ab", sys.argv[2:4]))
 
@@ -104,4 +106,28 @@ print("Goodput: the highest swept rate at which >= 90% of requests meet both SLO
       "ratio).")
 for n in notes:
     print(f"- {n}")
+
+# The same records rescored under other objectives (no new runs): where the ratio moves.
+from cluster.bench_report import Slo, rescore_goodput
+
+print()
+print("Goodput ratio (disagg / coloc) rescored from the same per-request records; "
+      "rows TTFT, columns TPOT objective (ms); * not bracketed by the sweep:")
+tpots = (20, 30, 40, 60, 100)
+for w in ("a", "b"):
+    res = {label: json.load(open(f"{out}/{label}-{w}.json")) for label in ("disagg", "coloc")}
+    print()
+    print(f"| {w} ({shapes[w]}) TTFT \\ TPOT | " + " | ".join(map(str, tpots)) + " |")
+    print("|---" * (len(tpots) + 1) + "|")
+    for ttft in (500, 1000, 2000):
+        cells = []
+        for tpot in tpots:
+            g = {k: rescore_goodput(v, Slo(ttft, tpot)) for k, v in res.items()}
+            if g["disagg"].rate is None or g["coloc"].rate is None:
+                cells.append(f"{g['disagg'].rate}/{g['coloc'].rate}")
+                continue
+            star = "" if g["disagg"].bracketed and g["coloc"].bracketed else " *"
+            cells.append(f"{g['disagg'].rate:g}/{g['coloc'].rate:g} = "
+                         f"{g['disagg'].rate / g['coloc'].rate:.2f}{star}")
+        print(f"| {ttft} | " + " | ".join(cells) + " |")
 PY

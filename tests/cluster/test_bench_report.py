@@ -27,6 +27,7 @@ from cluster.bench_report import (
     latency_stats,
     make_report,
     percentile,
+    rescore_goodput,
     sweep_goodput,
 )
 from cluster.cli import main
@@ -126,6 +127,25 @@ def test_report_counts_throughput_and_attainment() -> None:
     assert rep.ttft.p50_ms == pytest.approx(100.0)
     text = format_report(rep)
     assert "Failed requests:" in text and "40.0%" in text
+
+
+def test_rescore_goodput_under_other_slos() -> None:
+    """A saved sweep rescored: rate 1 has TPOT 100 ms, rate 2 TPOT 300 ms, rate 4 a failure;
+    under a 200 ms TPOT goodput is 1 req/s, under 400 ms it is 2, and without TPOT objective
+    (TTFT 200 ms only) still 2 (rate 4 fails)."""
+    def run(rate: float, records: list[RequestRecord]) -> dict[str, object]:
+        return {"report": {"request_rate": rate}, "requests": [r.to_json() for r in records]}
+
+    result = json.loads(json.dumps({"runs": [
+        run(1.0, [rec(0, 0.0, [(0.1, 1), (0.2, 1), (0.3, 1)])]),
+        run(2.0, [rec(0, 0.0, [(0.1, 1), (0.4, 1), (0.7, 1)])]),
+        run(4.0, [rec(0, 0.0, [], ok=False, status="UNAVAILABLE")]),
+    ]}))
+    assert rescore_goodput(result, Slo(ttft_ms=200, tpot_ms=200)).rate == 1.0
+    tight = rescore_goodput(result, Slo(ttft_ms=200, tpot_ms=400))
+    assert tight.rate == 2.0 and tight.bracketed
+    assert rescore_goodput(result, Slo(ttft_ms=200)).rate == 2.0
+    assert rescore_goodput(result, Slo(ttft_ms=50)).rate is None
 
 
 def test_no_slo_means_completed_requests_attain() -> None:
