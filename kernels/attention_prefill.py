@@ -21,6 +21,12 @@ Tuning switches (launcher keywords; ``python -m kernels.tune_prefill`` sweeps th
   (rounded back to q's dtype, so slightly less accurate in fp16/bf16).
 - ``page_ids``: per key tile, load one block id per page and broadcast it over the page's keys
   instead of one (repeated) id per key.
+- ``prefetch_ids``: load the next key tile's block ids one iteration ahead, into registers.
+  Loaded in the iteration that uses them, the ids are a load feeding the K/V addresses, which
+  Triton's pipeliner turns into an async copy too; waiting for it waits for every copy in
+  flight (the groups complete in order), so the K/V prefetch of later tiles drains at each
+  iteration (seen in the sm_90a SASS: ``DEPBAR.LE SB0, 0x0`` at the loop top, against
+  ``0x2`` with the ids carried over).
 
 Unmasked tiles skip the ``-inf`` guards: every score there is finite, so the running max is
 finite after the first one; the masked (diagonal) tiles keep them, so a row with no visible
@@ -43,10 +49,14 @@ def _kv_rows(
     MASKED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_IDS: tl.constexpr,
 ):
     """Element offset in the cache of keys ``n0 + [0, BLOCK_N)`` (without head and d), int64:
-    block id x block stride overflows int32 on large pools. ``n0`` is a multiple of BLOCK_N."""
+    block id x block stride overflows int32 on large pools. ``n0`` is a multiple of BLOCK_N.
+    MASKED: keys from ``end`` on may be asked for (their table entries read as block 0)."""
     pos = n0 + tl.arange(0, BLOCK_N)
     if PAGE_IDS and BLOCK_N <= PAGE:  # the whole key tile lies in one page (both powers of 2)
-        blk = tl.load(table_row + n0 // PAGE)
+        if MASKED:
+            blk = tl.load(table_row + n0 // PAGE, mask=n0 < end, other=0)
+        else:
+            blk = tl.load(table_row + n0 // PAGE)
         row = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_ct
     elif PAGE_IDS:
         pages = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
@@ -82,7 +92,7 @@ def _prefill_tiles(
     stride_cb, stride_ct,
     MASKED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCALE: tl.constexpr, PAGE_IDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    PREFETCH_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key tiles [start, end). MASKED tiles may cross the causal diagonal
     or the last query position ``end - 1``; the others lie wholly below every row's query.
@@ -91,11 +101,20 @@ def _prefill_tiles(
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
+    if PREFETCH_IDS:
+        row = _kv_rows(table_row, start, end, stride_cb, stride_ct, True, PAGE, BLOCK_N,
+                       PAGE_IDS)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + n
         key_ok = pos < end
-        row = _kv_rows(table_row, n0, end, stride_cb, stride_ct, MASKED, PAGE, BLOCK_N, PAGE_IDS)
-        off = row[:, None] + d[None, :]
+        if PREFETCH_IDS:  # this tile's rows came from the previous iteration
+            cur = row
+            row = _kv_rows(table_row, n0 + BLOCK_N, end, stride_cb, stride_ct, True, PAGE,
+                           BLOCK_N, PAGE_IDS)
+        else:
+            cur = _kv_rows(table_row, n0, end, stride_cb, stride_ct, MASKED, PAGE, BLOCK_N,
+                           PAGE_IDS)
+        off = cur[:, None] + d[None, :]
         k = _load_kv(k_base + off, key_ok, d_ok, MASKED, HEAD_DIM == BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N]
         if MASKED:
@@ -132,7 +151,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr, HEAVY_FIRST: tl.constexpr, SCALE: tl.constexpr,
-    PAGE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGE_IDS: tl.constexpr, PREFETCH_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if HEAVY_FIRST:  # within a sequence, later tiles see more keys
@@ -177,12 +196,12 @@ def _prefill_kernel(
     acc, l_sum, m = _prefill_tiles(
         acc, l_sum, m, q, q_pos, k_base, v_base, table_row, 0, full_end, qk_scale,
         stride_cb, stride_ct,
-        False, PAGE, HEAD_DIM, BLOCK_N, BLOCK_D, SCALE, PAGE_IDS, DOT_PRECISION,
+        False, PAGE, HEAD_DIM, BLOCK_N, BLOCK_D, SCALE, PAGE_IDS, PREFETCH_IDS, DOT_PRECISION,
     )
     acc, l_sum, m = _prefill_tiles(
         acc, l_sum, m, q, q_pos, k_base, v_base, table_row, full_end, last_pos + 1, qk_scale,
         stride_cb, stride_ct,
-        True, PAGE, HEAD_DIM, BLOCK_N, BLOCK_D, SCALE, PAGE_IDS, DOT_PRECISION,
+        True, PAGE, HEAD_DIM, BLOCK_N, BLOCK_D, SCALE, PAGE_IDS, PREFETCH_IDS, DOT_PRECISION,
     )
     o = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -217,12 +236,13 @@ def prefill_attention(
     heavy_first: bool = True,
     scale_mode: str = "fma",
     page_ids: bool = False,
+    prefetch_ids: bool = True,
 ) -> torch.Tensor:
     """Triton launcher; same contract as :func:`prefill_attention_ref`. ``block_m`` (rows of
     a query tile, tokens x grouped heads), ``block_n`` (keys per tile), warps and stages are
-    tuning knobs, 0 = default; ``heavy_first``, ``scale_mode`` (one of :data:`SCALE_MODES`)
-    and ``page_ids`` are the switches of the module docstring (``page_ids`` is ignored when
-    the page size is not a power of two)."""
+    tuning knobs, 0 = default; ``heavy_first``, ``scale_mode`` (one of :data:`SCALE_MODES`),
+    ``page_ids`` and ``prefetch_ids`` are the switches of the module docstring (``page_ids``
+    is ignored when the page size is not a power of two)."""
     del max_seqlen_q  # the grid is bounded by T and B instead (no host sync either way)
     assert scale_mode in SCALE_MODES, scale_mode
     assert scale > 0, scale  # the "fma" form takes the row max before scaling
@@ -262,7 +282,7 @@ def prefill_attention(
         GROUP=group, PAGE=block_size, HEAD_DIM=head_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_B=max(2, next_pow2(num_seqs)), HEAVY_FIRST=heavy_first,
-        SCALE=SCALE_MODES.index(scale_mode), PAGE_IDS=page_ids,
+        SCALE=SCALE_MODES.index(scale_mode), PAGE_IDS=page_ids, PREFETCH_IDS=prefetch_ids,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

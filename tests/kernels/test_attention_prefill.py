@@ -51,11 +51,11 @@ def test_prefill_matches_ref() -> None:
 
 
 # --- tuning switches ----------------------------------------------------------------------
-# The tests above run the defaults (heavy_first, "fma", per-key block ids). These cover every
-# other value, each with every GQA ratio: the old kernel's combination and two mixes. Layouts
-# (page size, (block_m, block_n)) reach each addressing path of page_ids: one page per key
-# tile, a key tile inside a page, and a default 64-key tile over four 16-key pages.
-SWITCHES = [(False, "tile", False), (True, "q", True), (False, "fma", True)]
+# The tests above run the defaults (heavy_first, "fma", per-key block ids, prefetched). These
+# cover every other value, each with every GQA ratio: the old kernel's combination and two
+# mixes. Layouts (page size, (block_m, block_n)) reach each addressing path of page_ids: one
+# page per key tile, a key tile inside a page, and a default 64-key tile over four pages.
+SWITCHES = [(False, "tile", False, False), (True, "q", True, True), (False, "fma", True, False)]
 LAYOUTS = [(16, (16, 16)), (32, (16, 16)), (16, (0, 0))]
 SWITCH_CASES = [
     (*switches, *LAYOUTS[(i + j) % len(LAYOUTS)], *heads)
@@ -65,17 +65,17 @@ SWITCH_CASES = [
 
 
 @pytest.mark.parametrize(
-    "heavy_first,scale_mode,page_ids,block_size,tiles,hq,hk", SWITCH_CASES
+    "heavy_first,scale_mode,page_ids,prefetch_ids,block_size,tiles,hq,hk", SWITCH_CASES
 )
 def test_prefill_switches(
-    heavy_first: bool, scale_mode: str, page_ids: bool, block_size: int,
+    heavy_first: bool, scale_mode: str, page_ids: bool, prefetch_ids: bool, block_size: int,
     tiles: tuple[int, int], hq: int, hk: int,
 ) -> None:
     c = attention_case(SEQS, hq, hk, 32, block_size, torch.float16, seed=hq + block_size)
     out = prefill_attention(c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.kv_lens,
                             c.block_tables, c.max_seqlen_q, c.scale,
                             block_m=tiles[0], block_n=tiles[1], heavy_first=heavy_first,
-                            scale_mode=scale_mode, page_ids=page_ids)
+                            scale_mode=scale_mode, page_ids=page_ids, prefetch_ids=prefetch_ids)
     fa3_check(out, c.out_pt, c.out_ref)
 
 
@@ -86,8 +86,10 @@ def test_prefill_switches_match_ref_fp32() -> None:
             c.max_seqlen_q, c.scale)
     ref = prefill_attention_ref(*args)
     for mode in SCALE_MODES:
-        out = prefill_attention(*args, block_m=32, block_n=32, scale_mode=mode, page_ids=True)
-        torch.testing.assert_close(out, ref)
+        for prefetch in (False, True):
+            out = prefill_attention(*args, block_m=32, block_n=16, scale_mode=mode,
+                                    page_ids=True, prefetch_ids=prefetch)
+            torch.testing.assert_close(out, ref)
 
 
 def test_prefill_page_ids_odd_page_size() -> None:
@@ -110,8 +112,11 @@ def big_pool() -> torch.Tensor:
     return torch.empty(2, BIG_N, 16, 1, 32, dtype=torch.float16)  # 8 GiB virtual
 
 
-@pytest.mark.parametrize("block_size,block_n", [(16, 16), (16, 32), (32, 16)])
-def test_prefill_page_ids_int64(big_pool: torch.Tensor, block_size: int, block_n: int) -> None:
+@pytest.mark.parametrize("block_size,block_n,prefetch_ids", [(16, 16, False), (16, 32, True),
+                                                              (32, 16, True)])
+def test_prefill_page_ids_int64(
+    big_pool: torch.Tensor, block_size: int, block_n: int, prefetch_ids: bool
+) -> None:
     c = attention_case([(5, 40)], 4, 1, 32, block_size, torch.float16, seed=2)
     pool = big_pool.view(2, -1, block_size, 1, 32)  # the same memory in 16- or 32-token pages
     assert pool[0].numel() > 2**31
@@ -122,5 +127,6 @@ def test_prefill_page_ids_int64(big_pool: torch.Tensor, block_size: int, block_n
     pool[1, far] = c.v_cache[ids]
     args = (c.q, pool[0], pool[1], c.cu_seqlens_q, c.kv_lens, far.to(torch.int32)[None], 5,
             c.scale)
-    out = prefill_attention(*args, block_m=16, block_n=block_n, page_ids=True)
+    out = prefill_attention(*args, block_m=16, block_n=block_n, page_ids=True,
+                            prefetch_ids=prefetch_ids)
     torch.testing.assert_close(out, prefill_attention_ref(*args), atol=2e-3, rtol=2e-3)
