@@ -6,8 +6,9 @@
 The case is kernels/bench.py's prefill row (bf16, 32 q / 8 kv heads, head dim 128, 16-token
 pages, ``tokens // seq`` sequences of ``seq`` tokens, scattered blocks); SDPA is timed by
 that very function, once per length. Every candidate, a tile shape (block_m, block_n, warps,
-stages) x every combination of the launcher's switches (``heavy_first``, ``scale_mode``,
-``page_ids``: see kernels/attention_prefill.py), is timed the same way (``do_bench`` median)
+stages) x the launcher's switches (``heavy_first``, ``scale_mode``, ``page_ids``,
+``prefetch_ids``: see kernels/attention_prefill.py; :func:`candidates` says which
+combinations), is timed the same way (``do_bench`` median)
 and its output compared with the default configuration's (max abs difference; ``BAD`` past
 ``8x`` the default's own error against the float32 reference, or non-finite). Candidates that
 fail to compile or to launch (shared memory) are listed and skipped.
@@ -37,20 +38,21 @@ import torch
 
 from kernels.bench import BLOCK, DTYPE, HEAD_DIM, HK, HQ, _bench, _prefill_case
 
-# (block_m, block_n, warps, stages, seq lengths it is tried at: (lo, hi) inclusive). Pruned:
-# shared memory (q tile + stages x K and V tiles) within the H100's 227 KB, at most 128 fp32
-# accumulator registers per thread, 32-key tiles only where keys are few.
+# (block_m, block_n, warps, stages, lengths tried at: (lo, hi) inclusive). Pruned with ptxas's
+# reports of the sm_90a builds (d128, group 4): 128x64 tiles with 4 warps, 256-row tiles with
+# 8 warps and 128x128 with 4 warps spill registers, 256x128 with 16 warps spills kilobytes;
+# 32-key tiles and 64x64 only where keys are few.
 TILES = [
     (64, 64, 4, 3, (0, 2048)),
+    (64, 64, 4, 4, (0, 2048)),
     (64, 128, 4, 3, (0, 1 << 30)),
     (128, 32, 4, 3, (0, 2048)),
-    (128, 64, 4, 3, (0, 1 << 30)),
+    (128, 32, 4, 4, (0, 2048)),
     (128, 64, 8, 3, (0, 1 << 30)),
-    (128, 64, 8, 4, (2048, 1 << 30)),
+    (128, 64, 8, 4, (0, 1 << 30)),
     (128, 128, 8, 2, (0, 1 << 30)),
     (128, 128, 8, 3, (0, 1 << 30)),
-    (256, 64, 8, 3, (2048, 1 << 30)),
-    (256, 128, 16, 2, (2048, 1 << 30)),
+    (256, 64, 16, 3, (2048, 1 << 30)),
 ]
 SMEM_BYTES = 227 * 1024
 DEVICE = "cuda"
@@ -66,19 +68,24 @@ class Candidate:
     heavy_first: bool
     scale_mode: str
     page_ids: bool
+    prefetch_ids: bool
 
     def label(self) -> str:
         return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} "
                 f"{'heavy' if self.heavy_first else 'light'} {self.scale_mode} "
-                f"{'page_ids' if self.page_ids else 'key_ids'}")
+                f"{'page_ids' if self.page_ids else 'key_ids'}"
+                f"{'' if self.prefetch_ids else ' no_prefetch'}")
 
 
-def _launcher_defaults() -> tuple[bool, str, bool]:
+SWITCHES = ("heavy_first", "scale_mode", "page_ids", "prefetch_ids")
+
+
+def _launcher_defaults() -> tuple[bool, str, bool, bool]:
     from kernels.attention_prefill import prefill_attention
 
     params = inspect.signature(prefill_attention).parameters
-    return (params["heavy_first"].default, params["scale_mode"].default,
-            params["page_ids"].default)
+    heavy, scale, pages, prefetch = (params[name].default for name in SWITCHES)
+    return heavy, scale, pages, prefetch
 
 
 def default_candidate(seq: int) -> Candidate:
@@ -89,15 +96,21 @@ def default_candidate(seq: int) -> Candidate:
 
 
 def candidates(seq: int) -> list[Candidate]:
-    from kernels.attention_prefill import SCALE_MODES
-
+    """Per tile: every combination of heavy_first x scale_mode "fma"/"q" x page_ids, with the
+    ids prefetched; and two references, the launcher's defaults but for scale_mode "tile"
+    (the same kernel plus one FMUL per score) or without the prefetch (the old pipeline).
+    Also the launcher's own default, if not among them."""
     out = []
+    heavy0, _, pages0, _ = _launcher_defaults()
     for bm, bn, warps, stages, (lo, hi) in TILES:
-        smem = DTYPE.itemsize * HEAD_DIM * (bm + 2 * stages * bn)
-        if not lo <= seq <= hi or smem > SMEM_BYTES or bm * HEAD_DIM > 128 * 32 * warps:
+        smem = DTYPE.itemsize * HEAD_DIM * (bm + 2 * stages * bn)  # q + stages x (K, V)
+        if not lo <= seq <= hi or smem > SMEM_BYTES:
             continue
-        for heavy, mode, pages in product((True, False), SCALE_MODES, (False, True)):
-            out.append(Candidate(bm, bn, warps, stages, heavy, mode, pages))
+        tile = (bm, bn, warps, stages)
+        for heavy, mode, pages in product((True, False), ("fma", "q"), (False, True)):
+            out.append(Candidate(*tile, heavy, mode, pages, True))
+        out.append(Candidate(*tile, heavy0, "tile", pages0, True))
+        out.append(Candidate(*tile, heavy0, "fma", pages0, False))
     default = default_candidate(seq)
     if default not in out:
         out.append(default)
@@ -144,7 +157,7 @@ class Case:
         return lambda: prefill_attention(
             *args, block_m=c.block_m, block_n=c.block_n, num_warps=c.num_warps,
             num_stages=c.num_stages, heavy_first=c.heavy_first, scale_mode=c.scale_mode,
-            page_ids=c.page_ids,
+            page_ids=c.page_ids, prefetch_ids=c.prefetch_ids,
         )
 
     def flops(self) -> float:
@@ -283,10 +296,10 @@ def case_flops(seq: int, tokens: int) -> float:
 def _fmt(r: dict) -> str:
     c = Candidate(**r["config"])
     if r["error"]:
-        return f"{'-':>6} {'-':>8} {'-':>8} {'-':>9}  {c.label():<40} {r['error'][:60]}"
+        return f"{'-':>6} {'-':>8} {'-':>8} {'-':>9}  {c.label():<46} {r['error'][:60]}"
     flag = "BAD" if r["bad"] else ""
     return (f"{r['ratio']:>6.3f} {r['tflops']:>8.1f} {r['ms']:>8.3f} {r['max_diff']:>9.2e}  "
-            f"{c.label():<40} {flag}")
+            f"{c.label():<46} {flag}")
 
 
 def report(seq_res: dict, top: int) -> None:
