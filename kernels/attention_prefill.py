@@ -51,13 +51,22 @@ def _kv_rows(
     """Element offset in the cache of keys ``n0 + [0, BLOCK_N)`` (without head and d), int64:
     block id x block stride overflows int32 on large pools. ``n0`` is a multiple of BLOCK_N.
     MASKED: keys from ``end`` on may be asked for (their table entries read as block 0)."""
-    pos = n0 + tl.arange(0, BLOCK_N)
+    n = tl.arange(0, BLOCK_N)
+    pos = n0 + n
+    if (PAGE & (PAGE - 1)) == 0:
+        # Pages and tiles are powers of 2 and n0 is a tile start, so a tile's keys lie in one
+        # page or span whole pages: split into n0's part and n's (loop-invariant) part.
+        page = n0 // PAGE + n // PAGE
+        slot = n0 % PAGE + n % PAGE
+    else:
+        page = pos // PAGE
+        slot = pos % PAGE
     if PAGE_IDS and BLOCK_N <= PAGE:  # the whole key tile lies in one page (both powers of 2)
         if MASKED:
             blk = tl.load(table_row + n0 // PAGE, mask=n0 < end, other=0)
         else:
             blk = tl.load(table_row + n0 // PAGE)
-        row = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_ct
+        row = blk.to(tl.int64) * stride_cb + slot * stride_ct
     elif PAGE_IDS:
         pages = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
         if MASKED:
@@ -66,13 +75,13 @@ def _kv_rows(
             blk = tl.load(table_row + pages)
         base = blk.to(tl.int64) * stride_cb  # [BLOCK_N // PAGE] -> one per key
         base = tl.reshape(tl.broadcast_to(base[:, None], (BLOCK_N // PAGE, PAGE)), (BLOCK_N,))
-        row = base + (pos % PAGE) * stride_ct
+        row = base + slot * stride_ct
     else:
         if MASKED:
-            blk = tl.load(table_row + pos // PAGE, mask=pos < end, other=0)
+            blk = tl.load(table_row + page, mask=pos < end, other=0)
         else:
-            blk = tl.load(table_row + pos // PAGE)
-        row = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_ct
+            blk = tl.load(table_row + page)
+        row = blk.to(tl.int64) * stride_cb + slot * stride_ct
     return row
 
 
