@@ -16,8 +16,8 @@ fail to compile or to launch (shared memory) are listed and skipped.
 The kernels are compiled first by ``--jobs`` worker processes, which fill Triton's on-disk
 cache; the timing then runs in this process (compiling there whatever a worker did not).
 Prints, per length, the candidates sorted by time ratio SDPA / ours and the best one.
-The default sweep is 276 (length, candidate) pairs: about 3 minutes on an H100 host with
-16 cores and a cold Triton cache (about 1 minute compiling, 0.25 s timing each pair).
+The default sweep is 210 (length, candidate) pairs: about 2 minutes on an H100 host with
+16 cores and a cold Triton cache (1-2 s to compile each kernel, 0.25 s to time each pair).
 """
 
 from __future__ import annotations
