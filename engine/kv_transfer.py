@@ -128,6 +128,7 @@ class _TxState:
     started: float
     next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)
+    trailer_sent: bool = False  # finish(wait=False): only wait_finished() is left
 
 
 @dataclass
@@ -437,8 +438,11 @@ class KVChannel:
             tx.acc += _pack(caches, block_ids, staging, self._word_offset(h, m))
         self._send_next(tx, staging, m % 2)
 
-    def finish(self, first_token: int = -1) -> None:
+    def finish(self, first_token: int = -1, wait: bool = True) -> None:
         """Send the trailer (with the checksum) and wait until the whole transfer left.
+        With ``wait=False`` only the trailer is posted: the transfer stays in progress on
+        this end until :meth:`wait_finished` (another thread may make that call: the one
+        that owns the channel from then on).
 
         ``first_token`` rides in the trailer when the header went out before the token was
         sampled (layer-wise streaming during the forward pass); the receiver's
@@ -457,7 +461,22 @@ class KVChannel:
                 f"finish() after {sent} of {h.num_layers} layers of transfer "
                 f"{h.transfer_id}; the transfer was cancelled"
             )
+        if tx.trailer_sent:
+            raise ChannelError(f"finish() twice for transfer {h.transfer_id}")
         self._send_trailer(tx, STATUS_OK, first_token)
+        tx.trailer_sent = True
+        if wait:
+            self._complete_tx(tx, ok=True)
+
+    def wait_finished(self) -> None:
+        """After ``finish(wait=False)``: wait until the whole transfer left. Raises
+        :class:`ChannelClosed` like :meth:`finish`."""
+        self._check_open()
+        tx = self._require_tx("wait_finished")
+        if not tx.trailer_sent:
+            raise ChannelError(
+                f"wait_finished() before finish() for transfer {tx.header.transfer_id}"
+            )
         self._complete_tx(tx, ok=True)
 
     def cancel(self) -> None:
@@ -468,6 +487,9 @@ class KVChannel:
             return
         self._check_open()
         h = tx.header
+        if tx.trailer_sent:  # finished already: nothing left to cancel, just wait
+            self._complete_tx(tx, ok=False)
+            return
         if tx.next_msg < h.num_messages and h.bytes_per_layer:
             with self._side_stream():
                 filler = torch.zeros(h.layers_per_message * h.bytes_per_layer,

@@ -20,9 +20,10 @@ def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
     """Scratch forward passes on two borrowed blocks (returned afterwards).
 
     On a GPU, prefill runs at every power-of-two batch size up to ``max_num_seqs`` (the
-    prefill kernel specializes on it), with partial and full blocks and a cached prefix;
-    the transfer kernels (pack, unpack, checksum) run once. On the CPU nothing compiles, so
-    one small pass each is enough.
+    prefill kernel specializes on it), with partial and full blocks, a cached prefix, and a
+    block table wider than 1024 tokens (long prompts take other attention tiles); the
+    transfer kernels (pack, unpack, checksum) run once. On the CPU nothing compiles, so one
+    small pass each is enough.
     """
     bs = runner.block_size
     ids = allocator.allocate(2)
@@ -30,9 +31,12 @@ def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
         if prefill:
             cuda = runner.device.type == "cuda"
             sizes = [1 << i for i in range(max(1, max_num_seqs).bit_length())] if cuda else [1]
+            wide = [ids[0]] * (2048 // bs + 1)  # only the first block is written
             for b in sizes:
                 for n in ((3, bs) if cuda else (min(8, bs),)):
                     runner.prefill([PrefillItem(list(range(1, n + 1)), 0, ids[:1])] * b)
+                if cuda:
+                    runner.prefill([PrefillItem([1, 2, 3], 0, wide)] * b)
             if cuda:  # a chunk after a cached prefix
                 runner.prefill([PrefillItem([1, 2, 3], bs, ids)])
         if decode:

@@ -290,7 +290,8 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, PAGE=block_size, HEAD_DIM=head_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_B=max(2, next_pow2(num_seqs)), HEAVY_FIRST=heavy_first,
+        # a floor of 32 sequences: fewer compiled variants (workers warm each one up)
+        BLOCK_B=max(32, next_pow2(num_seqs)), HEAVY_FIRST=heavy_first,
         SCALE=SCALE_MODES.index(scale_mode), PAGE_IDS=page_ids, PREFETCH_IDS=prefetch_ids,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

@@ -76,11 +76,17 @@ class OutgoingKV:
             layers = h.message_layers(m)
             self.channel.send_from_pool(self.pool[layers.start:layers.stop], self.ids)
 
-    def finish(self, first_token: int) -> float:
-        """Trailer (with the first token) out, wait until all left; returns seconds."""
+    def finish(self, first_token: int, wait: bool = True) -> float:
+        """Trailer (with the first token) out, and unless ``wait=False`` wait until all left
+        (then :meth:`wait_finished`); returns seconds so far."""
         if self.error:
             raise RuntimeError(f"a layer failed to go out: {self.error}")
-        self.channel.finish(first_token)
+        self.channel.finish(first_token, wait=wait)
+        return time.monotonic() - self.started
+
+    def wait_finished(self) -> float:
+        """After ``finish(wait=False)``: wait until all left; returns the transfer's seconds."""
+        self.channel.wait_finished()
         return time.monotonic() - self.started
 
     def cancel(self) -> None:

@@ -8,6 +8,7 @@ per-pair channel). The scheduler and allocator are touched only under ``self._cv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -47,8 +48,13 @@ class PrefillWorker:
         self._channels: dict[str, KVChannel] = {}
         self._channel_locks: dict[str, threading.Lock] = {}  # one transfer at a time each
         self._sends: queue.Queue[PrefillSeq | None] = queue.Queue()
+        # Layer-wise transfers whose trailer is out, waiting to have left: the step loop
+        # moves on to the next step instead of waiting on the decode side.
+        self._finishing: queue.Queue[OutgoingKV | None] = queue.Queue()
         self._loop = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
+        self._finisher = threading.Thread(target=self._finish_loop, name="kv-finish",
+                                          daemon=True)
 
     # -- control (Ray calls) ----------------------------------------------------------------
     def start(self) -> WorkerStats:
@@ -56,6 +62,7 @@ class PrefillWorker:
         self._warmup()
         self._loop.start()
         self._sender.start()
+        self._finisher.start()
         return self.stats()
 
     def channel_spec(self) -> ChannelSpec:
@@ -104,6 +111,7 @@ class PrefillWorker:
             self._stop = True
             self._cv.notify_all()
         self._sends.put(None)
+        self._finishing.put(None)
         for ch in self._channels.values():
             ch.close()
 
@@ -221,21 +229,46 @@ class PrefillWorker:
         return on_layer_done
 
     def _close_stream(self, out: OutgoingKV, first_token: int | None, why: str) -> None:
-        """Finish (with the first token) or cancel a layer-wise transfer; free its blocks."""
-        seconds, error = 0.0, why
-        try:
-            if first_token is None:
-                out.cancel()
-            else:
-                seconds = out.finish(first_token)
-        except Exception as e:
-            log.exception("KV transfer of %s failed", out.seq.task.request_id)
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            out.lock.release()
-            with self._cv:
-                self.allocator.free(out.seq.block_ids)
+        """Finish a layer-wise transfer with the first token (the trailer goes out now; the
+        finisher thread waits for the rest to leave, then frees the blocks and reports), or
+        cancel it (here, freeing its blocks)."""
         if first_token is not None:
+            try:
+                out.finish(first_token, wait=False)
+            except Exception as e:  # e.g. a layer failed to go out: the transfer is void
+                with contextlib.suppress(Exception):
+                    out.cancel()
+                self._end_stream(out, 0.0, f"{type(e).__name__}: {e}", report=True)
+                return
+            self._finishing.put(out)
+            return
+        error = why
+        try:
+            out.cancel()
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        self._end_stream(out, 0.0, error, report=False)
+
+    def _finish_loop(self) -> None:
+        while True:
+            out = self._finishing.get()
+            if out is None:
+                return
+            seconds, error = 0.0, ""
+            try:
+                seconds = out.wait_finished()
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+            self._end_stream(out, seconds, error, report=True)
+
+    def _end_stream(self, out: OutgoingKV, seconds: float, error: str, report: bool) -> None:
+        """Release a layer-wise transfer's channel and blocks (and report it)."""
+        if error and report:
+            log.error("KV transfer of %s failed: %s", out.seq.task.request_id, error)
+        out.lock.release()
+        with self._cv:
+            self.allocator.free(out.seq.block_ids)
+        if report:
             self._report_transfer(out.seq, seconds, out.nbytes if not error else 0, error)
 
     def _report_transfer(self, seq: PrefillSeq, seconds: float, nbytes: int,

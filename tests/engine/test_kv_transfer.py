@@ -400,6 +400,37 @@ def test_messages_and_checksum_cover_the_whole_payload(decode_store: Any) -> Non
         assert torch.equal(torch.cat(got), packed)
 
 
+def test_finish_without_waiting_then_wait_on_another_thread(decode_store: Any) -> None:
+    """finish(wait=False) posts the trailer and leaves the transfer in progress (busy, a new
+    header refused) until wait_finished(), here from another thread, as the prefill worker's
+    finisher does; finish() twice and wait_finished() before finish() are refused."""
+    src = _pool(SPEC, 4, seed=3)
+    ids = torch.tensor([1, 3])
+    with _pair(decode_store) as (tx, rx):
+        def send() -> None:
+            h = _header(SPEC, 70, 2)
+            tx.send_header(h)
+            with pytest.raises(ChannelError, match="before finish"):
+                tx.wait_finished()
+            for layer in range(SPEC.num_layers):
+                tx.send_from_pool(src[layer:layer + 1], ids)
+            tx.finish(7, wait=False)
+            assert tx.busy
+            with pytest.raises(ChannelError, match="twice"):
+                tx.finish(7, wait=False)
+            with pytest.raises(ChannelError, match="still in progress"):
+                tx.send_header(dataclasses.replace(h, transfer_id=71))
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(tx.wait_finished).result(10)
+            assert not tx.busy
+
+        def recv() -> int:
+            h = rx.recv_header()
+            return rx.recv_pool_blocks(h, torch.zeros_like(src), torch.tensor([0, 2])).first_token
+
+        assert _both(send, recv)[1] == 7
+
+
 def test_pool_arguments_are_checked(decode_store: Any) -> None:
     src = _pool(SPEC, 4, seed=2)
     with _pair(decode_store) as (tx, rx):
