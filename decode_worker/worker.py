@@ -9,6 +9,7 @@ are freed only once that work is over, so a freed block is never written to afte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -134,6 +135,15 @@ class DecodeWorker:
 
     # -- KV receive -------------------------------------------------------------------------
     def _receive_loop(self, ch: KVChannel) -> None:
+        # A stream of this thread's own: the channel orders its callers' streams after the
+        # data it receives, and the decode steps on the default stream must not wait for a
+        # transfer that is still arriving (verify() returns once every layer is in place).
+        stream = (torch.cuda.Stream(self.runner.device)
+                  if self.runner.device.type == "cuda" else None)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self._receive(ch)
+
+    def _receive(self, ch: KVChannel) -> None:
         pool = self.runner.kv_pool
         while not self._stop:
             rid = ""
