@@ -225,6 +225,30 @@ def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
     return rows
 
 
+def pack_tiles(tokens: int, copy_bw: float) -> list[Row]:
+    """``--pack-tiles``: one layer's pack under CUDA graphs for each (chunk, warps)."""
+    from kernels.kv_pack import pack_kv
+
+    n = tokens // BLOCK
+    nbytes = 2 * n * BLOCK * HK * HEAD_DIM * DTYPE.itemsize
+    copies = _rotation(nbytes)
+    num_blocks = n * copies * 2
+    layer = torch.randn(2, num_blocks, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    ids = torch.randperm(num_blocks, device="cuda")[: n * copies].view(copies, n)
+    bufs = torch.empty(copies, 2, n, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    rows = []
+    for chunk in (1024, 2048, 4096, 8192):
+        for warps in (2, 4, 8, 16):
+            def make(i: int, c: int = chunk, w: int = warps) -> Callable[[], object]:
+                return lambda: pack_kv(layer, ids[i], bufs[i], c, w)
+
+            ms = _bench_graphs([make(i) for i in range(copies)])
+            bw = 2 * nbytes / (ms * 1e-3)
+            rows.append(Row("kv_pack", f"tok={tokens} c={chunk} w={warps}", ms, bw / 1e9,
+                            "GB/s", "copy bandwidth", bw / copy_bw))
+    return rows
+
+
 def bench_decode(batches: list[int], contexts: list[int], copy_bw: float) -> list[Row]:
     rows = []
     for batch in batches:
@@ -254,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short sweep")
+    parser.add_argument("--pack-tiles", action="store_true",
+                        help="with pack: also sweep the pack kernel's chunk and warps")
     parser.add_argument("--only", default="decode,prefill,pack", metavar="PARTS",
                         help="comma-separated parts to run (default: decode,prefill,pack)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -289,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_prefill(prefill_lens)
     if "pack" in parts:
         rows += bench_pack(pack_tokens, copy_bw)
+        if args.pack_tiles:
+            rows += pack_tiles(4096, copy_bw)
 
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}")

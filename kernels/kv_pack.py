@@ -67,8 +67,14 @@ def _check(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor) -> 
     assert caches[0, 0, 0].is_contiguous(), caches.stride()
 
 
+# Words (or elements) per program and warps: tuning knobs (python -m kernels.bench --only
+# pack --pack-tiles sweeps them).
+CHUNK, WARPS = 2048, 4
+
+
 def _launch(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor,
-            to_buffer: bool, word_offset: int | None) -> torch.Tensor | None:
+            to_buffer: bool, word_offset: int | None, chunk: int = 0,
+            warps: int = 0) -> torch.Tensor | None:
     """Move ``block_ids`` of ``caches`` [k, 2, N, bs, Hk, D] to/from ``buf`` [k, 2, n, ...];
     with ``word_offset`` also return the checksum contribution (0-d int64) of ``buf``'s
     words taken at positions ``word_offset + i``."""
@@ -82,21 +88,23 @@ def _launch(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor,
         assert not checksum, "the checksum needs 32-bit-word aligned KV rows"
         cw, bw = caches, buf
     block_elems = cw[0, 0, 0].numel()
-    chunk = min(2048, 1 << max(0, (block_elems - 1).bit_length()))
+    chunk = min(chunk or CHUNK, 1 << max(0, (block_elems - 1).bit_length()))
     grid = (n, 2 * caches.shape[0], cdiv(block_elems, chunk))
     partial = torch.empty(grid[0] * grid[1] * grid[2] if checksum else 1, dtype=torch.int64,
                           device=buf.device)
     _move_blocks_kernel[grid](
         cw, bw, block_ids, partial,
         n, block_elems, cw.stride(0), cw.stride(1), cw.stride(2), word_offset or 0,
-        TO_BUFFER=to_buffer, CHECKSUM=checksum, BLOCK=chunk, num_warps=4,
+        TO_BUFFER=to_buffer, CHECKSUM=checksum, BLOCK=chunk, num_warps=warps or WARPS,
     )
     return partial.sum() if checksum else None
 
 
-def pack_kv(layer_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor) -> None:
-    """Triton launcher; same contract as :func:`pack_kv_ref`."""
-    _launch(layer_cache[None], out[None], block_ids, True, None)
+def pack_kv(layer_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor,
+            chunk: int = 0, warps: int = 0) -> None:
+    """Triton launcher; same contract as :func:`pack_kv_ref` (``chunk``, ``warps``: tuning
+    knobs, 0 = default)."""
+    _launch(layer_cache[None], out[None], block_ids, True, None, chunk, warps)
 
 
 def unpack_kv(buf: torch.Tensor, layer_cache: torch.Tensor, block_ids: torch.Tensor) -> None:
