@@ -27,9 +27,10 @@ from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepRep
 from engine.runner import DecodeItem, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
-from engine.warmup import start_runner, warm_up
+from engine.warmup import report_late_compiles, start_runner, warm_up
 
 log = logging.getLogger("pdserve.decode")
+SLOW_STEP_S = 0.5  # steps longer than this are logged (a compile, a stall)
 
 
 class DecodeWorker:
@@ -199,6 +200,8 @@ class DecodeWorker:
     def _warmup(self) -> None:
         warm_up(self.runner, self.allocator, self.cfg.max_num_seqs,
                 prefill=self.cfg.colocated, decode=True)
+        if self.runner.device.type == "cuda":
+            report_late_compiles(log)
 
     def _run(self) -> None:
         while True:
@@ -229,6 +232,9 @@ class DecodeWorker:
             else:
                 tokens, firsts = (self._step(batch) if batch else []), []
             step_s = time.monotonic() - t0
+            if step_s > SLOW_STEP_S:
+                log.warning("slow decode step: %.3f s, batch %d, %d prompt tokens", step_s,
+                            len(batch), sum(len(c.token_ids) for c in plan.chunks))
             with self._cv:
                 outs = self.sched.postprocess(batch, tokens)
                 if plan.chunks:

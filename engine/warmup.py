@@ -5,6 +5,9 @@ transfer kernels on an H200)."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 
 from engine.config import ModelConfig, WorkerConfig
@@ -44,6 +47,21 @@ def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
         _warm_transfer_kernels(runner.kv_pool, ids[0])
     finally:
         allocator.free(ids)
+
+
+def report_late_compiles(log: logging.Logger) -> None:
+    """After warm-up: log every Triton compilation from now on (one is a serving stall of a
+    second or more, and a shape family the warm-up missed). Best effort: Triton's hook API
+    differs between versions; without it nothing is logged."""
+    knobs = getattr(getattr(__import__("triton"), "knobs", None), "runtime", None)
+    if knobs is None or not hasattr(knobs, "jit_cache_hook"):
+        return
+
+    def hook(*args: Any, **kwargs: Any) -> bool:
+        log.warning("Triton compiled after warm-up: %s", kwargs.get("repr", "?"))
+        return False
+
+    knobs.jit_cache_hook = hook
 
 
 def _warm_transfer_kernels(pool: torch.Tensor, block: int) -> None:

@@ -23,11 +23,12 @@ from engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
 from engine.runner import PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
-from engine.warmup import start_runner, warm_up
+from engine.warmup import report_late_compiles, start_runner, warm_up
 from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
 
 log = logging.getLogger("pdserve.prefill")
+SLOW_STEP_S = 0.5  # steps longer than this are logged (a compile, a stall)
 
 
 class PrefillWorker:
@@ -118,6 +119,8 @@ class PrefillWorker:
     # -- step loop --------------------------------------------------------------------------
     def _warmup(self) -> None:
         warm_up(self.runner, self.allocator, self.cfg.max_num_seqs, prefill=True, decode=False)
+        if self.runner.device.type == "cuda":
+            report_late_compiles(log)
 
     def _run(self) -> None:
         while True:
@@ -131,6 +134,7 @@ class PrefillWorker:
             if not chunks:  # waiting for blocks held by in-flight transfers
                 time.sleep(0.002)
                 continue
+            t_step = time.monotonic()
             streams = self._open_streams([c.seq for c in chunks if c.is_last])
             try:
                 logits = self.runner.prefill(
@@ -152,6 +156,9 @@ class PrefillWorker:
                     logits[last], [t.sampling for t in tasks], [t.num_generated for t in tasks]
                 )
             now = time.monotonic()
+            if now - t_step > SLOW_STEP_S:
+                log.warning("slow prefill step: %.3f s, %d chunks, %d tokens", now - t_step,
+                            len(chunks), sum(c.length for c in chunks))
             with self._cv:
                 finished = self.sched.complete(chunks)
                 self._in_step = set()
