@@ -30,6 +30,7 @@ IN_A=${IN_A:-4096}; OUT_A=${OUT_A:-256}; RATES_A=${RATES_A:-1,2,3,4,5,6,8}
 IN_B=${IN_B:-512}; OUT_B=${OUT_B:-512}; RATES_B=${RATES_B:-2,4,6,8,12,16,24,32}
 SLO=(--slo-ttft-ms "${SLO_TTFT_MS:-1000}" --slo-tpot-ms "${SLO_TPOT_MS:-40}")
 PORT=${PORT:-50051}
+WARMUP_N=${WARMUP_N:-8}  # requests of an unrecorded burst before each workload (0: none)
 mkdir -p "$OUT_DIR"
 SERVER_PID=
 # a failed bench (set -e) must not leave the server and its Ray cluster running
@@ -43,6 +44,14 @@ run_config() {  # label, serve flags...
   SERVER_PID=$pid
   for w in a b; do
     local in=IN_${w^^} out=OUT_${w^^} rates=RATES_${w^^}
+    # Unrecorded warm-up burst of the workload's shapes (as vLLM's benchmark sends a test
+    # prompt first): first-seen batch shapes are kept out of the sweep. Logged separately.
+    if [ "$WARMUP_N" -gt 0 ]; then
+      $PDSERVE bench --server "127.0.0.1:$PORT" --ready-timeout 900 --label "$label-warmup" \
+        --dataset random --input-len "${!in}" --output-len 8 --num-prompts "$WARMUP_N" \
+        --request-rate inf --no-progress --result-json "$OUT_DIR/warmup-$label-$w.json" \
+        > "$OUT_DIR/warmup-$label-$w.txt"
+    fi
     $PDSERVE bench --server "127.0.0.1:$PORT" --ready-timeout 900 --label "$label" \
       --dataset random --input-len "${!in}" --output-len "${!out}" --num-prompts "$N" \
       --request-rate "${!rates}" "${SLO[@]}" --stop-below-attainment 0.9 \
