@@ -51,9 +51,19 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton i
     tl = _MissingLanguage()
 
 
-def jit(fn: Callable[..., None]) -> Any:
-    """``triton.jit``, or the bare function when Triton is not installed."""
-    return triton.jit(fn) if HAS_TRITON else fn
+def jit(fn: Callable[..., None] | None = None, *,
+        do_not_specialize: tuple[str, ...] = ()) -> Any:
+    """``triton.jit``, or the bare function when Triton is not installed. As
+    ``@jit(do_not_specialize=(...))``: integer arguments Triton should not specialize on
+    (by default it compiles a variant per value class: 1, a multiple of 16, other), for
+    arguments that vary with the batch, where every new class is a compile in serving."""
+    if fn is None:
+        return functools.partial(jit, do_not_specialize=do_not_specialize)
+    if not HAS_TRITON:
+        return fn
+    if do_not_specialize:
+        return triton.jit(fn, do_not_specialize=list(do_not_specialize))
+    return triton.jit(fn)
 
 
 def require_triton() -> None:

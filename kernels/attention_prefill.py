@@ -152,7 +152,10 @@ def _prefill_tiles(
     return acc, l_sum, m
 
 
-@jit
+# The batch's sequence count and block-table width vary step to step: specializing on them
+# (Triton's 1 / multiple-of-16 / other classes) recompiled the kernel in serving, a 1.1-1.5 s
+# stall each time on an H200.
+@jit(do_not_specialize=("num_seqs", "stride_table"))
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_ptr, lens_ptr, table_ptr,
     qk_scale, num_seqs,
