@@ -30,6 +30,7 @@ IN_A=${IN_A:-4096}; OUT_A=${OUT_A:-256}; RATES_A=${RATES_A:-1,2,3,4,5,6,8}
 IN_B=${IN_B:-512}; OUT_B=${OUT_B:-512}; RATES_B=${RATES_B:-2,4,6,8,12,16,24,32}
 SLO=(--slo-ttft-ms "${SLO_TTFT_MS:-1000}" --slo-tpot-ms "${SLO_TPOT_MS:-40}")
 PORT=${PORT:-50051}
+WORKLOADS=${WORKLOADS:-a b}  # e.g. WORKLOADS=a to extend one workload's sweep
 WARMUP_N=${WARMUP_N:-8}  # requests of an unrecorded burst before each workload (0: none)
 mkdir -p "$OUT_DIR"
 SERVER_PID=
@@ -42,7 +43,7 @@ run_config() {  # label, serve flags...
   $PDSERVE serve --port "$PORT" --metrics-port 0 "$@" $MODEL_ARGS &
   local pid=$!
   SERVER_PID=$pid
-  for w in a b; do
+  for w in $WORKLOADS; do
     local in=IN_${w^^} out=OUT_${w^^} rates=RATES_${w^^}
     # Unrecorded warm-up burst of the workload's shapes (as vLLM's benchmark sends a test
     # prompt first): first-seen batch shapes are kept out of the sweep. Logged separately.
