@@ -94,50 +94,40 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
 
     for _ in range(2):  # warm-up: Triton compilation, allocator
         first_token()
-    alone, streamed_first, streamed_done, bulk = [], [], [], []
-    layerwise_start: list[float] = []
-    for _ in range(args["iters"]):
+
+    def start() -> float:
+        """A timed send's start: the GPU idle and the receiver back at its doorbell."""
         torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
+        time.sleep(0.05)
+        return time.perf_counter()
+
+    alone, streamed_first = [], []
+    layerwise_start, bulk_start, raw_start = [], [], []
+    for _ in range(args["iters"]):
+        t0 = start()
         first_token()
         alone.append(time.perf_counter() - t0)
     for _ in range(args["iters"]):
         out = OutgoingKV(seq, ch, lock, runner.kv_pool, layerwise=True)
-        torch.cuda.synchronize(dev)
-        time.sleep(0.05)  # the receiver is back waiting for the doorbell
-        t0 = time.perf_counter()
-        layerwise_start.append(t0)
+        layerwise_start.append(t0 := start())
         out.start()
         tok = first_token(out.send_layer)
         streamed_first.append(time.perf_counter() - t0)
         out.finish(tok)
-        torch.cuda.synchronize(dev)
-        streamed_done.append(time.perf_counter() - t0)
-    bulk_start = []
     for _ in range(args["iters"]):
         out = OutgoingKV(seq, ch, lock, runner.kv_pool, layerwise=False)
-        torch.cuda.synchronize(dev)
-        time.sleep(0.05)  # the receiver is back waiting for the doorbell
-        t0 = time.perf_counter()
-        bulk_start.append(t0)
+        bulk_start.append(start())
         out.start()
         out.send_all_layers()
         out.finish(0)
-        torch.cuda.synchronize(dev)
-        bulk.append(time.perf_counter() - t0)
     nbytes, per_message = out.nbytes, out.header.layers_per_message
-    raw_start = []
     raw = torch.empty(nbytes // 2, dtype=DTYPE, device=dev)
     for _ in range(args["iters"]):
-        torch.cuda.synchronize(dev)
-        time.sleep(0.05)
-        raw_start.append(time.perf_counter())
+        raw_start.append(start())
         ch.raw_exchange(raw)
     results.put({"alone_s": alone, "streamed_first_s": streamed_first,
-                 "streamed_done_s": streamed_done, "bulk_sender_s": bulk,
                  "bulk_start": bulk_start, "layerwise_start": layerwise_start,
-                 "raw_start": raw_start,
-                 "bytes": nbytes, "layers_per_message": per_message,
+                 "raw_start": raw_start, "bytes": nbytes, "layers_per_message": per_message,
                  "device": torch.cuda.get_device_name(dev)})
     ch.close()
 

@@ -27,10 +27,9 @@ from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepRep
 from engine.runner import DecodeItem, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
-from engine.warmup import report_late_compiles, start_runner, warm_up
+from engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 
 log = logging.getLogger("pdserve.decode")
-SLOW_STEP_S = 0.5  # steps longer than this are logged (a compile, a stall)
 
 
 class DecodeWorker:

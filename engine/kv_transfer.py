@@ -431,9 +431,8 @@ class KVChannel:
                 "the transfer was cancelled"
             )
         staging = self._tx_staging(h, m)
-        with self._side_stream():
+        with self._side_stream():  # (the pool outlives every transfer: no record_stream)
             if self._stream is not None:
-                caches.record_stream(self._stream)
                 block_ids.record_stream(self._stream)
             tx.acc += _pack(caches, block_ids, staging, self._word_offset(h, m))
         self._send_next(tx, staging, m % 2)
@@ -651,7 +650,6 @@ class KVChannel:
         buf = self._take_message(rx, None)
         with self._side_stream():
             if self._stream is not None:
-                caches.record_stream(self._stream)
                 block_ids.record_stream(self._stream)
             rx.acc += _unpack(buf, caches, block_ids, self._word_offset(h, m))
         self._join_side_stream()

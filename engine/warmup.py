@@ -12,9 +12,9 @@ import torch
 
 from engine.config import ModelConfig, WorkerConfig
 from engine.kv_cache import BlockAllocator
-from engine.kv_protocol import kv_checksum
 from engine.runner import DecodeItem, ModelRunner, PrefillItem
 from engine.weights import load_model_config
+from kernels._triton import HAS_TRITON, triton
 from kernels.kv_pack import pack_kv_checksum, unpack_kv_checksum
 
 
@@ -49,11 +49,17 @@ def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
         allocator.free(ids)
 
 
+# Worker steps longer than this are logged (a compile, a stall).
+SLOW_STEP_S = 0.5
+
+
 def report_late_compiles(log: logging.Logger) -> None:
     """After warm-up: log every Triton compilation from now on (one is a serving stall of a
     second or more, and a shape family the warm-up missed). Best effort: Triton's hook API
     differs between versions; without it nothing is logged."""
-    knobs = getattr(getattr(__import__("triton"), "knobs", None), "runtime", None)
+    if not HAS_TRITON:
+        return
+    knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
     if knobs is None or not hasattr(knobs, "jit_cache_hook"):
         return
 
@@ -66,8 +72,8 @@ def report_late_compiles(log: logging.Logger) -> None:
 
 def _warm_transfer_kernels(pool: torch.Tensor, block: int) -> None:
     """The KV channel's fused pack/unpack + checksum kernels, both directions, for the block
-    counts Triton specializes on (1, a multiple of 16, any other), and the plain checksum.
-    Only scratch block ``block`` is touched."""
+    counts Triton specializes on (1, a multiple of 16, any other). Only scratch block
+    ``block`` is touched."""
     if pool.device.type != "cuda":
         return
     for n in (1, 3, 16):
@@ -75,7 +81,6 @@ def _warm_transfer_kernels(pool: torch.Tensor, block: int) -> None:
         buf = torch.empty((1, 2, n, *pool.shape[3:]), dtype=pool.dtype, device=pool.device)
         pack_kv_checksum(pool[:1], ids, buf, 0)
         unpack_kv_checksum(buf, pool[:1], ids, 0)
-        kv_checksum(buf)
 
 
 def start_runner(cfg: WorkerConfig) -> tuple[ModelConfig, ModelRunner, BlockAllocator]:

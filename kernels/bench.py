@@ -171,20 +171,35 @@ def _prefill_case(seq: int, tokens: int) -> Row:
                f"torch SDPA causal ({sdpa_tflops:.0f} TFLOP/s)", tflops / sdpa_tflops)
 
 
-def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
-    """One request's blocks of one layer, launched eagerly (what a layer-wise send pays,
-    launch included) and as CUDA-graph replays (the kernel alone); and the KV channel's
-    message, several layers packed with the checksum in the same pass (eagerly)."""
-    from kernels.kv_pack import pack_kv, pack_kv_checksum, unpack_kv, unpack_kv_checksum
+def _pack_bytes(tokens: int) -> int:
+    """One layer's K and V of ``tokens`` tokens."""
+    return 2 * tokens * HK * HEAD_DIM * DTYPE.itemsize
 
+
+def _pack_inputs(tokens: int, layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pool of ``layers`` layers, block ids of one request per rotated copy (scattered, as
+    in serving) and a transfer buffer per copy: ``[k, 2, N, ...]``, ``[copies, n]``,
+    ``[copies, k, 2, n, ...]``."""
     n = tokens // BLOCK
-    nbytes = 2 * n * BLOCK * HK * HEAD_DIM * DTYPE.itemsize
-    layers = max(1, (64 << 20) // nbytes)  # engine.kv_protocol.layers_per_message
-    copies = _rotation(nbytes * layers)
+    copies = _rotation(_pack_bytes(tokens) * layers)
     num_blocks = n * copies * 2
     pool = torch.randn(layers, 2, num_blocks, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
     ids = torch.randperm(num_blocks, device="cuda")[: n * copies].view(copies, n)
     bufs = torch.empty(copies, layers, 2, n, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    return pool, ids, bufs
+
+
+def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
+    """One request's blocks of one layer, launched eagerly (what a layer-wise send pays,
+    launch included) and as CUDA-graph replays (the kernel alone); and the KV channel's
+    message, several layers packed with the checksum in the same pass (eagerly)."""
+    from engine.kv_protocol import layers_per_message
+    from kernels.kv_pack import pack_kv, pack_kv_checksum, unpack_kv, unpack_kv_checksum
+
+    nbytes = _pack_bytes(tokens)
+    layers = layers_per_message(nbytes, 32)  # a llama-3.1-8b request's message
+    pool, ids, bufs = _pack_inputs(tokens, layers)
+    copies = ids.shape[0]
     cycle = _Cycle(copies)
 
     def pack(i: int) -> Callable[[], object]:
@@ -229,20 +244,15 @@ def pack_tiles(tokens: int, copy_bw: float) -> list[Row]:
     """``--pack-tiles``: one layer's pack under CUDA graphs for each (chunk, warps)."""
     from kernels.kv_pack import pack_kv
 
-    n = tokens // BLOCK
-    nbytes = 2 * n * BLOCK * HK * HEAD_DIM * DTYPE.itemsize
-    copies = _rotation(nbytes)
-    num_blocks = n * copies * 2
-    layer = torch.randn(2, num_blocks, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
-    ids = torch.randperm(num_blocks, device="cuda")[: n * copies].view(copies, n)
-    bufs = torch.empty(copies, 2, n, BLOCK, HK, HEAD_DIM, device="cuda", dtype=DTYPE)
+    nbytes = _pack_bytes(tokens)
+    pool, ids, bufs = _pack_inputs(tokens, 1)
     rows = []
     for chunk in (1024, 2048, 4096, 8192):
         for warps in (2, 4, 8, 16):
             def make(i: int, c: int = chunk, w: int = warps) -> Callable[[], object]:
-                return lambda: pack_kv(layer, ids[i], bufs[i], c, w)
+                return lambda: pack_kv(pool[0], ids[i], bufs[i, 0], c, w)
 
-            ms = _bench_graphs([make(i) for i in range(copies)])
+            ms = _bench_graphs([make(i) for i in range(ids.shape[0])])
             bw = 2 * nbytes / (ms * 1e-3)
             rows.append(Row("kv_pack", f"tok={tokens} c={chunk} w={warps}", ms, bw / 1e9,
                             "GB/s", "copy bandwidth", bw / copy_bw))

@@ -23,12 +23,11 @@ from engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
 from engine.runner import PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
-from engine.warmup import report_late_compiles, start_runner, warm_up
+from engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
 
 log = logging.getLogger("pdserve.prefill")
-SLOW_STEP_S = 0.5  # steps longer than this are logged (a compile, a stall)
 
 
 class PrefillWorker:
