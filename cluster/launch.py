@@ -42,18 +42,28 @@ class Deployment:
         handles = [*self.prefill.values(), *self.decode.values()]
         return list(ray.get([h.stats.remote() for h in handles]))
 
-    def stop(self) -> None:
-        """Stop serving, stop the workers, and shut Ray down if we started it."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop serving, stop the workers, and shut Ray down if we started it.
+
+        Every worker is told at once and waited for together, so the two ends of a KV
+        channel tear down at the same time (stopped one after the other, the first could
+        wait on its peer until the timeout) and a worker that hangs costs ``timeout_s`` once,
+        not once per worker. Hung workers are killed like the rest."""
         try:
-            ray.get(self.router.stop.remote(), timeout=30)
+            ray.get(self.router.stop.remote(), timeout=timeout_s)
         except Exception:
             log.exception("router did not stop cleanly")
-        for h in [*self.prefill.values(), *self.decode.values()]:
+        workers = {**self.prefill, **self.decode}
+        calls = {h.shutdown.remote(): name for name, h in workers.items()}
+        done, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
+        for ref in done:
             try:
-                ray.get(h.shutdown.remote(), timeout=30)
+                ray.get(ref)
             except Exception:
-                log.exception("worker did not stop cleanly")
-        for h in [self.router, *self.prefill.values(), *self.decode.values()]:
+                log.exception("worker %s did not stop cleanly", calls[ref])
+        for ref in late:
+            log.error("worker %s did not stop within %.3g s", calls[ref], timeout_s)
+        for h in [self.router, *workers.values()]:
             ray.kill(h)
         if self.started_ray:
             ray.shutdown()

@@ -27,6 +27,7 @@ from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepRep
 from engine.runner import DecodeItem, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
+from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
 from engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 
 log = logging.getLogger("pdserve.decode")
@@ -81,7 +82,13 @@ class DecodeWorker:
             except Exception:
                 log.exception("channel %s failed to open", name)
                 return
-            self._channels[prefill_name] = ch
+            with self._cv:  # shutdown() aborts the channels it finds here; a later one, we do
+                stopping = self._stop
+                if not stopping:
+                    self._channels[prefill_name] = ch
+            if stopping:
+                ch.close(abort=True)
+                return
             self._receive_loop(ch)
 
         threading.Thread(target=open_and_serve, name=f"kv-recv-{prefill_name}",
@@ -127,11 +134,22 @@ class DecodeWorker:
             )
 
     def shutdown(self) -> None:
+        """Stop the threads and abort the KV channels; returns within about
+        ``SHUTDOWN_GRACE_S`` whatever the prefill workers do (see ``engine.teardown``).
+
+        The step loop stops after its step, running sequences or not (the router aborted
+        every request); then the channels are aborted, which also ends a receive waiting on
+        a prefill worker that stopped sending. Receivers are not waited for: an idle one
+        leaves at the end of its doorbell wait (2 s), and a closed channel only raises."""
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        for ch in self._channels.values():
-            ch.close()
+            channels = list(self._channels.values())
+        stuck = join_threads([self._loop], deadline)
+        stuck += abort_channels(channels, deadline)
+        if stuck:
+            log.warning("%s: still running after shutdown: %s", self.name, ", ".join(stuck))
 
     # -- KV receive -------------------------------------------------------------------------
     def _receive_loop(self, ch: KVChannel) -> None:
@@ -205,6 +223,8 @@ class DecodeWorker:
     def _run(self) -> None:
         while True:
             with self._cv:
+                if self._stop:
+                    return
                 for rid in list(self._pending_abort):
                     if rid not in self._busy:
                         self._pending_abort.discard(rid)
@@ -221,8 +241,6 @@ class DecodeWorker:
                 in_step = {s.request_id for s in batch} | {c.seq.request_id for c in plan.chunks}
                 self._busy |= in_step
                 if not batch and not plan.chunks and not plan.preempted and not failed:
-                    if self._stop:
-                        return
                     self._cv.wait(timeout=0.05)
                     continue
             t0 = time.monotonic()

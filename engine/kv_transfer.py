@@ -324,13 +324,14 @@ class KVChannel:
         """A transfer is in progress on this end."""
         return self._tx is not None or self._rx is not None
 
-    def close(self) -> None:
-        """Tear down the process group (abort if broken or mid-transfer, else shut down) and
-        release the stores. Idempotent."""
+    def close(self, abort: bool = False) -> None:
+        """Tear down the process group (abort if broken, mid-transfer or ``abort``, else shut
+        down) and release the stores. Idempotent. A clean NCCL shutdown waits until the peer
+        tears its end down too; ``abort`` never waits for the peer (worker shutdown)."""
         if self._pg is None:
             return
         pg, self._pg = self._pg, None
-        broken = self._closed_reason is not None or self.busy
+        broken = abort or self._closed_reason is not None or self.busy
         if self._closed_reason is None:
             self._closed_reason = "closed"
         self._tx = self._rx = None

@@ -23,6 +23,7 @@ from engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
 from engine.runner import PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
+from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
 from engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
@@ -73,12 +74,17 @@ class PrefillWorker:
         if decode_name in self._channels:
             return
         timeout = self.cfg.transfer_timeout_s
-        self._channel_locks[decode_name] = threading.Lock()
-        self._channels[decode_name] = KVChannel.open(
+        ch = KVChannel.open(
             store=KVChannel.connect_store(host, port, timeout), name=channel, rank=0,
             spec=self.channel_spec(), device=self.runner.device, timeout_s=timeout,
             owns_store=True,
         )
+        with self._cv:  # shutdown() aborts the channels it finds here; a later one, we do
+            if not self._stop:
+                self._channel_locks[decode_name] = threading.Lock()
+                self._channels[decode_name] = ch
+                return
+        ch.close(abort=True)
 
     def submit(self, task: PrefillTask) -> None:
         with self._cv:
@@ -107,13 +113,25 @@ class PrefillWorker:
             )
 
     def shutdown(self) -> None:
+        """Stop the threads and abort the KV channels; returns within about
+        ``SHUTDOWN_GRACE_S`` whatever the decode workers do (see ``engine.teardown``).
+
+        The step loop finishes its step; then the channels are aborted, which also ends a
+        transfer still waiting on its decode worker, and the transfer threads get what is left
+        of the grace period. Queued transfers are dropped (the router aborted every request).
+        No channel lock is taken here: a transfer holds its channel's lock while it blocks."""
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+            channels = list(self._channels.values())
         self._sends.put(None)
         self._finishing.put(None)
-        for ch in self._channels.values():
-            ch.close()
+        stuck = join_threads([self._loop], deadline)
+        stuck += abort_channels(channels, deadline)
+        stuck += join_threads([self._sender, self._finisher], deadline)
+        if stuck:
+            log.warning("%s: still running after shutdown: %s", self.name, ", ".join(stuck))
 
     # -- step loop --------------------------------------------------------------------------
     def _warmup(self) -> None:
@@ -258,7 +276,7 @@ class PrefillWorker:
     def _finish_loop(self) -> None:
         while True:
             out = self._finishing.get()
-            if out is None:
+            if out is None or self._stop:  # stopping: the decode side no longer receives
                 return
             seconds, error = 0.0, ""
             try:
@@ -288,7 +306,7 @@ class PrefillWorker:
         """Transfers that could not stream during their step, one whole request at a time."""
         while True:
             seq = self._sends.get()
-            if seq is None:
+            if seq is None or self._stop:  # stopping: start no transfer (it would wait)
                 return
             worker = seq.task.lease.worker
             lock = self._channel_locks[worker]

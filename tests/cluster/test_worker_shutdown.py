@@ -1,0 +1,201 @@
+"""Worker shutdown is bounded: real prefill and decode workers (the tiny dummy model, on CPU)
+joined by a real Gloo KV channel, with the channel's process group standing in for NCCL's
+teardown where it matters (a clean shutdown waits until the peer tears its end down too)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from decode_worker.worker import DecodeWorker
+from engine.config import CacheConfig, ModelSpec, RunnerConfig, WorkerConfig
+from engine.kv_transfer import KVChannel
+from engine.messages import Reservation
+from engine.sequence import SamplingParams
+from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
+from prefill_worker.worker import PrefillWorker
+
+PEER_WAIT_S = 6.0  # how long a clean teardown waits for the peer before the test gives up
+
+
+class FakeRouter:
+    """Takes the workers' reports (``router.on_step.remote(report)`` and the like)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        calls = self.calls
+
+        class Method:
+            def remote(self, *args: Any) -> None:
+                calls.append((name, args))
+
+        return Method()
+
+
+class PeerWaitingPG:
+    """Stands in for ProcessGroupNCCL around a real Gloo group: ``shutdown()`` (finalize,
+    destroy) returns only once the peer's end was torn down too; ``abort()`` is local."""
+
+    def __init__(self, pg: Any, mine: threading.Event, peer: threading.Event) -> None:
+        self.pg, self.mine, self.peer = pg, mine, peer
+        self.calls: list[str] = []
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+        self.mine.set()
+        self.peer.wait(PEER_WAIT_S)
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+        self.mine.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pg, name)
+
+
+def worker_config(decode_blocks: int = 64) -> WorkerConfig:
+    return WorkerConfig(ModelSpec("dummy", preset="tiny"), CacheConfig(4, decode_blocks),
+                        RunnerConfig(), max_batch_tokens=64, max_num_seqs=4,
+                        transfer_timeout_s=20.0)
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def workers() -> Iterator[tuple[PrefillWorker, DecodeWorker]]:
+    p = PrefillWorker("prefill-0", worker_config(), FakeRouter())
+    d = DecodeWorker("decode-0", worker_config(), FakeRouter())
+    p.start()
+    d.start()
+    yield p, d
+    p.shutdown()
+    d.shutdown()
+
+
+@pytest.fixture
+def closes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, bool]]:
+    """Every KVChannel.close() call: (channel name, rank, abort)."""
+    calls: list[tuple[str, int, bool]] = []
+    close = KVChannel.close
+
+    def recording_close(self: KVChannel, abort: bool = False) -> None:
+        calls.append((self.name, self.rank, abort))
+        close(self, abort=abort)
+
+    monkeypatch.setattr(KVChannel, "close", recording_close)
+    return calls
+
+
+def connect(p: PrefillWorker, d: DecodeWorker) -> tuple[KVChannel, KVChannel]:
+    host, port, name = d.host_channel(p.name)
+    p.connect(d.name, host, port, name)
+    wait_for(lambda: p.name in d._channels)
+    return p._channels[d.name], d._channels[p.name]
+
+
+def test_shutdown_aborts_channels_instead_of_waiting_for_the_peer(
+        workers: tuple[PrefillWorker, DecodeWorker]) -> None:
+    """The launcher used to stop the prefill worker, then the decode worker: a clean
+    teardown of the prefill end then waited on the decode end, which had not started its
+    own (the ray.get timed out after 30 s)."""
+    p, d = workers
+    tx, rx = connect(p, d)
+    tx_down, rx_down = threading.Event(), threading.Event()
+    tx_pg, rx_pg = PeerWaitingPG(tx._pg, tx_down, rx_down), PeerWaitingPG(rx._pg, rx_down,
+                                                                          tx_down)
+    tx._pg, rx._pg = tx_pg, rx_pg
+    for w in (p, d):  # one after the other, the decode worker last
+        t0 = time.monotonic()
+        w.shutdown()
+        assert time.monotonic() - t0 < 2.0, f"{w.name} waited for its peer"
+    assert tx_pg.calls == ["abort"] and rx_pg.calls == ["abort"]
+    assert tx.closed and rx.closed
+    assert not p._loop.is_alive() and not d._loop.is_alive()
+    assert not p._sender.is_alive() and not p._finisher.is_alive()
+    # The idle receiver leaves at the end of its doorbell wait.
+    wait_for(lambda: not any(t.name == f"kv-recv-{p.name}" for t in threading.enumerate()),
+             timeout_s=5.0)
+
+
+def test_decode_loop_stops_with_sequences_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = DecodeWorker("decode-0", worker_config(decode_blocks=256), FakeRouter())
+    d.start()
+    decode = d.runner.decode
+
+    def slow_decode(*args: Any) -> Any:  # keep the sequences running for seconds
+        time.sleep(0.01)
+        return decode(*args)
+
+    monkeypatch.setattr(d.runner, "decode", slow_decode)
+    for i in range(2):
+        lease = d.reserve(Reservation(f"r{i}", 8, 0,
+                                      SamplingParams(max_tokens=1000, ignore_eos=True)))
+        assert lease is not None
+        with d._cv:
+            assert d.sched.activate(lease.transfer_id, 5)
+            d._cv.notify()
+    wait_for(lambda: len(d.sched.running) == 2)
+    t0 = time.monotonic()
+    d.shutdown()
+    assert time.monotonic() - t0 < 2.0
+    assert not d._loop.is_alive()
+    assert len(d.sched.running) == 2  # stopped mid-generation, not run to the end
+
+
+def test_decode_channel_opened_after_shutdown_is_aborted(
+        workers: tuple[PrefillWorker, DecodeWorker], closes: list[tuple[str, int, bool]]
+) -> None:
+    p, d = workers
+    host, port, name = d.host_channel(p.name)  # opens on a thread once the prefill joins
+    d.shutdown()
+    p.connect(d.name, host, port, name)
+    wait_for(lambda: (name, 1, True) in closes)
+    assert d._channels == {}
+
+
+def test_prefill_channel_opened_after_shutdown_is_aborted(
+        workers: tuple[PrefillWorker, DecodeWorker], closes: list[tuple[str, int, bool]]
+) -> None:
+    p, d = workers
+    host, port, name = d.host_channel(p.name)
+    p.shutdown()
+    p.connect(d.name, host, port, name)
+    assert (name, 0, True) in closes
+    assert p._channels == {}
+
+
+class HangingChannel:
+    """A channel whose teardown never returns."""
+
+    name = "stuck"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def close(self, abort: bool = False) -> None:
+        self.release.wait()
+
+
+def test_abort_channels_is_bounded_by_its_deadline() -> None:
+    stuck = HangingChannel()
+    t0 = time.monotonic()
+    left = abort_channels([stuck], time.monotonic() + 0.2)  # type: ignore[list-item]
+    assert time.monotonic() - t0 < 1.0
+    assert left == ["kv-abort-stuck"]
+    stuck.release.set()
+
+
+def test_join_threads_skips_threads_never_started() -> None:
+    never = threading.Thread(target=lambda: None)
+    assert join_threads([never], time.monotonic() + SHUTDOWN_GRACE_S) == []
