@@ -78,7 +78,6 @@ from engine.kv_protocol import (
     _T_STATUS,
     _T_TRANSFER_ID,
     _T_VERSION,
-    _TAG_HEADER,
     _TAG_LAYER0,
     _TAG_RAW,
     _TAG_TRAILER,
@@ -108,6 +107,7 @@ logger = logging.getLogger(__name__)
 _U64 = (1 << 64) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 _ROLE = ("prefill", "decode")
+STAGING_SLOTS = 2  # default number of staging buffers (see KVChannel.set_staging_slots)
 
 
 # --------------------------------------------------------------------------------------
@@ -139,6 +139,8 @@ class _RxState:
     next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)  # queued CUDA receives
     posted: dict[int, tuple[Tensor, Any]] = field(default_factory=dict)  # message -> buf, work
+    trailer: tuple[Tensor, Any] | None = None  # its receive, once posted
+    bell: str = ""  # the doorbell key, until deleted
 
 
 def _normalize_device(device: torch.device | str) -> torch.device:
@@ -211,10 +213,11 @@ class KVChannel:
         self._seq = 0
         self._tx: _TxState | None = None
         self._rx: _RxState | None = None
-        # Two staging buffers, alternating by message (pack/receive m+1 while m moves), and on
-        # the sender the send that last read each one.
-        self._slots: list[Tensor | None] = [None, None]
-        self._slot_work: list[_Pending | None] = [None, None]
+        # Staging buffers used in turn by message (pack or receive the next ones while m
+        # moves), and on the sender the send that last read each one.
+        self.staging_slots = STAGING_SLOTS
+        self._slots: list[Tensor | None] = [None] * self.staging_slots
+        self._slot_work: list[_Pending | None] = [None] * self.staging_slots
         # Test hook: (message, tensor) -> tensor actually sent, applied after the checksum.
         self._send_hook: Callable[[int, Tensor], Tensor] | None = None
         # Stats of the last completed transfer, for metrics.
@@ -302,16 +305,32 @@ class KVChannel:
             namespace=ns, stores=stores,
         )
 
-    def raw_exchange(self, t: Tensor) -> None:
+    def set_staging_slots(self, n: int) -> None:
+        """Use ``n`` (at least 2) staging buffers in turn: on the sender, packing runs up to
+        ``n - 1`` messages ahead of the send that frees a buffer; on the receiver, ``n - 1``
+        receives stay posted ahead of the message being unpacked. Only between transfers."""
+        if n < 2:
+            raise ValueError(f"staging_slots must be at least 2, got {n}")
+        if self.busy:
+            raise ChannelError("set_staging_slots during a transfer")
+        self.staging_slots = n
+        self._slots = [None] * n
+        self._slot_work = [None] * n
+
+    def raw_exchange(self, t: Tensor, parts: int = 1) -> None:
         """Benchmark ceiling: send (rank 0) or receive (rank 1) ``t`` over this channel's
-        process group with no header, checksum or doorbell, and wait for it. Only between
-        transfers, and both ends must call it with tensors of the same size."""
+        process group with no header, checksum or doorbell, in ``parts`` back-to-back
+        messages, and wait for it. Only between transfers, and both ends must call it with
+        tensors of the same size and the same ``parts``."""
         self._check_open()
         if self._tx is not None or self._rx is not None:
             raise ChannelError("raw_exchange during a transfer")
+        flat = t.reshape(-1).view(torch.uint8)
         with self._side_stream():
             op = self._pg.send if self.rank == 0 else self._pg.recv
-            op([t.reshape(-1).view(torch.uint8)], self._peer, _TAG_RAW).wait()
+            works = [op([chunk], self._peer, _TAG_RAW) for chunk in flat.chunk(parts)]
+            for w in works:
+                w.wait()
         if self._stream is not None:
             self._stream.synchronize()
 
@@ -345,8 +364,8 @@ class KVChannel:
         del pg
         self._ns = None
         self._stores = []
-        self._slots = [None, None]
-        self._slot_work = [None, None]
+        self._slots = [None] * self.staging_slots
+        self._slot_work = [None] * self.staging_slots
 
     def __enter__(self) -> KVChannel:
         return self
@@ -357,7 +376,7 @@ class KVChannel:
     # ---- sending (rank 0) -----------------------------------------------------------
 
     def send_header(self, header: TransferHeader) -> None:
-        """Start a transfer: ring the doorbell and send the header (asynchronously)."""
+        """Start a transfer: ring the doorbell, whose value is the header."""
         self._check_open()
         self._require_rank(0, "send_header")
         if self._tx is not None:
@@ -367,17 +386,15 @@ class KVChannel:
             )
         self._check_geometry(header)
         assert self._ns is not None
-        try:
-            self._ns.set(f"bell/{self._seq}", str(header.transfer_id))
+        started = time.perf_counter()
+        try:  # the doorbell carries the header; first, since the receiver then gets going
+            self._ns.set(f"bell/{self._seq}", header.to_bytes())  # type: ignore[arg-type]
         except Exception as e:
             raise self._fail(f"ringing the doorbell failed: {e}") from e
         self._seq += 1
         with self._side_stream():
-            t = header.to_tensor(self.device)
             acc = torch.zeros((), dtype=torch.int64, device=self.device)
-        tx = _TxState(header=header, acc=acc, started=time.perf_counter())
-        self._tx = tx
-        self._post_send(tx, t, _TAG_HEADER, "sending the header")
+        self._tx = _TxState(header=header, acc=acc, started=started)
 
     def send_message(self, t: Tensor) -> None:
         """Send the next message: its layers already packed, ``[k_m, 2, n, bs, Hk, D]``
@@ -431,12 +448,12 @@ class KVChannel:
                 f"sending transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
                 "the transfer was cancelled"
             )
-        staging = self._tx_staging(h, m)
-        with self._side_stream():  # (the pool outlives every transfer: no record_stream)
-            if self._stream is not None:
+        with self._side_stream():  # once per message (nested entries are free)
+            staging = self._tx_staging(h, m)
+            if self._stream is not None:  # (the pool outlives every transfer)
                 block_ids.record_stream(self._stream)
             tx.acc += _pack(caches, block_ids, staging, self._word_offset(h, m))
-        self._send_next(tx, staging, m % 2)
+            self._send_next(tx, staging, m % self.staging_slots)
 
     def finish(self, first_token: int = -1, wait: bool = True) -> None:
         """Send the trailer (with the checksum) and wait until the whole transfer left.
@@ -531,7 +548,9 @@ class KVChannel:
 
     def recv_header(self, timeout_s: float | None = None) -> TransferHeader:
         """Wait up to ``timeout_s`` (default: the channel's) for the next transfer and
-        return its header. :class:`TransferTimeout` if none started (channel unaffected)."""
+        return its header. :class:`TransferTimeout` if none started (channel unaffected).
+        On CUDA the first messages' receives (one per staging buffer) are posted before it
+        returns."""
         self._check_open()
         self._require_rank(1, "recv_header")
         if self._rx is not None:
@@ -543,35 +562,56 @@ class KVChannel:
         assert self._ns is not None
         bell = f"bell/{self._seq}"
         try:
-            self._ns.wait([bell], timedelta(seconds=wait_s))
+            raw = self._ring_value(bell, wait_s)
         except dist.DistStoreError as e:
             raise TransferTimeout(
                 f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s"
             ) from e
         except Exception as e:
             raise self._fail(f"waiting for the doorbell failed: {e}") from e
-        try:
-            self._ns.delete_key(bell)
-        except Exception as e:
-            raise self._fail(f"store failure: {e}") from e
         self._seq += 1
-
-        with self._side_stream():
-            t = torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device)
-        self._recv_into(t, _TAG_HEADER, "receiving the header")
-        with self._side_stream():
-            try:
-                header = TransferHeader.from_tensor(t.cpu())
-            except TransferError as e:
-                raise self._fail(f"garbled header: {e}") from e
+        started = time.perf_counter()
+        try:
+            header = TransferHeader.from_bytes(raw)
+        except TransferError as e:
+            raise self._fail(f"garbled header: {e}") from e
         try:
             self._check_geometry(header)
         except ChannelError as e:
             raise self._fail(f"protocol violation: {e}") from e
         with self._side_stream():
             acc = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._rx = _RxState(header=header, acc=acc, started=time.perf_counter())
+        rx = _RxState(header=header, acc=acc, started=started, bell=bell)
+        self._rx = rx
+        # The first messages start moving now, one per staging buffer, before the caller
+        # looks at the header (a rejected transfer is drained all the same).
+        self._post_ahead(rx, self.staging_slots)
         return header
+
+    def _ring_value(self, bell: str, wait_s: float) -> bytes:
+        """The doorbell's value, once it is set: one blocking ``get`` under the wait's
+        timeout on the channel's own store connection (a round trip less than ``wait`` then
+        ``get``); ``DistStoreError`` if it stays unset."""
+        assert self._ns is not None
+        client = self._stores[0] if self._stores else None
+        if not isinstance(client, dist.TCPStore):  # not a connection of our own
+            self._ns.wait([bell], timedelta(seconds=wait_s))
+            return bytes(self._ns.get(bell))
+        client.set_timeout(timedelta(seconds=wait_s))
+        try:
+            return bytes(self._ns.get(bell))
+        finally:
+            client.set_timeout(timedelta(seconds=self.timeout_s))
+
+    def _unring(self, rx: _RxState) -> None:
+        """Delete the transfer's doorbell key (once its messages are on their way)."""
+        if rx.bell:
+            bell, rx.bell = rx.bell, ""
+            assert self._ns is not None
+            try:
+                self._ns.delete_key(bell)
+            except Exception as e:
+                raise self._fail(f"store failure: {e}") from e
 
     def match(
         self,
@@ -648,8 +688,8 @@ class KVChannel:
                 f"receiving transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
                 "the transfer was drained"
             )
-        buf = self._take_message(rx, None)
-        with self._side_stream():
+        with self._side_stream():  # once per message (nested entries are free)
+            buf = self._take_message(rx, None)
             if self._stream is not None:
                 block_ids.record_stream(self._stream)
             rx.acc += _unpack(buf, caches, block_ids, self._word_offset(h, m))
@@ -813,7 +853,10 @@ class KVChannel:
         """Run on the channel's CUDA stream, after the caller's queued work (no-op on CPU)."""
         if self._stream is None:
             return contextlib.nullcontext()
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        current = torch.cuda.current_stream(self.device)
+        if current == self._stream:  # already on it
+            return contextlib.nullcontext()
+        self._stream.wait_stream(current)
         return torch.cuda.stream(self._stream)
 
     def _join_side_stream(self) -> None:
@@ -822,7 +865,7 @@ class KVChannel:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
     def _staging(self, slot: int, h: TransferHeader, m: int) -> Tensor:
-        """Staging buffer ``slot`` (0 or 1) as message ``m``'s ``[k_m, 2, n, ...]`` tensor;
+        """Staging buffer ``slot`` as message ``m``'s ``[k_m, 2, n, ...]`` tensor;
         grown when a transfer needs more (never shrunk: the next transfer reuses it)."""
         nbytes = len(h.message_layers(m)) * h.bytes_per_layer
         buf = self._slots[slot]
@@ -837,7 +880,7 @@ class KVChannel:
     def _tx_staging(self, h: TransferHeader, m: int) -> Tensor:
         """The sender's staging buffer for message ``m``; the send that last read it must
         have left first (a stream wait on CUDA, no host sync)."""
-        slot = m % 2
+        slot = m % self.staging_slots
         last, self._slot_work[slot] = self._slot_work[slot], None
         if last is not None:
             if self._is_cuda:
@@ -887,25 +930,25 @@ class KVChannel:
         for p in tx.pending:
             self._wait(p.work, deadline, f"transfer {tx.header.transfer_id}")
         tx.pending.clear()
-        self._slot_work = [None, None]
+        self._slot_work = [None] * self.staging_slots
         self._tx = None
         if ok:
             self._record_stats(tx.header, tx.started)
 
     def _take_message(self, rx: _RxState, out: Tensor | None) -> Tensor:
         """Message ``rx.next_msg`` in ``out`` or a staging buffer, ordered before the
-        channel stream's later work. On CUDA, into staging, the next message's receive is
-        posted first, so it flows while this one is consumed."""
+        channel stream's later work. Into staging, the next messages' receives are posted
+        first (one per other buffer), so they flow while this one is consumed."""
         h, m = rx.header, rx.next_msg
         rx.next_msg += 1
         if not h.bytes_per_layer:
-            return out if out is not None else self._staging(m % 2, h, m)
+            return out if out is not None else self._staging(m % self.staging_slots, h, m)
         if m not in rx.posted and out is not None:
             self._post_recv(rx, m, out)
         elif m not in rx.posted:
-            self._post_recv(rx, m, self._staging(m % 2, h, m))
-        if self._is_cuda and out is None and m + 1 < h.num_messages:
-            self._post_recv(rx, m + 1, self._staging((m + 1) % 2, h, m + 1))
+            self._post_recv(rx, m, self._staging(m % self.staging_slots, h, m))
+        if out is None:  # every other staging buffer: the next messages' receives
+            self._post_ahead(rx, self.staging_slots - 1)
         buf, work = rx.posted.pop(m)
         if self._is_cuda:
             with self._side_stream():
@@ -919,6 +962,22 @@ class KVChannel:
             return out
         return buf
 
+    def _post_ahead(self, rx: _RxState, free: int) -> None:
+        """Post the receives of messages ``rx.next_msg`` on into the ``free`` staging buffers
+        no message handed out still uses (in order: NCCL matches receives to sends by
+        order), and the trailer's once every message's receive is out. On CUDA a receive
+        into a buffer is ordered after the unpack queued from it earlier; on CPU that unpack
+        already ran."""
+        h = rx.header
+        if not h.bytes_per_layer:
+            return
+        first = rx.next_msg
+        for m in range(first, min(first + free, h.num_messages)):
+            if m not in rx.posted:
+                self._post_recv(rx, m, self._staging(m % self.staging_slots, h, m))
+        if rx.trailer is None and h.num_messages - 1 in rx.posted:
+            rx.trailer = self._post_small_recv(TRAILER_SLOTS, _TAG_TRAILER, "the trailer")
+
     def _post_recv(self, rx: _RxState, m: int, buf: Tensor) -> None:
         try:
             with self._side_stream():
@@ -930,24 +989,26 @@ class KVChannel:
             raise self._fail(f"receiving {_what(rx.header, m)} failed: {e}") from e
         rx.posted[m] = (buf, work)
 
-    def _recv_into(self, t: Tensor, tag: int, what: str) -> None:
-        """Receive a header or trailer into ``t`` and wait until it arrived."""
-        deadline = time.monotonic() + self.timeout_s
+    def _post_small_recv(self, slots: int, tag: int, what: str) -> tuple[Tensor, Any]:
+        """Post the receive of an ``int64[slots]`` control message (the trailer)."""
         try:
             with self._side_stream():
+                t = torch.empty(slots, dtype=torch.int64, device=self.device)
                 work = self._pg.recv([t], self._peer, tag)
         except Exception as e:
-            raise self._fail(f"{what} failed: {e}") from e
-        with self._side_stream():
-            self._wait(work, deadline, what)
+            raise self._fail(f"receiving {what} failed: {e}") from e
+        return t, work
 
     def _recv_trailer(self, rx: _RxState) -> tuple[int, int, int]:
         h = rx.header
-        with self._side_stream():
-            t = torch.empty(TRAILER_SLOTS, dtype=torch.int64, device=self.device)
+        if rx.trailer is None:
+            rx.trailer = self._post_small_recv(TRAILER_SLOTS, _TAG_TRAILER, "the trailer")
+        t, work = rx.trailer
+        self._unring(rx)  # while the last messages land
         # The trailer follows the layers on the same stream: once it is in, so are they.
-        self._recv_into(t, _TAG_TRAILER, "receiving the trailer")
         deadline = time.monotonic() + self.timeout_s
+        with self._side_stream():
+            self._wait(work, deadline, "receiving the trailer")
         for p in rx.pending:
             self._wait(p.work, deadline, f"receiving transfer {h.transfer_id}")
         rx.pending.clear()
@@ -983,7 +1044,7 @@ class KVChannel:
                     if time.monotonic() >= deadline:
                         raise TimeoutError(f"timed out after {self.timeout_s:.3g} s")
                     time.sleep(delay)
-                    delay = min(delay * 2, 200e-6)
+                    delay = min(delay * 2, 50e-6)
                 work.wait()  # orders the current stream after the NCCL stream; raises errors
             else:
                 remaining = max(deadline - time.monotonic(), 1e-3)

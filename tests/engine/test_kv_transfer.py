@@ -225,9 +225,16 @@ def test_header_messages() -> None:
         dataclasses.replace(h, layers_per_message=4)
     with pytest.raises(ValueError, match="layers_per_message"):
         dataclasses.replace(h, layers_per_message=0)
-    assert layers_per_message(16 << 20, 32) == 4
+    assert layers_per_message(16 << 20, 32, target=64 << 20) == 4
     assert layers_per_message(200 << 20, 32) == 1
     assert layers_per_message(1, 32) == 32
+    assert TransferHeader.from_bytes(h.to_bytes()) == h  # the doorbell's form
+    with pytest.raises(TransferError, match="must be 128 bytes"):
+        TransferHeader.from_bytes(h.to_bytes()[:-1])
+    raw = bytearray(h.to_bytes())
+    raw[16] ^= 1  # transfer id
+    with pytest.raises(TransferError, match="self-check"):
+        TransferHeader.from_bytes(bytes(raw))
 
 
 def test_match_header_fails_closed() -> None:
@@ -319,16 +326,19 @@ def _pool(spec: ChannelSpec, num_blocks: int, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(spec.torch_dtype)
 
 
-@pytest.mark.parametrize("per_message", [1, 2, 3])
-def test_pool_round_trip_in_messages(decode_store: Any, per_message: int) -> None:
+@pytest.mark.parametrize(("per_message", "slots"), [(1, 2), (2, 2), (3, 2), (1, 3)])
+def test_pool_round_trip_in_messages(decode_store: Any, per_message: int, slots: int) -> None:
     """send_from_pool / recv_into_pool: the blocks land in the receiver's own block ids, in
-    messages of 1, 2 (3 layers: 2 + 1) and 3 layers; the checksum the receiver verified is
-    kv_checksum of the whole packed payload; the next transfer (other k) lines up."""
+    messages of 1, 2 (3 layers: 2 + 1) and 3 layers, through 2 or 3 staging buffers; the
+    checksum the receiver verified is kv_checksum of the whole packed payload; the next
+    transfer (other k) lines up."""
     src = _pool(SPEC, 9, seed=per_message)
     src_ids = torch.tensor([7, 0, 4, 8])
     dst = torch.zeros_like(src)
     dst_ids = torch.tensor([1, 5, 2, 6])
     with _pair(decode_store) as (tx, rx):
+        tx.set_staging_slots(slots)
+        rx.set_staging_slots(slots)
         def send() -> None:
             for tid, k in ((40, per_message), (41, 1)):
                 h = dataclasses.replace(_header(SPEC, tid, 4), layers_per_message=k)
@@ -636,6 +646,19 @@ def test_idle_receiver_times_out_without_breaking_the_channel(decode_store: Any)
         assert torch.equal(got[2], _layers(SPEC, 1, seed=1)[2])
 
 
+def test_garbled_doorbell_closes_the_channel(decode_store: Any) -> None:
+    """The doorbell's value is the header: garbage there is a protocol failure (the
+    receiver cannot know what follows), so the channel is closed, not left out of step."""
+    with _pair(decode_store) as (tx, rx):
+        assert tx._ns is not None
+        raw = bytearray(_header(SPEC, 1, 1).to_bytes())
+        raw[0] ^= 0xFF  # magic
+        tx._ns.set("bell/0", bytes(raw))  # type: ignore[arg-type]
+        with pytest.raises(ChannelClosed, match="garbled header: bad header magic"):
+            rx.recv_header(timeout_s=5)
+        assert rx.closed
+
+
 def test_stalled_sender_closes_the_channel(decode_store: Any) -> None:
     with _pair(decode_store, timeout_s=1.0) as (tx, rx):
         tx.send_header(_header(SPEC, 1, 2))
@@ -673,6 +696,11 @@ def test_misuse_is_rejected(decode_store: Any) -> None:
             tx.send_header(dataclasses.replace(_header(SPEC, 1, 1), num_layers=2))
         with pytest.raises(ChannelError, match="send_header\\(\\) first"):
             tx.send_layer(torch.zeros(SPEC.layer_shape(1)))
+        with pytest.raises(ValueError, match="at least 2"):
+            rx.set_staging_slots(1)
+        tx.send_header(_header(SPEC, 1, 1))
+        with pytest.raises(ChannelError, match="during a transfer"):
+            tx.set_staging_slots(3)
     # names are never reused
     with pytest.raises(ChannelError, match="already used"), _pair(decode_store, name=name):
         pass
@@ -807,3 +835,59 @@ def test_nccl_two_gpus_round_trip_corruption_dead_peer() -> None:
         if proc.is_alive():
             proc.kill()
     assert proc.exitcode == 3
+
+
+GPU_POOL_PLAN = [(2, 1), (3, 2), (4, 5), (2, 3)]  # (staging_slots, layers_per_message)
+
+
+def _gpu_pool(spec: ChannelSpec, num_blocks: int, device: str) -> torch.Tensor:
+    shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(shape, generator=g).to(spec.torch_dtype).to(device)
+
+
+def _nccl_pool_prefill(port: int, name: str) -> None:
+    torch.cuda.set_device(0)
+    store = KVChannel.connect_store(HOST, port, timeout_s=120)
+    ch = KVChannel.open(store=store, name=name, rank=0, spec=GPU_SPEC, device="cuda:0",
+                        timeout_s=20, open_timeout_s=120)
+    pool = _gpu_pool(GPU_SPEC, 300, "cuda:0")
+    ids = torch.arange(299, 43, -1, device="cuda:0")  # 256 blocks, reversed
+    for tid, (slots, k) in enumerate(GPU_POOL_PLAN):
+        ch.set_staging_slots(slots)
+        h = dataclasses.replace(_header(GPU_SPEC, tid, len(ids)), layers_per_message=k)
+        ch.send_pool_blocks(h, pool, ids, first_token=tid)
+    ch.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_pool_transfers_with_staging_slots() -> None:
+    """NCCL pool to pool, 256 blocks of 32 layers, with 2 to 4 staging buffers on each side
+    and 1 to 5 layers per message (receives posted ahead): every block lands where the
+    receiver asked, the checksum verifies, and the transfers line up back to back."""
+    store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
+    name = _name("nccl-pool")
+    proc = mp.get_context("spawn").Process(target=_nccl_pool_prefill, args=(port, name))
+    proc.start()
+    try:
+        rx = KVChannel.open(store=store, name=name, rank=1, spec=GPU_SPEC, device="cuda:1",
+                            timeout_s=20, open_timeout_s=120)
+        want = _gpu_pool(GPU_SPEC, 300, "cuda:1")[:, :, 44:300].flip(2)
+        dst_ids = torch.randperm(300, generator=torch.Generator().manual_seed(1))[:256]
+        for tid, (slots, _k) in enumerate(GPU_POOL_PLAN):
+            rx.set_staging_slots(slots)
+            dst = torch.full((GPU_SPEC.num_layers, 2, 300, GPU_SPEC.block_size,
+                              GPU_SPEC.num_kv_heads, GPU_SPEC.head_dim), float("nan"),
+                             dtype=GPU_SPEC.torch_dtype, device="cuda:1")
+            h = rx.recv_header()
+            rx.match(h, tid, 1, 256)
+            got = rx.recv_pool_blocks(h, dst, dst_ids.to("cuda:1"))
+            assert got.first_token == tid
+            assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), (slots, _k)
+        rx.close()
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
