@@ -15,11 +15,16 @@ prefill path (``OutgoingKV`` hooked into the forward pass). Printed, all from on
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
+import queue
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,7 +32,7 @@ import torch.multiprocessing as mp
 
 from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig, blocks_for
 from engine.kv_cache import allocate_kv_pool
-from engine.kv_transfer import ChannelSpec, KVChannel
+from engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel
 from engine.messages import Lease, PrefillTask
 from engine.runner import ModelRunner, PrefillItem
 from engine.sequence import SamplingParams
@@ -54,19 +59,57 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
                         spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
                         timeout_s=120.0, owns_store=True)
     ids = torch.arange(n, dtype=torch.int64, device=dev)
-    done = []
-    for _ in range(args["transfers"]):
+    done, header_in, queued = [], [], []
+
+    def receive() -> None:
         h = ch.recv_header(timeout_s=300.0)
-        ch.recv_pool_blocks(h, pool, ids)
+        header_in.append(time.perf_counter())
+        for m in range(h.num_messages):
+            layers = h.message_layers(m)
+            ch.recv_into_pool(pool[layers.start:layers.stop], ids)
+        queued.append(time.perf_counter())
+        ch.verify()
         torch.cuda.synchronize(dev)
         done.append(time.perf_counter())
+
+    for _ in range(args["iters"]):  # layer-wise
+        receive()
+    for _k, slots in args["variants"]:
+        ch.set_staging_slots(slots)
+        for _ in range(args["iters"]):
+            receive()
+    if args["profile"]:
+        ch.set_staging_slots(args["variants"][0][1])
+        with _profiled(args["profile"], "decode"):
+            receive()
+    ch.set_staging_slots(STAGING_SLOTS)
+    for _ in range(args["stream"]):
+        receive()
+    stream_done = done[-1]
     raw = torch.empty(cfg.num_layers * 2 * n * pool[0, 0, 0].numel(), dtype=DTYPE, device=dev)
-    raw_done = []
-    for _ in range(args["iters"]):
+    raw_done: dict[int, list[float]] = {}
+    for parts in args["raw_parts"]:
+        for _ in range(args["iters"]):
+            ch.raw_exchange(raw, parts)
+            raw_done.setdefault(parts, []).append(time.perf_counter())
+    for _ in range(args["stream"]):
         ch.raw_exchange(raw)
-        raw_done.append(time.perf_counter())
-    results.put({"receiver_done": done, "raw_done": raw_done})
+    results.put({"receiver_done": done, "receiver_header": header_in,
+                 "receiver_queued": queued, "raw_done": raw_done,
+                 "stream_done": stream_done, "raw_stream_done": time.perf_counter()})
     ch.close()
+
+
+@contextlib.contextmanager
+def _profiled(out_dir: str, side: str) -> Iterator[None]:
+    """A Chrome trace of one transfer (CPU and CUDA activity) in ``out_dir/{side}.json``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize()
+    os.makedirs(out_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(out_dir, f"{side}.json"))
 
 
 def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
@@ -102,7 +145,9 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
         return time.perf_counter()
 
     alone, streamed_first = [], []
-    layerwise_start, bulk_start, raw_start = [], [], []
+    layerwise_start: list[float] = []
+    bulk_start: list[tuple[str, list[float]]] = []  # per variant
+    raw_start: dict[int, list[float]] = {}
     for _ in range(args["iters"]):
         t0 = start()
         first_token()
@@ -114,22 +159,63 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
         tok = first_token(out.send_layer)
         streamed_first.append(time.perf_counter() - t0)
         out.finish(tok)
-    for _ in range(args["iters"]):
+
+    def outgoing(k: int) -> OutgoingKV:
         out = OutgoingKV(seq, ch, lock, runner.kv_pool, layerwise=False)
-        bulk_start.append(start())
+        if k:
+            out.header = dataclasses.replace(out.header, layers_per_message=k)
+        return out
+
+    def send(out: OutgoingKV) -> None:
         out.start()
         out.send_all_layers()
         out.finish(0)
-    nbytes, per_message = out.nbytes, out.header.layers_per_message
+
+    for k, slots in args["variants"]:
+        ch.set_staging_slots(slots)
+        starts: list[float] = []
+        for _ in range(args["iters"]):
+            out = outgoing(k)
+            starts.append(start())
+            send(out)
+        bulk_start.append((_variant(out.header.layers_per_message, slots), starts))
+    if args["profile"]:
+        k, slots = args["variants"][0]
+        ch.set_staging_slots(slots)
+        out = outgoing(k)
+        start()
+        with _profiled(args["profile"], "prefill"):
+            send(out)
+    ch.set_staging_slots(STAGING_SLOTS)
+    # Sustained: transfers back to back (each one's doorbell rung as soon as the previous
+    # transfer left, as under load), the serving default; raw NCCL the same way below.
+    queue_ = [outgoing(0) for _ in range(args["stream"])]
+    stream_start = start()
+    for out in queue_:
+        send(out)
+    nbytes = out.nbytes
     raw = torch.empty(nbytes // 2, dtype=DTYPE, device=dev)
-    for _ in range(args["iters"]):
-        raw_start.append(start())
+    for parts in args["raw_parts"]:
+        for _ in range(args["iters"]):
+            raw_start.setdefault(parts, []).append(start())
+            ch.raw_exchange(raw, parts)
+    raw_stream_start = start()
+    for _ in range(args["stream"]):
         ch.raw_exchange(raw)
     results.put({"alone_s": alone, "streamed_first_s": streamed_first,
                  "bulk_start": bulk_start, "layerwise_start": layerwise_start,
-                 "raw_start": raw_start, "bytes": nbytes, "layers_per_message": per_message,
+                 "raw_start": raw_start, "bytes": nbytes,
+                 "stream_start": stream_start, "raw_stream_start": raw_stream_start,
                  "device": torch.cuda.get_device_name(dev)})
     ch.close()
+
+
+def _variant(k: int, slots: int) -> str:
+    return f"{k} layers/message, {slots} staging buffers"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,55 +224,111 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--layers-per-message", type=_ints, default=[0], metavar="K,K,...",
+                   help="channel variants: layers per message (0: the serving default)")
+    p.add_argument("--staging-slots", type=_ints, default=[STAGING_SLOTS], metavar="S,S,...",
+                   help="channel variants: staging buffers on each side")
+    p.add_argument("--raw-parts", type=_ints, default=[1], metavar="P,P,...",
+                   help="raw NCCL in P back-to-back messages (1: one message)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also trace one transfer of the first variant on each side "
+                        "(torch.profiler Chrome traces DIR/prefill.json, DIR/decode.json)")
+    p.add_argument("--stream", type=int, default=8, metavar="T",
+                   help="sustained bandwidth: T transfers back to back (serving default "
+                        "message size), against T raw NCCL messages back to back")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
+    if a.stream < 1:
+        p.error("--stream must be at least 1")
     if torch.cuda.device_count() < 2:
         print("needs two GPUs", file=sys.stderr)
         return 2
+    variants = [(k, slots) for k in a.layers_per_message for slots in a.staging_slots]
     args = {"preset": a.preset, "prompt_len": a.prompt_len, "iters": a.iters,
-            "transfers": 2 * a.iters}
+            "variants": variants, "raw_parts": a.raw_parts, "profile": a.profile,
+            "stream": a.stream}
     ctx = mp.get_context("spawn")
     ports, results = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=f, args=(args, ports, results)) for f in (_receiver, _sender)]
     for proc in procs:
         proc.start()
     out: dict[str, Any] = {}
-    for _ in procs:
-        out.update(results.get(timeout=900))
+    deadline = time.monotonic() + 900
+    while len(out) < 2:  # one result dict per process; give up as soon as one died
+        try:
+            out[f"r{len(out)}"] = results.get(timeout=2)
+        except queue.Empty:
+            failed = [proc.exitcode for proc in procs if proc.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                for proc in procs:
+                    proc.kill()
+                print(f"bench_kv failed: exit codes {[p.exitcode for p in procs]}",
+                      file=sys.stderr)
+                return 1
+    out = {k: v for part in out.values() for k, v in part.items()}
     for proc in procs:
         proc.join(timeout=60)
     # Channel and raw NCCL alike: from the sender's start to the data verified (channel) or
     # received (raw) on the decode GPU; perf_counter is one system-wide monotonic clock.
-    bulk_done = out["receiver_done"][a.iters:]
+    n = a.iters
+    done, hdr, queued = out["receiver_done"], out["receiver_header"], out["receiver_queued"]
     out["kv_ready_s"] = [  # first token -> every layer verified on the decode GPU
-        d - s - f for s, d, f in zip(out["layerwise_start"], out["receiver_done"][:a.iters],
+        d - s - f for s, d, f in zip(out["layerwise_start"], done[:n],
                                      out["streamed_first_s"], strict=True)]
-    out["bulk_s"] = [d - s for s, d in zip(out["bulk_start"], bulk_done, strict=True)]
-    out["raw_s"] = [d - s for s, d in zip(out["raw_start"], out["raw_done"], strict=True)]
-    med = {k: statistics.median(v) for k, v in out.items()
-           if isinstance(v, list) and k.endswith("_s")}
-    gbs = out["bytes"] / 1e9
+    channel: dict[str, dict[str, float]] = {}
+    for v, (name, starts) in enumerate(out["bulk_start"]):
+        at = slice(n * (v + 1), n * (v + 2))
+        med = statistics.median
+        channel[name if name not in channel else f"{name} (#{v})"] = {
+            "s": med([d - t for t, d in zip(starts, done[at], strict=True)]),
+            # where the time goes, on the decode side: doorbell + header in, every
+            # message's receive and unpack queued (host), verified and synchronized
+            "header_in_s": med([h - t for t, h in zip(starts, hdr[at], strict=True)]),
+            "queued_s": med([q - t for t, q in zip(starts, queued[at], strict=True)]),
+        }
+    raw = {int(parts): statistics.median(
+        [d - t for t, d in zip(out["raw_start"][parts], out["raw_done"][parts], strict=True)])
+        for parts in out["raw_start"]}
+    med_alone = statistics.median(out["alone_s"])
+    med_streamed = statistics.median(out["streamed_first_s"])
+    gb = out["bytes"] / 1e9
+    raw_one = raw[min(raw)]
+    default = next(iter(channel))
     report = {
         "device": out["device"], "preset": a.preset, "prompt_len": a.prompt_len,
-        "kv_bytes": out["bytes"], "median_s": med,
-        "ttft_overhead": med["streamed_first_s"] / med["alone_s"] - 1,
-        "kv_ready_after_first_token_s": med["kv_ready_s"],
-        "channel_gbps": gbs / med["bulk_s"], "raw_nccl_gbps": gbs / med["raw_s"],
-        "channel_over_raw": med["raw_s"] / med["bulk_s"],
-        "layers_per_message": out["layers_per_message"],
+        "kv_bytes": out["bytes"],
+        "prefill_alone_s": med_alone, "prefill_layerwise_s": med_streamed,
+        "ttft_overhead": med_streamed / med_alone - 1,
+        "kv_ready_after_first_token_s": statistics.median(out["kv_ready_s"]),
+        "channel": {k: {**v, "gbps": gb / v["s"], "over_raw": raw_one / v["s"]}
+                    for k, v in channel.items()},
+        "raw_s": {str(k): v for k, v in raw.items()},
+        "raw_nccl_gbps": gb / raw_one,
+        "channel_over_raw": raw_one / channel[default]["s"],
+        "stream_transfers": a.stream,
+        "stream_channel_gbps": a.stream * gb / (out["stream_done"] - out["stream_start"]),
+        "stream_raw_gbps": a.stream * gb / (out["raw_stream_done"] - out["raw_stream_start"]),
     }
+    report["stream_channel_over_raw"] = (report["stream_channel_gbps"]
+                                         / report["stream_raw_gbps"])
     print(f"{a.preset}, {a.prompt_len}-token prompt, {out['bytes'] / 2**20:.0f} MiB of KV, "
           f"{out['device']} x2")
-    print(f"prefill alone (to first token)         {med['alone_s'] * 1e3:8.2f} ms")
-    print(f"prefill + layer-wise send (to 1st tok) {med['streamed_first_s'] * 1e3:8.2f} ms"
+    print(f"prefill alone (to first token)         {med_alone * 1e3:8.2f} ms")
+    print(f"prefill + layer-wise send (to 1st tok) {med_streamed * 1e3:8.2f} ms"
           f"   overhead {report['ttft_overhead'] * 100:+.1f}%")
     print(f"KV verified on decode side after 1st   "
           f"{report['kv_ready_after_first_token_s'] * 1e3:8.2f} ms")
-    print(f"channel transfer, {out['layers_per_message']} layers/message  "
-          f"{med['bulk_s'] * 1e3:8.2f} ms {report['channel_gbps']:7.1f} GB/s "
-          f"(pack+checksum, send, receive, unpack+checksum, verify)")
-    print(f"raw NCCL send/recv, same bytes         {med['raw_s'] * 1e3:8.2f} ms "
-          f"{report['raw_nccl_gbps']:7.1f} GB/s   ratio {report['channel_over_raw']:.2f}")
+    print("channel, whole request (pack+checksum, send, receive, unpack+checksum, verify):")
+    for name, v in report["channel"].items():
+        print(f"  {name:38s} {v['s'] * 1e3:7.2f} ms {v['gbps']:6.1f} GB/s  "
+              f"/raw {v['over_raw']:.2f}  (header in {v['header_in_s'] * 1e3:.2f} ms, "
+              f"all queued {v['queued_s'] * 1e3:.2f} ms)")
+    for parts, t in raw.items():
+        print(f"raw NCCL send/recv, same bytes, {parts:3d} msg  {t * 1e3:7.2f} ms "
+              f"{gb / t:6.1f} GB/s")
+    print(f"sustained, {a.stream} transfers back to back: channel "
+          f"{report['stream_channel_gbps']:6.1f} GB/s, raw NCCL {report['stream_raw_gbps']:6.1f}"
+          f" GB/s, ratio {report['stream_channel_over_raw']:.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"report": report, "raw": out}, f, indent=1)
