@@ -4,6 +4,7 @@ loopback, and the HF transformers reference for the embedded default model."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,6 +93,15 @@ def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condi
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_concurrently(fn: Callable[[int], None], n: int) -> None:
+    """Run ``fn(0)`` .. ``fn(n - 1)`` on threads of their own, all at once; wait for all."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def all_blocks_free(dep: Deployment) -> bool:

@@ -3,7 +3,6 @@ same router, API and metrics; still token-exact against transformers."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,13 @@ import pytest
 
 from cluster.launch import Deployment, launch
 from proto.client import Client, collect
-from tests.e2e.conftest import HFReference, all_blocks_free, serve_config, wait_for
+from tests.e2e.conftest import (
+    HFReference,
+    all_blocks_free,
+    run_concurrently,
+    serve_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -43,11 +48,7 @@ def test_colocated_matches_reference(colocated: Deployment, hf_reference: HFRefe
             out[i] = collect(client.generate(token_ids=ids[i], max_tokens=12,
                                              temperature=0.0)).token_ids
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(ids))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_concurrently(run, len(ids))
     for i in range(len(ids)):
         assert out[i] == hf_reference.greedy(ids[i], 12), f"prompt {i}"
     wait_for(lambda: all_blocks_free(colocated), what="blocks freed")

@@ -3,7 +3,6 @@ generated tokens) and their streams go on without a gap, still token-exact."""
 
 from __future__ import annotations
 
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,13 @@ import pytest
 
 from cluster.launch import Deployment, launch
 from proto.client import Client, collect
-from tests.e2e.conftest import HFReference, all_blocks_free, serve_config, wait_for
+from tests.e2e.conftest import (
+    HFReference,
+    all_blocks_free,
+    run_concurrently,
+    serve_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -44,11 +49,7 @@ def test_preempted_sequences_still_match_reference(
             out[i] = collect(client.generate(token_ids=ids[i], max_tokens=n, temperature=0.0,
                                              ignore_eos=True)).token_ids
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_concurrently(run, 3)
     for i in range(3):
         assert out[i] == hf_reference.greedy(ids[i], n, stop_at_eos=False), f"prompt {i}"
     body = urllib.request.urlopen(
@@ -70,11 +71,7 @@ def test_full_queue_is_resource_exhausted(tiny: Deployment) -> None:
             except grpc.RpcError as e:
                 codes.append(e.code())
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_concurrently(run, 12)
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert None in codes  # the admitted ones complete
     assert set(codes) <= {None, grpc.StatusCode.RESOURCE_EXHAUSTED}

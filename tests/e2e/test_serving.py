@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import urllib.request
 
 import grpc
@@ -14,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from cluster.launch import Deployment
 from proto.client import Client, collect
-from tests.e2e.conftest import HFReference, all_blocks_free, wait_for
+from tests.e2e.conftest import HFReference, all_blocks_free, run_concurrently, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -73,11 +72,7 @@ def test_greedy_matches_transformers_token_for_token(
         stream = client.generate(token_ids=prompt_ids[i], max_tokens=N_TOKENS, temperature=0.0)
         results[i] = collect(stream).token_ids
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(run, len(PROMPTS))
     for i, ids in enumerate(prompt_ids):
         assert results[i] == hf_reference.greedy(ids, N_TOKENS), f"prompt {i} diverged"
 
@@ -105,11 +100,7 @@ def test_sixteen_concurrent_streams(client: Client, deployment: Deployment) -> N
         except Exception as e:  # surfaced below
             outs[i] = e
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(run, 16)
     for i in range(16):
         done = outs[i]
         assert not isinstance(done, Exception), done
