@@ -403,14 +403,7 @@ class KVChannel:
         self._check_open()
         tx = self._require_tx("send_message")
         h, m = tx.header, tx.next_msg
-        problem = (f"all {h.num_layers} layers were already sent" if m >= h.num_messages
-                   else self._message_problem(t, h, m))
-        if problem:
-            self.cancel()
-            raise ValueError(
-                f"sending transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
-                "the transfer was cancelled"
-            )
+        self._refuse_send(tx, self._sent_all(h, m) or self._message_problem(t, h, m))
         self._send_next(tx, t, None)  # queued first: the checksum only reads ``t`` too
         with self._side_stream():
             if self._stream is not None:
@@ -435,19 +428,13 @@ class KVChannel:
 
         One kernel gathers the blocks into a staging buffer of the channel and takes the
         message's checksum in the same pass; it runs on the channel's stream after the
-        caller's queued work (e.g. the layer's forward pass), and the send follows it. Two
-        staging buffers alternate: packing message m+1 overlaps sending message m."""
+        caller's queued work (e.g. the layer's forward pass), and the send follows it. The
+        staging buffers are used in turn (:meth:`set_staging_slots`): packing message m+1
+        overlaps sending message m."""
         self._check_open()
         tx = self._require_tx("send_from_pool")
         h, m = tx.header, tx.next_msg
-        problem = (f"all {h.num_layers} layers were already sent" if m >= h.num_messages
-                   else self._pool_problem(caches, block_ids, h, m))
-        if problem:
-            self.cancel()
-            raise ValueError(
-                f"sending transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
-                "the transfer was cancelled"
-            )
+        self._refuse_send(tx, self._sent_all(h, m) or self._pool_problem(caches, block_ids, h, m))
         with self._side_stream():  # once per message (nested entries are free)
             staging = self._tx_staging(h, m)
             if self._stream is not None:  # (the pool outlives every transfer)
@@ -596,10 +583,10 @@ class KVChannel:
         client = self._stores[0] if self._stores else None
         if not isinstance(client, dist.TCPStore):  # not a connection of our own
             self._ns.wait([bell], timedelta(seconds=wait_s))
-            return bytes(self._ns.get(bell))
+            return self._ns.get(bell)
         client.set_timeout(timedelta(seconds=wait_s))
         try:
-            return bytes(self._ns.get(bell))
+            return self._ns.get(bell)
         finally:
             client.set_timeout(timedelta(seconds=self.timeout_s))
 
@@ -648,12 +635,7 @@ class KVChannel:
         self._check_more(rx)
         if out is not None:
             problem = self._message_problem(out, h, m)
-            if problem:
-                self._drain_current()
-                raise ValueError(
-                    f"receiving transfer {h.transfer_id}, {_what(h, m)}: bad out tensor: "
-                    f"{problem}; the transfer was drained"
-                )
+            self._refuse_recv(rx, f"bad out tensor: {problem}" if problem else None)
         buf = self._take_message(rx, out)
         with self._side_stream():
             rx.acc += _checksum_tensor(buf, self._word_offset(h, m))
@@ -681,13 +663,7 @@ class KVChannel:
         rx = self._require_rx("recv_into_pool")
         h, m = rx.header, rx.next_msg
         self._check_more(rx)
-        problem = self._pool_problem(caches, block_ids, h, m)
-        if problem:
-            self._drain_current()
-            raise ValueError(
-                f"receiving transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
-                "the transfer was drained"
-            )
+        self._refuse_recv(rx, self._pool_problem(caches, block_ids, h, m))
         with self._side_stream():  # once per message (nested entries are free)
             buf = self._take_message(rx, None)
             if self._stream is not None:
@@ -799,6 +775,34 @@ class KVChannel:
                 f"all {h.num_layers} layers of transfer {h.transfer_id} were received; "
                 "call verify()"
             )
+
+    @staticmethod
+    def _sent_all(h: TransferHeader, m: int) -> str | None:
+        return f"all {h.num_layers} layers were already sent" if m >= h.num_messages else None
+
+    def _refuse_send(self, tx: _TxState, problem: str | None) -> None:
+        """The next message cannot go out (``problem``): cancel the transfer and raise
+        ``ValueError``. No-op when ``problem`` is None."""
+        if problem is None:
+            return
+        h, m = tx.header, tx.next_msg
+        self.cancel()
+        raise ValueError(
+            f"sending transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
+            "the transfer was cancelled"
+        )
+
+    def _refuse_recv(self, rx: _RxState, problem: str | None) -> None:
+        """The next message cannot be received as asked (``problem``): drain the transfer
+        and raise ``ValueError``. No-op when ``problem`` is None."""
+        if problem is None:
+            return
+        h, m = rx.header, rx.next_msg
+        self._drain_current()
+        raise ValueError(
+            f"receiving transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
+            "the transfer was drained"
+        )
 
     def _check_geometry(self, h: TransferHeader) -> None:
         if h.num_layers != self.spec.num_layers:
@@ -976,7 +980,7 @@ class KVChannel:
             if m not in rx.posted:
                 self._post_recv(rx, m, self._staging(m % self.staging_slots, h, m))
         if rx.trailer is None and h.num_messages - 1 in rx.posted:
-            rx.trailer = self._post_small_recv(TRAILER_SLOTS, _TAG_TRAILER, "the trailer")
+            rx.trailer = self._post_trailer_recv()
 
     def _post_recv(self, rx: _RxState, m: int, buf: Tensor) -> None:
         try:
@@ -989,21 +993,18 @@ class KVChannel:
             raise self._fail(f"receiving {_what(rx.header, m)} failed: {e}") from e
         rx.posted[m] = (buf, work)
 
-    def _post_small_recv(self, slots: int, tag: int, what: str) -> tuple[Tensor, Any]:
-        """Post the receive of an ``int64[slots]`` control message (the trailer)."""
+    def _post_trailer_recv(self) -> tuple[Tensor, Any]:
         try:
             with self._side_stream():
-                t = torch.empty(slots, dtype=torch.int64, device=self.device)
-                work = self._pg.recv([t], self._peer, tag)
+                t = torch.empty(TRAILER_SLOTS, dtype=torch.int64, device=self.device)
+                work = self._pg.recv([t], self._peer, _TAG_TRAILER)
         except Exception as e:
-            raise self._fail(f"receiving {what} failed: {e}") from e
+            raise self._fail(f"receiving the trailer failed: {e}") from e
         return t, work
 
     def _recv_trailer(self, rx: _RxState) -> tuple[int, int, int]:
         h = rx.header
-        if rx.trailer is None:
-            rx.trailer = self._post_small_recv(TRAILER_SLOTS, _TAG_TRAILER, "the trailer")
-        t, work = rx.trailer
+        t, work = rx.trailer if rx.trailer is not None else self._post_trailer_recv()
         self._unring(rx)  # while the last messages land
         # The trailer follows the layers on the same stream: once it is in, so are they.
         deadline = time.monotonic() + self.timeout_s
