@@ -189,9 +189,9 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
     ch.set_staging_slots(STAGING_SLOTS)
     # Sustained: transfers back to back (each one's doorbell rung as soon as the previous
     # transfer left, as under load), the serving default; raw NCCL the same way below.
-    queue_ = [outgoing(0) for _ in range(args["stream"])]
+    outs = [outgoing(0) for _ in range(args["stream"])]
     stream_start = start()
-    for out in queue_:
+    for out in outs:
         send(out)
     nbytes = out.nbytes
     raw = torch.empty(nbytes // 2, dtype=DTYPE, device=dev)
@@ -252,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     procs = [ctx.Process(target=f, args=(args, ports, results)) for f in (_receiver, _sender)]
     for proc in procs:
         proc.start()
-    out: dict[str, Any] = {}
+    got: list[dict[str, Any]] = []
     deadline = time.monotonic() + 900
-    while len(out) < 2:  # one result dict per process; give up as soon as one died
+    while len(got) < len(procs):  # one result dict per process; give up once one died
         try:
-            out[f"r{len(out)}"] = results.get(timeout=2)
+            got.append(results.get(timeout=2))
         except queue.Empty:
             failed = [proc.exitcode for proc in procs if proc.exitcode not in (None, 0)]
             if failed or time.monotonic() > deadline:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench_kv failed: exit codes {[p.exitcode for p in procs]}",
                       file=sys.stderr)
                 return 1
-    out = {k: v for part in out.values() for k, v in part.items()}
+    out = {k: v for part in got for k, v in part.items()}
     for proc in procs:
         proc.join(timeout=60)
     # Channel and raw NCCL alike: from the sender's start to the data verified (channel) or
