@@ -4,7 +4,8 @@ checksum, errors).
 
 Wire protocol of one transfer (rank 0 -> rank 1, tensors only, never pickle)::
 
-    doorbell  store key bell/{seq} = header (int64[16], TransferHeader, little-endian bytes)
+    header    int64[16] (TransferHeader): on CUDA a message into the receive the decode end
+              keeps posted; on CPU the store key bell/{seq}, as little-endian bytes
     message m uint8[k_m * bytes_per_layer]  (layers [m*k, m*k + k_m) as [k_m, 2, n, bs, Hk, D])
     trailer   int64[8]                      (status and the payload checksum)
 
@@ -15,13 +16,15 @@ messages, so per-message costs (a kernel launch, an NCCL operation, host work) s
 against the bytes: 32 one-layer sends of a 4k-token prompt spent more time in fixed costs
 than on NVLink.
 
-The **doorbell** lets the receiver wait for the next transfer for as long as it likes with a
-store wait, which times out harmlessly; a posted Gloo/NCCL receive that times out breaks the
-pair (Gloo closes the connection, the NCCL watchdog aborts the communicator), so the channel
-only posts a receive once the sender has committed to sending. The doorbell's value *is* the
-header (protocol 3): the receiver learns the transfer's geometry from the store and posts its
-first receives at once, instead of a store round trip, then a header message over the process
-group and a host sync to read it (about 1.5 ms before the first byte moved on two H200s).
+The **doorbell** tells an idle receiver that a transfer starts, and carries its header.
+On CUDA (protocol 4, :mod:`engine.kv_doorbell`) the decode end keeps the next header's NCCL
+receive posted at all times, so the header moves the moment the sender queues it and the
+first messages' receives are queued right behind it; the NCCL watchdog is pushed out of the
+way of that long-posted receive. On CPU it is the store key ``bell/{seq}``, whose value is the
+header, read with one blocking ``get`` (protocol 3): a Gloo receive that times out closes the
+connection, so Gloo only ever posts receives for a transfer that has started. On two H200s
+the store doorbell left the decode side holding the header about 1.3 ms after the sender
+started (docs/benchmarks.md), a fixed cost per transfer that protocol 4 removes on GPUs.
 
 The **checksum** (:func:`kv_checksum`) covers the whole payload, the layers in order, as one
 sequence of 32-bit words with a weight per position; a message adds its words' share at its
@@ -45,7 +48,7 @@ from torch import Tensor
 import kernels.kv_checksum
 from engine.config import CacheConfig, ModelConfig
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 KV_LAYOUT = "L,2,N,bs,Hk,D"
 
 HEADER_MAGIC = 0x50444B56_48445231  # "PDKVHDR1"
@@ -67,9 +70,9 @@ STATUS_OK = 0
 STATUS_CANCELLED = 1
 
 # Gloo tags (NCCL ignores them; there the order alone frames the stream).
+_TAG_HEADER = 1
 _TAG_TRAILER = 2
 _TAG_LAYER0 = 16
-_TAG_RAW = 15  # raw_exchange (benchmarks)
 
 # The header's self-check: a Mersenne prime modulus keeps every product below 2**63.
 CHECKSUM_PRIME = 2_147_483_647  # 2**31 - 1
@@ -288,12 +291,12 @@ class TransferHeader:
         return torch.tensor(self._slots(), dtype=torch.int64, device=device)
 
     def to_bytes(self) -> bytes:
-        """The header as the doorbell carries it: ``int64[16]``, little-endian."""
+        """The header as the store doorbell carries it: ``int64[16]``, little-endian."""
         return _HEADER_STRUCT.pack(*self._slots())
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> TransferHeader:
-        """:meth:`from_tensor` for a doorbell's value."""
+        """:meth:`from_tensor` for a store doorbell's value."""
         if len(raw) != _HEADER_STRUCT.size:
             raise TransferError(
                 f"header must be {_HEADER_STRUCT.size} bytes (int64[{HEADER_SLOTS}]), "

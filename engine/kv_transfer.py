@@ -44,11 +44,12 @@ connected eagerly, so point-to-point traffic reuses that communicator; all chann
 on a dedicated CUDA stream that first waits on the caller's current stream, and received data
 is ordered before the caller's later work on its current stream. Layer sends and receives are
 only queued (no host round trip between layers); the sender blocks in :meth:`finish`, the
-receiver for the header and in :meth:`verify`. Every blocking wait polls with the channel's
-own deadline and calls ``abort()`` on expiry; the NCCL watchdog timeout is set well above it
-as a backstop. ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` defaults to tearing the whole process down
-when the watchdog fires; the channel sets it to ``2`` (abort the communicator only) unless the
-environment already chose.
+receiver for the header and in :meth:`verify`. The decode end keeps the next header's receive
+posted (:mod:`engine.kv_doorbell`), so the watchdog timeout is pushed out of its way and the
+decode end always tears down with ``abort()``. Every blocking wait polls with the channel's
+own deadline and calls ``abort()`` on expiry. ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` defaults to
+tearing the whole process down when the watchdog fires; the channel sets it to ``2`` (abort
+the communicator only) unless the environment already chose.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import kernels.kv_pack
+from engine.kv_doorbell import NcclDoorbell
 from engine.kv_protocol import (
     _T_CHECKSUM,
     _T_EPOCH,
@@ -78,8 +80,8 @@ from engine.kv_protocol import (
     _T_STATUS,
     _T_TRANSFER_ID,
     _T_VERSION,
+    _TAG_HEADER,
     _TAG_LAYER0,
-    _TAG_RAW,
     _TAG_TRAILER,
     HEADER_SLOTS,
     KV_LAYOUT,
@@ -108,6 +110,7 @@ _U64 = (1 << 64) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 _ROLE = ("prefill", "decode")
 STAGING_SLOTS = 2  # default number of staging buffers (see KVChannel.set_staging_slots)
+_NCCL_WATCHDOG = timedelta(days=365)  # see _make_nccl
 
 
 # --------------------------------------------------------------------------------------
@@ -140,7 +143,7 @@ class _RxState:
     pending: list[_Pending] = field(default_factory=list)  # queued CUDA receives
     posted: dict[int, tuple[Tensor, Any]] = field(default_factory=dict)  # message -> buf, work
     trailer: tuple[Tensor, Any] | None = None  # its receive, once posted
-    bell: str = ""  # the doorbell key, until deleted
+    bell: str = ""  # the store doorbell's key, until deleted (CPU)
 
 
 def _normalize_device(device: torch.device | str) -> torch.device:
@@ -210,7 +213,12 @@ class KVChannel:
             torch.cuda.Stream(device=device) if self._is_cuda else None
         )
         self._closed_reason: str | None = None
-        self._seq = 0
+        self._seq = 0  # store doorbell keys (CPU)
+        # CUDA decode end: the next header's receive, always posted (protocol 4).
+        self._bell: NcclDoorbell | None = None
+        if self._is_cuda and rank == 1:
+            self._bell = NcclDoorbell(pg, self._peer, device, name)
+            self._bell.arm()
         self._tx: _TxState | None = None
         self._rx: _RxState | None = None
         # Staging buffers used in turn by message (pack or receive the next ones while m
@@ -290,7 +298,7 @@ class KVChannel:
         pg_store = dist.PrefixStore("pg/", ns)
         try:
             if dev.type == "cuda":
-                pg = _make_nccl(pg_store, rank, dev, timeout_s, name)
+                pg = _make_nccl(pg_store, rank, dev, name)
             else:
                 pg = _make_gloo(pg_store, rank, timedelta(seconds=max(open_s, timeout_s)),
                                 gloo_host)
@@ -317,23 +325,6 @@ class KVChannel:
         self._slots = [None] * n
         self._slot_work = [None] * n
 
-    def raw_exchange(self, t: Tensor, parts: int = 1) -> None:
-        """Benchmark ceiling: send (rank 0) or receive (rank 1) ``t`` over this channel's
-        process group with no header, checksum or doorbell, in ``parts`` back-to-back
-        messages, and wait for it. Only between transfers, and both ends must call it with
-        tensors of the same size and the same ``parts``."""
-        self._check_open()
-        if self._tx is not None or self._rx is not None:
-            raise ChannelError("raw_exchange during a transfer")
-        flat = t.reshape(-1).view(torch.uint8)
-        with self._side_stream():
-            op = self._pg.send if self.rank == 0 else self._pg.recv
-            works = [op([chunk], self._peer, _TAG_RAW) for chunk in flat.chunk(parts)]
-            for w in works:
-                w.wait()
-        if self._stream is not None:
-            self._stream.synchronize()
-
     @property
     def closed(self) -> bool:
         return self._closed_reason is not None
@@ -346,11 +337,12 @@ class KVChannel:
     def close(self, abort: bool = False) -> None:
         """Tear down the process group (abort if broken, mid-transfer or ``abort``, else shut
         down) and release the stores. Idempotent. A clean NCCL shutdown waits until the peer
-        tears its end down too; ``abort`` never waits for the peer (worker shutdown)."""
+        tears its end down too; ``abort`` never waits for the peer (worker shutdown). The
+        decode end of a CUDA channel always aborts: its doorbell's receive is posted."""
         if self._pg is None:
             return
         pg, self._pg = self._pg, None
-        broken = abort or self._closed_reason is not None or self.busy
+        broken = abort or self._closed_reason is not None or self.busy or self._bell is not None
         if self._closed_reason is None:
             self._closed_reason = "closed"
         self._tx = self._rx = None
@@ -361,6 +353,8 @@ class KVChannel:
                 pg.shutdown()
         except Exception as e:  # teardown is best effort
             logger.warning("KV channel %r: teardown: %s", self.name, e)
+        if self._bell is not None:  # its receive ended with the abort
+            self._bell.stop()
         del pg
         self._ns = None
         self._stores = []
@@ -376,7 +370,8 @@ class KVChannel:
     # ---- sending (rank 0) -----------------------------------------------------------
 
     def send_header(self, header: TransferHeader) -> None:
-        """Start a transfer: ring the doorbell, whose value is the header."""
+        """Start a transfer: send the header (CUDA: into the receive the decode end keeps
+        posted; CPU: ring the store doorbell, whose value is the header)."""
         self._check_open()
         self._require_rank(0, "send_header")
         if self._tx is not None:
@@ -385,15 +380,23 @@ class KVChannel:
                 "finish() or cancel() it first"
             )
         self._check_geometry(header)
-        assert self._ns is not None
         started = time.perf_counter()
+        if self._stream is not None:
+            # Not after the caller's queued work (it does not depend on it): the receiver
+            # gets going as soon as it can.
+            with torch.cuda.stream(self._stream):
+                t = header.to_tensor().pin_memory().to(self.device, non_blocking=True)
+                acc = torch.zeros((), dtype=torch.int64, device=self.device)
+            self._tx = _TxState(header=header, acc=acc, started=started)
+            self._post_send(self._tx, t, _TAG_HEADER, "sending the header")
+            return
+        assert self._ns is not None
         try:  # the doorbell carries the header; first, since the receiver then gets going
             self._ns.set(f"bell/{self._seq}", header.to_bytes())  # type: ignore[arg-type]
         except Exception as e:
             raise self._fail(f"ringing the doorbell failed: {e}") from e
         self._seq += 1
-        with self._side_stream():
-            acc = torch.zeros((), dtype=torch.int64, device=self.device)
+        acc = torch.zeros((), dtype=torch.int64, device=self.device)
         self._tx = _TxState(header=header, acc=acc, started=started)
 
     def send_message(self, t: Tensor) -> None:
@@ -546,20 +549,26 @@ class KVChannel:
                 "verify() or discard() it first"
             )
         wait_s = self.timeout_s if timeout_s is None else timeout_s
-        assert self._ns is not None
-        bell = f"bell/{self._seq}"
-        try:
-            raw = self._ring_value(bell, wait_s)
-        except dist.DistStoreError as e:
-            raise TransferTimeout(
-                f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s"
-            ) from e
-        except Exception as e:
-            raise self._fail(f"waiting for the doorbell failed: {e}") from e
-        self._seq += 1
+        slots: Tensor | None = None  # the header as the NCCL doorbell received it
+        raw = b""  # or as the store doorbell's value
+        if self._bell is not None:
+            slots, bell = self._bell.wait(wait_s), ""
+            self._check_open()  # aborted while it waited
+            if slots is None:
+                raise self._idle(wait_s)
+        else:
+            bell = f"bell/{self._seq}"
+            try:
+                raw = self._ring_value(bell, wait_s)
+            except dist.DistStoreError as e:
+                raise self._idle(wait_s) from e
+            except Exception as e:
+                raise self._fail(f"waiting for the doorbell failed: {e}") from e
+            self._seq += 1
         started = time.perf_counter()
         try:
-            header = TransferHeader.from_bytes(raw)
+            header = (TransferHeader.from_tensor(slots) if slots is not None
+                      else TransferHeader.from_bytes(raw))
         except TransferError as e:
             raise self._fail(f"garbled header: {e}") from e
         try:
@@ -574,6 +583,10 @@ class KVChannel:
         # looks at the header (a rejected transfer is drained all the same).
         self._post_ahead(rx, self.staging_slots)
         return header
+
+    def _idle(self, wait_s: float) -> TransferTimeout:
+        return TransferTimeout(
+            f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
 
     def _ring_value(self, bell: str, wait_s: float) -> bytes:
         """The doorbell's value, once it is set: one blocking ``get`` under the wait's
@@ -994,10 +1007,14 @@ class KVChannel:
         rx.posted[m] = (buf, work)
 
     def _post_trailer_recv(self) -> tuple[Tensor, Any]:
+        """The trailer's receive; on CUDA the next transfer's header receive right behind it
+        (NCCL matches in order: it lines up with the sender's next header)."""
         try:
             with self._side_stream():
                 t = torch.empty(TRAILER_SLOTS, dtype=torch.int64, device=self.device)
                 work = self._pg.recv([t], self._peer, _TAG_TRAILER)
+            if self._bell is not None:
+                self._bell.arm()
         except Exception as e:
             raise self._fail(f"receiving the trailer failed: {e}") from e
         return t, work
@@ -1160,8 +1177,7 @@ def _make_gloo(store: dist.Store, rank: int, timeout: timedelta, host: str | Non
     return gloo_cls(store, rank, 2, opts)
 
 
-def _make_nccl(store: dist.Store, rank: int, device: torch.device, timeout_s: float,
-               name: str) -> Any:
+def _make_nccl(store: dist.Store, rank: int, device: torch.device, name: str) -> Any:
     nccl_cls: Any = getattr(dist, "ProcessGroupNCCL", None)
     if nccl_cls is None or not dist.is_nccl_available():
         raise ChannelError("this torch build has no NCCL")
@@ -1171,7 +1187,9 @@ def _make_nccl(store: dist.Store, rank: int, device: torch.device, timeout_s: fl
     # One transfer at a time per channel by design, so P2P serialization is what we want.
     os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     opts = nccl_cls.Options()
-    opts._timeout = timedelta(seconds=max(3 * timeout_s, timeout_s + 60))
+    # The decode end keeps the next header's receive posted while idle (engine.kv_doorbell),
+    # which the watchdog would call a hang; every wait of the channel keeps its own deadline.
+    opts._timeout = _NCCL_WATCHDOG
     opts.is_high_priority_stream = False
     with contextlib.suppress(AttributeError, TypeError):
         opts.group_name = f"pdserve-kv-{name}"

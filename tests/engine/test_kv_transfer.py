@@ -853,6 +853,7 @@ def _nccl_pool_prefill(port: int, name: str) -> None:
                         timeout_s=20, open_timeout_s=120)
     pool = _gpu_pool(GPU_SPEC, 300, "cuda:0")
     ids = torch.arange(299, 43, -1, device="cuda:0")  # 256 blocks, reversed
+    store.wait(["go"])  # after the receiver's idle waits
     for tid, (slots, k) in enumerate(GPU_POOL_PLAN):
         ch.set_staging_slots(slots)
         h = dataclasses.replace(_header(GPU_SPEC, tid, len(ids)), layers_per_message=k)
@@ -865,7 +866,9 @@ def _nccl_pool_prefill(port: int, name: str) -> None:
 def test_nccl_pool_transfers_with_staging_slots() -> None:
     """NCCL pool to pool, 256 blocks of 32 layers, with 2 to 4 staging buffers on each side
     and 1 to 5 layers per message (receives posted ahead): every block lands where the
-    receiver asked, the checksum verifies, and the transfers line up back to back."""
+    receiver asked, the checksum verifies, and the transfers line up back to back. Before
+    the first, the idle receiver's doorbell waits time out harmlessly (its header receive
+    stays posted and then takes the first transfer's header)."""
     store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
     name = _name("nccl-pool")
     proc = mp.get_context("spawn").Process(target=_nccl_pool_prefill, args=(port, name))
@@ -875,6 +878,11 @@ def test_nccl_pool_transfers_with_staging_slots() -> None:
                             timeout_s=20, open_timeout_s=120)
         want = _gpu_pool(GPU_SPEC, 300, "cuda:1")[:, :, 44:300].flip(2)
         dst_ids = torch.randperm(300, generator=torch.Generator().manual_seed(1))[:256]
+        for _ in range(2):
+            with pytest.raises(TransferTimeout):
+                rx.recv_header(timeout_s=0.3)
+        assert not rx.closed and not rx.busy
+        store.set("go", "1")
         for tid, (slots, _k) in enumerate(GPU_POOL_PLAN):
             rx.set_staging_slots(slots)
             dst = torch.full((GPU_SPEC.num_layers, 2, 300, GPU_SPEC.block_size,
