@@ -109,7 +109,7 @@ class ServeConfig:
                              enforce_eager=role == "prefill"),
             max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
             lease_timeout_s=self.lease_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
-            host=self.host, colocated=self.colocated and role == "decode",
+            host=self.host, local_prefill=self.colocated and role == "decode",
         )
 
     def server_config(self, model_config: ModelConfig) -> ServerConfig:

@@ -3,8 +3,9 @@
 Pure Python over a ``BlockAllocator``; the worker actor calls it under its lock and does
 the tensor work. A sequence passes through three states here:
 
-    reserved (blocks held, KV not yet arrived) -> ready (KV verified, waits for the next
-    step) -> running (in the batch) -> finished / aborted / preempted (blocks freed)
+    reserved (blocks held, KV not yet arrived, or with local prefill its prompt being
+    prefilled here) -> ready (KV verified, waits for the next step) -> running (in the
+    batch) -> finished / aborted / preempted (blocks freed)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class DecodeSeq:
 
 @dataclass
 class PrefillChunk:
-    """Colocated mode: ``length`` prompt tokens of ``seq`` from position ``start``."""
+    """Local prefill: ``length`` prompt tokens of ``seq`` from position ``start``."""
 
     seq: DecodeSeq
     token_ids: list[int]
@@ -58,7 +59,7 @@ class StepPlan:
 
     batch: list[DecodeSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
-    chunks: list[PrefillChunk] = field(default_factory=list)  # colocated mode only
+    chunks: list[PrefillChunk] = field(default_factory=list)  # local prefill only
 
 
 class DecodeScheduler:
@@ -84,8 +85,9 @@ class DecodeScheduler:
         self.clock = clock
         self._ids = itertools.count(first_transfer_id)
         self.reserved: dict[int, DecodeSeq] = {}  # by transfer id
-        # Colocated mode: reserved sequences whose prompt this worker prefills itself, with
-        # their prompt tokens and how many of them are cached so far.
+        # Local prefill (colocated mode, conditional disaggregation): reserved sequences whose
+        # prompt this worker prefills itself, with their prompt tokens and how many of them
+        # are cached so far. The other reserved sequences wait for their KV to arrive.
         self.prefilling: dict[int, tuple[list[int], int]] = {}
         self.ready: list[DecodeSeq] = []
         self.running: list[DecodeSeq] = []
@@ -125,7 +127,7 @@ class DecodeScheduler:
         return True
 
     def start_prefill(self, transfer_id: int, token_ids: list[int]) -> bool:
-        """Colocated mode: this worker prefills the prompt of lease ``transfer_id`` itself
+        """Local prefill: this worker prefills the prompt of lease ``transfer_id`` itself
         (no transfer), in chunks mixed into its decode steps."""
         seq = self.reserved.get(transfer_id)
         if seq is None:
@@ -138,8 +140,9 @@ class DecodeScheduler:
         return True
 
     def schedule_prefill(self, budget: int) -> list[PrefillChunk]:
-        """Colocated mode: prompt chunks for this step, oldest first, under ``budget``
-        tokens (what the decode batch leaves of the step's token budget)."""
+        """Local prefill: prompt chunks for this step, oldest first, under ``budget``
+        tokens (what the decode batch leaves of the step's token budget); none when no
+        prompt is being prefilled here."""
         chunks = []
         for tid, (tokens, done) in self.prefilling.items():
             if budget <= 0:

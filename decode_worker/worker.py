@@ -1,5 +1,9 @@
 """The decode worker: a Ray actor that holds leases, receives KV, and runs the step loop.
 
+With ``WorkerConfig.local_prefill`` it also prefills the prompts the router hands it
+(``submit``), in chunks mixed into its decode steps: every prompt in colocated mode, some
+under conditional disaggregation (the rest still arrive as KV over the channels).
+
 Threads: Ray's (control calls: reserve, abort, stats), one receiver per channel
 (header -> reservation match -> per-layer payload -> unpack -> checksum), and the step loop
 (continuous batching; ONE report to the router per step). The scheduler and allocator are
@@ -54,7 +58,8 @@ class DecodeWorker:
         self._pending_abort: set[str] = set()
         self._joined: list[str] = []
         self._failed: list[tuple[str, str]] = []
-        self._submitted: dict[int, tuple[float, float]] = {}  # colocated: (arrived, started)
+        # Prompts submitted for local prefill, by transfer id: (arrived, started) times.
+        self._submitted: dict[int, tuple[float, float]] = {}
         self._channels: dict[str, KVChannel] = {}
         self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
 
@@ -96,9 +101,10 @@ class DecodeWorker:
         return self.cfg.host, port, name
 
     def submit(self, task: PrefillTask) -> None:
-        """Colocated mode: prefill ``task`` here, under the lease this worker granted it."""
-        if not self.cfg.colocated:
-            raise RuntimeError(f"{self.name} is a decode-only worker")
+        """Prefill ``task`` here, under the lease this worker granted it (local prefill:
+        colocated mode, or conditional disaggregation)."""
+        if not self.cfg.local_prefill:
+            raise RuntimeError(f"{self.name} is a decode-only worker (local_prefill is off)")
         with self._cv:
             if self.sched.start_prefill(task.lease.transfer_id, list(task.token_ids)):
                 self._submitted[task.lease.transfer_id] = (time.monotonic(), 0.0)
@@ -216,7 +222,7 @@ class DecodeWorker:
     # -- step loop --------------------------------------------------------------------------
     def _warmup(self) -> None:
         warm_up(self.runner, self.allocator, self.cfg.max_num_seqs,
-                prefill=self.cfg.colocated, decode=True)
+                prefill=self.cfg.local_prefill, decode=True)
         if self.runner.device.type == "cuda":
             report_late_compiles(log)
 
@@ -232,9 +238,10 @@ class DecodeWorker:
                 for rid in self.sched.expire():
                     self._failed.append((rid, "KV did not arrive before the lease expired"))
                 plan = self.sched.schedule()
-                if self.cfg.colocated:
-                    plan.chunks = self.sched.schedule_prefill(
-                        self.cfg.max_batch_tokens - len(plan.batch))
+                # Prompt chunks of locally prefilled requests, if any, share the step's token
+                # budget with the decode batch (none unless submit() took a prompt).
+                plan.chunks = self.sched.schedule_prefill(
+                    self.cfg.max_batch_tokens - len(plan.batch))
                 batch = plan.batch
                 joined, self._joined = self._joined, []
                 failed, self._failed = self._failed, []
@@ -267,7 +274,7 @@ class DecodeWorker:
     def _mixed_step(
         self, batch: list[DecodeSeq], chunks: list[PrefillChunk]
     ) -> tuple[list[int], list[int]]:
-        """Colocated mode: one forward over the decode batch (one token each) and the prompt
+        """Local prefill: one forward over the decode batch (one token each) and the prompt
         chunks, as vLLM's chunked prefill does; returns decode tokens and the first tokens
         of the sequences whose last chunk ran."""
         items = [PrefillItem([s.last_token], s.num_tokens - 1, s.block_ids) for s in batch]
@@ -282,7 +289,7 @@ class DecodeWorker:
         return sampled[: len(batch)], sampled[len(batch):]
 
     def _first_tokens(self, chunks: list[PrefillChunk], firsts: list[int], t0: float) -> None:
-        """Colocated mode, under the lock: report first tokens; finished prompts join."""
+        """Local prefill, under the lock: report first tokens; finished prompts join."""
         now = time.monotonic()
         for c in chunks:
             arrived, started = self._submitted.get(c.seq.transfer_id, (t0, 0.0))

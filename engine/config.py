@@ -198,7 +198,10 @@ class WorkerConfig:
     lease_timeout_s: float = 30.0  # decode: a reservation whose KV has not arrived expires
     transfer_timeout_s: float = 60.0  # KV channel operations
     host: str = "127.0.0.1"  # address the decode side's channel store binds to
-    colocated: bool = False  # a decode worker that also prefills its own requests
+    # A decode worker that also prefills the prompts the router hands it (``submit``): all
+    # of them in colocated mode, the short ones or the overflow under conditional
+    # disaggregation. Its warm-up then compiles the prefill shapes too.
+    local_prefill: bool = False
     layerwise_transfer: bool = True  # prefill: send layer l's KV while layer l+1 computes
 
     def __post_init__(self) -> None:

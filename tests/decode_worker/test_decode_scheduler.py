@@ -134,3 +134,20 @@ def test_colocated_prefill_chunks_then_joins() -> None:
     plan = s.schedule()
     assert [q.request_id for q in plan.batch] == ["c"] and plan.batch[0].last_token == 7
     assert s.release("c") and s.allocator.num_free == 16
+
+
+def test_local_prefill_next_to_leases_awaiting_kv() -> None:
+    """Conditional disaggregation: one worker holds leases whose KV comes over a channel and
+    leases whose prompt it prefills itself; only the latter are chunked, only the former
+    can expire."""
+    s, clock = make(blocks=16, bs=4)
+    assert s.schedule_prefill(budget=64) == []  # nothing submitted: a decode-only step
+    remote, local = s.reserve(res("remote", 6)), s.reserve(res("local", 5))
+    assert remote is not None and local is not None
+    assert s.start_prefill(local.transfer_id, list(range(5)))
+    chunks = s.schedule_prefill(budget=64)
+    assert [(c.seq.request_id, c.start, len(c.token_ids)) for c in chunks] == [("local", 0, 5)]
+    clock.t = 100.0
+    assert s.expire() == ["remote"]
+    assert [q.request_id for q in s.prefilled(chunks)] == ["local"]
+    assert s.activate(local.transfer_id, 7) and not s.activate(remote.transfer_id, 7)

@@ -1,0 +1,54 @@
+"""DecodeWorker with local prefill (colocated mode, conditional disaggregation): a real
+worker on the tiny dummy model (CPU) and a router that only records what it is told."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from decode_worker.worker import DecodeWorker
+from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepReport
+from engine.sequence import SamplingParams
+from tests.cluster.test_worker_shutdown import FakeRouter, wait_for, worker_config
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def lease_and_task(d: DecodeWorker, rid: str, prompt: list[int]) -> tuple[Lease, PrefillTask]:
+    lease = d.reserve(Reservation(rid, len(prompt), 0, GREEDY))
+    assert lease is not None
+    return lease, PrefillTask(rid, tuple(prompt), 0, GREEDY, lease)
+
+
+def test_decode_only_worker_refuses_prompts() -> None:
+    d = DecodeWorker("decode-0", worker_config(), FakeRouter())
+    _, task = lease_and_task(d, "r", [5, 6, 7])
+    with pytest.raises(RuntimeError, match="local_prefill"):
+        d.submit(task)
+
+
+def test_local_prefill_reports_first_token_then_decodes() -> None:
+    router = FakeRouter()
+    d = DecodeWorker("decode-0", dataclasses.replace(worker_config(), local_prefill=True),
+                     router)
+    d.start()
+    try:
+        # 70 prompt tokens: two chunks under the 64-token step budget.
+        lease, task = lease_and_task(d, "r", [(7 * i) % 400 + 3 for i in range(70)])
+        d.submit(task)
+
+        def tokens() -> list[str | None]:
+            return [t.finish_reason for name, args in list(router.calls) if name == "on_step"
+                    for t in args[0].tokens]
+
+        wait_for(lambda: "length" in tokens())
+        firsts = [args[0] for name, args in router.calls if name == "on_first_token"]
+        assert len(firsts) == 1 and isinstance(firsts[0], FirstToken)
+        assert (firsts[0].worker, firsts[0].transfer_id) == ("decode-0", lease.transfer_id)
+        assert tokens() == [None, None, "length"]  # max_tokens 4, the first one included
+        reports = [args[0] for name, args in router.calls if name == "on_step"]
+        assert all(isinstance(r, StepReport) and not r.failed for r in reports)
+        wait_for(lambda: d.stats().num_free_blocks == d.stats().num_blocks)
+    finally:
+        d.shutdown()
