@@ -121,6 +121,10 @@ class Metrics:
         self.retries = counter("request_retries",
                                "Re-dispatches after a failed or refused KV transfer or an "
                                "expired lease (preemptions not included).")
+        self.local_prefills = counter(
+            "local_prefills",
+            "Prompts the router had their decode worker prefill instead of a prefill worker "
+            "(conditional disaggregation; re-dispatches included, colocated mode not counted).")
         # Show zeros for the SLO phases from the start, so rate() works before the first miss.
         for phase in SLO_PHASES:
             self.slo_attained.labels(phase=phase)
@@ -205,6 +209,10 @@ class Metrics:
 
     def observe_retry(self) -> None:
         self.retries.inc()
+
+    def observe_local_prefill(self) -> None:
+        """A disaggregated deployment's router sent a prompt to its decode worker."""
+        self.local_prefills.inc()
 
     # ------------------------------------------------------------------ exposition
 

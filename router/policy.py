@@ -3,6 +3,8 @@
 The router tracks, per worker, what it last reported (decode: running sequences, free
 blocks) and what it has handed out since (prefill: prompt tokens queued). The order below is
 the order in which decode workers are asked for a lease: the first that grants one wins.
+Then ``prefill_locally`` decides whether the prompt goes to a prefill worker or is
+prefilled by that decode worker itself (conditional disaggregation).
 """
 
 from __future__ import annotations
@@ -43,3 +45,35 @@ def decode_order(workers: Iterable[DecodeLoad]) -> list[DecodeLoad]:
     """Decode workers to ask for a lease, most free KV first, then fewest running."""
     live = [w for w in workers if not w.draining]
     return sorted(live, key=lambda w: (w.kv_usage, w.num_running))
+
+
+@dataclass(frozen=True)
+class LocalPrefillRule:
+    """Conditional disaggregation, as NVIDIA Dynamo's disaggregated router decides it: a
+    prompt is prefilled on the decode worker that leased it, not on a prefill worker, when
+    it is short (its KV transfer and the hop through another worker cost about as much as
+    prefilling it in place) or when the prefill worker it would go to is backed up (waiting
+    in that queue would cost more than the chunked-prefill slowdown it brings to the decode
+    steps it joins). 0 turns either part off; both off is plain disaggregation."""
+
+    local_prefill_max_tokens: int = 0  # prompts of at most this many tokens prefill locally
+    prefill_queue_max_tokens: int = 0  # every prompt does while the prefill worker has more
+
+    def __post_init__(self) -> None:
+        for name in ("local_prefill_max_tokens", "prefill_queue_max_tokens"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {value}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.local_prefill_max_tokens > 0 or self.prefill_queue_max_tokens > 0
+
+
+def prefill_locally(num_tokens: int, prefill: PrefillLoad, rule: LocalPrefillRule) -> bool:
+    """Whether ``num_tokens`` tokens to prefill (the prompt, plus after a preemption the
+    tokens generated before it) go to the decode worker instead of ``prefill``, the prefill
+    worker ``pick_prefill`` chose."""
+    if num_tokens <= rule.local_prefill_max_tokens:
+        return True
+    return 0 < rule.prefill_queue_max_tokens < prefill.queued_tokens

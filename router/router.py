@@ -1,5 +1,6 @@
 """The request state machine: admit, lease a decode worker, hand the prompt to a prefill
-worker, stream what the workers report, and clean up on finish, abort or deadline.
+worker (or, under conditional disaggregation, to the decode worker itself), stream what the
+workers report, and clean up on finish, abort or deadline.
 
     QUEUED -> PREFILLING -> TRANSFERRING -> DECODING -> FINISHED
                                      (ABORTED by the client, FAILED on errors)
@@ -16,12 +17,19 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.messages import FirstToken, PrefillTask, Reservation, StepReport, TransferDone
 from router.metrics import Metrics
-from router.policy import DecodeLoad, PrefillLoad, decode_order, pick_prefill
+from router.policy import (
+    DecodeLoad,
+    LocalPrefillRule,
+    PrefillLoad,
+    decode_order,
+    pick_prefill,
+    prefill_locally,
+)
 from router.request import Chunk, Request, State
 from router.validation import ValidSlo
 
@@ -30,10 +38,12 @@ log = logging.getLogger("pdserve.router")
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Admission and retry limits of the router."""
+    """Admission and retry limits of the router, and where prompts are prefilled."""
 
     max_waiting: int = 256  # requests queued for a lease before RESOURCE_EXHAUSTED
     max_attempts: int = 4  # prefill attempts per request (preemptions and failures)
+    # Disaggregated mode: which prompts the decode worker prefills itself (off by default).
+    local_prefill: LocalPrefillRule = field(default_factory=LocalPrefillRule)
 
     def __post_init__(self) -> None:
         if self.max_waiting < 1 or self.max_attempts < 1:
@@ -128,7 +138,7 @@ class Router:
         if req.done:  # aborted while we waited for the lease
             self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
             return True
-        p = pick_prefill(self.p_load.values()) if self.prefill else None
+        p = self._prefill_worker_for(len(tokens))
         if p is not None:
             await self._ensure_channel(p.name, lease.worker)
         if req.done:
@@ -145,12 +155,23 @@ class Router:
             req.queue_s = now - req.queued_at
         task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,
                            lease)
-        if p is None:  # colocated: the decode worker prefills the prompt itself
+        if p is None:  # the decode worker prefills the prompt itself
+            if self.prefill:  # by conditional disaggregation's choice, not colocated mode
+                self.metrics.observe_local_prefill()
             self.decode[lease.worker].submit.remote(task)
         else:
             p.queued_tokens += len(tokens)
             self.prefill[p.name].submit.remote(task)
         return True
+
+    def _prefill_worker_for(self, num_tokens: int) -> PrefillLoad | None:
+        """The prefill worker for ``num_tokens`` tokens to prefill, or None when the decode
+        worker that leased them prefills them itself: always in colocated mode (there are
+        no prefill workers), and in disaggregated mode when ``cfg.local_prefill`` says so."""
+        if not self.prefill:
+            return None
+        p = pick_prefill(self.p_load.values())
+        return None if prefill_locally(num_tokens, p, self.cfg.local_prefill) else p
 
     async def _ensure_channel(self, p: str, d: str) -> None:
         """Open the (prefill, decode) KV channel the first time the pair is used."""

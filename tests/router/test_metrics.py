@@ -43,7 +43,7 @@ def test_exposed_names(metrics: Metrics) -> None:
             assert f"pdserve:{hist}{suffix}" in names
     for name in ("num_requests_running", "num_requests_waiting", "prompt_tokens_total",
                  "generation_tokens_total", "kv_transfer_bytes_total", "slo_attained_total",
-                 "slo_violated_total", "num_preemptions_total"):
+                 "slo_violated_total", "num_preemptions_total", "local_prefills_total"):
         assert f"pdserve:{name}" in names, name
     assert not any(n.endswith("_total_total") for n in names)
 
@@ -116,6 +116,11 @@ def test_events(metrics: Metrics) -> None:
 
     m.observe_preemption()
     assert value(m, "pdserve:num_preemptions_total") == 1
+
+    assert value(m, "pdserve:local_prefills_total") == 0
+    m.observe_local_prefill()
+    m.observe_local_prefill()
+    assert value(m, "pdserve:local_prefills_total") == 2
 
 
 def test_registries_are_independent() -> None:

@@ -1,0 +1,175 @@
+"""Router dispatch against recording stand-ins for the worker actors (no Ray): where each
+prompt is prefilled, and the bookkeeping that follows it (queued prompt tokens, first
+tokens, aborts, re-dispatch after preemption)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from engine.messages import FirstToken, Lease, Reservation, StepReport
+from engine.sequence import SamplingParams
+from router.metrics import Metrics
+from router.policy import LocalPrefillRule
+from router.request import Request, State
+from router.router import Router, RouterConfig
+from tests.router.test_request import CharDetok
+
+_tids = itertools.count(100)
+
+
+class FakeWorker:
+    """A worker actor handle: ``handle.method.remote(*args)`` records the call and returns
+    a resolved future (decode workers grant every lease)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def reply(self, method: str, args: tuple[Any, ...]) -> Any:
+        if method == "reserve":
+            r: Reservation = args[0]
+            return Lease(self.name, r.request_id, next(_tids), 0, 4, 30.0)
+        if method == "host_channel":
+            return "127.0.0.1", 1, f"{args[0]}@{self.name}"
+        return None
+
+    def __getattr__(self, method: str) -> Any:
+        worker = self
+
+        class Method:
+            def remote(self, *args: Any) -> asyncio.Future[Any]:
+                worker.calls.append((method, args))
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_result(worker.reply(method, args))
+                return fut
+
+        return Method()
+
+    def called(self, method: str) -> list[tuple[Any, ...]]:
+        return [args for name, args in self.calls if name == method]
+
+
+class Setup:
+    def __init__(self, rule: LocalPrefillRule) -> None:
+        self.p, self.d = FakeWorker("prefill-0"), FakeWorker("decode-0")
+        self.metrics = Metrics(CollectorRegistry())
+        self.router = Router({"prefill-0": self.p}, {"decode-0": self.d},
+                             RouterConfig(local_prefill=rule), self.metrics)
+
+    @property
+    def queued(self) -> int:
+        return self.router.p_load["prefill-0"].queued_tokens
+
+    @property
+    def local_prefills(self) -> float:
+        v = self.metrics.registry.get_sample_value("pdserve:local_prefills_total")
+        assert v is not None
+        return v
+
+    async def admit(self, rid: str, n: int) -> Request:
+        req = Request(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=8), (), None, None,
+                      time.monotonic(), CharDetok())  # type: ignore[arg-type]
+        self.router.admit(req)
+        await settle()
+        assert req.state == State.PREFILLING and req.lease is not None
+        return req
+
+    def first_token(self, worker: str, req: Request) -> None:
+        assert req.lease is not None
+        self.router.on_first_token(FirstToken(worker, req.request_id, req.lease.transfer_id,
+                                              65, None, 0.0, 0.0))
+
+
+async def settle() -> None:
+    """Let the spawned dispatch tasks run (every fake call is already resolved)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_short_prompts_prefill_on_their_decode_worker() -> None:
+    async def main() -> None:
+        s = Setup(LocalPrefillRule(local_prefill_max_tokens=8))
+        short = await s.admit("short", 8)
+        assert short.prefill_worker == "" and s.queued == 0
+        assert [t[0].request_id for t in s.d.called("submit")] == ["short"]
+        assert s.p.called("submit") == [] and s.local_prefills == 1
+        long = await s.admit("long", 9)
+        assert long.prefill_worker == "prefill-0" and s.queued == 9
+        assert [t[0].request_id for t in s.p.called("submit")] == ["long"]
+        assert s.local_prefills == 1
+        # The local prompt's first token comes from the decode worker: the prefill queue
+        # is not touched; the remote one's releases its tokens.
+        s.first_token("decode-0", short)
+        assert short.state == State.TRANSFERRING and short.output_ids == [65]
+        assert s.queued == 9
+        s.first_token("prefill-0", long)
+        assert s.queued == 0
+
+    asyncio.run(main())
+
+
+def test_a_backed_up_prefill_worker_spills_onto_the_decode_worker() -> None:
+    async def main() -> None:
+        s = Setup(LocalPrefillRule(prefill_queue_max_tokens=10))
+        first = await s.admit("first", 11)  # the queue is empty: remote
+        assert first.prefill_worker == "prefill-0" and s.queued == 11
+        second = await s.admit("second", 11)  # 11 queued > 10: local
+        assert second.prefill_worker == "" and s.queued == 11 and s.local_prefills == 1
+        s.first_token("prefill-0", first)
+        assert s.queued == 0
+        third = await s.admit("third", 11)
+        assert third.prefill_worker == "prefill-0" and s.local_prefills == 1
+
+    asyncio.run(main())
+
+
+def test_plain_disaggregation_never_prefills_locally() -> None:
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        for i, n in enumerate((1, 100, 1000)):
+            req = await s.admit(f"r{i}", n)
+            assert req.prefill_worker == "prefill-0"
+        assert s.d.called("submit") == [] and s.local_prefills == 0 and s.queued == 1101
+
+    asyncio.run(main())
+
+
+def test_preempted_request_is_redispatched_by_the_same_rule() -> None:
+    async def main() -> None:
+        s = Setup(LocalPrefillRule(prefill_queue_max_tokens=10))
+        req = await s.admit("r", 11)
+        assert req.prefill_worker == "prefill-0"
+        s.first_token("prefill-0", req)
+        await s.admit("backlog", 11)  # now 11 tokens queued on the prefill worker
+        assert s.queued == 11
+        assert req.lease is not None
+        old = req.lease.transfer_id
+        s.router.on_step(StepReport("decode-0", preempted=["r"]))
+        await settle()
+        # Prompt + the token generated before, prefilled on the decode worker this time.
+        assert req.state == State.PREFILLING and req.prefill_worker == ""
+        assert req.lease is not None and req.lease.transfer_id != old
+        task = s.d.called("submit")[-1][0]
+        assert task.request_id == "r" and list(task.token_ids) == [*range(3, 14), 65]
+        assert task.num_generated == 1 and s.local_prefills == 1 and s.queued == 11
+        assert ("r", old) in s.d.called("abort")
+
+    asyncio.run(main())
+
+
+def test_abort_of_a_local_prefill_goes_to_the_decode_worker_only() -> None:
+    async def main() -> None:
+        s = Setup(LocalPrefillRule(local_prefill_max_tokens=8))
+        req = await s.admit("r", 4)
+        assert req.lease is not None
+        assert s.router.abort("r")
+        assert s.p.called("abort") == []
+        assert ("r", req.lease.transfer_id) in s.d.called("abort")
+        assert req.state == State.ABORTED
+
+    asyncio.run(main())
