@@ -72,6 +72,10 @@ class Router:
         self.d_load = {n: DecodeLoad(n) for n in decode}
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
+        # Prompt tokens handed to a prefill worker and not prefilled yet, per attempt (by
+        # lease transfer id): (request id, worker, tokens). PrefillLoad.queued_tokens is
+        # their sum per worker, kept by _enqueue and _dequeue alone.
+        self._queued: dict[int, tuple[str, PrefillLoad, int]] = {}
         self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._pumping = False
         self._repump = False
@@ -160,9 +164,27 @@ class Router:
                 self.metrics.observe_local_prefill()
             self.decode[lease.worker].submit.remote(task)
         else:
-            p.queued_tokens += len(tokens)
+            self._enqueue(req.request_id, p, lease.transfer_id, len(tokens))
             self.prefill[p.name].submit.remote(task)
         return True
+
+    def _enqueue(self, request_id: str, p: PrefillLoad, transfer_id: int, n: int) -> None:
+        p.queued_tokens += n
+        self._queued[transfer_id] = (request_id, p, n)
+
+    def _dequeue(self, transfer_id: int) -> None:
+        """That attempt's prompt left its prefill worker's queue (first token, abort, or a
+        failed step); once per attempt, whichever report comes first."""
+        entry = self._queued.pop(transfer_id, None)
+        if entry is not None:
+            _, p, n = entry
+            p.queued_tokens -= n
+
+    def _dequeue_request(self, request_id: str, worker: str) -> None:
+        """Every attempt of ``request_id`` still queued on ``worker``."""
+        for tid, (rid, p, _) in list(self._queued.items()):
+            if rid == request_id and p.name == worker:
+                self._dequeue(tid)
 
     def _prefill_worker_for(self, num_tokens: int) -> PrefillLoad | None:
         """The prefill worker for ``num_tokens`` tokens to prefill, or None when the decode
@@ -197,11 +219,9 @@ class Router:
 
     # -- worker reports ---------------------------------------------------------------------
     def on_first_token(self, msg: FirstToken) -> None:
-        load = self.p_load.get(msg.worker)
+        # Whether or not the request is still here (a local prefill was never queued).
+        self._dequeue(msg.transfer_id)
         req = self.requests.get(msg.request_id)
-        if req is not None and load is not None:
-            load.queued_tokens = max(0, load.queued_tokens - len(req.prompt_ids)
-                                     - len(req.output_ids))
         if req is None or req.done or not req.awaiting_first or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:
             return  # a report from an earlier attempt (preempted or failed since)
@@ -230,6 +250,8 @@ class Router:
         req = self.requests.get(msg.request_id)
         if msg.ok:
             self.metrics.observe_transfer(msg.seconds, msg.nbytes)
+        else:  # a failed prefill step reports no first token, only this
+            self._dequeue_request(msg.request_id, msg.worker)
         if req is None or req.done:
             return
         if msg.ok:
@@ -351,6 +373,8 @@ class Router:
             return False
         if req.prefill_worker:
             self.prefill[req.prefill_worker].abort.remote(request_id)
+            # What the prefill worker drops now never reports a first token.
+            self._dequeue_request(request_id, req.prefill_worker)
         if code is not None:
             self._fail(req, code, f"request {request_id}: {reason}")
         else:

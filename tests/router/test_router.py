@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from engine.messages import FirstToken, Lease, Reservation, StepReport
+from engine.messages import FirstToken, Lease, Reservation, StepReport, TransferDone
 from engine.sequence import SamplingParams
 from router.metrics import Metrics
 from router.policy import LocalPrefillRule
@@ -171,5 +171,26 @@ def test_abort_of_a_local_prefill_goes_to_the_decode_worker_only() -> None:
         assert s.p.called("abort") == []
         assert ("r", req.lease.transfer_id) in s.d.called("abort")
         assert req.state == State.ABORTED
+
+    asyncio.run(main())
+
+
+def test_queued_tokens_released_on_abort_and_failed_prefill_step() -> None:
+    """A prompt that leaves the prefill queue without a first token must not stay counted:
+    the backed-up rule would send prompts local for good."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule(prefill_queue_max_tokens=10))
+        req = await s.admit("r", 11)
+        assert s.queued == 11
+        assert s.router.abort("r")
+        assert s.p.called("abort") == [("r",)] and s.queued == 0
+        s.first_token("prefill-0", req)  # the prefill finished before the abort landed
+        assert s.queued == 0
+        failed = await s.admit("failed", 11)
+        assert failed.prefill_worker == "prefill-0" and s.queued == 11
+        s.router.on_transfer_done(TransferDone("prefill-0", "failed", False, 0.0, 0, "boom"))
+        assert s.queued == 0
+        await settle()  # re-dispatched, to the empty prefill queue
+        assert failed.prefill_worker == "prefill-0" and s.queued == 11
 
     asyncio.run(main())
