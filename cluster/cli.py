@@ -47,6 +47,17 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="sequences in one step or decode batch (default 64)")
     p.add_argument("--decode-blocks", type=int, help="KV blocks per decode worker")
     p.add_argument("--prefill-blocks", type=int, help="KV blocks per prefill worker")
+    g = p.add_argument_group(
+        "conditional disaggregation",
+        "disaggregated mode: the decode worker that leased a prompt prefills it itself "
+        "(chunked, mixed into its decode steps) instead of a prefill worker, when either "
+        "rule below holds (NVIDIA Dynamo's rule); 0 turns a rule off (the default)")
+    g.add_argument("--local-prefill-max-tokens", type=int, metavar="N",
+                   help="prefill prompts of at most N tokens on the decode worker (a short "
+                        "prompt costs less in place than its hop and KV transfer)")
+    g.add_argument("--prefill-queue-max-tokens", type=int, metavar="N",
+                   help="prefill on the decode worker while the prefill worker has more "
+                        "than N prompt tokens queued (spill a backed-up prefill pool)")
     _add_model_flags(p)
 
 
@@ -63,6 +74,8 @@ def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             "device": args.device, "dtype": args.dtype, "backend": args.backend,
             "decode_blocks": args.decode_blocks, "prefill_blocks": args.prefill_blocks,
             "max_batch_tokens": args.max_batch_tokens, "max_num_seqs": args.max_num_seqs,
+            "local_prefill_max_tokens": args.local_prefill_max_tokens,
+            "prefill_queue_max_tokens": args.prefill_queue_max_tokens,
         }.items() if v is not None
     }
     if args.model or args.load_format or args.preset:
@@ -78,6 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = serve_config(args)
     pools = (f"{cfg.num_decode} colocated replicas" if cfg.colocated
              else f"{cfg.num_prefill} prefill + {cfg.num_decode} decode workers")
+    if cfg.local_prefill.enabled:
+        pools += (f", decode workers prefill prompts of <= {cfg.local_prefill_max_tokens} "
+                  f"tokens and past {cfg.prefill_queue_max_tokens} queued (0: off)")
     print(f"pdserve: starting {pools}", file=sys.stderr)
     dep = launch(cfg, args.address)
     print(f"pdserve: serving on {dep.address} (gRPC), metrics on "

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig, WorkerConfig
+from router.policy import LocalPrefillRule
 from router.router import RouterConfig
 from router.server import ServerConfig
 from router.validation import Limits
@@ -39,6 +40,11 @@ class ServeConfig:
     max_batch_tokens: int = 2048
     max_num_seqs: int = 64
     max_waiting: int = 256
+    # Conditional disaggregation (disaggregated mode; 0 = off): the decode worker that
+    # leased a prompt prefills it itself when it has at most local_prefill_max_tokens
+    # tokens, or when the prefill worker has more than prefill_queue_max_tokens queued.
+    local_prefill_max_tokens: int = 0
+    prefill_queue_max_tokens: int = 0
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     max_context: int = 0  # 0: the model's own
@@ -63,6 +69,12 @@ class ServeConfig:
             raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
         CacheConfig(self.block_size, self.prefill_blocks)  # validates block_size and counts
         CacheConfig(self.block_size, self.decode_blocks)
+        rule = self.local_prefill  # validates both thresholds (>= 0)
+        if self.colocated:  # every prompt is prefilled locally there: a threshold means nothing
+            for name in ("local_prefill_max_tokens", "prefill_queue_max_tokens"):
+                if getattr(rule, name):
+                    raise ValueError(f"{name} applies to disaggregated mode only (colocated "
+                                     f"workers prefill every prompt); got {getattr(rule, name)}")
 
     # -- resolution of "auto" ---------------------------------------------------------------
     def resolved_device(self) -> str:
@@ -83,6 +95,17 @@ class ServeConfig:
     @property
     def colocated(self) -> bool:
         return self.mode == "colocated"
+
+    @property
+    def local_prefill(self) -> LocalPrefillRule:
+        """Which prompts a disaggregated router has the decode worker prefill."""
+        return LocalPrefillRule(self.local_prefill_max_tokens, self.prefill_queue_max_tokens)
+
+    @property
+    def decode_prefills(self) -> bool:
+        """Decode workers prefill too: every prompt in colocated mode, some under conditional
+        disaggregation."""
+        return self.colocated or self.local_prefill.enabled
 
     @property
     def num_workers(self) -> int:
@@ -109,7 +132,7 @@ class ServeConfig:
                              enforce_eager=role == "prefill"),
             max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
             lease_timeout_s=self.lease_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
-            host=self.host, local_prefill=self.colocated and role == "decode",
+            host=self.host, local_prefill=self.decode_prefills and role == "decode",
         )
 
     def server_config(self, model_config: ModelConfig) -> ServerConfig:
@@ -121,7 +144,8 @@ class ServeConfig:
         )
         return ServerConfig(
             model=self.model, model_config=model_config, limits=limits,
-            router=RouterConfig(max_waiting=self.max_waiting), block_size=self.block_size,
+            router=RouterConfig(max_waiting=self.max_waiting, local_prefill=self.local_prefill),
+            block_size=self.block_size,
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,
         )

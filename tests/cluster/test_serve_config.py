@@ -1,0 +1,62 @@
+"""ServeConfig's conditional-disaggregation thresholds: validation, flags, YAML, and the
+pieces they are cut into (decode workers' WorkerConfig, the router's RouterConfig)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import build_parser, serve_config
+from cluster.config import ServeConfig
+from engine.config import PRESETS
+from router.policy import LocalPrefillRule
+
+FIELDS = ("local_prefill_max_tokens", "prefill_queue_max_tokens")
+
+
+def test_off_by_default() -> None:
+    cfg = ServeConfig()
+    assert cfg.local_prefill == LocalPrefillRule() and not cfg.decode_prefills
+    assert not cfg.worker_config("decode", 2).local_prefill
+    assert cfg.server_config(PRESETS["tiny"]).router.local_prefill == LocalPrefillRule()
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_thresholds_reach_the_router_and_the_decode_workers(field: str) -> None:
+    cfg = ServeConfig(**{field: 512})  # type: ignore[arg-type]
+    assert getattr(cfg.server_config(PRESETS["tiny"]).router.local_prefill, field) == 512
+    assert cfg.decode_prefills
+    assert cfg.worker_config("decode", 2).local_prefill
+    assert not cfg.worker_config("prefill", 2).local_prefill
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_negative_is_refused(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ServeConfig(**{field: -1})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_colocated_mode_refuses_thresholds(field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} applies to disaggregated mode only"):
+        ServeConfig(mode="colocated", **{field: 64})  # type: ignore[arg-type]
+    colocated = ServeConfig(mode="colocated", **{field: 0})  # type: ignore[arg-type]
+    assert colocated.worker_config("decode", 2).local_prefill  # it prefills every prompt
+
+
+def test_flags_and_yaml(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["serve", "--local-prefill-max-tokens", "128", "--prefill-queue-max-tokens", "8192"])
+    cfg = serve_config(args)
+    assert (cfg.local_prefill_max_tokens, cfg.prefill_queue_max_tokens) == (128, 8192)
+    assert serve_config(build_parser().parse_args(["serve"])) == ServeConfig()
+    path = tmp_path / "serve.yaml"
+    path.write_text("local_prefill_max_tokens: 32\nprefill_queue_max_tokens: 4096\n")
+    assert ServeConfig.from_yaml(path) == dataclasses.replace(
+        ServeConfig(), local_prefill_max_tokens=32, prefill_queue_max_tokens=4096)
+    # A flag overrides the file; the other threshold keeps the file's value.
+    args = build_parser().parse_args(["serve", "--config", str(path),
+                                      "--local-prefill-max-tokens", "0"])
+    assert serve_config(args).local_prefill == LocalPrefillRule(0, 4096)
