@@ -14,6 +14,12 @@
 # Writes OUT_DIR/{disagg,coloc}-{a,b}.json, the plots OUT_DIR/{a,b}/*.png, and the goodput
 # table OUT_DIR/summary.md (also printed). CONFIGS=disagg or CONFIGS=coloc runs one
 # configuration (e.g. one per device call); the plots and table follow once both JSONs exist.
+# DISAGG_FLAGS adds serve flags to the disaggregated configuration only, e.g. conditional
+# disaggregation (give it its own OUT_DIR, with a copy of coloc-*.json for the table, or it
+# replaces the plain disagg-*.json):
+#
+#   DISAGG_FLAGS="--prefill-queue-max-tokens 8192" CONFIGS=disagg WORKLOADS=a \
+#     OUT_DIR=out/headline-cond deploy/headline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PDSERVE=${PDSERVE:-.venv/bin/pdserve}
@@ -32,6 +38,7 @@ SLO=(--slo-ttft-ms "${SLO_TTFT_MS:-1000}" --slo-tpot-ms "${SLO_TPOT_MS:-40}")
 PORT=${PORT:-50051}
 WORKLOADS=${WORKLOADS:-a b}  # e.g. WORKLOADS=a to extend one workload's sweep
 WARMUP_N=${WARMUP_N:-8}  # requests of an unrecorded burst before each workload (0: none)
+DISAGG_FLAGS=${DISAGG_FLAGS:-}  # extra serve flags of the disaggregated configuration
 mkdir -p "$OUT_DIR"
 SERVER_PID=
 # a failed bench (set -e) must not leave the server and its Ray cluster running
@@ -64,8 +71,10 @@ run_config() {  # label, serve flags...
 }
 
 CONFIGS=${CONFIGS:-disagg,coloc}  # e.g. CONFIGS=disagg, then CONFIGS=coloc in a later call
+# DISAGG_FLAGS is a list of flags: split on spaces, as MODEL_ARGS is
+# shellcheck disable=SC2086
 [[ ",$CONFIGS," == *,disagg,* ]] && run_config disagg --mode disaggregated --num-prefill 1 \
-  --num-decode 1
+  --num-decode 1 $DISAGG_FLAGS
 [[ ",$CONFIGS," == *,coloc,* ]] && run_config coloc --mode colocated --num-decode 2
 for f in disagg-a disagg-b coloc-a coloc-b; do
   if [ ! -f "$OUT_DIR/$f.json" ]; then
