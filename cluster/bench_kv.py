@@ -10,11 +10,7 @@ prefill path (``OutgoingKV`` hooked into the forward pass). Printed, all from on
 - channel bandwidth of a whole request's KV (pack + checksum, send in messages of several
   layers, receive, unpack + checksum, verify: from the sender's start until the decode side
   verified it) over raw NCCL send/recv of the same bytes in one message, timed the same way
-  (over a second communicator between the same GPUs: the channel's own always has the
-  doorbell's header receive posted on the decode side);
-- what the idle channel's posted header receive costs other work on the decode GPU: a
-  memory-bound and a compute-bound matmul loop before the channel opens, while it sits
-  armed, and after it closed.
+  (over a communicator of its own between the same GPUs).
 """
 
 from __future__ import annotations
@@ -73,46 +69,18 @@ def _raw_exchange(pg: Any, rank: int, t: torch.Tensor, parts: int = 1) -> None:
     torch.cuda.synchronize(t.device)
 
 
-def _gpu_load_ms(dev: torch.device, reps: int = 30) -> dict[str, float]:
-    """Median times of a memory-bound loop (a batch of 64 rows through 1.9 GB of weights,
-    like a decode step) and a compute-bound 8192^3 matmul on ``dev``."""
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(64, 4096, device=dev, dtype=DTYPE, generator=g)
-    ws = [torch.randn(4096, 14336, device=dev, dtype=DTYPE, generator=g) for _ in range(16)]
-    a = torch.randn(8192, 8192, device=dev, dtype=DTYPE, generator=g)
-
-    def timed(fn: Any) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    return {"memory_bound_ms": timed(lambda: [x @ w for w in ws]),
-            "compute_bound_ms": timed(lambda: a @ a)}
-
-
 def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     dev = torch.device("cuda:1")
     torch.cuda.set_device(dev)
     cfg = PRESETS[args["preset"]]
     n = blocks_for(args["prompt_len"], BLOCK)
     pool = allocate_kv_pool(cfg, _cache(n + 8), dev)
-    load = {"before": _gpu_load_ms(dev)}
     store, port = KVChannel.host_store("127.0.0.1", 0, 120.0)
     ports.put(port)
     ch = KVChannel.open(store=store, name="bench-kv", rank=1,
                         spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
                         timeout_s=120.0, owns_store=True)
     raw_pg = _raw_group(store, 1, dev)
-    load["armed"] = _gpu_load_ms(dev)  # the sender waits for this before its first header
-    store.set("bench/armed-measured", "1")
     ids = torch.arange(n, dtype=torch.int64, device=dev)
     done, header_in, queued = [], [], []
 
@@ -152,11 +120,9 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     raw_stream_done = time.perf_counter()
     ch.close()
     raw_pg.abort()
-    load["closed"] = _gpu_load_ms(dev)
     results.put({"receiver_done": done, "receiver_header": header_in,
                  "receiver_queued": queued, "raw_done": raw_done,
-                 "stream_done": stream_done, "raw_stream_done": raw_stream_done,
-                 "decode_gpu_load_ms": load})
+                 "stream_done": stream_done, "raw_stream_done": raw_stream_done})
 
 
 @contextlib.contextmanager
@@ -197,7 +163,6 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
 
     for _ in range(2):  # warm-up: Triton compilation, allocator
         first_token()
-    store.wait(["bench/armed-measured"])  # the decode GPU measured with the channel idle
 
     def start() -> float:
         """A timed send's start: the GPU idle and the receiver back at its doorbell."""
@@ -370,7 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         "stream_transfers": a.stream,
         "stream_channel_gbps": a.stream * gb / (out["stream_done"] - out["stream_start"]),
         "stream_raw_gbps": a.stream * gb / (out["raw_stream_done"] - out["raw_stream_start"]),
-        "decode_gpu_load_ms": out["decode_gpu_load_ms"],
     }
     report["stream_channel_over_raw"] = (report["stream_channel_gbps"]
                                          / report["stream_raw_gbps"])
@@ -392,12 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sustained, {a.stream} transfers back to back: channel "
           f"{report['stream_channel_gbps']:6.1f} GB/s, raw NCCL {report['stream_raw_gbps']:6.1f}"
           f" GB/s, ratio {report['stream_channel_over_raw']:.2f}")
-    load = report["decode_gpu_load_ms"]
-    for kind in ("memory_bound_ms", "compute_bound_ms"):
-        before = load["before"][kind]
-        print(f"decode GPU, {kind[:-3].replace('_', '-')} loop: {before:.3f} ms before the "
-              f"channel, {load['armed'][kind]:.3f} ms with it armed "
-              f"({load['armed'][kind] / before - 1:+.1%}), {load['closed'][kind]:.3f} ms closed")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"report": report, "raw": out}, f, indent=1)

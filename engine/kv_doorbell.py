@@ -1,114 +1,137 @@
-"""The decode end's doorbell on a CUDA KV channel (protocol 4): the next transfer's header
-receive, kept posted on the channel's NCCL communicator, and a thread that sleeps until it
-lands.
+"""A KV channel's doorbell (protocol 4): a TCP connection of the channel's own, from the
+prefill end to the decode end, that carries each transfer's header.
 
-Why not the store doorbell (protocol 3, still used on CPU): with it the decode side held the
-header about 1.3 ms after the sender started on two H200s (the sender's ``set``, the store
-server's notify, the receiver's ``get``, posting the first receives), a fixed cost per
-transfer that held a whole 4k-token request's transfer to 0.62-0.69 of raw NCCL
-(docs/benchmarks.md). A receive that is already posted moves the header the moment the
-sender's send is queued, and the receives that follow queue behind it on the same NCCL
-stream.
+The sender writes the header's 128 bytes (``TCP_NODELAY``); the receiver sleeps in ``recv``
+with the GIL released until they arrive: one hop. Nothing is posted anywhere while a channel
+is idle, so a wait times out harmlessly, and a prefill process that dies closes the
+connection, so an idle decode end can tell a dead sender from a quiet one.
 
-What it costs, and how it is contained:
+What it replaced:
 
-* An NCCL receive kernel waits on the decode GPU while the channel is idle (a few thread
-  blocks; ``cluster.bench_kv`` measures what that does to other kernels on that GPU).
-* NCCL's watchdog would call a long-idle receive a hang and abort the communicator, so CUDA
-  channels run with the watchdog timeout pushed out (``engine.kv_transfer``); every wait of
-  the channel keeps its own deadline, as before.
-* A posted receive cannot be withdrawn, so the decode end of a CUDA channel is always torn
-  down with ``abort()``, which also ends the waiting kernel (and so this thread's wait).
-
-The waiter sleeps in ``cudaEventSynchronize`` on an event created with
-``cudaEventBlockingSync``: no CPU is spent while idle, and the GIL is released, so the
-decode worker's step loop is not disturbed by polling. The header is copied to pinned host
-memory behind the receive, before the event, so it is readable the moment the event fires.
+* Protocol 3 rang a key in the decode worker's ``TCPStore`` whose value was the header: the
+  sender's ``set``, the store server's wake-up of the waiting client, the client's ``get``.
+  On two H200s the decode side held the header about 1.3 ms after the sender started, a
+  fixed cost per transfer that held a whole 4k-token request to 0.62-0.69 of raw NCCL
+  (docs/benchmarks.md).
+* A header receive kept posted on the channel's NCCL communicator was tried on two H200s and
+  dropped: the decode process hung in both checks where the channel sat idle. A kernel that
+  only the next transfer ends blocks every implicitly synchronizing CUDA call of the
+  process (a device-wide synchronize, as CUDA graph capture and the runner do; ``cudaFree``
+  when the allocator retries), and the NCCL watchdog has to be disarmed for it.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from dataclasses import dataclass
-from typing import Any
+import contextlib
+import json
+import socket
+import time
 
-import torch
-from torch import Tensor
+import torch.distributed as dist
 
-from engine.kv_protocol import _TAG_HEADER, HEADER_SLOTS
+from engine.kv_protocol import HEADER_SLOTS
 
-
-@dataclass
-class _Armed:
-    device_buf: Tensor  # int64[HEADER_SLOTS] the receive writes
-    host_buf: Tensor  # pinned copy, valid once ``landed`` is set
-    work: Any  # the receive's torch.distributed Work
-    landed: threading.Event
+HEADER_BYTES = HEADER_SLOTS * 8
+_HELLO = b"PDKV-BELL:"  # then the channel's name: a stray connection is turned away
+_ADDR_KEY = "bell/addr"
 
 
-class NcclDoorbell:
-    """The header receive of the next transfer, posted ahead (rank 1, CUDA only).
+class DoorbellError(ConnectionError):
+    """The doorbell could not be set up, or its connection broke."""
 
-    ``arm`` posts it (once per transfer, right after the trailer's receive, so that NCCL's
-    in-order matching lines it up with the sender's next header send); ``wait`` returns the
-    header once it landed, or None when none came in time (the receive stays posted)."""
 
-    def __init__(self, pg: Any, peer: int, device: torch.device, name: str) -> None:
-        self._pg = pg
-        self._peer = peer
-        self._device = device
-        # A stream of its own: waiting for the receive here holds up nothing else.
-        self._stream = torch.cuda.Stream(device=device)
-        self._armed: _Armed | None = None
-        self._jobs: queue.SimpleQueue[tuple[torch.cuda.Event, threading.Event] | None] = (
-            queue.SimpleQueue())
-        self._thread = threading.Thread(target=self._watch, name=f"kv-bell-{name}",
-                                        daemon=True)
-        self._thread.start()
+class Doorbell:
+    """One end of a channel's doorbell connection; use :meth:`listen` (decode end) or
+    :meth:`connect` (prefill end), then :meth:`ring` / :meth:`wait`."""
 
-    @property
-    def armed(self) -> bool:
-        return self._armed is not None
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._buf = bytearray()  # bytes received beyond the header handed out last
 
-    def arm(self) -> None:
-        """Post the next header's receive (in order after everything posted so far)."""
-        if self._armed is not None:
-            raise RuntimeError("the doorbell is already armed")
-        with torch.cuda.stream(self._stream):
-            device_buf = torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self._device)
-            work = self._pg.recv([device_buf], self._peer, _TAG_HEADER)
-            work.wait()  # this stream waits for the NCCL stream's receive (no host sync)
-            host_buf = torch.empty(HEADER_SLOTS, dtype=torch.int64, pin_memory=True)
-            host_buf.copy_(device_buf, non_blocking=True)
-            event = torch.cuda.Event(blocking=True)
-            event.record(self._stream)
-        landed = threading.Event()
-        self._armed = _Armed(device_buf, host_buf, work, landed)
-        self._jobs.put((event, landed))
+    @classmethod
+    def listen(cls, ns: dist.Store, host: str, name: str, timeout_s: float) -> Doorbell:
+        """Decode end: listen on ``host``, publish the address in the channel's namespace
+        ``ns``, and accept the prefill end's connection within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        hello = _HELLO + name.encode()
+        try:
+            with socket.create_server((host, 0)) as server:
+                ns.set(_ADDR_KEY, json.dumps([host, server.getsockname()[1]]))
+                while True:
+                    server.settimeout(max(deadline - time.monotonic(), 1e-3))
+                    conn, _ = server.accept()
+                    conn.settimeout(max(deadline - time.monotonic(), 1e-3))
+                    if _recv_exact(conn, len(hello)) == hello:
+                        conn.settimeout(None)
+                        return cls(conn)
+                    conn.close()  # not our peer
+        except TimeoutError as e:
+            raise DoorbellError(f"the prefill end did not connect within {timeout_s:.3g} s") \
+                from e
+        except OSError as e:
+            raise DoorbellError(f"listening for the prefill end failed: {e}") from e
 
-    def wait(self, timeout_s: float) -> Tensor | None:
-        """The header as ``int64[HEADER_SLOTS]`` on the host once it landed (the doorbell is
-        then disarmed), or None after ``timeout_s`` (it stays armed)."""
-        armed = self._armed
-        if armed is None:
-            raise RuntimeError("the doorbell is not armed")
-        if not armed.landed.wait(timeout_s):
-            return None
-        self._armed = None
-        return armed.host_buf
+    @classmethod
+    def connect(cls, ns: dist.Store, name: str, timeout_s: float) -> Doorbell:
+        """Prefill end: connect to the address the decode end published in ``ns``."""
+        try:
+            ns.wait([_ADDR_KEY])
+            host, port = json.loads(ns.get(_ADDR_KEY).decode())
+            sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+            sock.sendall(_HELLO + name.encode())
+            sock.settimeout(None)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise DoorbellError(f"connecting to the decode end's doorbell failed: {e}") from e
+        return cls(sock)
 
-    def stop(self) -> None:
-        """End the waiter thread once its current wait ends (after the communicator was
-        aborted, which ends the posted receive)."""
-        self._jobs.put(None)
+    def ring(self, header: bytes, timeout_s: float) -> None:
+        """Send one header (:data:`HEADER_BYTES`); :class:`DoorbellError` if the connection
+        is gone or stays full for ``timeout_s``."""
+        if len(header) != HEADER_BYTES:
+            raise ValueError(f"a header is {HEADER_BYTES} bytes, got {len(header)}")
+        try:
+            self._sock.settimeout(timeout_s)
+            self._sock.sendall(header)
+        except OSError as e:
+            raise DoorbellError(f"ringing the doorbell failed: {e}") from e
 
-    def _watch(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            event, landed = job
+    def wait(self, timeout_s: float) -> bytes | None:
+        """The next header once it is in, or None after ``timeout_s`` (whatever part of it
+        arrived is kept for the next call). :class:`DoorbellError` once the connection is
+        closed (the peer went away, or :meth:`close` was called)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self._buf) < HEADER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
             try:
-                event.synchronize()  # sleeps until the GPU signals; the GIL is released
-            except Exception:  # a broken context: the channel's own checks report it
-                pass
-            finally:
-                landed.set()
+                self._sock.settimeout(remaining)
+                chunk = self._sock.recv(1 << 16)
+            except TimeoutError:
+                return None
+            except OSError as e:
+                raise DoorbellError(f"the doorbell connection broke: {e}") from e
+            if not chunk:
+                raise DoorbellError("the doorbell connection was closed")
+            self._buf += chunk
+        header = bytes(self._buf[:HEADER_BYTES])
+        del self._buf[:HEADER_BYTES]
+        return header
+
+    def close(self) -> None:
+        """Close the connection; a :meth:`wait` blocked in another thread returns at once
+        (with :class:`DoorbellError`)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)

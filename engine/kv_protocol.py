@@ -4,8 +4,7 @@ checksum, errors).
 
 Wire protocol of one transfer (rank 0 -> rank 1, tensors only, never pickle)::
 
-    header    int64[16] (TransferHeader): on CUDA a message into the receive the decode end
-              keeps posted; on CPU the store key bell/{seq}, as little-endian bytes
+    header    int64[16] (TransferHeader, little-endian bytes) over the doorbell connection
     message m uint8[k_m * bytes_per_layer]  (layers [m*k, m*k + k_m) as [k_m, 2, n, bs, Hk, D])
     trailer   int64[8]                      (status and the payload checksum)
 
@@ -16,15 +15,13 @@ messages, so per-message costs (a kernel launch, an NCCL operation, host work) s
 against the bytes: 32 one-layer sends of a 4k-token prompt spent more time in fixed costs
 than on NVLink.
 
-The **doorbell** tells an idle receiver that a transfer starts, and carries its header.
-On CUDA (protocol 4, :mod:`engine.kv_doorbell`) the decode end keeps the next header's NCCL
-receive posted at all times, so the header moves the moment the sender queues it and the
-first messages' receives are queued right behind it; the NCCL watchdog is pushed out of the
-way of that long-posted receive. On CPU it is the store key ``bell/{seq}``, whose value is the
-header, read with one blocking ``get`` (protocol 3): a Gloo receive that times out closes the
-connection, so Gloo only ever posts receives for a transfer that has started. On two H200s
-the store doorbell left the decode side holding the header about 1.3 ms after the sender
-started (docs/benchmarks.md), a fixed cost per transfer that protocol 4 removes on GPUs.
+The **doorbell** (:mod:`engine.kv_doorbell`, protocol 4) is a TCP connection of the
+channel's own, from the prefill end to the decode end, that carries each transfer's header
+before any data moves: the receiver learns the transfer's geometry and posts its first
+receives at once. An idle receiver waits on it for as long as it likes (a posted Gloo/NCCL
+receive that times out breaks the pair, and a posted NCCL receive blocks the decode GPU's
+synchronizing calls), and sees a dead sender as a closed connection. Protocol 3 rang a
+``TCPStore`` key instead, one hop more through the store server.
 
 The **checksum** (:func:`kv_checksum`) covers the whole payload, the layers in order, as one
 sequence of 32-bit words with a weight per position; a message adds its words' share at its
@@ -70,7 +67,6 @@ STATUS_OK = 0
 STATUS_CANCELLED = 1
 
 # Gloo tags (NCCL ignores them; there the order alone frames the stream).
-_TAG_HEADER = 1
 _TAG_TRAILER = 2
 _TAG_LAYER0 = 16
 
@@ -291,12 +287,12 @@ class TransferHeader:
         return torch.tensor(self._slots(), dtype=torch.int64, device=device)
 
     def to_bytes(self) -> bytes:
-        """The header as the store doorbell carries it: ``int64[16]``, little-endian."""
+        """The header as the doorbell carries it: ``int64[16]``, little-endian."""
         return _HEADER_STRUCT.pack(*self._slots())
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> TransferHeader:
-        """:meth:`from_tensor` for a store doorbell's value."""
+        """:meth:`from_tensor` for what the doorbell carried."""
         if len(raw) != _HEADER_STRUCT.size:
             raise TransferError(
                 f"header must be {_HEADER_STRUCT.size} bytes (int64[{HEADER_SLOTS}]), "

@@ -6,14 +6,16 @@ global world (no ``init_process_group``), so workers can join and leave freely.
 * The decode side hosts a ``TCPStore`` (:meth:`KVChannel.host_store`); the prefill side
   connects to it (:meth:`KVChannel.connect_store`). Each channel lives in its own namespace
   ``pdserve/kv/{name}/`` of that store, over a connection of its own (a store connection
-  serializes its operations, and a receiver blocks in store waits), so one process can hold
-  several channels.
+  serializes its operations, and the handshake and rendezvous block in store waits), so one
+  process can hold several channels.
 * :meth:`KVChannel.open` (both sides) first runs a **handshake**: each side publishes its
   :class:`ChannelSpec` as JSON and compares it with the peer's; any difference raises
   :class:`HandshakeError` on both sides, naming every differing field with both values, and
-  no process group is created. Then it builds ``ProcessGroupGloo`` (CPU tensors) or
-  ``ProcessGroupNCCL`` (CUDA tensors) of size 2: rank 0 is the prefill side (it sends),
-  rank 1 the decode side (it receives).
+  no process group is created. Then the prefill side connects to the decode side's
+  **doorbell** (:mod:`engine.kv_doorbell`, a TCP connection that carries each transfer's
+  header), and both build ``ProcessGroupGloo`` (CPU tensors) or ``ProcessGroupNCCL`` (CUDA
+  tensors) of size 2: rank 0 is the prefill side (it sends), rank 1 the decode side (it
+  receives).
 
 The wire protocol (framing, header, trailer, checksum, doorbell) is defined in
 :mod:`engine.kv_protocol`.
@@ -44,12 +46,11 @@ connected eagerly, so point-to-point traffic reuses that communicator; all chann
 on a dedicated CUDA stream that first waits on the caller's current stream, and received data
 is ordered before the caller's later work on its current stream. Layer sends and receives are
 only queued (no host round trip between layers); the sender blocks in :meth:`finish`, the
-receiver for the header and in :meth:`verify`. The decode end keeps the next header's receive
-posted (:mod:`engine.kv_doorbell`), so the watchdog timeout is pushed out of its way and the
-decode end always tears down with ``abort()``. Every blocking wait polls with the channel's
-own deadline and calls ``abort()`` on expiry. ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` defaults to
-tearing the whole process down when the watchdog fires; the channel sets it to ``2`` (abort
-the communicator only) unless the environment already chose.
+receiver for the header and in :meth:`verify`. Every blocking wait polls with the channel's
+own deadline and calls ``abort()`` on expiry; the NCCL watchdog timeout is set well above it
+as a backstop. ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` defaults to tearing the whole process down
+when the watchdog fires; the channel sets it to ``2`` (abort the communicator only) unless the
+environment already chose.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import kernels.kv_pack
-from engine.kv_doorbell import NcclDoorbell
+from engine.kv_doorbell import Doorbell, DoorbellError
 from engine.kv_protocol import (
     _T_CHECKSUM,
     _T_EPOCH,
@@ -80,7 +81,6 @@ from engine.kv_protocol import (
     _T_STATUS,
     _T_TRANSFER_ID,
     _T_VERSION,
-    _TAG_HEADER,
     _TAG_LAYER0,
     _TAG_TRAILER,
     HEADER_SLOTS,
@@ -110,7 +110,6 @@ _U64 = (1 << 64) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 _ROLE = ("prefill", "decode")
 STAGING_SLOTS = 2  # default number of staging buffers (see KVChannel.set_staging_slots)
-_NCCL_WATCHDOG = timedelta(days=365)  # see _make_nccl
 
 
 # --------------------------------------------------------------------------------------
@@ -143,7 +142,6 @@ class _RxState:
     pending: list[_Pending] = field(default_factory=list)  # queued CUDA receives
     posted: dict[int, tuple[Tensor, Any]] = field(default_factory=dict)  # message -> buf, work
     trailer: tuple[Tensor, Any] | None = None  # its receive, once posted
-    bell: str = ""  # the store doorbell's key, until deleted (CPU)
 
 
 def _normalize_device(device: torch.device | str) -> torch.device:
@@ -197,6 +195,7 @@ class KVChannel:
         pg: Any,
         namespace: dist.Store,
         stores: list[dist.Store],
+        bell: Doorbell,
     ) -> None:
         # Use KVChannel.open(); this only wires the parts together.
         self.name = name
@@ -212,13 +211,8 @@ class KVChannel:
         self._stream: torch.cuda.Stream | None = (
             torch.cuda.Stream(device=device) if self._is_cuda else None
         )
+        self._bell = bell
         self._closed_reason: str | None = None
-        self._seq = 0  # store doorbell keys (CPU)
-        # CUDA decode end: the next header's receive, always posted (protocol 4).
-        self._bell: NcclDoorbell | None = None
-        if self._is_cuda and rank == 1:
-            self._bell = NcclDoorbell(pg, self._peer, device, name)
-            self._bell.arm()
         self._tx: _TxState | None = None
         self._rx: _RxState | None = None
         # Staging buffers used in turn by message (pack or receive the next ones while m
@@ -294,15 +288,21 @@ class KVChannel:
         ns = dist.PrefixStore(f"pdserve/kv/{name}/", base)
 
         _handshake(ns, name=name, rank=rank, spec=spec, timeout_s=open_s)
+        try:
+            bell = (Doorbell.connect(ns, name, open_s) if rank == 0
+                    else Doorbell.listen(ns, _listen_host(store), name, open_s))
+        except DoorbellError as e:
+            raise ChannelError(f"KV channel {name!r}: {e}") from e
 
         pg_store = dist.PrefixStore("pg/", ns)
         try:
             if dev.type == "cuda":
-                pg = _make_nccl(pg_store, rank, dev, name)
+                pg = _make_nccl(pg_store, rank, dev, timeout_s, name)
             else:
                 pg = _make_gloo(pg_store, rank, timedelta(seconds=max(open_s, timeout_s)),
                                 gloo_host)
         except Exception as e:
+            bell.close()
             raise ChannelError(
                 f"KV channel {name!r}: could not build the process group as rank {rank}: {e}"
             ) from e
@@ -310,7 +310,7 @@ class KVChannel:
         logger.info("KV channel %r open as rank %d (%s) on %s", name, rank, _ROLE[rank], dev)
         return cls(
             name=name, rank=rank, spec=spec, device=dev, timeout_s=timeout_s, pg=pg,
-            namespace=ns, stores=stores,
+            namespace=ns, stores=stores, bell=bell,
         )
 
     def set_staging_slots(self, n: int) -> None:
@@ -336,16 +336,17 @@ class KVChannel:
 
     def close(self, abort: bool = False) -> None:
         """Tear down the process group (abort if broken, mid-transfer or ``abort``, else shut
-        down) and release the stores. Idempotent. A clean NCCL shutdown waits until the peer
-        tears its end down too; ``abort`` never waits for the peer (worker shutdown). The
-        decode end of a CUDA channel always aborts: its doorbell's receive is posted."""
+        down), close the doorbell (a receiver waiting on it returns at once) and release the
+        stores. Idempotent. A clean NCCL shutdown waits until the peer tears its end down
+        too; ``abort`` never waits for the peer (worker shutdown)."""
         if self._pg is None:
             return
         pg, self._pg = self._pg, None
-        broken = abort or self._closed_reason is not None or self.busy or self._bell is not None
+        broken = abort or self._closed_reason is not None or self.busy
         if self._closed_reason is None:
             self._closed_reason = "closed"
         self._tx = self._rx = None
+        self._bell.close()
         try:
             if broken:
                 pg.abort()
@@ -353,8 +354,6 @@ class KVChannel:
                 pg.shutdown()
         except Exception as e:  # teardown is best effort
             logger.warning("KV channel %r: teardown: %s", self.name, e)
-        if self._bell is not None:  # its receive ended with the abort
-            self._bell.stop()
         del pg
         self._ns = None
         self._stores = []
@@ -370,8 +369,7 @@ class KVChannel:
     # ---- sending (rank 0) -----------------------------------------------------------
 
     def send_header(self, header: TransferHeader) -> None:
-        """Start a transfer: send the header (CUDA: into the receive the decode end keeps
-        posted; CPU: ring the store doorbell, whose value is the header)."""
+        """Start a transfer: ring the doorbell with the header."""
         self._check_open()
         self._require_rank(0, "send_header")
         if self._tx is not None:
@@ -381,22 +379,12 @@ class KVChannel:
             )
         self._check_geometry(header)
         started = time.perf_counter()
-        if self._stream is not None:
-            # Not after the caller's queued work (it does not depend on it): the receiver
-            # gets going as soon as it can.
-            with torch.cuda.stream(self._stream):
-                t = header.to_tensor().pin_memory().to(self.device, non_blocking=True)
-                acc = torch.zeros((), dtype=torch.int64, device=self.device)
-            self._tx = _TxState(header=header, acc=acc, started=started)
-            self._post_send(self._tx, t, _TAG_HEADER, "sending the header")
-            return
-        assert self._ns is not None
-        try:  # the doorbell carries the header; first, since the receiver then gets going
-            self._ns.set(f"bell/{self._seq}", header.to_bytes())  # type: ignore[arg-type]
-        except Exception as e:
-            raise self._fail(f"ringing the doorbell failed: {e}") from e
-        self._seq += 1
-        acc = torch.zeros((), dtype=torch.int64, device=self.device)
+        try:  # first: the receiver gets going while the rest is queued
+            self._bell.ring(header.to_bytes(), self.timeout_s)
+        except DoorbellError as e:
+            raise self._fail(str(e)) from e
+        with self._side_stream():
+            acc = torch.zeros((), dtype=torch.int64, device=self.device)
         self._tx = _TxState(header=header, acc=acc, started=started)
 
     def send_message(self, t: Tensor) -> None:
@@ -549,26 +537,17 @@ class KVChannel:
                 "verify() or discard() it first"
             )
         wait_s = self.timeout_s if timeout_s is None else timeout_s
-        slots: Tensor | None = None  # the header as the NCCL doorbell received it
-        raw = b""  # or as the store doorbell's value
-        if self._bell is not None:
-            slots, bell = self._bell.wait(wait_s), ""
-            self._check_open()  # aborted while it waited
-            if slots is None:
-                raise self._idle(wait_s)
-        else:
-            bell = f"bell/{self._seq}"
-            try:
-                raw = self._ring_value(bell, wait_s)
-            except dist.DistStoreError as e:
-                raise self._idle(wait_s) from e
-            except Exception as e:
-                raise self._fail(f"waiting for the doorbell failed: {e}") from e
-            self._seq += 1
+        try:
+            raw = self._bell.wait(wait_s)
+        except DoorbellError as e:
+            self._check_open()  # closed by another thread (shutdown) while it waited
+            raise self._fail(f"the prefill end is gone: {e}") from e
+        if raw is None:
+            raise TransferTimeout(
+                f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
         started = time.perf_counter()
         try:
-            header = (TransferHeader.from_tensor(slots) if slots is not None
-                      else TransferHeader.from_bytes(raw))
+            header = TransferHeader.from_bytes(raw)
         except TransferError as e:
             raise self._fail(f"garbled header: {e}") from e
         try:
@@ -577,41 +556,12 @@ class KVChannel:
             raise self._fail(f"protocol violation: {e}") from e
         with self._side_stream():
             acc = torch.zeros((), dtype=torch.int64, device=self.device)
-        rx = _RxState(header=header, acc=acc, started=started, bell=bell)
+        rx = _RxState(header=header, acc=acc, started=started)
         self._rx = rx
         # The first messages start moving now, one per staging buffer, before the caller
         # looks at the header (a rejected transfer is drained all the same).
         self._post_ahead(rx, self.staging_slots)
         return header
-
-    def _idle(self, wait_s: float) -> TransferTimeout:
-        return TransferTimeout(
-            f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
-
-    def _ring_value(self, bell: str, wait_s: float) -> bytes:
-        """The doorbell's value, once it is set: one blocking ``get`` under the wait's
-        timeout on the channel's own store connection (a round trip less than ``wait`` then
-        ``get``); ``DistStoreError`` if it stays unset."""
-        assert self._ns is not None
-        client = self._stores[0] if self._stores else None
-        if not isinstance(client, dist.TCPStore):  # not a connection of our own
-            self._ns.wait([bell], timedelta(seconds=wait_s))
-            return self._ns.get(bell)
-        client.set_timeout(timedelta(seconds=wait_s))
-        try:
-            return self._ns.get(bell)
-        finally:
-            client.set_timeout(timedelta(seconds=self.timeout_s))
-
-    def _unring(self, rx: _RxState) -> None:
-        """Delete the transfer's doorbell key (once its messages are on their way)."""
-        if rx.bell:
-            bell, rx.bell = rx.bell, ""
-            assert self._ns is not None
-            try:
-                self._ns.delete_key(bell)
-            except Exception as e:
-                raise self._fail(f"store failure: {e}") from e
 
     def match(
         self,
@@ -1007,14 +957,10 @@ class KVChannel:
         rx.posted[m] = (buf, work)
 
     def _post_trailer_recv(self) -> tuple[Tensor, Any]:
-        """The trailer's receive; on CUDA the next transfer's header receive right behind it
-        (NCCL matches in order: it lines up with the sender's next header)."""
         try:
             with self._side_stream():
                 t = torch.empty(TRAILER_SLOTS, dtype=torch.int64, device=self.device)
                 work = self._pg.recv([t], self._peer, _TAG_TRAILER)
-            if self._bell is not None:
-                self._bell.arm()
         except Exception as e:
             raise self._fail(f"receiving the trailer failed: {e}") from e
         return t, work
@@ -1022,7 +968,6 @@ class KVChannel:
     def _recv_trailer(self, rx: _RxState) -> tuple[int, int, int]:
         h = rx.header
         t, work = rx.trailer if rx.trailer is not None else self._post_trailer_recv()
-        self._unring(rx)  # while the last messages land
         # The trailer follows the layers on the same stream: once it is in, so are they.
         deadline = time.monotonic() + self.timeout_s
         with self._side_stream():
@@ -1115,10 +1060,11 @@ def _unpack(buf: Tensor, caches: Tensor, block_ids: Tensor, word_offset: int) ->
 def _private_client(store: dist.Store, timeout: timedelta) -> dist.Store:
     """A connection of the channel's own to ``store``.
 
-    A TCPStore client serializes its operations, so a receiver blocked in a doorbell wait
-    would stall every other channel sharing the connection; each channel therefore gets its
-    own. Its default timeout (which bounds the process group's rendezvous) is the channel's,
-    and the caller's store is left untouched. Other store types are used as they are."""
+    A TCPStore client serializes its operations, so a channel blocked in a store wait
+    (handshake, rendezvous) would stall every other channel sharing the connection; each
+    channel therefore gets its own. Its default timeout (which bounds the process group's
+    rendezvous) is the channel's, and the caller's store is left untouched. Other store
+    types are used as they are."""
     if not isinstance(store, dist.TCPStore):
         return store
     clone = getattr(store, "clone", None)
@@ -1130,6 +1076,11 @@ def _private_client(store: dist.Store, timeout: timedelta) -> dist.Store:
                                wait_for_workers=False)
     client.set_timeout(timeout)
     return client
+
+
+def _listen_host(store: dist.Store) -> str:
+    """Where the decode end's doorbell listens: the interface its store serves on."""
+    return str(store.host) if isinstance(store, dist.TCPStore) else "127.0.0.1"
 
 
 def _handshake(ns: dist.Store, *, name: str, rank: int, spec: ChannelSpec,
@@ -1177,7 +1128,8 @@ def _make_gloo(store: dist.Store, rank: int, timeout: timedelta, host: str | Non
     return gloo_cls(store, rank, 2, opts)
 
 
-def _make_nccl(store: dist.Store, rank: int, device: torch.device, name: str) -> Any:
+def _make_nccl(store: dist.Store, rank: int, device: torch.device, timeout_s: float,
+               name: str) -> Any:
     nccl_cls: Any = getattr(dist, "ProcessGroupNCCL", None)
     if nccl_cls is None or not dist.is_nccl_available():
         raise ChannelError("this torch build has no NCCL")
@@ -1187,9 +1139,7 @@ def _make_nccl(store: dist.Store, rank: int, device: torch.device, name: str) ->
     # One transfer at a time per channel by design, so P2P serialization is what we want.
     os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     opts = nccl_cls.Options()
-    # The decode end keeps the next header's receive posted while idle (engine.kv_doorbell),
-    # which the watchdog would call a hang; every wait of the channel keeps its own deadline.
-    opts._timeout = _NCCL_WATCHDOG
+    opts._timeout = timedelta(seconds=max(3 * timeout_s, timeout_s + 60))
     opts.is_high_priority_stream = False
     with contextlib.suppress(AttributeError, TypeError):
         opts.group_name = f"pdserve-kv-{name}"

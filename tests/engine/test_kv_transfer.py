@@ -646,14 +646,34 @@ def test_idle_receiver_times_out_without_breaking_the_channel(decode_store: Any)
         assert torch.equal(got[2], _layers(SPEC, 1, seed=1)[2])
 
 
-def test_garbled_doorbell_closes_the_channel(decode_store: Any) -> None:
-    """The doorbell's value is the header: garbage there is a protocol failure (the
-    receiver cannot know what follows), so the channel is closed, not left out of step."""
+def test_idle_receiver_sees_a_closed_sender(decode_store: Any) -> None:
+    """The doorbell is a connection: when the prefill end goes away, an idle receiver learns
+    it at once (ChannelClosed), instead of waiting out its timeout (TransferTimeout)."""
     with _pair(decode_store) as (tx, rx):
-        assert tx._ns is not None
+        tx.close()
+        with pytest.raises(ChannelClosed, match="the prefill end is gone"):
+            rx.recv_header(timeout_s=60)
+        assert rx.closed
+
+
+def test_closing_wakes_a_receiver_waiting_for_a_transfer(decode_store: Any) -> None:
+    """Worker shutdown closes its channels from another thread: a receive loop waiting for
+    the next transfer returns at once with ChannelClosed."""
+    with _pair(decode_store) as (_tx, rx), ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_catch(lambda: rx.recv_header(timeout_s=60)))
+        time.sleep(0.2)  # let it block (the outcome does not depend on it)
+        rx.close(abort=True)
+        err = waiting.result(timeout=30)
+    assert isinstance(err, ChannelClosed), err
+
+
+def test_garbled_doorbell_closes_the_channel(decode_store: Any) -> None:
+    """The doorbell carries the header: garbage there is a protocol failure (the receiver
+    cannot know what follows), so the channel is closed, not left out of step."""
+    with _pair(decode_store) as (tx, rx):
         raw = bytearray(_header(SPEC, 1, 1).to_bytes())
         raw[0] ^= 0xFF  # magic
-        tx._ns.set("bell/0", bytes(raw))  # type: ignore[arg-type]
+        tx._bell.ring(bytes(raw), 5.0)
         with pytest.raises(ChannelClosed, match="garbled header: bad header magic"):
             rx.recv_header(timeout_s=5)
         assert rx.closed

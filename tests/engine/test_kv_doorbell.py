@@ -1,0 +1,121 @@
+"""The KV channel's doorbell connection (engine/kv_doorbell.py), on its own."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch.distributed as dist
+
+from engine.kv_doorbell import HEADER_BYTES, Doorbell, DoorbellError
+
+HOST = "127.0.0.1"
+
+
+def _connected(name: str = "chan") -> tuple[Doorbell, Doorbell]:
+    ns = dist.HashStore()
+    got: list[Doorbell] = []
+    listener = threading.Thread(target=lambda: got.append(Doorbell.listen(ns, HOST, name, 10)))
+    listener.start()
+    tx = Doorbell.connect(ns, name, 10)
+    listener.join(10)
+    return tx, got[0]
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Doorbell, Doorbell]]:
+    tx, rx = _connected()
+    yield tx, rx
+    tx.close()
+    rx.close()
+
+
+def test_headers_arrive_in_order_and_whole(pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, rx = pair
+    headers = [bytes([i]) * HEADER_BYTES for i in range(3)]
+    for h in headers:  # rung back to back: the receiver hands them out one at a time
+        tx.ring(h, 5)
+    assert [rx.wait(5) for _ in headers] == headers
+
+
+def test_a_header_split_across_waits_is_kept(pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, rx = pair
+    header = bytes(range(HEADER_BYTES))
+    tx._sock.sendall(header[:100])
+    assert rx.wait(0.2) is None  # not all of it yet: an idle-looking wait
+    tx._sock.sendall(header[100:])
+    assert rx.wait(5) == header
+
+
+def test_idle_wait_times_out_and_the_doorbell_still_works(
+        pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, rx = pair
+    assert rx.wait(0.1) is None
+    tx.ring(b"\x07" * HEADER_BYTES, 5)
+    assert rx.wait(5) == b"\x07" * HEADER_BYTES
+
+
+def test_a_closed_sender_is_seen_at_once(pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, rx = pair
+    tx.close()
+    with pytest.raises(DoorbellError, match="closed"):
+        rx.wait(30)  # raises on the closed connection; a timeout would return None
+
+
+def test_close_wakes_a_waiting_receiver(pair: tuple[Doorbell, Doorbell]) -> None:
+    _tx, rx = pair
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            rx.wait(30)
+        except BaseException as e:
+            errors.append(e)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    rx.close()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], DoorbellError)
+
+
+def test_ringing_a_closed_receiver_fails() -> None:
+    tx, rx = _connected()
+    rx.close()
+    with pytest.raises(DoorbellError, match="ringing"):
+        for _ in range(1000):  # the first sends may still be buffered
+            tx.ring(b"\0" * HEADER_BYTES, 5)
+    tx.close()
+
+
+def test_a_header_of_the_wrong_size_is_refused(pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, _rx = pair
+    with pytest.raises(ValueError, match=f"a header is {HEADER_BYTES} bytes"):
+        tx.ring(b"short", 5)
+
+
+def test_a_stray_connection_is_turned_away() -> None:
+    ns = dist.HashStore()
+    got: list[Doorbell] = []
+    listener = threading.Thread(target=lambda: got.append(Doorbell.listen(ns, HOST, "mine", 10)))
+    listener.start()
+    ns.wait(["bell/addr"])
+    host, port = json.loads(ns.get("bell/addr").decode())
+    with socket.create_connection((host, port), timeout=5) as stray:
+        stray.sendall(b"PDKV-BELL:theirs")
+        tx = Doorbell.connect(ns, "mine", 10)
+        listener.join(10)
+    assert len(got) == 1
+    tx.ring(b"\x01" * HEADER_BYTES, 5)
+    assert got[0].wait(5) == b"\x01" * HEADER_BYTES
+    tx.close()
+    got[0].close()
+
+
+def test_nobody_connecting_is_a_clear_error() -> None:
+    with pytest.raises(DoorbellError, match="did not connect within"):
+        Doorbell.listen(dist.HashStore(), HOST, "alone", 0.2)
