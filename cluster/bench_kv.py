@@ -82,11 +82,12 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
                         timeout_s=120.0, owns_store=True)
     raw_pg = _raw_group(store, 1, dev)
     ids = torch.arange(n, dtype=torch.int64, device=dev)
-    done, header_in, queued = [], [], []
+    done, landed, header_in, queued = [], [], [], []
 
     def receive() -> None:
         h = ch.recv_header(timeout_s=300.0)
         header_in.append(time.perf_counter())
+        landed.append(ch.last_header_at)
         for m in range(h.num_messages):
             layers = h.message_layers(m)
             ch.recv_into_pool(pool[layers.start:layers.stop], ids)
@@ -120,7 +121,7 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     raw_stream_done = time.perf_counter()
     ch.close()
     raw_pg.abort()
-    results.put({"receiver_done": done, "receiver_header": header_in,
+    results.put({"receiver_done": done, "receiver_header": header_in, "receiver_landed": landed,
                  "receiver_queued": queued, "raw_done": raw_done,
                  "stream_done": stream_done, "raw_stream_done": raw_stream_done})
 
@@ -172,7 +173,7 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
 
     alone, streamed_first = [], []
     layerwise_start: list[float] = []
-    bulk_start: list[tuple[str, list[float]]] = []  # per variant
+    bulk_start: list[tuple[str, list[float], list[float]]] = []  # per variant
     raw_start: dict[int, list[float]] = {}
     for _ in range(args["iters"]):
         t0 = start()
@@ -192,19 +193,23 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
             out.header = dataclasses.replace(out.header, layers_per_message=k)
         return out
 
-    def send(out: OutgoingKV) -> None:
+    def send(out: OutgoingKV) -> float:
+        """One whole transfer; returns when the doorbell had been rung."""
         out.start()
+        rung = time.perf_counter()
         out.send_all_layers()
         out.finish(0)
+        return rung
 
     for k, slots in args["variants"]:
         ch.set_staging_slots(slots)
         starts: list[float] = []
+        rungs: list[float] = []
         for _ in range(args["iters"]):
             out = outgoing(k)
             starts.append(start())
-            send(out)
-        bulk_start.append((_variant(out.header.layers_per_message, slots), starts))
+            rungs.append(send(out))
+        bulk_start.append((_variant(out.header.layers_per_message, slots), starts, rungs))
     if args["profile"]:
         k, slots = args["variants"][0]
         ch.set_staging_slots(slots)
@@ -299,17 +304,21 @@ def main(argv: list[str] | None = None) -> int:
     # received (raw) on the decode GPU; perf_counter is one system-wide monotonic clock.
     n = a.iters
     done, hdr, queued = out["receiver_done"], out["receiver_header"], out["receiver_queued"]
+    landed = out["receiver_landed"]
     out["kv_ready_s"] = [  # first token -> every layer verified on the decode GPU
         d - s - f for s, d, f in zip(out["layerwise_start"], done[:n],
                                      out["streamed_first_s"], strict=True)]
     channel: dict[str, dict[str, float]] = {}
-    for v, (name, starts) in enumerate(out["bulk_start"]):
+    for v, (name, starts, rungs) in enumerate(out["bulk_start"]):
         at = slice(n * (v + 1), n * (v + 2))
         med = statistics.median
         channel[name if name not in channel else f"{name} (#{v})"] = {
             "s": med([d - t for t, d in zip(starts, done[at], strict=True)]),
-            # where the time goes, on the decode side: doorbell + header in, every
+            # where the time goes: the sender rang the doorbell, the header came off it on
+            # the decode side, recv_header returned (first receives posted), every
             # message's receive and unpack queued (host), verified and synchronized
+            "rung_s": med([r - t for t, r in zip(starts, rungs, strict=True)]),
+            "landed_s": med([h - t for t, h in zip(starts, landed[at], strict=True)]),
             "header_in_s": med([h - t for t, h in zip(starts, hdr[at], strict=True)]),
             "queued_s": med([q - t for t, q in zip(starts, queued[at], strict=True)]),
         }
@@ -348,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     print("channel, whole request (pack+checksum, send, receive, unpack+checksum, verify):")
     for name, v in report["channel"].items():
         print(f"  {name:38s} {v['s'] * 1e3:7.2f} ms {v['gbps']:6.1f} GB/s  "
-              f"/raw {v['over_raw']:.2f}  (header in {v['header_in_s'] * 1e3:.2f} ms, "
-              f"all queued {v['queued_s'] * 1e3:.2f} ms)")
+              f"/raw {v['over_raw']:.2f}  (rung {v['rung_s'] * 1e3:.2f}, header landed "
+              f"{v['landed_s'] * 1e3:.2f}, in {v['header_in_s'] * 1e3:.2f}, all queued "
+              f"{v['queued_s'] * 1e3:.2f} ms)")
     for parts, t in raw.items():
         print(f"raw NCCL send/recv, same bytes, {parts:3d} msg  {t * 1e3:7.2f} ms "
               f"{gb / t:6.1f} GB/s")

@@ -222,6 +222,8 @@ class KVChannel:
         self._slot_work: list[_Pending | None] = [None] * self.staging_slots
         # Test hook: (message, tensor) -> tensor actually sent, applied after the checksum.
         self._send_hook: Callable[[int, Tensor], Tensor] | None = None
+        # perf_counter() when the doorbell last delivered a header (benchmarks).
+        self.last_header_at = 0.0
         # Stats of the last completed transfer, for metrics.
         self.last_transfer_seconds = 0.0
         self.last_transfer_bytes = 0
@@ -545,7 +547,7 @@ class KVChannel:
         if raw is None:
             raise TransferTimeout(
                 f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
-        started = time.perf_counter()
+        started = self.last_header_at = time.perf_counter()
         try:
             header = TransferHeader.from_bytes(raw)
         except TransferError as e:
