@@ -529,8 +529,7 @@ class KVChannel:
     def recv_header(self, timeout_s: float | None = None) -> TransferHeader:
         """Wait up to ``timeout_s`` (default: the channel's) for the next transfer and
         return its header. :class:`TransferTimeout` if none started (channel unaffected).
-        On CUDA the first messages' receives (one per staging buffer) are posted before it
-        returns."""
+        The first message's receive is posted before it returns."""
         self._check_open()
         self._require_rank(1, "recv_header")
         if self._rx is not None:
@@ -560,9 +559,9 @@ class KVChannel:
             acc = torch.zeros((), dtype=torch.int64, device=self.device)
         rx = _RxState(header=header, acc=acc, started=started)
         self._rx = rx
-        # The first messages start moving now, one per staging buffer, before the caller
-        # looks at the header (a rejected transfer is drained all the same).
-        self._post_ahead(rx, self.staging_slots)
+        # The first message starts moving now, before the caller looks at the header (a
+        # rejected transfer is drained all the same); receiving it posts the next ones.
+        self._post_ahead(rx, 1)
         return header
 
     def match(
@@ -1140,6 +1139,11 @@ def _make_nccl(store: dist.Store, rank: int, device: torch.device, timeout_s: fl
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     # One transfer at a time per channel by design, so P2P serialization is what we want.
     os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
+    # The flight recorder records every NCCL operation with its stack, host time on each
+    # message's path; the channel's own deadlines name what hung. (Read once per process,
+    # when the first NCCL group is built: the workers' first groups are their channels.)
+    for var in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
+        os.environ.setdefault(var, "0")
     opts = nccl_cls.Options()
     opts._timeout = timedelta(seconds=max(3 * timeout_s, timeout_s + 60))
     opts.is_high_priority_stream = False
