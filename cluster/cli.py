@@ -91,9 +91,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = serve_config(args)
     pools = (f"{cfg.num_decode} colocated replicas" if cfg.colocated
              else f"{cfg.num_prefill} prefill + {cfg.num_decode} decode workers")
-    if cfg.local_prefill.enabled:
-        pools += (f", decode workers prefill prompts of <= {cfg.local_prefill_max_tokens} "
-                  f"tokens and past {cfg.prefill_queue_max_tokens} queued (0: off)")
+    rule = cfg.local_prefill
+    local: list[str] = []
+    if rule.local_prefill_max_tokens:
+        local.append(f"prompts of <= {rule.local_prefill_max_tokens} tokens")
+    if rule.prefill_queue_max_tokens:
+        local.append(f"every prompt while the prefill worker has > "
+                     f"{rule.prefill_queue_max_tokens} tokens queued")
+    if local:  # conditional disaggregation
+        pools += f"; decode workers prefill {', and '.join(local)}"
     print(f"pdserve: starting {pools}", file=sys.stderr)
     dep = launch(cfg, args.address)
     print(f"pdserve: serving on {dep.address} (gRPC), metrics on "
