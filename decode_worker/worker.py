@@ -145,8 +145,8 @@ class DecodeWorker:
 
         The step loop stops after its step, running sequences or not (the router aborted
         every request); then the channels are aborted, which also ends a receive waiting on
-        a prefill worker that stopped sending. Receivers are not waited for: an idle one
-        leaves at the end of its doorbell wait (2 s), and a closed channel only raises."""
+        a prefill worker that stopped sending, and an idle receive's doorbell wait at once.
+        Receivers are not waited for: a closed channel only raises."""
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         with self._cv:
             self._stop = True
@@ -207,6 +207,8 @@ class DecodeWorker:
                         self._joined.append(rid)
                     self._cv.notify()
             except TransferError as e:
+                if self._stop and ch.closed:
+                    return  # shutdown closed the channel; a waiting receive ends at once
                 log.warning("transfer for %s failed: %s", rid or "?", e)
                 with self._cv:
                     self._busy.discard(rid)

@@ -14,10 +14,10 @@ What it replaced:
   fixed cost per transfer that held a whole 4k-token request to 0.62-0.69 of raw NCCL
   (docs/benchmarks.md).
 * A header receive kept posted on the channel's NCCL communicator was tried on two H200s and
-  dropped: the decode process hung in both checks where the channel sat idle. A kernel that
-  only the next transfer ends blocks every implicitly synchronizing CUDA call of the
-  process (a device-wide synchronize, as CUDA graph capture and the runner do; ``cudaFree``
-  when the allocator retries), and the NCCL watchdog has to be disarmed for it.
+  dropped: the decode process hung in both checks where the channel sat idle. Not traced;
+  the likely cause is that a kernel only the next transfer ends blocks every device-wide
+  synchronization of the process (CUDA graph capture and the runner make them) and some
+  allocations; the NCCL watchdog also has to be disarmed for it.
 """
 
 from __future__ import annotations

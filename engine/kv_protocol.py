@@ -19,9 +19,9 @@ The **doorbell** (:mod:`engine.kv_doorbell`, protocol 4) is a TCP connection of 
 channel's own, from the prefill end to the decode end, that carries each transfer's header
 before any data moves: the receiver learns the transfer's geometry and posts its first
 receives at once. An idle receiver waits on it for as long as it likes (a posted Gloo/NCCL
-receive that times out breaks the pair, and a posted NCCL receive blocks the decode GPU's
-synchronizing calls), and sees a dead sender as a closed connection. Protocol 3 rang a
-``TCPStore`` key instead, one hop more through the store server.
+receive that times out breaks the pair, and in a trial on two H200s an NCCL header receive
+kept posted hung the idle decode process), and sees a dead sender as a closed connection.
+Protocol 3 rang a ``TCPStore`` key instead, one hop more through the store server.
 
 The **checksum** (:func:`kv_checksum`) covers the whole payload, the layers in order, as one
 sequence of 32-bit words with a weight per position; a message adds its words' share at its
