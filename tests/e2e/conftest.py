@@ -16,7 +16,7 @@ import torch
 from cluster.config import ServeConfig
 from cluster.launch import Deployment, launch
 from engine.config import ModelSpec
-from proto.client import Client
+from proto.client import Client, collect
 
 pytestmark = pytest.mark.e2e
 
@@ -102,6 +102,18 @@ def run_concurrently(fn: Callable[[int], None], n: int) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+def greedy_concurrently(client: Client, ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The greedy outputs of the prompts ``ids``, all sent at once over ``client``."""
+    out: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        out[i] = collect(client.generate(token_ids=ids[i], max_tokens=max_tokens,
+                                         temperature=0.0)).token_ids
+
+    run_concurrently(run, len(ids))
+    return [out[i] for i in range(len(ids))]
 
 
 def all_blocks_free(dep: Deployment) -> bool:

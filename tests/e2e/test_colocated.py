@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from cluster.launch import Deployment, launch
-from proto.client import Client, collect
+from proto.client import Client
 from tests.e2e.conftest import (
     HFReference,
     all_blocks_free,
-    run_concurrently,
+    greedy_concurrently,
     serve_config,
     wait_for,
 )
@@ -39,16 +39,10 @@ def test_colocated_matches_reference(colocated: Deployment, hf_reference: HFRefe
     ]
     ids = [tok(p)["input_ids"] for p in prompts]
     assert max(len(i) for i in ids) > 24  # chunked over several steps
-    out: dict[int, list[int]] = {}
     with Client(colocated.address) as client:
         assert client.server_info().mode == "colocated"
         assert client.server_info().num_prefill_workers == 0
-
-        def run(i: int) -> None:
-            out[i] = collect(client.generate(token_ids=ids[i], max_tokens=12,
-                                             temperature=0.0)).token_ids
-
-        run_concurrently(run, len(ids))
+        out = greedy_concurrently(client, ids, 12)
     for i in range(len(ids)):
         assert out[i] == hf_reference.greedy(ids[i], 12), f"prompt {i}"
     wait_for(lambda: all_blocks_free(colocated), what="blocks freed")

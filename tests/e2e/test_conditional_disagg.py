@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from cluster.launch import Deployment, launch
-from proto.client import Client, collect
+from proto.client import Client
 from tests.e2e.conftest import (
     HFReference,
     all_blocks_free,
-    run_concurrently,
+    greedy_concurrently,
     serve_config,
     wait_for,
 )
@@ -59,15 +59,9 @@ def test_short_prompts_local_long_prompts_remote(
     local = [i for i, p in enumerate(ids) if len(p) <= LOCAL_MAX]
     # 1 and 15 tokens (+ the first token's slot: one full block) local; 17 and 25 remote.
     assert sorted(len(p) for p in ids) == [1, 15, 17, 25] and len(local) == 2
-    out: dict[int, list[int]] = {}
     with Client(conditional.address) as client:
         assert client.server_info().num_prefill_workers == 1
-
-        def run(i: int) -> None:
-            out[i] = collect(client.generate(token_ids=ids[i], max_tokens=12,
-                                             temperature=0.0)).token_ids
-
-        run_concurrently(run, len(ids))
+        out = greedy_concurrently(client, ids, 12)
     for i in range(len(ids)):
         assert out[i] == hf_reference.greedy(ids[i], 12), f"prompt {i}"
     # Every prompt was prefilled once: the short ones locally, the long ones remotely (one
