@@ -34,8 +34,9 @@ channel still moves the whole transfer through the pipe, so the next transfer li
 
 A truly broken channel (a send/receive timed out, the peer died, a garbled header or trailer)
 is aborted and marked :attr:`KVChannel.closed`; every later call raises :class:`ChannelClosed`
-and the owner opens a fresh channel under a new name. An idle receiver cannot tell a dead
-sender from a quiet one (:class:`TransferTimeout` either way): the reservation's lease and the
+and the owner opens a fresh channel under a new name. An idle receiver sees a sender whose
+process is gone as a closed doorbell connection (:class:`ChannelClosed`); a sender that is
+alive but stuck looks quiet (:class:`TransferTimeout`): the reservation's lease and the
 router's health checks cover that.
 
 Thread safety: a channel end is used by one thread at a time.

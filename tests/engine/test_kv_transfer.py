@@ -887,8 +887,8 @@ def test_nccl_pool_transfers_with_staging_slots() -> None:
     """NCCL pool to pool, 256 blocks of 32 layers, with 2 to 4 staging buffers on each side
     and 1 to 5 layers per message (receives posted ahead): every block lands where the
     receiver asked, the checksum verifies, and the transfers line up back to back. Before
-    the first, the idle receiver's doorbell waits time out harmlessly (its header receive
-    stays posted and then takes the first transfer's header)."""
+    the first, the idle receiver's doorbell waits time out harmlessly and the channel then
+    takes the first transfer."""
     store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
     name = _name("nccl-pool")
     proc = mp.get_context("spawn").Process(target=_nccl_pool_prefill, args=(port, name))
