@@ -62,6 +62,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -214,6 +215,9 @@ class KVChannel:
         )
         self._bell = bell
         self._closed_reason: str | None = None
+        # Serializes close(): the receive thread (a dead peer) and worker shutdown may
+        # close at once, and the second caller must return only once teardown is done.
+        self._close_lock = threading.Lock()
         self._tx: _TxState | None = None
         self._rx: _RxState | None = None
         # Staging buffers used in turn by message (pack or receive the next ones while m
@@ -340,28 +344,30 @@ class KVChannel:
     def close(self, abort: bool = False) -> None:
         """Tear down the process group (abort if broken, mid-transfer or ``abort``, else shut
         down), close the doorbell (a receiver waiting on it returns at once) and release the
-        stores. Idempotent. A clean NCCL shutdown waits until the peer tears its end down
-        too; ``abort`` never waits for the peer (worker shutdown)."""
-        if self._pg is None:
-            return
-        pg, self._pg = self._pg, None
-        broken = abort or self._closed_reason is not None or self.busy
-        if self._closed_reason is None:
-            self._closed_reason = "closed"
-        self._tx = self._rx = None
-        self._bell.close()
-        try:
-            if broken:
-                pg.abort()
-            else:
-                pg.shutdown()
-        except Exception as e:  # teardown is best effort
-            logger.warning("KV channel %r: teardown: %s", self.name, e)
-        del pg
-        self._ns = None
-        self._stores = []
-        self._slots = [None] * self.staging_slots
-        self._slot_work = [None] * self.staging_slots
+        stores. Idempotent and thread-safe: a caller racing another close returns once that
+        teardown is done. A clean NCCL shutdown waits until the peer tears its end down too;
+        ``abort`` never waits for the peer (worker shutdown)."""
+        with self._close_lock:
+            if self._pg is None:
+                return
+            pg, self._pg = self._pg, None
+            broken = abort or self._closed_reason is not None or self.busy
+            if self._closed_reason is None:
+                self._closed_reason = "closed"
+            self._tx = self._rx = None
+            self._bell.close()
+            try:
+                if broken:
+                    pg.abort()
+                else:
+                    pg.shutdown()
+            except Exception as e:  # teardown is best effort
+                logger.warning("KV channel %r: teardown: %s", self.name, e)
+            del pg
+            self._ns = None
+            self._stores = []
+            self._slots = [None] * self.staging_slots
+            self._slot_work = [None] * self.staging_slots
 
     def __enter__(self) -> KVChannel:
         return self

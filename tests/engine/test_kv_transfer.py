@@ -8,6 +8,7 @@ import itertools
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -665,6 +666,36 @@ def test_closing_wakes_a_receiver_waiting_for_a_transfer(decode_store: Any) -> N
         rx.close(abort=True)
         err = waiting.result(timeout=30)
     assert isinstance(err, ChannelClosed), err
+
+
+def test_a_racing_close_returns_only_once_teardown_is_done(decode_store: Any) -> None:
+    """The receive thread (dead peer) and worker shutdown may close one end at once: the
+    second caller must not return while the first is still tearing the group down."""
+    with _pair(decode_store) as (_tx, rx), ThreadPoolExecutor(1) as pool:
+        pg, in_abort, release = rx._pg, threading.Event(), threading.Event()
+        torn_down: list[str] = []
+
+        class SlowAbort:
+            def abort(self) -> None:
+                in_abort.set()
+                release.wait(30)
+                pg.abort()
+                torn_down.append("abort")
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pg, name)
+
+        rx._pg = SlowAbort()
+        first = pool.submit(lambda: rx.close(abort=True))
+        assert in_abort.wait(30)
+        second = threading.Thread(target=rx.close, kwargs={"abort": True})
+        second.start()
+        second.join(0.3)
+        assert second.is_alive(), "the second close returned during the first's teardown"
+        release.set()
+        second.join(30)
+        first.result(timeout=30)
+        assert torn_down == ["abort"] and rx.closed
 
 
 def test_garbled_doorbell_closes_the_channel(decode_store: Any) -> None:
