@@ -43,6 +43,7 @@ from prefill_worker.scheduler import PrefillSeq
 
 BLOCK = 16
 DTYPE = torch.bfloat16
+IDLE_S = 0.05  # before each timed send: the receiver is back at its doorbell by then
 
 
 def _cache(n_blocks: int) -> CacheConfig:
@@ -166,9 +167,15 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
         first_token()
 
     def start() -> float:
-        """A timed send's start: the GPU idle and the receiver back at its doorbell."""
+        """A timed send's start: the GPU idle and the receiver back at its doorbell, the
+        sender's host idle (``--idle sleep``) or busy (``spin``, as a prefill worker's is)."""
         torch.cuda.synchronize(dev)
-        time.sleep(0.05)
+        if args["idle"] == "sleep":
+            time.sleep(IDLE_S)
+        else:
+            until = time.perf_counter() + IDLE_S
+            while time.perf_counter() < until:
+                pass
         return time.perf_counter()
 
     alone, streamed_first = [], []
@@ -268,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", type=int, default=8, metavar="T",
                    help="sustained bandwidth: T transfers back to back (serving default "
                         "message size), against T raw NCCL messages back to back")
+    p.add_argument("--idle", choices=("sleep", "spin"), default="sleep",
+                   help="how the sender waits before each timed send (channel and raw "
+                        "alike): sleep (its CPU goes idle) or spin (a busy host)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     if a.stream < 1:
@@ -278,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(k, slots) for k in a.layers_per_message for slots in a.staging_slots]
     args = {"preset": a.preset, "prompt_len": a.prompt_len, "iters": a.iters,
             "variants": variants, "raw_parts": a.raw_parts, "profile": a.profile,
-            "stream": a.stream}
+            "stream": a.stream, "idle": a.idle}
     ctx = mp.get_context("spawn")
     ports, results = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=f, args=(args, ports, results)) for f in (_receiver, _sender)]
@@ -332,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     default = next(iter(channel))
     report = {
         "device": out["device"], "preset": a.preset, "prompt_len": a.prompt_len,
-        "kv_bytes": out["bytes"],
+        "kv_bytes": out["bytes"], "idle": a.idle,
         "prefill_alone_s": med_alone, "prefill_layerwise_s": med_streamed,
         "ttft_overhead": med_streamed / med_alone - 1,
         "kv_ready_after_first_token_s": statistics.median(out["kv_ready_s"]),
@@ -348,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     report["stream_channel_over_raw"] = (report["stream_channel_gbps"]
                                          / report["stream_raw_gbps"])
     print(f"{a.preset}, {a.prompt_len}-token prompt, {out['bytes'] / 2**20:.0f} MiB of KV, "
-          f"{out['device']} x2")
+          f"{out['device']} x2, sender {a.idle}s before each timed send")
     print(f"prefill alone (to first token)         {med_alone * 1e3:8.2f} ms")
     print(f"prefill + layer-wise send (to 1st tok) {med_streamed * 1e3:8.2f} ms"
           f"   overhead {report['ttft_overhead'] * 100:+.1f}%")

@@ -112,6 +112,9 @@ _U64 = (1 << 64) - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 _ROLE = ("prefill", "decode")
 STAGING_SLOTS = 2  # default number of staging buffers (see KVChannel.set_staging_slots)
+# verify() spins this long at most for the last message and the trailer (one message of a
+# bulk transfer, or the last layer's compute when streaming layer-wise), then sleep-polls.
+_VERIFY_SPIN_S = 2e-3
 
 
 # --------------------------------------------------------------------------------------
@@ -138,7 +141,7 @@ class _TxState:
 @dataclass
 class _RxState:
     header: TransferHeader
-    acc: Tensor
+    acc: Tensor  # running checksum: the last word of the channel's verify buffer
     started: float
     next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)  # queued CUDA receives
@@ -225,6 +228,9 @@ class KVChannel:
         self.staging_slots = STAGING_SLOTS
         self._slots: list[Tensor | None] = [None] * self.staging_slots
         self._slot_work: list[_Pending | None] = [None] * self.staging_slots
+        # Receiver: the trailer lands in words [0, TRAILER_SLOTS) and the running checksum
+        # is the last word, so verify() reads both with one copy to the host.
+        self._verify_words: Tensor | None = None
         # Test hook: (message, tensor) -> tensor actually sent, applied after the checksum.
         self._send_hook: Callable[[int, Tensor], Tensor] | None = None
         # perf_counter() when the doorbell last delivered a header (benchmarks).
@@ -562,13 +568,15 @@ class KVChannel:
             self._check_geometry(header)
         except ChannelError as e:
             raise self._fail(f"protocol violation: {e}") from e
-        with self._side_stream():
-            acc = torch.zeros((), dtype=torch.int64, device=self.device)
-        rx = _RxState(header=header, acc=acc, started=started)
+        words = self._verify_buffer()
+        rx = _RxState(header=header, acc=words[TRAILER_SLOTS], started=started)
         self._rx = rx
-        # The first message starts moving now, before the caller looks at the header (a
-        # rejected transfer is drained all the same); receiving it posts the next ones.
+        # The first message starts moving now, before anything else and before the caller
+        # looks at the header (a rejected transfer is drained all the same); receiving it
+        # posts the next ones. The checksum is zeroed behind it, before any unpack.
         self._post_ahead(rx, 1)
+        with self._side_stream():
+            rx.acc.zero_()
         return header
 
     def match(
@@ -658,12 +666,10 @@ class KVChannel:
                 f"verify() after {got} of {h.num_layers} layers of transfer "
                 f"{h.transfer_id}; the rest was drained"
             )
-        status, sent_sum, first_token = self._recv_trailer(rx)
+        status, sent_sum, first_token, got_sum = self._recv_trailer(rx)
         self._rx = None
         if status == STATUS_CANCELLED:
             raise TransferError(f"transfer {h.transfer_id} was cancelled by the sender")
-        with self._side_stream():
-            got_sum = int(rx.acc.item())
         if got_sum != sent_sum:
             raise TransferError(
                 f"checksum mismatch for transfer {h.transfer_id} (epoch {h.epoch}): "
@@ -964,32 +970,45 @@ class KVChannel:
             raise self._fail(f"receiving {_what(rx.header, m)} failed: {e}") from e
         rx.posted[m] = (buf, work)
 
+    def _verify_buffer(self) -> Tensor:
+        """The receiver's ``int64[TRAILER_SLOTS + 1]`` (allocated once): trailer, checksum."""
+        if self._verify_words is None:
+            with self._side_stream():
+                self._verify_words = torch.zeros(TRAILER_SLOTS + 1, dtype=torch.int64,
+                                                 device=self.device)
+        return self._verify_words
+
     def _post_trailer_recv(self) -> tuple[Tensor, Any]:
         try:
             with self._side_stream():
-                t = torch.empty(TRAILER_SLOTS, dtype=torch.int64, device=self.device)
+                t = self._verify_buffer()[:TRAILER_SLOTS]
                 work = self._pg.recv([t], self._peer, _TAG_TRAILER)
         except Exception as e:
             raise self._fail(f"receiving the trailer failed: {e}") from e
         return t, work
 
-    def _recv_trailer(self, rx: _RxState) -> tuple[int, int, int]:
+    def _recv_trailer(self, rx: _RxState) -> tuple[int, int, int, int]:
+        """Wait for the rest of the transfer; returns the trailer's status, checksum and
+        first token, and the checksum of what was received."""
         h = rx.header
-        t, work = rx.trailer if rx.trailer is not None else self._post_trailer_recv()
-        # The trailer follows the layers on the same stream: once it is in, so are they.
+        _t, work = rx.trailer if rx.trailer is not None else self._post_trailer_recv()
         deadline = time.monotonic() + self.timeout_s
+        # Messages land in order: sleep through all but the last, then spin (for a bounded
+        # time) until the trailer is in, so the end is seen within microseconds.
+        for p in rx.pending[:-1]:
+            self._wait(p.work, deadline, f"receiving transfer {h.transfer_id}")
         with self._side_stream():
-            self._wait(work, deadline, "receiving the trailer")
-        for p in rx.pending:
+            self._wait(work, deadline, "receiving the trailer", spin_s=_VERIFY_SPIN_S)
+        for p in rx.pending[-1:]:
             self._wait(p.work, deadline, f"receiving transfer {h.transfer_id}")
         rx.pending.clear()
-        with self._side_stream():
-            v = [int(x) for x in t.tolist()]
+        with self._side_stream():  # after the last unpack: one copy for trailer and checksum
+            v = [int(x) for x in self._verify_buffer().tolist()]
         if (v[_T_MAGIC] != TRAILER_MAGIC or v[_T_VERSION] != PROTOCOL_VERSION
                 or v[_T_TRANSFER_ID] != h.transfer_id or v[_T_EPOCH] != h.epoch
                 or v[_T_STATUS] not in (STATUS_OK, STATUS_CANCELLED)):
             raise self._fail(f"garbled trailer for transfer {h.transfer_id}: {v[:6]}")
-        return v[_T_STATUS], v[_T_CHECKSUM], v[_T_FIRST_TOKEN]
+        return v[_T_STATUS], v[_T_CHECKSUM], v[_T_FIRST_TOKEN], v[TRAILER_SLOTS]
 
     def _drain_current(self) -> None:
         """Receive (and drop) whatever is left of the current transfer, trailer included."""
@@ -1004,16 +1023,23 @@ class KVChannel:
         self._rx = None
         logger.info("KV channel %r: transfer %d drained", self.name, h.transfer_id)
 
-    def _wait(self, work: Any, deadline: float, what: str) -> None:
-        """Wait for ``work`` until ``deadline``; on failure abort the channel and raise."""
+    def _wait(self, work: Any, deadline: float, what: str, spin_s: float = 0.0) -> None:
+        """Wait for ``work`` until ``deadline``; on failure abort the channel and raise.
+        CUDA: spin for up to ``spin_s`` first (the GIL is let go between polls), then poll
+        with short sleeps (each oversleeps by tens of microseconds)."""
         try:
             if self._is_cuda:
                 # Poll: the NCCL work's CUDA event tells when the GPU finished; our deadline
                 # fires (and aborts the communicator) well before the watchdog would.
                 delay = 10e-6
+                spin_until = time.monotonic() + spin_s
                 while not work.is_completed():
-                    if time.monotonic() >= deadline:
+                    now = time.monotonic()
+                    if now >= deadline:
                         raise TimeoutError(f"timed out after {self.timeout_s:.3g} s")
+                    if now < spin_until:
+                        time.sleep(0)
+                        continue
                     time.sleep(delay)
                     delay = min(delay * 2, 50e-6)
                 work.wait()  # orders the current stream after the NCCL stream; raises errors
