@@ -283,31 +283,19 @@ class TransferHeader:
         slots[_H_CHECK] = _header_check(slots)
         return slots
 
-    def to_tensor(self, device: torch.device | str = "cpu") -> Tensor:
-        return torch.tensor(self._slots(), dtype=torch.int64, device=device)
-
     def to_bytes(self) -> bytes:
         """The header as the doorbell carries it: ``int64[16]``, little-endian."""
         return _HEADER_STRUCT.pack(*self._slots())
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> TransferHeader:
-        """:meth:`from_tensor` for what the doorbell carried."""
+        """Parse and validate what the doorbell carried; :class:`TransferError` on garbage."""
         if len(raw) != _HEADER_STRUCT.size:
             raise TransferError(
                 f"header must be {_HEADER_STRUCT.size} bytes (int64[{HEADER_SLOTS}]), "
                 f"got {len(raw)}"
             )
         return cls._from_slots(list(_HEADER_STRUCT.unpack(raw)))
-
-    @classmethod
-    def from_tensor(cls, t: Tensor) -> TransferHeader:
-        """Parse and validate a received header; :class:`TransferError` on garbage."""
-        if t.dtype != torch.int64 or tuple(t.shape) != (HEADER_SLOTS,):
-            raise TransferError(
-                f"header must be int64[{HEADER_SLOTS}], got {t.dtype}{list(t.shape)}"
-            )
-        return cls._from_slots([int(x) for x in t.tolist()])
 
     @classmethod
     def _from_slots(cls, v: list[int]) -> TransferHeader:
