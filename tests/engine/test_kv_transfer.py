@@ -823,11 +823,35 @@ def _gpu_layers(spec: ChannelSpec, n: int, seed: int, device: str) -> list[torch
             for layer in range(spec.num_layers)]
 
 
-def _nccl_prefill(port: int, name: str) -> None:
+def _gpu_sender(port: int, name: str, timeout_s: float) -> tuple[Any, KVChannel]:
+    """The prefill process's end of a two-GPU test channel (cuda:0)."""
     torch.cuda.set_device(0)
     store = KVChannel.connect_store(HOST, port, timeout_s=120)
-    ch = KVChannel.open(store=store, name=name, rank=0, spec=GPU_SPEC, device="cuda:0",
-                        timeout_s=10, open_timeout_s=120)
+    return store, KVChannel.open(store=store, name=name, rank=0, spec=GPU_SPEC,
+                                 device="cuda:0", timeout_s=timeout_s, open_timeout_s=120)
+
+
+@contextmanager
+def _gpu_receiver(prefill: Callable[[int, str], None], tag: str,
+                  timeout_s: float) -> Iterator[tuple[Any, KVChannel, Any]]:
+    """Start ``prefill(port, name)`` in a process of its own and open the decode end
+    (cuda:1); yields the decode store, the channel and the process (joined on exit)."""
+    store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
+    name = _name(tag)
+    proc = mp.get_context("spawn").Process(target=prefill, args=(port, name))
+    proc.start()
+    try:
+        yield store, KVChannel.open(store=store, name=name, rank=1, spec=GPU_SPEC,
+                                    device="cuda:1", timeout_s=timeout_s,
+                                    open_timeout_s=120), proc
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+
+
+def _nccl_prefill(port: int, name: str) -> None:
+    _store, ch = _gpu_sender(port, name, timeout_s=10)
     for tid, n in GPU_PLAN:
         layers = _gpu_layers(GPU_SPEC, n, tid, "cuda:0")
         ch._send_hook = (lambda layer, t: t.neg() if layer == 3 else t) \
@@ -847,13 +871,7 @@ def _nccl_prefill(port: int, name: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_nccl_two_gpus_round_trip_corruption_dead_peer() -> None:
-    store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
-    name = _name("nccl")
-    proc = mp.get_context("spawn").Process(target=_nccl_prefill, args=(port, name))
-    proc.start()
-    try:
-        rx = KVChannel.open(store=store, name=name, rank=1, spec=GPU_SPEC, device="cuda:1",
-                            timeout_s=10, open_timeout_s=120)
+    with _gpu_receiver(_nccl_prefill, "nccl", timeout_s=10) as (_store, rx, proc):
         for tid, n in GPU_PLAN:
             h = rx.recv_header()
             rx.match(h, tid, 1, n)
@@ -881,10 +899,6 @@ def test_nccl_two_gpus_round_trip_corruption_dead_peer() -> None:
             rx.verify()
         assert time.monotonic() - t0 < 30
         assert rx.closed
-    finally:
-        proc.join(60)
-        if proc.is_alive():
-            proc.kill()
     assert proc.exitcode == 3
 
 
@@ -898,10 +912,7 @@ def _gpu_pool(spec: ChannelSpec, num_blocks: int, device: str) -> torch.Tensor:
 
 
 def _nccl_pool_prefill(port: int, name: str) -> None:
-    torch.cuda.set_device(0)
-    store = KVChannel.connect_store(HOST, port, timeout_s=120)
-    ch = KVChannel.open(store=store, name=name, rank=0, spec=GPU_SPEC, device="cuda:0",
-                        timeout_s=20, open_timeout_s=120)
+    store, ch = _gpu_sender(port, name, timeout_s=20)
     pool = _gpu_pool(GPU_SPEC, 300, "cuda:0")
     ids = torch.arange(299, 43, -1, device="cuda:0")  # 256 blocks, reversed
     store.wait(["go"])  # after the receiver's idle waits
@@ -920,13 +931,7 @@ def test_nccl_pool_transfers_with_staging_slots() -> None:
     receiver asked, the checksum verifies, and the transfers line up back to back. Before
     the first, the idle receiver's doorbell waits time out harmlessly and the channel then
     takes the first transfer."""
-    store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
-    name = _name("nccl-pool")
-    proc = mp.get_context("spawn").Process(target=_nccl_pool_prefill, args=(port, name))
-    proc.start()
-    try:
-        rx = KVChannel.open(store=store, name=name, rank=1, spec=GPU_SPEC, device="cuda:1",
-                            timeout_s=20, open_timeout_s=120)
+    with _gpu_receiver(_nccl_pool_prefill, "nccl-pool", timeout_s=20) as (store, rx, proc):
         want = _gpu_pool(GPU_SPEC, 300, "cuda:1")[:, :, 44:300].flip(2)
         dst_ids = torch.randperm(300, generator=torch.Generator().manual_seed(1))[:256]
         for _ in range(2):
@@ -945,8 +950,4 @@ def test_nccl_pool_transfers_with_staging_slots() -> None:
             assert got.first_token == tid
             assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), (slots, _k)
         rx.close()
-    finally:
-        proc.join(60)
-        if proc.is_alive():
-            proc.kill()
     assert proc.exitcode == 0
