@@ -33,7 +33,10 @@ def deployment() -> Iterator[object]:
     dep = launch(cfg)
     print(f"\nlaunch (weights, warm-up, CUDA graphs, channels): {time.monotonic() - t0:.1f} s")
     yield dep
+    t0 = time.monotonic()
     dep.stop()
+    print(f"\nshutdown (workers, channels, gRPC and metrics servers): "
+          f"{time.monotonic() - t0:.1f} s")
 
 
 def test_prefill_and_decode_on_different_gpus(deployment: object) -> None:
