@@ -84,5 +84,5 @@ def allocate_kv_pool(
 
 
 def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     return 2 * model.num_layers * model.num_kv_heads * model.head_dim * itemsize

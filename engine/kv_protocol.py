@@ -163,7 +163,7 @@ class ChannelSpec:
         return (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 
     def layer_bytes(self, num_blocks: int) -> int:
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        itemsize = self.torch_dtype.itemsize  # no tensor op: this runs on every transfer
         return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
     def to_json(self) -> str:

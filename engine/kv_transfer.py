@@ -131,8 +131,8 @@ class _Pending:
 @dataclass
 class _TxState:
     header: TransferHeader
-    acc: Tensor  # running checksum (0-d int64 on the device)
     started: float
+    acc: Tensor | None = None  # running checksum (0-d int64 on the device), from message 0
     next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)
     trailer_sent: bool = False  # finish(wait=False): only wait_finished() is left
@@ -398,9 +398,8 @@ class KVChannel:
             self._bell.ring(header.to_bytes(), self.timeout_s)
         except DoorbellError as e:
             raise self._fail(str(e)) from e
-        with self._side_stream():
-            acc = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._tx = _TxState(header=header, acc=acc, started=started)
+        # No device work here: the first message's checksum share starts the running sum.
+        self._tx = _TxState(header=header, started=started)
 
     def send_message(self, t: Tensor) -> None:
         """Send the next message: its layers already packed, ``[k_m, 2, n, bs, Hk, D]``
@@ -414,7 +413,7 @@ class KVChannel:
         with self._side_stream():
             if self._stream is not None:
                 t.record_stream(self._stream)
-            tx.acc += _checksum_tensor(t, self._word_offset(h, m))
+            _accumulate(tx, _checksum_tensor(t, self._word_offset(h, m)))
 
     def send_layer(self, t: Tensor) -> None:
         """:meth:`send_message` for a one-layer message (``layers_per_message == 1``):
@@ -445,7 +444,7 @@ class KVChannel:
             staging = self._tx_staging(h, m)
             if self._stream is not None:  # (the pool outlives every transfer)
                 block_ids.record_stream(self._stream)
-            tx.acc += _pack(caches, block_ids, staging, self._word_offset(h, m))
+            _accumulate(tx, _pack(caches, block_ids, staging, self._word_offset(h, m)))
             self._send_next(tx, staging, m % self.staging_slots)
 
     def finish(self, first_token: int = -1, wait: bool = True) -> None:
@@ -903,7 +902,8 @@ class KVChannel:
         slots[_T_STATUS] = status
         with self._side_stream():
             t = torch.tensor(slots, dtype=torch.int64, device=self.device)
-            t[_T_CHECKSUM].copy_(tx.acc)  # stays on the device: no host sync on the sender
+            if tx.acc is not None:  # stays on the device: no host sync on the sender
+                t[_T_CHECKSUM].copy_(tx.acc)
         self._post_send(tx, t, _TAG_TRAILER, "sending the trailer")
 
     def _complete_tx(self, tx: _TxState, *, ok: bool) -> None:
@@ -1070,6 +1070,14 @@ def _what(h: TransferHeader, m: int) -> str:
     if len(layers) == 1:
         return f"layer {layers.start}"
     return f"layers {layers.start}-{layers.stop - 1}"
+
+
+def _accumulate(tx: _TxState, share: Tensor) -> None:
+    """Add a message's checksum share to the sender's running sum (the first one is it)."""
+    if tx.acc is None:
+        tx.acc = share
+    else:
+        tx.acc += share
 
 
 def _pack(caches: Tensor, block_ids: Tensor, out: Tensor, word_offset: int) -> Tensor:

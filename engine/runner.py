@@ -47,7 +47,7 @@ def activation_reserve_bytes(
     gate_up, SiLU product), twice for the caching allocator's fragmentation; the CUDA-graph
     pool (the same per token for ``graph_batch`` rows, plus their logits); the float32
     logits and sampler temporaries of ``max_num_seqs`` rows; and a fixed slack."""
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     c = config
     # x and normed in the model's dtype, the float32 residual stream (in and out)
     per_token = (item * (2 * c.hidden_size + 2 * c.q_size + 2 * c.kv_size
