@@ -207,8 +207,10 @@ class DecodeWorker:
                         self._joined.append(rid)
                     self._cv.notify()
             except TransferError as e:
-                if self._stop and ch.closed:
-                    return  # shutdown closed the channel; a waiting receive ends at once
+                if ch.closed and (self._stop or not rid):
+                    # Closed while idle: by shutdown (a waiting receive ends at once), or the
+                    # prefill end left or died (the channel logged which). Nothing was lost.
+                    return
                 log.warning("transfer for %s failed: %s", rid or "?", e)
                 with self._cv:
                     self._busy.discard(rid)

@@ -32,12 +32,19 @@ import torch.distributed as dist
 from engine.kv_protocol import HEADER_SLOTS
 
 HEADER_BYTES = HEADER_SLOTS * 8
+# Sent in place of a header by a sender that closes its end on purpose (shutdown), so the
+# receiver can tell a peer that left from one that died (the connection just closes).
+GOODBYE = b"PDKV-BYE".ljust(HEADER_BYTES, b"\0")
 _HELLO = b"PDKV-BELL:"  # then the channel's name: a stray connection is turned away
 _ADDR_KEY = "bell/addr"
 
 
 class DoorbellError(ConnectionError):
     """The doorbell could not be set up, or its connection broke."""
+
+
+class PeerLeft(DoorbellError):
+    """The sender closed its end on purpose (it said goodbye first)."""
 
 
 class Doorbell:
@@ -117,11 +124,18 @@ class Doorbell:
             self._buf += chunk
         header = bytes(self._buf[:HEADER_BYTES])
         del self._buf[:HEADER_BYTES]
+        if header == GOODBYE:
+            raise PeerLeft("the peer closed its end")
         return header
 
-    def close(self) -> None:
+    def close(self, goodbye: bool = False) -> None:
         """Close the connection; a :meth:`wait` blocked in another thread returns at once
-        (with :class:`DoorbellError`)."""
+        (with :class:`DoorbellError`). ``goodbye`` (the sender, closing on purpose): first
+        tell the peer, whose :meth:`wait` then raises :class:`PeerLeft`; best effort."""
+        if goodbye:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(0.5)
+                self._sock.sendall(GOODBYE)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()

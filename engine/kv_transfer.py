@@ -35,11 +35,13 @@ channel still moves the whole transfer through the pipe, so the next transfer li
 A truly broken channel (a send/receive timed out, the peer died, a garbled header or trailer)
 is aborted and marked :attr:`KVChannel.closed`; every later call raises :class:`ChannelClosed`
 and the owner opens a fresh channel under a new name. An idle receiver sees a sender whose
-process is gone as a closed doorbell connection (:class:`ChannelClosed`); a sender that is
-alive but stuck looks quiet (:class:`TransferTimeout`): the reservation's lease and the
-router's health checks cover that.
+process is gone as a closed doorbell connection (:class:`ChannelClosed`, logged as a warning);
+a sender that closed its end on purpose says goodbye first (:class:`ChannelClosed`, logged as
+news); a sender that is alive but stuck looks quiet (:class:`TransferTimeout`): the
+reservation's lease and the router's health checks cover that.
 
-Thread safety: a channel end is used by one thread at a time.
+Thread safety: a channel end is used by one thread at a time; :meth:`KVChannel.close` may
+also come from another thread (shutdown).
 
 NCCL notes (untested on CPU-only machines; DESIGN.md section 10 reports the channel shape
 working between two Ray actors): the process group is bound to the tensors' device and
@@ -74,7 +76,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import kernels.kv_pack
-from engine.kv_doorbell import Doorbell, DoorbellError
+from engine.kv_doorbell import Doorbell, DoorbellError, PeerLeft
 from engine.kv_protocol import (
     _T_CHECKSUM,
     _T_EPOCH,
@@ -358,10 +360,13 @@ class KVChannel:
                 return
             pg, self._pg = self._pg, None
             broken = abort or self._closed_reason is not None or self.busy
+            # A sender closing a sound channel says goodbye: the receiver then knows the
+            # peer left (shutdown) rather than died.
+            goodbye = self.rank == 0 and self._closed_reason is None
             if self._closed_reason is None:
                 self._closed_reason = "closed"
             self._tx = self._rx = None
-            self._bell.close()
+            self._bell.close(goodbye=goodbye)
             try:
                 if broken:
                     pg.abort()
@@ -552,8 +557,11 @@ class KVChannel:
         wait_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             raw = self._bell.wait(wait_s)
-        except DoorbellError as e:
+        except PeerLeft as e:
             self._check_open()  # closed by another thread (shutdown) while it waited
+            raise self._fail("the prefill end closed the channel", quiet=True) from e
+        except DoorbellError as e:
+            self._check_open()
             raise self._fail(f"the prefill end is gone: {e}") from e
         if raw is None:
             raise TransferTimeout(
@@ -1049,11 +1057,13 @@ class KVChannel:
         except Exception as e:
             raise self._fail(f"{what}: {e}") from e
 
-    def _fail(self, reason: str) -> ChannelClosed:
-        """Mark the channel broken, abort the process group, and return the error to raise."""
+    def _fail(self, reason: str, quiet: bool = False) -> ChannelClosed:
+        """Mark the channel broken, abort the process group, and return the error to raise
+        (logged as a warning; ``quiet``: as news, for a peer that left on purpose)."""
         if self._closed_reason is None:
             self._closed_reason = reason
-            logger.warning("KV channel %r broken: %s", self.name, reason)
+            log = logger.info if quiet else logger.warning
+            log("KV channel %r %s: %s", self.name, "closed" if quiet else "broken", reason)
         self.close()
         return ChannelClosed(f"KV channel {self.name!r}: {reason}")
 

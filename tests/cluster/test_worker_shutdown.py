@@ -4,6 +4,7 @@ teardown where it matters (a clean shutdown waits until the peer tears its end d
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -105,10 +106,12 @@ def connect(p: PrefillWorker, d: DecodeWorker) -> tuple[KVChannel, KVChannel]:
 
 
 def test_shutdown_aborts_channels_instead_of_waiting_for_the_peer(
-        workers: tuple[PrefillWorker, DecodeWorker]) -> None:
+        workers: tuple[PrefillWorker, DecodeWorker], caplog: pytest.LogCaptureFixture) -> None:
     """The launcher used to stop the prefill worker, then the decode worker: a clean
     teardown of the prefill end then waited on the decode end, which had not started its
-    own (the ray.get timed out after 30 s)."""
+    own (the ray.get timed out after 30 s). Neither end warns: the decode end hears the
+    prefill end leave (a goodbye on the doorbell), or its own shutdown closed the channel."""
+    caplog.set_level(logging.INFO)
     p, d = workers
     tx, rx = connect(p, d)
     tx_down, rx_down = threading.Event(), threading.Event()
@@ -126,6 +129,7 @@ def test_shutdown_aborts_channels_instead_of_waiting_for_the_peer(
     # The idle receiver leaves at the end of its doorbell wait.
     wait_for(lambda: not any(t.name == f"kv-recv-{p.name}" for t in threading.enumerate()),
              timeout_s=5.0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_decode_loop_stops_with_sequences_running(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch.distributed as dist
 
-from engine.kv_doorbell import HEADER_BYTES, Doorbell, DoorbellError
+from engine.kv_doorbell import HEADER_BYTES, Doorbell, DoorbellError, PeerLeft
 
 HOST = "127.0.0.1"
 
@@ -63,6 +63,24 @@ def test_a_closed_sender_is_seen_at_once(pair: tuple[Doorbell, Doorbell]) -> Non
     tx.close()
     with pytest.raises(DoorbellError, match="closed"):
         rx.wait(30)  # raises on the closed connection; a timeout would return None
+
+
+def test_a_sender_that_says_goodbye_is_told_apart(pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, rx = pair
+    tx.ring(b"\x05" * HEADER_BYTES, 5)
+    tx.close(goodbye=True)
+    assert rx.wait(5) == b"\x05" * HEADER_BYTES  # what was rung before still arrives
+    with pytest.raises(PeerLeft, match="closed its end"):
+        rx.wait(30)
+
+
+def test_a_sender_gone_without_goodbye_is_not_peer_left(
+        pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, rx = pair
+    tx.close()
+    with pytest.raises(DoorbellError) as e:
+        rx.wait(30)
+    assert not isinstance(e.value, PeerLeft)
 
 
 def test_close_wakes_a_waiting_receiver(pair: tuple[Doorbell, Doorbell]) -> None:

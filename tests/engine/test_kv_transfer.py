@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import sys
@@ -647,14 +648,29 @@ def test_idle_receiver_times_out_without_breaking_the_channel(decode_store: Any)
         assert torch.equal(got[2], _layers(SPEC, 1, seed=1)[2])
 
 
-def test_idle_receiver_sees_a_closed_sender(decode_store: Any) -> None:
+def test_idle_receiver_sees_a_closed_sender(decode_store: Any,
+                                           caplog: pytest.LogCaptureFixture) -> None:
     """The doorbell is a connection: when the prefill end goes away, an idle receiver learns
-    it at once (ChannelClosed), instead of waiting out its timeout (TransferTimeout)."""
-    with _pair(decode_store) as (tx, rx):
-        tx.close()
+    it at once (ChannelClosed), instead of waiting out its timeout (TransferTimeout). A
+    sender closed on purpose (shutdown) says goodbye: no warning on the decode side."""
+    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, "engine.kv_transfer"):
+        tx.close(abort=True)
+        with pytest.raises(ChannelClosed, match="the prefill end closed the channel"):
+            rx.recv_header(timeout_s=60)
+        assert rx.closed
+    assert [r.levelno for r in caplog.records if rx.name in r.getMessage()] == [logging.INFO]
+
+
+def test_idle_receiver_sees_a_dead_sender(decode_store: Any,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A sender whose process died only leaves a closed connection: a warning."""
+    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, "engine.kv_transfer"):
+        tx._bell.close()  # what the kernel does for a process that is gone
         with pytest.raises(ChannelClosed, match="the prefill end is gone"):
             rx.recv_header(timeout_s=60)
         assert rx.closed
+    assert [r.levelno for r in caplog.records if rx.name in r.getMessage()] == [
+        logging.WARNING]
 
 
 def test_closing_wakes_a_receiver_waiting_for_a_transfer(decode_store: Any) -> None:
