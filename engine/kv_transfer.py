@@ -148,7 +148,8 @@ class _RxState:
     next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)  # queued CUDA receives
     posted: dict[int, tuple[Tensor, Any]] = field(default_factory=dict)  # message -> buf, work
-    trailer: tuple[Tensor, Any] | None = None  # its receive, once posted
+    trailer: Any = None  # the trailer's receive (Work), once posted; it lands in the
+    # channel's verify buffer
 
 
 def _normalize_device(device: torch.device | str) -> torch.device:
@@ -986,20 +987,20 @@ class KVChannel:
                                                  device=self.device)
         return self._verify_words
 
-    def _post_trailer_recv(self) -> tuple[Tensor, Any]:
+    def _post_trailer_recv(self) -> Any:
+        """Post the trailer's receive into the verify buffer; returns its Work."""
         try:
             with self._side_stream():
-                t = self._verify_buffer()[:TRAILER_SLOTS]
-                work = self._pg.recv([t], self._peer, _TAG_TRAILER)
+                return self._pg.recv([self._verify_buffer()[:TRAILER_SLOTS]], self._peer,
+                                     _TAG_TRAILER)
         except Exception as e:
             raise self._fail(f"receiving the trailer failed: {e}") from e
-        return t, work
 
     def _recv_trailer(self, rx: _RxState) -> tuple[int, int, int, int]:
         """Wait for the rest of the transfer; returns the trailer's status, checksum and
         first token, and the checksum of what was received."""
         h = rx.header
-        _t, work = rx.trailer if rx.trailer is not None else self._post_trailer_recv()
+        work = rx.trailer if rx.trailer is not None else self._post_trailer_recv()
         deadline = time.monotonic() + self.timeout_s
         # Messages land in order: sleep through all but the last, then spin (for a bounded
         # time) until the trailer is in, so the end is seen within microseconds.
