@@ -242,10 +242,9 @@ class DecodeWorker:
                 for rid in self.sched.expire():
                     self._failed.append((rid, "KV did not arrive before the lease expired"))
                 plan = self.sched.schedule()
-                # Prompt chunks of locally prefilled requests, if any, share the step's token
-                # budget with the decode batch (none unless submit() took a prompt).
-                plan.chunks = self.sched.schedule_prefill(
-                    self.cfg.max_batch_tokens - len(plan.batch))
+                if self.cfg.local_prefill:  # prompt chunks share the step's token budget
+                    plan.chunks = self.sched.schedule_prefill(
+                        self.cfg.max_batch_tokens - len(plan.batch))
                 batch = plan.batch
                 joined, self._joined = self._joined, []
                 failed, self._failed = self._failed, []
