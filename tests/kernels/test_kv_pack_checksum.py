@@ -60,6 +60,34 @@ def test_message_checksums_add_up_to_the_whole() -> None:
     assert int(kv_checksum_ref(swapped)) != int(total)
 
 
+@pytest.mark.parametrize("direction", ["pack", "unpack"])
+def test_shares_add_into_a_running_checksum(direction: str) -> None:
+    """Given ``acc``, each message's share is added to it in place (the KV channel's running
+    checksum), launcher and reference alike; the sum wraps mod 2**64 as the checksum does."""
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randint(-2**15, 2**15, (4, 2, 6, 16, 1, 64), generator=gen,
+                         dtype=torch.int16).view(torch.bfloat16)
+    ids = torch.tensor([5, 0, 2])
+    whole = torch.empty(4, 2, 3, 16, 1, 64, dtype=torch.bfloat16)
+    for start, stop in ((0, 2), (2, 4)):
+        pack_kv_checksum_ref(pool[start:stop], ids, whole[start:stop], 0)
+    words_per_layer = whole[0].numel() * 2 // 4
+    start_at = (1 << 63) - 5  # close to the wrap
+    for fn in ((pack_kv_checksum, pack_kv_checksum_ref) if direction == "pack"
+               else (unpack_kv_checksum, unpack_kv_checksum_ref)):
+        acc = torch.tensor(start_at, dtype=torch.int64)
+        dst = torch.zeros_like(pool)
+        for start, stop in ((0, 2), (2, 4)):
+            if direction == "pack":
+                got = fn(pool[start:stop], ids, torch.empty_like(whole[start:stop]),
+                         start * words_per_layer, acc)
+            else:
+                got = fn(whole[start:stop], dst[start:stop], ids, start * words_per_layer, acc)
+            assert got is acc
+        want = (start_at + int(kv_checksum_ref(whole))) & ((1 << 64) - 1)
+        assert int(acc) & ((1 << 64) - 1) == want
+
+
 def test_empty_and_unaligned() -> None:
     cache = torch.zeros(1, 2, 4, 16, 1, 32)
     out = torch.empty(1, 2, 0, 16, 1, 32)
