@@ -128,6 +128,24 @@ class Doorbell:
             raise PeerLeft("the peer closed its end")
         return header
 
+    def poll(self) -> bytes | None:
+        """The next header if it is in already, else None; never blocks. A goodbye or a
+        closed connection is left for :meth:`wait` to report."""
+        if len(self._buf) < HEADER_BYTES:
+            try:
+                self._sock.settimeout(0.0)  # non-blocking (a timeout would wait it out)
+                chunk = self._sock.recv(1 << 16)
+            except OSError:  # nothing there (BlockingIOError), or broken: wait() says so
+                return None
+            if not chunk:
+                return None
+            self._buf += chunk
+        if len(self._buf) < HEADER_BYTES or self._buf[:HEADER_BYTES] == GOODBYE:
+            return None
+        header = bytes(self._buf[:HEADER_BYTES])
+        del self._buf[:HEADER_BYTES]
+        return header
+
     def close(self, goodbye: bool = False) -> None:
         """Close the connection; a :meth:`wait` blocked in another thread returns at once
         (with :class:`DoorbellError`). ``goodbye`` (the sender, closing on purpose): first

@@ -134,7 +134,6 @@ class _Pending:
 class _TxState:
     header: TransferHeader
     started: float
-    acc: Tensor | None = None  # running checksum (0-d int64 on the device), from message 0
     next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)
     trailer_sent: bool = False  # finish(wait=False): only wait_finished() is left
@@ -231,9 +230,25 @@ class KVChannel:
         self.staging_slots = STAGING_SLOTS
         self._slots: list[Tensor | None] = [None] * self.staging_slots
         self._slot_work: list[_Pending | None] = [None] * self.staging_slots
+        # Sender: the running checksum (0-d int64), which every message's pack adds to; the
+        # trailer takes it and zeroes it behind itself (stream order), ready for the next.
         # Receiver: the trailer lands in words [0, TRAILER_SLOTS) and the running checksum
-        # is the last word, so verify() reads both with one copy to the host.
-        self._verify_words: Tensor | None = None
+        # is the last word, so verify() reads both with one copy to the host. It is never
+        # zeroed on the device: a transfer's checksum is its difference from the value the
+        # previous verify read (_rx_base), mod 2**64.
+        with self._on_stream():
+            self._send_sum = torch.zeros((), dtype=torch.int64, device=device)
+            self._verify_words = torch.zeros(TRAILER_SLOTS + 1, dtype=torch.int64,
+                                             device=device)
+        self._rx_base = 0
+        # A staging buffer was handed to the caller (recv_message), who may still read it on
+        # its stream: the next receive into staging waits for that stream first.
+        self._caller_reads = False
+        # Staging views by (slot, layers, blocks): each message's view is built once.
+        self._views: dict[tuple[int, int, int], Tensor] = {}
+        # Receiver: the next transfer, when its header came in while the current one was
+        # being verified (its first receive is posted already); recv_header() takes it.
+        self._next_rx: _RxState | None = None
         # Test hook: (message, tensor) -> tensor actually sent, applied after the checksum.
         self._send_hook: Callable[[int, Tensor], Tensor] | None = None
         # perf_counter() when the doorbell last delivered a header (benchmarks).
@@ -340,6 +355,7 @@ class KVChannel:
         self.staging_slots = n
         self._slots = [None] * n
         self._slot_work = [None] * n
+        self._views = {}
 
     @property
     def closed(self) -> bool:
@@ -347,7 +363,8 @@ class KVChannel:
 
     @property
     def busy(self) -> bool:
-        """A transfer is in progress on this end."""
+        """A transfer is in progress on this end. (A receiver may also hold the next one,
+        its first receive posted during :meth:`verify`: see :meth:`recv_header`.)"""
         return self._tx is not None or self._rx is not None
 
     def close(self, abort: bool = False) -> None:
@@ -360,13 +377,14 @@ class KVChannel:
             if self._pg is None:
                 return
             pg, self._pg = self._pg, None
-            broken = abort or self._closed_reason is not None or self.busy
+            broken = (abort or self._closed_reason is not None or self.busy
+                      or self._next_rx is not None)
             # A sender closing a sound channel says goodbye: the receiver then knows the
             # peer left (shutdown) rather than died.
             goodbye = self.rank == 0 and self._closed_reason is None
             if self._closed_reason is None:
                 self._closed_reason = "closed"
-            self._tx = self._rx = None
+            self._tx = self._rx = self._next_rx = None
             self._bell.close(goodbye=goodbye)
             try:
                 if broken:
@@ -380,6 +398,7 @@ class KVChannel:
             self._stores = []
             self._slots = [None] * self.staging_slots
             self._slot_work = [None] * self.staging_slots
+            self._views = {}
 
     def __enter__(self) -> KVChannel:
         return self
@@ -419,7 +438,7 @@ class KVChannel:
         with self._side_stream():
             if self._stream is not None:
                 t.record_stream(self._stream)
-            _accumulate(tx, _checksum_tensor(t, self._word_offset(h, m)))
+            self._send_sum += _checksum_tensor(t, self._word_offset(h, m))
 
     def send_layer(self, t: Tensor) -> None:
         """:meth:`send_message` for a one-layer message (``layers_per_message == 1``):
@@ -450,7 +469,7 @@ class KVChannel:
             staging = self._tx_staging(h, m)
             if self._stream is not None:  # (the pool outlives every transfer)
                 block_ids.record_stream(self._stream)
-            _accumulate(tx, _pack(caches, block_ids, staging, self._word_offset(h, m)))
+            _pack(caches, block_ids, staging, self._word_offset(h, m), self._send_sum)
             self._send_next(tx, staging, m % self.staging_slots)
 
     def finish(self, first_token: int = -1, wait: bool = True) -> None:
@@ -555,6 +574,9 @@ class KVChannel:
                 f"transfer {self._rx.header.transfer_id} is still being received; "
                 "verify() or discard() it first"
             )
+        if self._next_rx is not None:  # came in during the last verify(), already moving
+            self._rx, self._next_rx = self._next_rx, None
+            return self._rx.header
         wait_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             raw = self._bell.wait(wait_s)
@@ -567,6 +589,13 @@ class KVChannel:
         if raw is None:
             raise TransferTimeout(
                 f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
+        self._rx = self._start_rx(raw)
+        return self._rx.header
+
+    def _start_rx(self, raw: bytes) -> _RxState:
+        """A transfer whose header just came off the doorbell, its first receive posted
+        before anything else (and before the caller looks at the header: a rejected transfer
+        is drained all the same); receiving it posts the next ones."""
         started = self.last_header_at = time.perf_counter()
         try:
             header = TransferHeader.from_bytes(raw)
@@ -576,16 +605,19 @@ class KVChannel:
             self._check_geometry(header)
         except ChannelError as e:
             raise self._fail(f"protocol violation: {e}") from e
-        words = self._verify_buffer()
-        rx = _RxState(header=header, acc=words[TRAILER_SLOTS], started=started)
-        self._rx = rx
-        # The first message starts moving now, before anything else and before the caller
-        # looks at the header (a rejected transfer is drained all the same); receiving it
-        # posts the next ones. The checksum is zeroed behind it, before any unpack.
+        rx = _RxState(header=header, acc=self._verify_words[TRAILER_SLOTS], started=started)
         self._post_ahead(rx, 1)
-        with self._side_stream():
-            rx.acc.zero_()
-        return header
+        return rx
+
+    def _prefetch_next(self) -> None:
+        """While the current transfer is verified: if the next one's header is in already
+        (a sender with transfers queued rings as soon as the current one left), post its
+        first receive now, so it moves right behind this one's trailer."""
+        if self._next_rx is not None or self._rx is None or self._rx.trailer is None:
+            return
+        raw = self._bell.poll()
+        if raw is not None:
+            self._next_rx = self._start_rx(raw)
 
     def match(
         self,
@@ -627,6 +659,8 @@ class KVChannel:
         with self._side_stream():
             rx.acc += _checksum_tensor(buf, self._word_offset(h, m))
         self._join_side_stream()
+        if out is None:
+            self._caller_reads = True
         return buf
 
     def recv_layer(self, out: Tensor | None = None) -> Tensor:
@@ -655,7 +689,7 @@ class KVChannel:
             buf = self._take_message(rx, None)
             if self._stream is not None:
                 block_ids.record_stream(self._stream)
-            rx.acc += _unpack(buf, caches, block_ids, self._word_offset(h, m))
+            _unpack(buf, caches, block_ids, self._word_offset(h, m), rx.acc)
         self._join_side_stream()
 
     def verify(self) -> TransferHeader:
@@ -678,7 +712,7 @@ class KVChannel:
         self._rx = None
         if status == STATUS_CANCELLED:
             raise TransferError(f"transfer {h.transfer_id} was cancelled by the sender")
-        if got_sum != sent_sum:
+        if (got_sum - sent_sum) & _U64:
             raise TransferError(
                 f"checksum mismatch for transfer {h.transfer_id} (epoch {h.epoch}): "
                 f"sender {sent_sum & _U64:#x}, received {got_sum & _U64:#x}"
@@ -846,6 +880,14 @@ class KVChannel:
         if current == self._stream:  # already on it
             return contextlib.nullcontext()
         self._stream.wait_stream(current)
+        self._caller_reads = False
+        return torch.cuda.stream(self._stream)
+
+    def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """Run on the channel's CUDA stream, ordered after its own work only: for buffers
+        nobody but the channel touches (no-op on CPU)."""
+        if self._stream is None:
+            return contextlib.nullcontext()
         return torch.cuda.stream(self._stream)
 
     def _join_side_stream(self) -> None:
@@ -856,15 +898,24 @@ class KVChannel:
     def _staging(self, slot: int, h: TransferHeader, m: int) -> Tensor:
         """Staging buffer ``slot`` as message ``m``'s ``[k_m, 2, n, ...]`` tensor;
         grown when a transfer needs more (never shrunk: the next transfer reuses it)."""
-        nbytes = len(h.message_layers(m)) * h.bytes_per_layer
+        k = len(h.message_layers(m))
+        view = self._views.get((slot, k, h.num_blocks))
+        if view is not None:
+            return view
+        if any(key[2] != h.num_blocks for key in self._views):  # a new transfer's geometry
+            self._views = {}
+        nbytes = k * h.bytes_per_layer
         buf = self._slots[slot]
         if buf is None or buf.numel() < nbytes:
-            with self._side_stream():
+            with self._on_stream():
                 size = max(h.layers_per_message * h.bytes_per_layer, 1)
                 buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             self._slots[slot] = buf
-        shape = (len(h.message_layers(m)), *self.spec.layer_shape(h.num_blocks))
-        return buf[:nbytes].view(self.spec.torch_dtype).view(shape)
+            self._views = {key: v for key, v in self._views.items() if key[0] != slot}
+        shape = (k, *self.spec.layer_shape(h.num_blocks))
+        view = self._views[slot, k, h.num_blocks] = \
+            buf[:nbytes].view(self.spec.torch_dtype).view(shape)
+        return view
 
     def _tx_staging(self, h: TransferHeader, m: int) -> Tensor:
         """The sender's staging buffer for message ``m``; the send that last read it must
@@ -909,10 +960,12 @@ class KVChannel:
         slots[_T_TRANSFER_ID] = h.transfer_id
         slots[_T_EPOCH] = h.epoch
         slots[_T_STATUS] = status
+        t = torch.tensor(slots, dtype=torch.int64)
         with self._side_stream():
-            t = torch.tensor(slots, dtype=torch.int64, device=self.device)
-            if tx.acc is not None:  # stays on the device: no host sync on the sender
-                t[_T_CHECKSUM].copy_(tx.acc)
+            if self._is_cuda:  # no host sync: the copy waits for the packs, not the host
+                t = t.pin_memory().to(self.device, non_blocking=True)
+            t[_T_CHECKSUM].copy_(self._send_sum)  # stays on the device
+            self._send_sum.zero_()
         self._post_send(tx, t, _TAG_TRAILER, "sending the trailer")
 
     def _complete_tx(self, tx: _TxState, *, ok: bool) -> None:
@@ -934,7 +987,7 @@ class KVChannel:
         if not h.bytes_per_layer:
             return out if out is not None else self._staging(m % self.staging_slots, h, m)
         if m not in rx.posted and out is not None:
-            self._post_recv(rx, m, out)
+            self._post_recv(rx, m, out, owned=False)
         elif m not in rx.posted:
             self._post_recv(rx, m, self._staging(m % self.staging_slots, h, m))
         if out is None:  # every other staging buffer: the next messages' receives
@@ -968,10 +1021,13 @@ class KVChannel:
         if rx.trailer is None and h.num_messages - 1 in rx.posted:
             rx.trailer = self._post_trailer_recv()
 
-    def _post_recv(self, rx: _RxState, m: int, buf: Tensor) -> None:
+    def _post_recv(self, rx: _RxState, m: int, buf: Tensor, owned: bool = True) -> None:
+        """Post message ``m``'s receive into ``buf``: a staging buffer (``owned``), ordered
+        after the channel stream's earlier unpacks from it and, when one was handed out, the
+        caller's reads; or the caller's tensor, ordered after the caller's queued work."""
         try:
-            with self._side_stream():
-                if self._stream is not None:
+            with self._side_stream() if self._caller_reads or not owned else self._on_stream():
+                if not owned and self._stream is not None:
                     buf.record_stream(self._stream)
                 work = self._pg.recv([buf.reshape(-1).view(torch.uint8)], self._peer,
                                      _TAG_LAYER0 + m)
@@ -979,19 +1035,12 @@ class KVChannel:
             raise self._fail(f"receiving {_what(rx.header, m)} failed: {e}") from e
         rx.posted[m] = (buf, work)
 
-    def _verify_buffer(self) -> Tensor:
-        """The receiver's ``int64[TRAILER_SLOTS + 1]`` (allocated once): trailer, checksum."""
-        if self._verify_words is None:
-            with self._side_stream():
-                self._verify_words = torch.zeros(TRAILER_SLOTS + 1, dtype=torch.int64,
-                                                 device=self.device)
-        return self._verify_words
-
     def _post_trailer_recv(self) -> Any:
-        """Post the trailer's receive into the verify buffer; returns its Work."""
+        """Post the trailer's receive into the verify buffer; returns its Work. (The
+        previous verify read that buffer with a host sync, so nothing reads it now.)"""
         try:
-            with self._side_stream():
-                return self._pg.recv([self._verify_buffer()[:TRAILER_SLOTS]], self._peer,
+            with self._on_stream():
+                return self._pg.recv([self._verify_words[:TRAILER_SLOTS]], self._peer,
                                      _TAG_TRAILER)
         except Exception as e:
             raise self._fail(f"receiving the trailer failed: {e}") from e
@@ -1000,24 +1049,29 @@ class KVChannel:
         """Wait for the rest of the transfer; returns the trailer's status, checksum and
         first token, and the checksum of what was received."""
         h = rx.header
-        work = rx.trailer if rx.trailer is not None else self._post_trailer_recv()
+        if rx.trailer is None:
+            rx.trailer = self._post_trailer_recv()
+        self._prefetch_next()
         deadline = time.monotonic() + self.timeout_s
         # Messages land in order: sleep through all but the last, then spin (for a bounded
-        # time) until the trailer is in, so the end is seen within microseconds.
+        # time, looking for the next transfer's header) until the trailer is in, so the end
+        # is seen within microseconds.
         for p in rx.pending[:-1]:
             self._wait(p.work, deadline, f"receiving transfer {h.transfer_id}")
         with self._side_stream():
-            self._wait(work, deadline, "receiving the trailer", spin_s=_VERIFY_SPIN_S)
+            self._wait(rx.trailer, deadline, "receiving the trailer", spin_s=_VERIFY_SPIN_S,
+                       on_spin=self._prefetch_next)
         for p in rx.pending[-1:]:
             self._wait(p.work, deadline, f"receiving transfer {h.transfer_id}")
         rx.pending.clear()
         with self._side_stream():  # after the last unpack: one copy for trailer and checksum
-            v = [int(x) for x in self._verify_buffer().tolist()]
+            v = [int(x) for x in self._verify_words.tolist()]
         if (v[_T_MAGIC] != TRAILER_MAGIC or v[_T_VERSION] != PROTOCOL_VERSION
                 or v[_T_TRANSFER_ID] != h.transfer_id or v[_T_EPOCH] != h.epoch
                 or v[_T_STATUS] not in (STATUS_OK, STATUS_CANCELLED)):
             raise self._fail(f"garbled trailer for transfer {h.transfer_id}: {v[:6]}")
-        return v[_T_STATUS], v[_T_CHECKSUM], v[_T_FIRST_TOKEN], v[TRAILER_SLOTS]
+        got, self._rx_base = (v[TRAILER_SLOTS] - self._rx_base) & _U64, v[TRAILER_SLOTS]
+        return v[_T_STATUS], v[_T_CHECKSUM], v[_T_FIRST_TOKEN], got
 
     def _drain_current(self) -> None:
         """Receive (and drop) whatever is left of the current transfer, trailer included."""
@@ -1032,10 +1086,12 @@ class KVChannel:
         self._rx = None
         logger.info("KV channel %r: transfer %d drained", self.name, h.transfer_id)
 
-    def _wait(self, work: Any, deadline: float, what: str, spin_s: float = 0.0) -> None:
+    def _wait(self, work: Any, deadline: float, what: str, spin_s: float = 0.0,
+              on_spin: Callable[[], None] | None = None) -> None:
         """Wait for ``work`` until ``deadline``; on failure abort the channel and raise.
-        CUDA: spin for up to ``spin_s`` first (the GIL is let go between polls), then poll
-        with short sleeps (each oversleeps by tens of microseconds)."""
+        CUDA: spin for up to ``spin_s`` first (the GIL is let go between polls, and
+        ``on_spin`` runs), then poll with short sleeps (each oversleeps by tens of
+        microseconds)."""
         try:
             if self._is_cuda:
                 # Poll: the NCCL work's CUDA event tells when the GPU finished; our deadline
@@ -1047,6 +1103,8 @@ class KVChannel:
                     if now >= deadline:
                         raise TimeoutError(f"timed out after {self.timeout_s:.3g} s")
                     if now < spin_until:
+                        if on_spin is not None:
+                            on_spin()
                         time.sleep(0)
                         continue
                     time.sleep(delay)
@@ -1083,26 +1141,24 @@ def _what(h: TransferHeader, m: int) -> str:
     return f"layers {layers.start}-{layers.stop - 1}"
 
 
-def _accumulate(tx: _TxState, share: Tensor) -> None:
-    """Add a message's checksum share to the sender's running sum (the first one is it)."""
-    if tx.acc is None:
-        tx.acc = share
-    else:
-        tx.acc += share
-
-
-def _pack(caches: Tensor, block_ids: Tensor, out: Tensor, word_offset: int) -> Tensor:
-    """Fused pack + checksum share (Triton on a GPU, the torch reference elsewhere)."""
+def _pack(caches: Tensor, block_ids: Tensor, out: Tensor, word_offset: int,
+          acc: Tensor) -> None:
+    """Fused pack + checksum share added to ``acc`` (Triton on a GPU, the torch reference
+    elsewhere). The channel checked the arguments (``_pool_problem``)."""
     if out.is_cuda:
-        return kernels.kv_pack.pack_kv_checksum(caches, block_ids, out, word_offset)
-    return kernels.kv_pack.pack_kv_checksum_ref(caches, block_ids, out, word_offset)
+        kernels.kv_pack.pack_kv_checksum(caches, block_ids, out, word_offset, acc, check=False)
+    else:
+        kernels.kv_pack.pack_kv_checksum_ref(caches, block_ids, out, word_offset, acc)
 
 
-def _unpack(buf: Tensor, caches: Tensor, block_ids: Tensor, word_offset: int) -> Tensor:
-    """Fused unpack + checksum share (Triton on a GPU, the torch reference elsewhere)."""
+def _unpack(buf: Tensor, caches: Tensor, block_ids: Tensor, word_offset: int,
+            acc: Tensor) -> None:
+    """Fused unpack + checksum share added to ``acc`` (see :func:`_pack`)."""
     if buf.is_cuda:
-        return kernels.kv_pack.unpack_kv_checksum(buf, caches, block_ids, word_offset)
-    return kernels.kv_pack.unpack_kv_checksum_ref(buf, caches, block_ids, word_offset)
+        kernels.kv_pack.unpack_kv_checksum(buf, caches, block_ids, word_offset, acc,
+                                           check=False)
+    else:
+        kernels.kv_pack.unpack_kv_checksum_ref(buf, caches, block_ids, word_offset, acc)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import select
 import sys
 import threading
 import time
@@ -608,6 +609,52 @@ def test_cancel_and_receiver_aborts_keep_channel_in_sync(decode_store: Any) -> N
 
         _, got = _both(send, recv)
         assert all(torch.equal(a, b) for a, b in zip(got, _layers(SPEC, 2, 5), strict=True))
+        assert not tx.closed and not rx.closed
+
+
+def _await_header(ch: KVChannel, timeout_s: float = 10.0) -> None:
+    """Block until the next transfer's header is on ``ch``'s doorbell, unread (white box: a
+    select on the doorbell's socket)."""
+    ready, _, _ = select.select([ch._bell._sock], [], [], timeout_s)
+    assert ready, "the next header never came"
+
+
+def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
+    """A header that is in while the current transfer is verified has its transfer started
+    (first receive posted) by verify(); recv_header() returns it without waiting. It is
+    checked, matched (a rejected one drained) and verified like any other."""
+    with _pair(decode_store) as (tx, rx):
+        def send() -> None:
+            for tid, blocks in ((21, 2), (22, 3), (23, 2), (24, 1)):
+                tx.send_blocks(_header(SPEC, tid, blocks), _layers(SPEC, blocks, seed=tid))
+
+        def recv() -> list[list[torch.Tensor]]:
+            got = []
+            verified = 0.0  # when the previous verify() returned
+            for tid, blocks, expect in ((21, 2, 21), (22, 3, 22), (23, 2, 99), (24, 1, 24)):
+                h = rx.recv_header()
+                # The first header came off the doorbell here; the next two during the
+                # previous verify() (each was in before it, see below). The last one may
+                # come either way (the drain of the rejected one looks for it too).
+                if tid < 24:
+                    assert (rx.last_header_at < verified) == (tid > 21)
+                if expect != tid:
+                    with pytest.raises(TransferError, match="transfer_id: got 23"):
+                        rx.match(h, expect, 1, blocks)
+                    continue
+                rx.match(h, expect, 1, blocks)
+                got.append([rx.recv_layer().clone() for _ in range(h.num_layers)])
+                if tid < 24:
+                    _await_header(rx)
+                assert rx.verify().first_token == 1000 + tid
+                verified = time.perf_counter()
+                assert not rx.busy
+            return got
+
+        _, got = _both(send, recv)
+        for layers, (tid, blocks) in zip(got, ((21, 2), (22, 3), (24, 1)), strict=True):
+            assert all(torch.equal(a, b)
+                       for a, b in zip(layers, _layers(SPEC, blocks, tid), strict=True))
         assert not tx.closed and not rx.closed
 
 
