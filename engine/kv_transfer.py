@@ -861,7 +861,7 @@ class KVChannel:
         if caches.device != self.device or block_ids.device != self.device:
             return f"pool on {caches.device}, block ids on {block_ids.device}, expected " \
                    f"{self.device}"
-        if not caches[0, 0, 0].is_contiguous():
+        if not _blocks_contiguous(caches):
             return "pool blocks are not contiguous"
         if block_ids.dtype != torch.int64 or tuple(block_ids.shape) != (h.num_blocks,):
             return (f"block ids {_dtype_name(block_ids.dtype)}{list(block_ids.shape)}, "
@@ -1139,6 +1139,18 @@ def _what(h: TransferHeader, m: int) -> str:
     if len(layers) == 1:
         return f"layer {layers.start}"
     return f"layers {layers.start}-{layers.stop - 1}"
+
+
+def _blocks_contiguous(caches: Tensor) -> bool:
+    """Each block's ``[bs, Hk, D]`` of ``caches [k, 2, N, bs, Hk, D]`` is one contiguous run
+    (from the strides alone: no view is made)."""
+    run = 1
+    for size, stride in zip(reversed(caches.shape[3:]), reversed(caches.stride()[3:]),
+                            strict=True):
+        if size != 1 and stride != run:
+            return False
+        run *= size
+    return True
 
 
 def _pack(caches: Tensor, block_ids: Tensor, out: Tensor, word_offset: int,

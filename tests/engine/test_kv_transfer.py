@@ -455,11 +455,16 @@ def test_pool_arguments_are_checked(decode_store: Any) -> None:
             tx.send_header(dataclasses.replace(h, transfer_id=61))
             with pytest.raises(ValueError, match="pool layers of shape"):
                 tx.send_from_pool(src[0:2], torch.tensor([0, 1]))  # 2 layers, k = 1
+            tx.send_header(dataclasses.replace(h, transfer_id=63))
+            # right shape, but each block's [bs, Hk, D] is not one run
+            scrambled = src.transpose(3, 4).contiguous().transpose(3, 4)
+            with pytest.raises(ValueError, match="pool blocks are not contiguous"):
+                tx.send_from_pool(scrambled[0:1], torch.tensor([0, 1]))
             tx.send_pool_blocks(dataclasses.replace(h, transfer_id=62), src,
                                 torch.tensor([0, 1]))
 
         def recv() -> None:
-            for tid in (60, 61):
+            for tid in (60, 61, 63):
                 h = rx.recv_header()
                 assert h.transfer_id == tid
                 with pytest.raises(TransferError, match=f"transfer {tid} was cancelled"):
