@@ -589,13 +589,15 @@ class KVChannel:
         if raw is None:
             raise TransferTimeout(
                 f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
-        self._rx = self._start_rx(raw)
+        self._rx = self._start_rx(raw, trailer=True)
         return self._rx.header
 
-    def _start_rx(self, raw: bytes) -> _RxState:
+    def _start_rx(self, raw: bytes, trailer: bool) -> _RxState:
         """A transfer whose header just came off the doorbell, its first receive posted
         before anything else (and before the caller looks at the header: a rejected transfer
-        is drained all the same); receiving it posts the next ones."""
+        is drained all the same); receiving it posts the next ones. Not its trailer's while
+        another transfer's may still land in the verify buffer (``trailer=False``: a
+        one-message transfer started during the previous one's verify)."""
         started = self.last_header_at = time.perf_counter()
         try:
             header = TransferHeader.from_bytes(raw)
@@ -606,7 +608,7 @@ class KVChannel:
         except ChannelError as e:
             raise self._fail(f"protocol violation: {e}") from e
         rx = _RxState(header=header, acc=self._verify_words[TRAILER_SLOTS], started=started)
-        self._post_ahead(rx, 1)
+        self._post_ahead(rx, 1, trailer)
         return rx
 
     def _prefetch_next(self) -> None:
@@ -617,7 +619,7 @@ class KVChannel:
             return
         raw = self._bell.poll()
         if raw is not None:
-            self._next_rx = self._start_rx(raw)
+            self._next_rx = self._start_rx(raw, trailer=False)
 
     def match(
         self,
@@ -1005,12 +1007,12 @@ class KVChannel:
             return out
         return buf
 
-    def _post_ahead(self, rx: _RxState, free: int) -> None:
+    def _post_ahead(self, rx: _RxState, free: int, trailer: bool = True) -> None:
         """Post the receives of messages ``rx.next_msg`` on into the ``free`` staging buffers
         no message handed out still uses (in order: NCCL matches receives to sends by
-        order), and the trailer's once every message's receive is out. On CUDA a receive
-        into a buffer is ordered after the unpack queued from it earlier; on CPU that unpack
-        already ran."""
+        order), and (with ``trailer``) the trailer's once every message's receive is out.
+        On CUDA a receive into a buffer is ordered after the unpack queued from it earlier;
+        on CPU that unpack already ran."""
         h = rx.header
         if not h.bytes_per_layer:
             return
@@ -1018,7 +1020,7 @@ class KVChannel:
         for m in range(first, min(first + free, h.num_messages)):
             if m not in rx.posted:
                 self._post_recv(rx, m, self._staging(m % self.staging_slots, h, m))
-        if rx.trailer is None and h.num_messages - 1 in rx.posted:
+        if trailer and rx.trailer is None and h.num_messages - 1 in rx.posted:
             rx.trailer = self._post_trailer_recv()
 
     def _post_recv(self, rx: _RxState, m: int, buf: Tensor, owned: bool = True) -> None:

@@ -627,16 +627,37 @@ def _await_header(ch: KVChannel, timeout_s: float = 10.0) -> None:
 def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
     """A header that is in while the current transfer is verified has its transfer started
     (first receive posted) by verify(); recv_header() returns it without waiting. It is
-    checked, matched (a rejected one drained) and verified like any other."""
+    checked, matched (a rejected one drained) and verified like any other. A one-message
+    transfer started that way must not post its trailer's receive before the current
+    transfer's trailer was read (both land in the same buffer)."""
+    whole = 22  # sent as one message of every layer
+    plan = ((21, 2, 21), (whole, 3, whole), (23, 2, 99), (24, 1, 24))
+
+    def header(tid: int, blocks: int) -> TransferHeader:
+        h = _header(SPEC, tid, blocks)
+        return dataclasses.replace(h, layers_per_message=SPEC.num_layers) if tid == whole else h
+
     with _pair(decode_store) as (tx, rx):
+        start_rx = rx._start_rx
+
+        def start_slowly(raw: bytes, trailer: bool) -> Any:
+            """Give the sender time to deliver all it can of a transfer started early."""
+            started = start_rx(raw, trailer)
+            time.sleep(0.2)
+            return started
+
+        rx._start_rx = start_slowly  # type: ignore[method-assign]
+
         def send() -> None:
-            for tid, blocks in ((21, 2), (22, 3), (23, 2), (24, 1)):
-                tx.send_blocks(_header(SPEC, tid, blocks), _layers(SPEC, blocks, seed=tid))
+            for tid, blocks, _ in plan:
+                layers = _layers(SPEC, blocks, seed=tid)
+                tx.send_blocks(header(tid, blocks),
+                               [torch.stack(layers)] if tid == whole else layers)
 
         def recv() -> list[list[torch.Tensor]]:
             got = []
             verified = 0.0  # when the previous verify() returned
-            for tid, blocks, expect in ((21, 2, 21), (22, 3, 22), (23, 2, 99), (24, 1, 24)):
+            for tid, blocks, expect in plan:
                 h = rx.recv_header()
                 # The first header came off the doorbell here; the next two during the
                 # previous verify() (each was in before it, see below). The last one may
@@ -648,7 +669,10 @@ def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
                         rx.match(h, expect, 1, blocks)
                     continue
                 rx.match(h, expect, 1, blocks)
-                got.append([rx.recv_layer().clone() for _ in range(h.num_layers)])
+                if tid == whole:
+                    got.append(list(rx.recv_message().clone()))
+                else:
+                    got.append([rx.recv_layer().clone() for _ in range(h.num_layers)])
                 if tid < 24:
                     _await_header(rx)
                 assert rx.verify().first_token == 1000 + tid
@@ -657,11 +681,10 @@ def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
             return got
 
         _, got = _both(send, recv)
-        for layers, (tid, blocks) in zip(got, ((21, 2), (22, 3), (24, 1)), strict=True):
+        for layers, (tid, blocks, _) in zip(got, (plan[0], plan[1], plan[3]), strict=True):
             assert all(torch.equal(a, b)
                        for a, b in zip(layers, _layers(SPEC, blocks, tid), strict=True))
         assert not tx.closed and not rx.closed
-
 
 def test_one_prefill_two_decoders(decode_store: Any) -> None:
     other = KVChannel.host_store(HOST, 0, timeout_s=OPEN_TIMEOUT_S)
