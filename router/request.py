@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.messages import Lease
 from engine.sequence import SamplingParams
@@ -50,6 +51,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     chunks: asyncio.Queue[Chunk] = field(default_factory=asyncio.Queue)
     lease: Lease | None = None
+    releasing: Any = None  # a failed attempt's lease abort (awaitable) still under way
     prefill_worker: str = ""
     attempts: int = 0
     queued_at: float = 0.0

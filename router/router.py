@@ -13,6 +13,7 @@ and are applied synchronously, so they never interleave mid-update.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -130,6 +131,13 @@ class Router:
     async def _dispatch(self, req: Request) -> bool:
         """Lease blocks on a decode worker, then hand the prompt to a prefill worker.
         False when no decode worker has room (the request stays queued)."""
+        if req.releasing is not None:
+            # The failed attempt's lease goes first: a threaded decode actor runs calls
+            # concurrently, and a reserve that overtook the abort would find the request
+            # still holding a lease there and refuse it.
+            releasing, req.releasing = req.releasing, None
+            with contextlib.suppress(Exception):  # a dead worker: nothing left to free
+                await releasing
         tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
         reservation = Reservation(req.request_id, len(tokens), len(req.output_ids),
                                   req.sampling)
@@ -312,7 +320,9 @@ class Router:
             return
         log.info("re-dispatching %s: %s", req.request_id, why)
         if req.lease is not None:
-            self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
+            # The next reserve waits for this (see _dispatch).
+            req.releasing = self.decode[req.lease.worker].abort.remote(
+                req.request_id, req.lease.transfer_id)
         req.lease = None
         req.state = State.QUEUED
         self.waiting.appendleft(req)

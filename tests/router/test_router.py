@@ -194,3 +194,61 @@ def test_queued_tokens_released_on_abort_and_failed_prefill_step() -> None:
         assert failed.prefill_worker == "prefill-0" and s.queued == 11
 
     asyncio.run(main())
+
+
+class SlowAbortDecode(FakeWorker):
+    """A decode worker whose aborts complete only when the test says so, and which refuses a
+    lease to a request that still holds one (as DecodeScheduler.reserve does)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.held: set[str] = set()
+        self.aborts: list[tuple[str, asyncio.Future[Any]]] = []
+
+    def __getattr__(self, method: str) -> Any:
+        if method not in ("reserve", "abort"):
+            return super().__getattr__(method)
+        worker = self
+
+        class Method:
+            def remote(self, *args: Any) -> asyncio.Future[Any]:
+                worker.calls.append((method, args))
+                fut = asyncio.get_running_loop().create_future()
+                if method == "abort":
+                    worker.aborts.append((args[0], fut))
+                elif args[0].request_id in worker.held:
+                    fut.set_exception(ValueError(
+                        f"request {args[0].request_id} already holds a lease here"))
+                else:
+                    worker.held.add(args[0].request_id)
+                    fut.set_result(worker.reply(method, args))
+                return fut
+
+        return Method()
+
+    def finish_aborts(self) -> None:
+        for rid, fut in self.aborts:
+            self.held.discard(rid)
+            fut.set_result(True)
+        self.aborts.clear()
+
+
+def test_a_retry_reserves_only_once_the_failed_attempts_lease_is_gone() -> None:
+    """A failed transfer re-dispatches the request; its new reserve waits for the abort of
+    the old lease (a concurrent decode actor could run the reserve first and refuse it)."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        s.d = SlowAbortDecode("decode-0")
+        s.router.decode["decode-0"] = s.d
+        req = await s.admit("r", 9)
+        assert req.lease is not None
+        s.router.on_transfer_done(TransferDone("prefill-0", "r", ok=False, seconds=0.0,
+                                               nbytes=0, error="channel broke"))
+        await settle()
+        assert len(s.d.called("reserve")) == 1 and req.state == State.QUEUED
+        s.d.finish_aborts()
+        await settle()
+        assert len(s.d.called("reserve")) == 2
+        assert req.state == State.PREFILLING and req.attempts == 2 and req.lease is not None
+
+    asyncio.run(main())
