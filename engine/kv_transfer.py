@@ -423,7 +423,7 @@ class KVChannel:
             self._bell.ring(header.to_bytes(), self.timeout_s)
         except DoorbellError as e:
             raise self._fail(str(e)) from e
-        # No device work here: the first message's checksum share starts the running sum.
+        # No device work here: the running checksum was zeroed behind the last trailer.
         self._tx = _TxState(header=header, started=started)
 
     def send_message(self, t: Tensor) -> None:
