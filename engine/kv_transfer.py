@@ -433,7 +433,7 @@ class KVChannel:
         self._check_open()
         tx = self._require_tx("send_message")
         h, m = tx.header, tx.next_msg
-        self._refuse_send(tx, self._sent_all(h, m) or self._message_problem(t, h, m))
+        self._refuse(tx, self._sent_all(h, m) or self._message_problem(t, h, m))
         self._send_next(tx, t, None)  # queued first: the checksum only reads ``t`` too
         with self._side_stream():
             if self._stream is not None:
@@ -464,7 +464,7 @@ class KVChannel:
         self._check_open()
         tx = self._require_tx("send_from_pool")
         h, m = tx.header, tx.next_msg
-        self._refuse_send(tx, self._sent_all(h, m) or self._pool_problem(caches, block_ids, h, m))
+        self._refuse(tx, self._sent_all(h, m) or self._pool_problem(caches, block_ids, h, m))
         with self._side_stream():  # once per message (nested entries are free)
             staging = self._tx_staging(h, m)
             if self._stream is not None:  # (the pool outlives every transfer)
@@ -589,15 +589,13 @@ class KVChannel:
         if raw is None:
             raise TransferTimeout(
                 f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
-        self._rx = self._start_rx(raw, trailer=True)
+        self._rx = self._start_rx(raw)
         return self._rx.header
 
-    def _start_rx(self, raw: bytes, trailer: bool) -> _RxState:
+    def _start_rx(self, raw: bytes) -> _RxState:
         """A transfer whose header just came off the doorbell, its first receive posted
         before anything else (and before the caller looks at the header: a rejected transfer
-        is drained all the same); receiving it posts the next ones. Not its trailer's while
-        another transfer's may still land in the verify buffer (``trailer=False``: a
-        one-message transfer started during the previous one's verify)."""
+        is drained all the same); receiving it posts the next ones."""
         started = self.last_header_at = time.perf_counter()
         try:
             header = TransferHeader.from_bytes(raw)
@@ -608,7 +606,7 @@ class KVChannel:
         except ChannelError as e:
             raise self._fail(f"protocol violation: {e}") from e
         rx = _RxState(header=header, acc=self._verify_words[TRAILER_SLOTS], started=started)
-        self._post_ahead(rx, 1, trailer)
+        self._post_ahead(rx, 1)
         return rx
 
     def _prefetch_next(self) -> None:
@@ -619,7 +617,7 @@ class KVChannel:
             return
         raw = self._bell.poll()
         if raw is not None:
-            self._next_rx = self._start_rx(raw, trailer=False)
+            self._next_rx = self._start_rx(raw)
 
     def match(
         self,
@@ -656,7 +654,7 @@ class KVChannel:
         self._check_more(rx)
         if out is not None:
             problem = self._message_problem(out, h, m)
-            self._refuse_recv(rx, f"bad out tensor: {problem}" if problem else None)
+            self._refuse(rx, f"bad out tensor: {problem}" if problem else None)
         buf = self._take_message(rx, out)
         with self._side_stream():
             rx.acc += _checksum_tensor(buf, self._word_offset(h, m))
@@ -686,7 +684,7 @@ class KVChannel:
         rx = self._require_rx("recv_into_pool")
         h, m = rx.header, rx.next_msg
         self._check_more(rx)
-        self._refuse_recv(rx, self._pool_problem(caches, block_ids, h, m))
+        self._refuse(rx, self._pool_problem(caches, block_ids, h, m))
         with self._side_stream():  # once per message (nested entries are free)
             buf = self._take_message(rx, None)
             if self._stream is not None:
@@ -801,28 +799,21 @@ class KVChannel:
     def _sent_all(h: TransferHeader, m: int) -> str | None:
         return f"all {h.num_layers} layers were already sent" if m >= h.num_messages else None
 
-    def _refuse_send(self, tx: _TxState, problem: str | None) -> None:
-        """The next message cannot go out (``problem``): cancel the transfer and raise
-        ``ValueError``. No-op when ``problem`` is None."""
+    def _refuse(self, st: _TxState | _RxState, problem: str | None) -> None:
+        """The next message cannot go out or be received as asked (``problem``): cancel
+        (sender) or drain (receiver) the transfer and raise ``ValueError``. No-op when
+        ``problem`` is None."""
         if problem is None:
             return
-        h, m = tx.header, tx.next_msg
-        self.cancel()
+        h, m = st.header, st.next_msg
+        sending = isinstance(st, _TxState)
+        if sending:
+            self.cancel()
+        else:
+            self._drain_current()
         raise ValueError(
-            f"sending transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
-            "the transfer was cancelled"
-        )
-
-    def _refuse_recv(self, rx: _RxState, problem: str | None) -> None:
-        """The next message cannot be received as asked (``problem``): drain the transfer
-        and raise ``ValueError``. No-op when ``problem`` is None."""
-        if problem is None:
-            return
-        h, m = rx.header, rx.next_msg
-        self._drain_current()
-        raise ValueError(
-            f"receiving transfer {h.transfer_id}, {_what(h, m)}: {problem}; "
-            "the transfer was drained"
+            f"{'sending' if sending else 'receiving'} transfer {h.transfer_id}, "
+            f"{_what(h, m)}: {problem}; the transfer was {'cancelled' if sending else 'drained'}"
         )
 
     def _check_geometry(self, h: TransferHeader) -> None:
@@ -1007,12 +998,14 @@ class KVChannel:
             return out
         return buf
 
-    def _post_ahead(self, rx: _RxState, free: int, trailer: bool = True) -> None:
+    def _post_ahead(self, rx: _RxState, free: int) -> None:
         """Post the receives of messages ``rx.next_msg`` on into the ``free`` staging buffers
         no message handed out still uses (in order: NCCL matches receives to sends by
-        order), and (with ``trailer``) the trailer's once every message's receive is out.
-        On CUDA a receive into a buffer is ordered after the unpack queued from it earlier;
-        on CPU that unpack already ran."""
+        order), and the trailer's once every message's receive is out, unless another
+        transfer's trailer may still land in the verify buffer (``rx`` was started during
+        that one's verify: its trailer receive waits until it is handed out). On CUDA a
+        receive into a buffer is ordered after the unpack queued from it earlier; on CPU
+        that unpack already ran."""
         h = rx.header
         if not h.bytes_per_layer:
             return
@@ -1020,7 +1013,8 @@ class KVChannel:
         for m in range(first, min(first + free, h.num_messages)):
             if m not in rx.posted:
                 self._post_recv(rx, m, self._staging(m % self.staging_slots, h, m))
-        if trailer and rx.trailer is None and h.num_messages - 1 in rx.posted:
+        if (rx.trailer is None and h.num_messages - 1 in rx.posted
+                and self._rx in (None, rx)):
             rx.trailer = self._post_trailer_recv()
 
     def _post_recv(self, rx: _RxState, m: int, buf: Tensor, owned: bool = True) -> None:

@@ -640,9 +640,9 @@ def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
     with _pair(decode_store) as (tx, rx):
         start_rx = rx._start_rx
 
-        def start_slowly(raw: bytes, trailer: bool) -> Any:
+        def start_slowly(raw: bytes) -> Any:
             """Give the sender time to deliver all it can of a transfer started early."""
-            started = start_rx(raw, trailer)
+            started = start_rx(raw)
             time.sleep(0.2)
             return started
 
