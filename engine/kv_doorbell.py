@@ -122,11 +122,9 @@ class Doorbell:
             if not chunk:
                 raise DoorbellError("the doorbell connection was closed")
             self._buf += chunk
-        header = bytes(self._buf[:HEADER_BYTES])
-        del self._buf[:HEADER_BYTES]
-        if header == GOODBYE:
+        if self._buf.startswith(GOODBYE):
             raise PeerLeft("the peer closed its end")
-        return header
+        return self._take()
 
     def poll(self) -> bytes | None:
         """The next header if it is in already, else None; never blocks. A goodbye or a
@@ -140,8 +138,12 @@ class Doorbell:
             if not chunk:
                 return None
             self._buf += chunk
-        if len(self._buf) < HEADER_BYTES or self._buf[:HEADER_BYTES] == GOODBYE:
+        if len(self._buf) < HEADER_BYTES or self._buf.startswith(GOODBYE):
             return None
+        return self._take()
+
+    def _take(self) -> bytes:
+        """The first header buffered (there is one); the rest stays for the next call."""
         header = bytes(self._buf[:HEADER_BYTES])
         del self._buf[:HEADER_BYTES]
         return header

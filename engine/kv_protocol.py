@@ -295,10 +295,7 @@ class TransferHeader:
                 f"header must be {_HEADER_STRUCT.size} bytes (int64[{HEADER_SLOTS}]), "
                 f"got {len(raw)}"
             )
-        return cls._from_slots(list(_HEADER_STRUCT.unpack(raw)))
-
-    @classmethod
-    def _from_slots(cls, v: list[int]) -> TransferHeader:
+        v = _HEADER_STRUCT.unpack(raw)
         if v[_H_MAGIC] != HEADER_MAGIC:
             raise TransferError(f"bad header magic {v[_H_MAGIC] & ((1 << 64) - 1):#018x}")
         if v[_H_VERSION] != PROTOCOL_VERSION:
