@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 
 from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig, blocks_for
 from engine.kv_cache import allocate_kv_pool
-from engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel
+from engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel, _make_nccl
 from engine.messages import Lease, PrefillTask
 from engine.runner import ModelRunner, PrefillItem
 from engine.sequence import SamplingParams
@@ -51,13 +51,9 @@ def _cache(n_blocks: int) -> CacheConfig:
 
 
 def _raw_group(store: dist.Store, rank: int, dev: torch.device) -> Any:
-    """The raw NCCL ceiling's own two-rank communicator between the same GPUs."""
-    opts = dist.ProcessGroupNCCL.Options()
-    opts.is_high_priority_stream = False
-    with torch.cuda.device(dev):
-        pg = dist.ProcessGroupNCCL(dist.PrefixStore("bench-raw/", store), rank, 2, opts)
-        pg.eager_connect_single_device(dev)
-    return pg
+    """The raw NCCL ceiling's own two-rank communicator between the same GPUs, built as the
+    channel builds its own."""
+    return _make_nccl(dist.PrefixStore("bench-raw/", store), rank, dev, 120.0, "bench-raw")
 
 
 def _raw_exchange(pg: Any, rank: int, t: torch.Tensor, parts: int = 1) -> None:
