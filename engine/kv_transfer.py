@@ -40,8 +40,15 @@ a sender that closed its end on purpose says goodbye first (:class:`ChannelClose
 news); a sender that is alive but stuck looks quiet (:class:`TransferTimeout`): the
 reservation's lease and the router's health checks cover that.
 
-Thread safety: a channel end is used by one thread at a time; :meth:`KVChannel.close` may
-also come from another thread (shutdown).
+Pipelined sending: once :meth:`KVChannel.finish` posted a transfer's trailer (``wait=False``),
+the next transfer may start at once; its sends queue behind the departing one's on the same
+NCCL stream, and the receiver posts its first receive while it verifies the one before
+(:meth:`KVChannel.recv_header`), so transfers back to back keep the link busy.
+
+Thread safety: a channel end is used by one thread at a time, except that on the sending
+end :meth:`KVChannel.wait_finished` for a departing transfer may run on another thread while
+the next one is being sent; :meth:`KVChannel.close` may also come from another thread
+(shutdown).
 
 NCCL notes (untested on CPU-only machines; DESIGN.md section 10 reports the channel shape
 working between two Ray actors): the process group is bound to the tensors' device and
@@ -124,19 +131,28 @@ _VERIFY_SPIN_S = 2e-3
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     work: Any  # torch.distributed Work
     tensor: Tensor  # kept alive until the work completed
+    # A Gloo work may be waited for once only, and two threads may want to (the next
+    # transfer reusing a staging buffer, and wait_finished): the first one waits.
+    done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@dataclass
-class _TxState:
+@dataclass(eq=False)
+class Departure:
+    """A transfer on the sending end: being sent, then (once :meth:`KVChannel.finish` posted
+    its trailer) departing until everything it queued has left. ``finish`` returns it; with
+    ``wait=False``, :meth:`KVChannel.wait_finished` takes it."""
+
     header: TransferHeader
     started: float
     next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)
-    trailer_sent: bool = False  # finish(wait=False): only wait_finished() is left
+    trailer_sent: bool = False
+    finished: bool = False  # every queued send completed (and was accounted for)
 
 
 @dataclass
@@ -223,7 +239,11 @@ class KVChannel:
         # Serializes close(): the receive thread (a dead peer) and worker shutdown may
         # close at once, and the second caller must return only once teardown is done.
         self._close_lock = threading.Lock()
-        self._tx: _TxState | None = None
+        self._tx: Departure | None = None  # being sent (header out, trailer not yet)
+        self._leaving: list[Departure] = []  # trailer posted, not yet seen to have left
+        # Guards what a thread in wait_finished() shares with the thread sending the next
+        # transfer: _leaving, _slot_work and the stats.
+        self._state_lock = threading.Lock()
         self._rx: _RxState | None = None
         # Staging buffers used in turn by message (pack or receive the next ones while m
         # moves), and on the sender the send that last read each one.
@@ -365,7 +385,7 @@ class KVChannel:
     def busy(self) -> bool:
         """A transfer is in progress on this end. (A receiver may also hold the next one,
         its first receive posted during :meth:`verify`: see :meth:`recv_header`.)"""
-        return self._tx is not None or self._rx is not None
+        return self._tx is not None or self._rx is not None or bool(self._leaving)
 
     def close(self, abort: bool = False) -> None:
         """Tear down the process group (abort if broken, mid-transfer or ``abort``, else shut
@@ -385,6 +405,8 @@ class KVChannel:
             if self._closed_reason is None:
                 self._closed_reason = "closed"
             self._tx = self._rx = self._next_rx = None
+            with self._state_lock:
+                self._leaving = []
             self._bell.close(goodbye=goodbye)
             try:
                 if broken:
@@ -414,7 +436,7 @@ class KVChannel:
         self._require_rank(0, "send_header")
         if self._tx is not None:
             raise ChannelError(
-                f"transfer {self._tx.header.transfer_id} is still in progress; "
+                f"transfer {self._tx.header.transfer_id} is still being sent; "
                 "finish() or cancel() it first"
             )
         self._check_geometry(header)
@@ -424,7 +446,7 @@ class KVChannel:
         except DoorbellError as e:
             raise self._fail(str(e)) from e
         # No device work here: the running checksum was zeroed behind the last trailer.
-        self._tx = _TxState(header=header, started=started)
+        self._tx = Departure(header=header, started=started)
 
     def send_message(self, t: Tensor) -> None:
         """Send the next message: its layers already packed, ``[k_m, 2, n, bs, Hk, D]``
@@ -472,11 +494,12 @@ class KVChannel:
             _pack(caches, block_ids, staging, self._word_offset(h, m), self._send_sum)
             self._send_next(tx, staging, m % self.staging_slots)
 
-    def finish(self, first_token: int = -1, wait: bool = True) -> None:
+    def finish(self, first_token: int = -1, wait: bool = True) -> Departure:
         """Send the trailer (with the checksum) and wait until the whole transfer left.
-        With ``wait=False`` only the trailer is posted: the transfer stays in progress on
-        this end until :meth:`wait_finished` (another thread may make that call: the one
-        that owns the channel from then on).
+        With ``wait=False`` only the trailer is posted and the transfer departs: the next
+        one may start at once (its sends queue behind), and :meth:`wait_finished` with the
+        returned :class:`Departure` waits until it left (another thread may make that call
+        while this one sends the next transfer).
 
         ``first_token`` rides in the trailer when the header went out before the token was
         sampled (layer-wise streaming during the forward pass); the receiver's
@@ -495,23 +518,27 @@ class KVChannel:
                 f"finish() after {sent} of {h.num_layers} layers of transfer "
                 f"{h.transfer_id}; the transfer was cancelled"
             )
-        if tx.trailer_sent:
-            raise ChannelError(f"finish() twice for transfer {h.transfer_id}")
         self._send_trailer(tx, STATUS_OK, first_token)
-        tx.trailer_sent = True
+        self._depart(tx)
         if wait:
             self._complete_tx(tx, ok=True)
+        return tx
 
-    def wait_finished(self) -> None:
-        """After ``finish(wait=False)``: wait until the whole transfer left. Raises
+    def wait_finished(self, departure: Departure | None = None) -> None:
+        """After ``finish(wait=False)``: wait until ``departure`` (by default the oldest
+        departing transfer) left; transfers leave in order, so every earlier one has too.
+        Returns at once for one that was seen to leave already. Raises
         :class:`ChannelClosed` like :meth:`finish`."""
         self._check_open()
-        tx = self._require_tx("wait_finished")
-        if not tx.trailer_sent:
-            raise ChannelError(
-                f"wait_finished() before finish() for transfer {tx.header.transfer_id}"
-            )
-        self._complete_tx(tx, ok=True)
+        self._require_rank(0, "wait_finished")
+        if departure is None:
+            with self._state_lock:
+                departure = self._leaving[0] if self._leaving else None
+        if departure is None or not departure.trailer_sent:
+            tx = departure or self._tx
+            raise ChannelError("wait_finished() before finish()" + (
+                f" for transfer {tx.header.transfer_id}" if tx is not None else ""))
+        self._complete_tx(departure, ok=True)
 
     def cancel(self) -> None:
         """Sender: end the current transfer as cancelled (no-op when idle). The remaining
@@ -521,9 +548,6 @@ class KVChannel:
             return
         self._check_open()
         h = tx.header
-        if tx.trailer_sent:  # finished already: nothing left to cancel, just wait
-            self._complete_tx(tx, ok=False)
-            return
         if tx.next_msg < h.num_messages and h.bytes_per_layer:
             with self._side_stream():
                 filler = torch.zeros(h.layers_per_message * h.bytes_per_layer,
@@ -534,6 +558,7 @@ class KVChannel:
                                 f"sending filler for {_what(h, m)}")
         tx.next_msg = h.num_messages
         self._send_trailer(tx, STATUS_CANCELLED)
+        self._depart(tx)
         self._complete_tx(tx, ok=False)
         logger.info("KV channel %r: transfer %d cancelled", self.name, h.transfer_id)
 
@@ -775,10 +800,10 @@ class KVChannel:
                 f"rank {self.rank} ({_ROLE[self.rank]})"
             )
 
-    def _require_tx(self, op: str) -> _TxState:
+    def _require_tx(self, op: str) -> Departure:
         self._require_rank(0, op)
         if self._tx is None:
-            raise ChannelError(f"{op} without a transfer in progress; send_header() first")
+            raise ChannelError(f"{op} without a transfer being sent; send_header() first")
         return self._tx
 
     def _require_rx(self, op: str) -> _RxState:
@@ -799,14 +824,14 @@ class KVChannel:
     def _sent_all(h: TransferHeader, m: int) -> str | None:
         return f"all {h.num_layers} layers were already sent" if m >= h.num_messages else None
 
-    def _refuse(self, st: _TxState | _RxState, problem: str | None) -> None:
+    def _refuse(self, st: Departure | _RxState, problem: str | None) -> None:
         """The next message cannot go out or be received as asked (``problem``): cancel
         (sender) or drain (receiver) the transfer and raise ``ValueError``. No-op when
         ``problem`` is None."""
         if problem is None:
             return
         h, m = st.header, st.next_msg
-        sending = isinstance(st, _TxState)
+        sending = isinstance(st, Departure)
         if sending:
             self.cancel()
         else:
@@ -914,18 +939,17 @@ class KVChannel:
         """The sender's staging buffer for message ``m``; the send that last read it must
         have left first (a stream wait on CUDA, no host sync)."""
         slot = m % self.staging_slots
-        last, self._slot_work[slot] = self._slot_work[slot], None
-        if last is not None:
+        with self._state_lock:
+            last, self._slot_work[slot] = self._slot_work[slot], None
+        if last is not None:  # perhaps a departing transfer's send
             if self._is_cuda:
                 with self._side_stream():
                     last.work.wait()
-            else:  # a Gloo work completes once: wait here, and not again in finish()
-                self._wait(last.work, time.monotonic() + self.timeout_s, "a previous send")
-                if self._tx is not None:
-                    self._tx.pending = [p for p in self._tx.pending if p is not last]
+            else:
+                self._wait_pending(last, time.monotonic() + self.timeout_s, "a previous send")
         return self._staging(slot, h, m)
 
-    def _send_next(self, tx: _TxState, t: Tensor, slot: int | None) -> None:
+    def _send_next(self, tx: Departure, t: Tensor, slot: int | None) -> None:
         """Post message ``tx.next_msg`` from ``t`` (staging buffer ``slot``, if one)."""
         h, m = tx.header, tx.next_msg
         sent = self._send_hook(m, t) if self._send_hook is not None else t
@@ -934,9 +958,10 @@ class KVChannel:
             self._post_send(tx, sent.reshape(-1).view(torch.uint8), _TAG_LAYER0 + m,
                             f"sending {_what(h, m)}")
             if slot is not None:
-                self._slot_work[slot] = tx.pending[-1]
+                with self._state_lock:
+                    self._slot_work[slot] = tx.pending[-1]
 
-    def _post_send(self, tx: _TxState, t: Tensor, tag: int, what: str) -> None:
+    def _post_send(self, tx: Departure, t: Tensor, tag: int, what: str) -> None:
         try:
             with self._side_stream():
                 work = self._pg.send([t], self._peer, tag)
@@ -944,7 +969,7 @@ class KVChannel:
             raise self._fail(f"{what} failed: {e}") from e
         tx.pending.append(_Pending(work, t))
 
-    def _send_trailer(self, tx: _TxState, status: int, first_token: int = -1) -> None:
+    def _send_trailer(self, tx: Departure, status: int, first_token: int = -1) -> None:
         h = tx.header
         slots = [0] * TRAILER_SLOTS
         slots[_T_FIRST_TOKEN] = first_token
@@ -961,15 +986,37 @@ class KVChannel:
             self._send_sum.zero_()
         self._post_send(tx, t, _TAG_TRAILER, "sending the trailer")
 
-    def _complete_tx(self, tx: _TxState, *, ok: bool) -> None:
+    def _depart(self, tx: Departure) -> None:
+        """``tx``'s trailer is posted: the channel is free for the next transfer."""
+        tx.trailer_sent = True
+        self._tx = None
+        with self._state_lock:
+            self._leaving.append(tx)
+
+    def _complete_tx(self, tx: Departure, *, ok: bool) -> None:
+        """Wait until everything departing ``tx`` queued has left; free its staging
+        buffers (those the next transfer has not claimed yet)."""
         deadline = time.monotonic() + self.timeout_s
         for p in tx.pending:
-            self._wait(p.work, deadline, f"transfer {tx.header.transfer_id}")
-        tx.pending.clear()
-        self._slot_work = [None] * self.staging_slots
-        self._tx = None
-        if ok:
-            self._record_stats(tx.header, tx.started)
+            self._wait_pending(p, deadline, f"transfer {tx.header.transfer_id}")
+        with self._state_lock:
+            if tx.finished:
+                return
+            tx.finished = True
+            mine = {id(p) for p in tx.pending}
+            self._slot_work = [None if w is not None and id(w) in mine else w
+                               for w in self._slot_work]
+            tx.pending = []
+            self._leaving = [d for d in self._leaving if d is not tx]
+            if ok:
+                self._record_stats(tx.header, tx.started)
+
+    def _wait_pending(self, p: _Pending, deadline: float, what: str) -> None:
+        """:meth:`_wait` for ``p``'s work, once (whichever thread comes first waits)."""
+        with p.lock:
+            if not p.done:
+                self._wait(p.work, deadline, what)
+                p.done = True
 
     def _take_message(self, rx: _RxState, out: Tensor | None) -> Tensor:
         """Message ``rx.next_msg`` in ``out`` or a staging buffer, ordered before the
@@ -1280,6 +1327,7 @@ __all__ = [
     "ChannelClosed",
     "ChannelError",
     "ChannelSpec",
+    "Departure",
     "HandshakeError",
     "KVChannel",
     "TransferError",

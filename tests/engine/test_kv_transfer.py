@@ -31,6 +31,7 @@ from engine.kv_transfer import (  # noqa: E402
     ChannelClosed,
     ChannelError,
     ChannelSpec,
+    Departure,
     HandshakeError,
     KVChannel,
     TransferError,
@@ -413,35 +414,59 @@ def test_messages_and_checksum_cover_the_whole_payload(decode_store: Any) -> Non
         assert torch.equal(torch.cat(got), packed)
 
 
-def test_finish_without_waiting_then_wait_on_another_thread(decode_store: Any) -> None:
-    """finish(wait=False) posts the trailer and leaves the transfer in progress (busy, a new
-    header refused) until wait_finished(), here from another thread, as the prefill worker's
-    finisher does; finish() twice and wait_finished() before finish() are refused."""
+def test_transfers_pipelined_while_another_thread_waits(decode_store: Any) -> None:
+    """finish(wait=False) posts the trailer and the transfer departs: the next header goes
+    out at once and its sends queue behind, while another thread (the prefill worker's
+    finisher) waits for each departure, as the send thread reuses staging buffers that the
+    departing sends still read (on Gloo each send may be waited for once only). Every
+    transfer lands intact in order with its first token; wait_finished() before finish()
+    and finish() twice are refused."""
     src = _pool(SPEC, 4, seed=3)
     ids = torch.tensor([1, 3])
+    n = 4
     with _pair(decode_store) as (tx, rx):
-        def send() -> None:
-            h = _header(SPEC, 70, 2)
-            tx.send_header(h)
+        def send() -> list[int]:
             with pytest.raises(ChannelError, match="before finish"):
                 tx.wait_finished()
-            for layer in range(SPEC.num_layers):
-                tx.send_from_pool(src[layer:layer + 1], ids)
-            tx.finish(7, wait=False)
-            assert tx.busy
-            with pytest.raises(ChannelError, match="twice"):
-                tx.finish(7, wait=False)
-            with pytest.raises(ChannelError, match="still in progress"):
-                tx.send_header(dataclasses.replace(h, transfer_id=71))
-            with ThreadPoolExecutor(1) as pool:
-                pool.submit(tx.wait_finished).result(10)
-            assert not tx.busy
+            left: list[int] = []
 
-        def recv() -> int:
-            h = rx.recv_header()
-            return rx.recv_pool_blocks(h, torch.zeros_like(src), torch.tensor([0, 2])).first_token
+            def wait(d: Departure) -> None:
+                tx.wait_finished(d)
+                left.append(d.header.transfer_id)
 
-        assert _both(send, recv)[1] == 7
+            with ThreadPoolExecutor(1) as finisher:
+                waits = []
+                for i in range(n):
+                    h = dataclasses.replace(_header(SPEC, 70 + i, 2), layers_per_message=1)
+                    tx.send_header(h)  # the previous transfers may still be leaving
+                    for layer in range(SPEC.num_layers):
+                        tx.send_from_pool(src[layer:layer + 1] * (i + 1), ids)
+                    departure = tx.finish(7 + i, wait=False)
+                    assert tx.busy
+                    with pytest.raises(ChannelError, match="without a transfer being sent"):
+                        tx.finish(7 + i, wait=False)
+                    waits.append(finisher.submit(wait, departure))
+                for w in waits:
+                    w.result(10)
+            tx.wait_finished(departure)  # left already: returns at once
+            assert not tx.busy and tx.total_transfers == n
+            return left
+
+        def recv() -> list[tuple[int, torch.Tensor]]:
+            got = []
+            for i in range(n):
+                h = rx.recv_header()
+                dst = torch.zeros_like(src)
+                v = rx.recv_pool_blocks(h, dst, torch.tensor([0, 2]))
+                assert v.transfer_id == 70 + i
+                got.append((v.first_token, dst))
+            return got
+
+        left, got = _both(send, recv)
+        assert left == [70 + i for i in range(n)]
+        for i, (first_token, dst) in enumerate(got):
+            assert first_token == 7 + i
+            assert torch.equal(dst[:, :, [0, 2]], src[:, :, [1, 3]] * (i + 1))
 
 
 def test_pool_arguments_are_checked(decode_store: Any) -> None:
@@ -1000,9 +1025,9 @@ def test_nccl_two_gpus_round_trip_corruption_dead_peer() -> None:
 GPU_POOL_PLAN = [(2, 1), (3, 2), (4, 5), (2, 3)]  # (staging_slots, layers_per_message)
 
 
-def _gpu_pool(spec: ChannelSpec, num_blocks: int, device: str) -> torch.Tensor:
+def _gpu_pool(spec: ChannelSpec, num_blocks: int, device: str, seed: int = 7) -> torch.Tensor:
     shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g).to(spec.torch_dtype).to(device)
 
 
@@ -1044,5 +1069,56 @@ def test_nccl_pool_transfers_with_staging_slots() -> None:
             got = rx.recv_pool_blocks(h, dst, dst_ids.to("cuda:1"))
             assert got.first_token == tid
             assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), (slots, _k)
+        rx.close()
+    assert proc.exitcode == 0
+
+
+# (blocks, layers per message): a smaller transfer, then one that grows the staging buffers
+# while the ones before it still depart
+GPU_PIPELINE_PLAN = [(256, 8), (256, 8), (40, 8), (280, 16), (256, 8)]
+
+
+def _nccl_pipelined_prefill(port: int, name: str) -> None:
+    store, ch = _gpu_sender(port, name, timeout_s=20)
+    pools = []
+    with ThreadPoolExecutor(1) as finisher:  # waits for each departure, as the worker's does
+        waits = []
+        for tid, (n, k) in enumerate(GPU_PIPELINE_PLAN):
+            pools.append(pool := _gpu_pool(GPU_SPEC, 300, "cuda:0", seed=tid))
+            ids = torch.arange(n, device="cuda:0").flip(0)
+            h = dataclasses.replace(_header(GPU_SPEC, tid, n), layers_per_message=k)
+            ch.send_header(h)  # the transfers before may still be leaving
+            for m in range(h.num_messages):
+                layers = h.message_layers(m)
+                ch.send_from_pool(pool[layers.start:layers.stop], ids)
+            waits.append(finisher.submit(ch.wait_finished, ch.finish(tid, wait=False)))
+        for w in waits:
+            w.result(60)
+    assert not ch.busy and ch.total_transfers == len(GPU_PIPELINE_PLAN)
+    store.wait(["done"])
+    ch.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_pipelined_transfers() -> None:
+    """NCCL, the sender pipelined as under load: each transfer departs once its trailer is
+    posted and the next starts at once, its packs and sends queued behind (the running
+    checksum, staging buffers reused and grown across transfers), while another thread
+    waits for each departure. Every block of every transfer lands where the receiver asked
+    and every checksum verifies."""
+    with _gpu_receiver(_nccl_pipelined_prefill, "nccl-pipe", timeout_s=20) as (store, rx, proc):
+        for tid, (n, _k) in enumerate(GPU_PIPELINE_PLAN):
+            want = _gpu_pool(GPU_SPEC, 300, "cuda:1", seed=tid)[:, :, :n].flip(2)
+            dst_ids = torch.randperm(300, generator=torch.Generator().manual_seed(tid))[:n]
+            dst = torch.full((GPU_SPEC.num_layers, 2, 300, GPU_SPEC.block_size,
+                              GPU_SPEC.num_kv_heads, GPU_SPEC.head_dim), float("nan"),
+                             dtype=GPU_SPEC.torch_dtype, device="cuda:1")
+            h = rx.recv_header()
+            rx.match(h, tid, 1, n)
+            got = rx.recv_pool_blocks(h, dst, dst_ids.to("cuda:1"))
+            assert got.first_token == tid
+            assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), tid
+        store.set("done", "1")
         rx.close()
     assert proc.exitcode == 0
