@@ -14,7 +14,7 @@ import time
 import torch
 
 from engine.kv_protocol import layers_per_message
-from engine.kv_transfer import KVChannel, TransferHeader
+from engine.kv_transfer import Departure, KVChannel, TransferHeader
 from prefill_worker.scheduler import PrefillSeq
 
 
@@ -23,8 +23,9 @@ class OutgoingKV:
     ``layerwise`` one layer per message as the forward pass produces them, else in messages
     of about :data:`engine.kv_protocol.MESSAGE_BYTES`.
 
-    The caller holds ``lock`` (the channel's: one transfer at a time per channel) from
-    :meth:`start` until :meth:`finish` or :meth:`cancel` returns.
+    The caller holds ``lock`` (the channel's: one transfer being sent at a time per
+    channel) from :meth:`start` until :meth:`finish` or :meth:`cancel` returns. A transfer
+    finished with ``wait=False`` departs without it: the next one may start while it leaves.
     """
 
     def __init__(self, seq: PrefillSeq, channel: KVChannel, lock: threading.Lock,
@@ -44,6 +45,7 @@ class OutgoingKV:
             layers_per_message=per_message,
         )
         self.started = 0.0
+        self.departure: Departure | None = None  # once the trailer is posted
         self.error = ""  # set when a layer failed to go out; the rest is then skipped
 
     @property
@@ -81,12 +83,14 @@ class OutgoingKV:
         (then :meth:`wait_finished`); returns seconds so far."""
         if self.error:
             raise RuntimeError(f"a layer failed to go out: {self.error}")
-        self.channel.finish(first_token, wait=wait)
+        self.departure = self.channel.finish(first_token, wait=wait)
         return time.monotonic() - self.started
 
     def wait_finished(self) -> float:
         """After ``finish(wait=False)``: wait until all left; returns the transfer's seconds."""
-        self.channel.wait_finished()
+        if self.departure is None:
+            raise RuntimeError("wait_finished() before finish()")
+        self.channel.wait_finished(self.departure)
         return time.monotonic() - self.started
 
     def cancel(self) -> None:

@@ -1,9 +1,11 @@
 """The prefill worker: a Ray actor that batches prompts, samples each request's first token
 and sends the request's KV to the decode worker the router chose.
 
-Threads: Ray's (control calls: submit, abort, connect, stats), the step loop (the model),
-and the transfer thread (packs a request's blocks layer by layer and sends them over the
-per-pair channel). The scheduler and allocator are touched only under ``self._cv``.
+Threads: Ray's (control calls: submit, abort, connect, stats), the step loop (the model; it
+sends a request's KV layer by layer during the forward pass when the request's channel is
+free), the send thread (whole transfers that could not stream), and the finisher (waits
+until each departing transfer left, then frees its blocks and reports). The scheduler and
+allocator are touched only under ``self._cv``.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class PrefillWorker:
         self._channels: dict[str, KVChannel] = {}
         self._channel_locks: dict[str, threading.Lock] = {}  # one transfer at a time each
         self._sends: queue.Queue[PrefillSeq | None] = queue.Queue()
-        # Layer-wise transfers whose trailer is out, waiting to have left: the step loop
-        # moves on to the next step instead of waiting on the decode side.
+        # Transfers whose trailer is out, waiting to have left: the step loop and the send
+        # thread move on (the next transfer may start) instead of waiting on the decode side.
         self._finishing: queue.Queue[OutgoingKV | None] = queue.Queue()
         self._loop = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="kv-send", daemon=True)
@@ -253,25 +255,26 @@ class PrefillWorker:
         return on_layer_done
 
     def _close_stream(self, out: OutgoingKV, first_token: int | None, why: str) -> None:
-        """Finish a layer-wise transfer with the first token (the trailer goes out now; the
-        finisher thread waits for the rest to leave, then frees the blocks and reports), or
-        cancel it (here, freeing its blocks)."""
-        if first_token is not None:
-            try:
-                out.finish(first_token, wait=False)
-            except Exception as e:  # e.g. a layer failed to go out: the transfer is void
-                with contextlib.suppress(Exception):
-                    out.cancel()
-                self._end_stream(out, 0.0, f"{type(e).__name__}: {e}", report=True)
-                return
-            self._finishing.put(out)
-            return
+        """Finish a layer-wise transfer with the first token (the trailer goes out now and
+        the channel is free for the next transfer; the finisher thread waits for this one
+        to leave, then frees the blocks and reports), or cancel it (here, freeing its
+        blocks)."""
         error = why
         try:
-            out.cancel()
-        except Exception as e:
+            if first_token is None:
+                out.cancel()
+            else:
+                out.finish(first_token, wait=False)
+                self._finishing.put(out)
+                return
+        except Exception as e:  # e.g. a layer failed to go out: the transfer is void
             error = f"{type(e).__name__}: {e}"
-        self._end_stream(out, 0.0, error, report=False)
+            if first_token is not None:
+                with contextlib.suppress(Exception):
+                    out.cancel()
+        finally:
+            out.lock.release()
+        self._end_stream(out, 0.0, error, report=first_token is not None)
 
     def _finish_loop(self) -> None:
         while True:
@@ -286,10 +289,9 @@ class PrefillWorker:
             self._end_stream(out, seconds, error, report=True)
 
     def _end_stream(self, out: OutgoingKV, seconds: float, error: str, report: bool) -> None:
-        """Release a layer-wise transfer's channel and blocks (and report it)."""
+        """Free a transfer's blocks once it left or failed (and report it)."""
         if error and report:
             log.error("KV transfer of %s failed: %s", out.seq.task.request_id, error)
-        out.lock.release()
         with self._cv:
             self.allocator.free(out.seq.block_ids)
         if report:
@@ -303,26 +305,25 @@ class PrefillWorker:
         ))
 
     def _send_loop(self) -> None:
-        """Transfers that could not stream during their step, one whole request at a time."""
+        """Transfers that could not stream during their step, one whole request at a time.
+        Each one departs once its trailer is posted: the next one starts while it leaves
+        (queued behind it on the channel), and the finisher thread waits for it."""
         while True:
             seq = self._sends.get()
             if seq is None or self._stop:  # stopping: start no transfer (it would wait)
                 return
             worker = seq.task.lease.worker
             lock = self._channel_locks[worker]
-            seconds, nbytes, error = 0.0, 0, ""
             with lock:
                 out = OutgoingKV(seq, self._channels[worker], lock, self.runner.kv_pool,
                                  layerwise=False)
                 try:
                     out.start()
                     out.send_all_layers()
-                    seconds, nbytes = out.finish(seq.first_token), out.nbytes
+                    out.finish(seq.first_token, wait=False)
                 except Exception as e:  # a failed transfer is the router's to re-route
                     log.exception("KV transfer of %s failed", seq.task.request_id)
-                    error = f"{type(e).__name__}: {e}"
                     out.cancel()
-                finally:
-                    with self._cv:
-                        self.allocator.free(seq.block_ids)
-            self._report_transfer(seq, seconds, nbytes, error)
+                    self._end_stream(out, 0.0, f"{type(e).__name__}: {e}", report=True)
+                    continue
+            self._finishing.put(out)
