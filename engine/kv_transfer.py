@@ -124,6 +124,10 @@ STAGING_SLOTS = 2  # default number of staging buffers (see KVChannel.set_stagin
 # verify() spins this long at most for the last message and the trailer (one message of a
 # bulk transfer, or the last layer's compute when streaming layer-wise), then sleep-polls.
 _VERIFY_SPIN_S = 2e-3
+# The sender's trailers are built in a ring of this many buffers (pinned host memory and
+# device memory): one is reused only once the trailer it last carried has left, which with
+# transfers in flight back to back is long since.
+_TRAILER_RING = 8
 
 
 # --------------------------------------------------------------------------------------
@@ -260,6 +264,16 @@ class KVChannel:
             self._send_sum = torch.zeros((), dtype=torch.int64, device=device)
             self._verify_words = torch.zeros(TRAILER_SLOTS + 1, dtype=torch.int64,
                                              device=device)
+        # Sender: the trailer ring (see _TRAILER_RING). Its words are written on the host
+        # (through a NumPy view) and copied to the device behind the transfer's packs, then
+        # the checksum word is taken from the running checksum: no host sync, no allocation.
+        self._trailer_host = torch.zeros((_TRAILER_RING, TRAILER_SLOTS), dtype=torch.int64,
+                                         pin_memory=self._is_cuda and rank == 0)
+        self._trailer_np = self._trailer_host.numpy()
+        self._trailer_dev = (torch.zeros_like(self._trailer_host, device=device)
+                             if self._is_cuda and rank == 0 else self._trailer_host)
+        self._trailer_work: list[_Pending | None] = [None] * _TRAILER_RING
+        self._trailer_next = 0
         self._rx_base = 0
         # A staging buffer was handed to the caller (recv_message), who may still read it on
         # its stream: the next receive into staging waits for that stream first.
@@ -970,21 +984,30 @@ class KVChannel:
         tx.pending.append(_Pending(work, t))
 
     def _send_trailer(self, tx: Departure, status: int, first_token: int = -1) -> None:
+        """Post ``tx``'s trailer from the next buffer of the ring; the running checksum is
+        zeroed behind it, ready for the next transfer."""
         h = tx.header
-        slots = [0] * TRAILER_SLOTS
-        slots[_T_FIRST_TOKEN] = first_token
-        slots[_T_MAGIC] = TRAILER_MAGIC
-        slots[_T_VERSION] = PROTOCOL_VERSION
-        slots[_T_TRANSFER_ID] = h.transfer_id
-        slots[_T_EPOCH] = h.epoch
-        slots[_T_STATUS] = status
-        t = torch.tensor(slots, dtype=torch.int64)
+        i = self._trailer_next
+        self._trailer_next = (i + 1) % _TRAILER_RING
+        last = self._trailer_work[i]
+        if last is not None:  # its host words were copied before that send, too
+            self._wait_pending(last, time.monotonic() + self.timeout_s, "an earlier trailer")
+        words = self._trailer_np[i]
+        words[:] = 0
+        words[_T_FIRST_TOKEN] = first_token
+        words[_T_MAGIC] = TRAILER_MAGIC
+        words[_T_VERSION] = PROTOCOL_VERSION
+        words[_T_TRANSFER_ID] = h.transfer_id
+        words[_T_EPOCH] = h.epoch
+        words[_T_STATUS] = status
+        t = self._trailer_dev[i]
         with self._side_stream():
             if self._is_cuda:  # no host sync: the copy waits for the packs, not the host
-                t = t.pin_memory().to(self.device, non_blocking=True)
+                t.copy_(self._trailer_host[i], non_blocking=True)
             t[_T_CHECKSUM].copy_(self._send_sum)  # stays on the device
             self._send_sum.zero_()
         self._post_send(tx, t, _TAG_TRAILER, "sending the trailer")
+        self._trailer_work[i] = tx.pending[-1]
 
     def _depart(self, tx: Departure) -> None:
         """``tx``'s trailer is posted: the channel is free for the next transfer."""

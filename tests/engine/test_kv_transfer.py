@@ -27,6 +27,7 @@ if _ROOT not in sys.path:  # a bare ``pytest`` does not put the repository on sy
 
 from engine.kv_protocol import layers_per_message  # noqa: E402
 from engine.kv_transfer import (  # noqa: E402
+    _TRAILER_RING,
     HEADER_SLOTS,
     ChannelClosed,
     ChannelError,
@@ -418,12 +419,12 @@ def test_transfers_pipelined_while_another_thread_waits(decode_store: Any) -> No
     """finish(wait=False) posts the trailer and the transfer departs: the next header goes
     out at once and its sends queue behind, while another thread (the prefill worker's
     finisher) waits for each departure, as the send thread reuses staging buffers that the
-    departing sends still read (on Gloo each send may be waited for once only). Every
-    transfer lands intact in order with its first token; wait_finished() before finish()
-    and finish() twice are refused."""
+    departing sends still read (on Gloo each send may be waited for once only), and the
+    trailer buffers. Every transfer lands intact in order with its first token;
+    wait_finished() before finish() and finish() twice are refused."""
     src = _pool(SPEC, 4, seed=3)
     ids = torch.tensor([1, 3])
-    n = 4
+    n = _TRAILER_RING + 2  # the trailer buffers are reused
     with _pair(decode_store) as (tx, rx):
         def send() -> list[int]:
             with pytest.raises(ChannelError, match="before finish"):
