@@ -105,8 +105,10 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
             layers = h.message_layers(m)
             ch.recv_into_pool(pool[layers.start:layers.stop], ids)
         queued.append(time.perf_counter())
+        # verify() returns once every layer is unpacked and the checksum read (a host sync
+        # on the channel's stream), as the decode worker sees it; a device-wide sync here
+        # would also wait for the next transfer's receives, posted during verify().
         ch.verify()
-        torch.cuda.synchronize(dev)
         done.append(time.perf_counter())
 
     for _ in range(args["iters"]):  # layer-wise

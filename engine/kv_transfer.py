@@ -628,13 +628,14 @@ class KVChannel:
         if raw is None:
             raise TransferTimeout(
                 f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
-        self._rx = self._start_rx(raw)
+        self._rx = self._start_rx(raw, 1)
         return self._rx.header
 
-    def _start_rx(self, raw: bytes) -> _RxState:
-        """A transfer whose header just came off the doorbell, its first receive posted
-        before anything else (and before the caller looks at the header: a rejected transfer
-        is drained all the same); receiving it posts the next ones."""
+    def _start_rx(self, raw: bytes, ahead: int) -> _RxState:
+        """A transfer whose header just came off the doorbell, the receives of its first
+        ``ahead`` messages posted before anything else (and before the caller looks at the
+        header: a rejected transfer is drained all the same); receiving it posts the next
+        ones."""
         started = self.last_header_at = time.perf_counter()
         try:
             header = TransferHeader.from_bytes(raw)
@@ -645,18 +646,19 @@ class KVChannel:
         except ChannelError as e:
             raise self._fail(f"protocol violation: {e}") from e
         rx = _RxState(header=header, acc=self._verify_words[TRAILER_SLOTS], started=started)
-        self._post_ahead(rx, 1)
+        self._post_ahead(rx, ahead)
         return rx
 
     def _prefetch_next(self) -> None:
         """While the current transfer is verified: if the next one's header is in already
-        (a sender with transfers queued rings as soon as the current one left), post its
-        first receive now, so it moves right behind this one's trailer."""
+        (a pipelined sender rings while the transfer before is still moving), post its
+        receives into every staging buffer now (each one ordered after the unpack queued
+        from it), so it moves right behind this one's trailer while this one is verified."""
         if self._next_rx is not None or self._rx is None or self._rx.trailer is None:
             return
         raw = self._bell.poll()
         if raw is not None:
-            self._next_rx = self._start_rx(raw)
+            self._next_rx = self._start_rx(raw, self.staging_slots)
 
     def match(
         self,

@@ -652,7 +652,8 @@ def _await_header(ch: KVChannel, timeout_s: float = 10.0) -> None:
 
 def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
     """A header that is in while the current transfer is verified has its transfer started
-    (first receive posted) by verify(); recv_header() returns it without waiting. It is
+    (receives posted into the staging buffers) by verify(); recv_header() returns it without
+    waiting. It is
     checked, matched (a rejected one drained) and verified like any other. A one-message
     transfer started that way must not post its trailer's receive before the current
     transfer's trailer was read (both land in the same buffer)."""
@@ -666,9 +667,9 @@ def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
     with _pair(decode_store) as (tx, rx):
         start_rx = rx._start_rx
 
-        def start_slowly(raw: bytes) -> Any:
+        def start_slowly(raw: bytes, ahead: int) -> Any:
             """Give the sender time to deliver all it can of a transfer started early."""
-            started = start_rx(raw)
+            started = start_rx(raw, ahead)
             time.sleep(0.2)
             return started
 
