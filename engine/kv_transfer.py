@@ -254,6 +254,14 @@ class KVChannel:
         self.staging_slots = STAGING_SLOTS
         self._slots: list[Tensor | None] = [None] * self.staging_slots
         self._slot_work: list[_Pending | None] = [None] * self.staging_slots
+        # Receiver (CUDA): per staging buffer, an event on the channel stream after the last
+        # work there that touched it (its allocation, the unpack from it). A receive into it
+        # waits for that alone, posted from a stream of its own, not for everything queued
+        # on the channel stream: the next transfer's first receives, posted during verify(),
+        # need not wait for the last unpack of the transfer before.
+        self._slot_ready: list[torch.cuda.Event | None] = [None] * self.staging_slots
+        self._post_stream: torch.cuda.Stream | None = (
+            torch.cuda.Stream(device=device) if self._is_cuda and rank == 1 else None)
         # Sender: the running checksum (0-d int64), which every message's pack adds to; the
         # trailer takes it and zeroes it behind itself (stream order), ready for the next.
         # Receiver: the trailer lands in words [0, TRAILER_SLOTS) and the running checksum
@@ -389,6 +397,7 @@ class KVChannel:
         self.staging_slots = n
         self._slots = [None] * n
         self._slot_work = [None] * n
+        self._slot_ready = [None] * n
         self._views = {}
 
     @property
@@ -699,6 +708,7 @@ class KVChannel:
         buf = self._take_message(rx, out)
         with self._side_stream():
             rx.acc += _checksum_tensor(buf, self._word_offset(h, m))
+            self._mark_slot(m % self.staging_slots)
         self._join_side_stream()
         if out is None:
             self._caller_reads = True
@@ -731,6 +741,7 @@ class KVChannel:
             if self._stream is not None:
                 block_ids.record_stream(self._stream)
             _unpack(buf, caches, block_ids, self._word_offset(h, m), rx.acc)
+            self._mark_slot(m % self.staging_slots)
         self._join_side_stream()
 
     def verify(self) -> TransferHeader:
@@ -914,7 +925,10 @@ class KVChannel:
         if current == self._stream:  # already on it
             return contextlib.nullcontext()
         self._stream.wait_stream(current)
-        self._caller_reads = False
+        if self._caller_reads:  # the caller's reads of what it was handed are behind now
+            self._caller_reads = False
+            for slot in range(self.staging_slots):
+                self._mark_slot(slot)
         return torch.cuda.stream(self._stream)
 
     def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
@@ -945,6 +959,7 @@ class KVChannel:
                 size = max(h.layers_per_message * h.bytes_per_layer, 1)
                 buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             self._slots[slot] = buf
+            self._mark_slot(slot)
             self._views = {key: v for key, v in self._views.items() if key[0] != slot}
         shape = (k, *self.spec.layer_shape(h.num_blocks))
         view = self._views[slot, k, h.num_blocks] = \
@@ -1089,12 +1104,30 @@ class KVChannel:
                 and self._rx in (None, rx)):
             rx.trailer = self._post_trailer_recv()
 
+    def _mark_slot(self, slot: int) -> None:
+        """Receiver: what the channel stream queued so far is all that a receive into
+        staging buffer ``slot`` must wait for (see ``_slot_ready``)."""
+        if self._post_stream is None:
+            return
+        ready = self._slot_ready[slot]
+        if ready is None:
+            ready = self._slot_ready[slot] = torch.cuda.Event()
+        ready.record(self._stream)
+
     def _post_recv(self, rx: _RxState, m: int, buf: Tensor, owned: bool = True) -> None:
         """Post message ``m``'s receive into ``buf``: a staging buffer (``owned``), ordered
-        after the channel stream's earlier unpacks from it and, when one was handed out, the
+        after the channel stream's last work on it and, when one was handed out, the
         caller's reads; or the caller's tensor, ordered after the caller's queued work."""
+        ready = (self._slot_ready[m % self.staging_slots]
+                 if owned and not self._caller_reads else None)
+        ctx: contextlib.AbstractContextManager[Any]
+        if ready is not None and self._post_stream is not None:
+            self._post_stream.wait_event(ready)
+            ctx = torch.cuda.stream(self._post_stream)
+        else:
+            ctx = self._side_stream() if self._caller_reads or not owned else self._on_stream()
         try:
-            with self._side_stream() if self._caller_reads or not owned else self._on_stream():
+            with ctx:
                 if not owned and self._stream is not None:
                     buf.record_stream(self._stream)
                 work = self._pg.recv([buf.reshape(-1).view(torch.uint8)], self._peer,
