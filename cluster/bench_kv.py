@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import queue
@@ -40,6 +41,7 @@ from engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel, _make_nccl
 from engine.messages import Lease, PrefillTask
 from engine.runner import ModelRunner, PrefillItem
 from engine.sequence import SamplingParams
+from engine.warmup import freeze_gc
 from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import PrefillSeq
 
@@ -56,6 +58,25 @@ def _raw_group(store: dist.Store, rank: int, dev: torch.device) -> Any:
     """The raw NCCL ceiling's own two-rank communicator between the same GPUs, built as the
     channel builds its own."""
     return _make_nccl(dist.PrefixStore("bench-raw/", store), rank, dev, 120.0, "bench-raw")
+
+
+class _GcPauses:
+    """Every garbage collection from now on in this process: (start, seconds, generation).
+    Before recording, with ``freeze`` the objects alive are frozen as the workers do after
+    warm-up (``engine.warmup.freeze_gc``)."""
+
+    def __init__(self, freeze: bool) -> None:
+        if freeze:
+            freeze_gc()
+        self.pauses: list[tuple[float, float, int]] = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._record)
+
+    def _record(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((self._t0, time.perf_counter() - self._t0, info["generation"]))
 
 
 def _raw_exchange(pg: Any, rank: int, t: torch.Tensor, parts: int = 1) -> None:
@@ -94,6 +115,7 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
                         spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
                         timeout_s=120.0, owns_store=True)
     raw_pg = _raw_group(store, 1, dev)
+    pauses = _GcPauses(args["gc_freeze"])
     ids = torch.arange(n, dtype=torch.int64, device=dev)
     done, landed, header_in, queued = [], [], [], []
 
@@ -141,7 +163,8 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     raw_pg.abort()
     results.put({"receiver_done": done, "receiver_header": header_in, "receiver_landed": landed,
                  "receiver_queued": queued, "raw_done": raw_done,
-                 "stream_done": stream_done, "raw_stream_done": raw_stream_done})
+                 "stream_done": stream_done, "raw_stream_done": raw_stream_done,
+                 "gc_decode": pauses.pauses})
 
 
 @contextlib.contextmanager
@@ -182,6 +205,7 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
 
     for _ in range(2):  # warm-up: Triton compilation, allocator
         first_token()
+    pauses = _GcPauses(args["gc_freeze"])
 
     def start() -> float:
         """A timed send's start: the GPU idle and the receiver back at its doorbell, the
@@ -272,7 +296,7 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
                  "bulk_start": bulk_start, "layerwise_start": layerwise_start,
                  "raw_start": raw_start, "bytes": nbytes,
                  "stream_start": stream_start, "stream_posted": stream_posted,
-                 "raw_stream_start": raw_stream_start,
+                 "raw_stream_start": raw_stream_start, "gc_prefill": pauses.pauses,
                  "device": torch.cuda.get_device_name(dev)})
     ch.close()
     raw_pg.abort()
@@ -312,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", choices=("sleep", "spin"), default="sleep",
                    help="how the sender waits before each timed send (channel and raw "
                         "alike): sleep (its CPU goes idle) or spin (a busy host)")
+    p.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze the objects alive after set-up out of the garbage "
+                        "collector's reach, as the workers do after warm-up (default: on)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     if a.stream < 1:
@@ -322,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(k, slots) for k in a.layers_per_message for slots in a.staging_slots]
     args = {"preset": a.preset, "prompt_len": a.prompt_len, "iters": a.iters,
             "variants": variants, "raw_parts": a.raw_parts, "profile": a.profile,
-            "stream": a.stream, "idle": a.idle}
+            "stream": a.stream, "idle": a.idle, "gc_freeze": a.gc_freeze}
     ctx = mp.get_context("spawn")
     ports, results = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=f, args=(args, ports, results)) for f in (_receiver, _sender)]
@@ -427,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  each waited: channel {report['stream_waited_channel_gbps']:6.1f} GB/s, raw NCCL "
           f"{report['stream_waited_raw_gbps']:6.1f} GB/s, ratio "
           f"{report['stream_waited_over_raw']:.2f}")
+    for side in ("prefill", "decode"):
+        collections: list[list[Any]] = out[f"gc_{side}"]
+        longest = max(collections, key=lambda g: g[1], default=(0.0, 0.0, 0))
+        report[f"gc_{side}"] = {"collections": len(collections), "longest_s": longest[1],
+                                "longest_generation": longest[2]}
+        print(f"garbage collections in the {side} process (gc.freeze "
+              f"{'on' if a.gc_freeze else 'off'}): {len(collections)}, longest "
+              f"{longest[1] * 1e3:.1f} ms (generation {longest[2]})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"report": report, "raw": out}, f, indent=1)
