@@ -254,14 +254,6 @@ class KVChannel:
         self.staging_slots = STAGING_SLOTS
         self._slots: list[Tensor | None] = [None] * self.staging_slots
         self._slot_work: list[_Pending | None] = [None] * self.staging_slots
-        # Receiver (CUDA): per staging buffer, an event on the channel stream after the last
-        # work there that touched it (its allocation, the unpack from it). A receive into it
-        # waits for that alone, posted from a stream of its own, not for everything queued
-        # on the channel stream: the next transfer's first receives, posted during verify(),
-        # need not wait for the last unpack of the transfer before.
-        self._slot_ready: list[torch.cuda.Event | None] = [None] * self.staging_slots
-        self._post_stream: torch.cuda.Stream | None = (
-            torch.cuda.Stream(device=device) if self._is_cuda and rank == 1 else None)
         # Sender: the running checksum (0-d int64), which every message's pack adds to; the
         # trailer takes it and zeroes it behind itself (stream order), ready for the next.
         # Receiver: the trailer lands in words [0, TRAILER_SLOTS) and the running checksum
@@ -397,7 +389,6 @@ class KVChannel:
         self.staging_slots = n
         self._slots = [None] * n
         self._slot_work = [None] * n
-        self._slot_ready = [None] * n
         self._views = {}
 
     @property
@@ -637,14 +628,13 @@ class KVChannel:
         if raw is None:
             raise TransferTimeout(
                 f"KV channel {self.name!r}: no transfer started within {wait_s:.3g} s")
-        self._rx = self._start_rx(raw, 1)
+        self._rx = self._start_rx(raw)
         return self._rx.header
 
-    def _start_rx(self, raw: bytes, ahead: int) -> _RxState:
-        """A transfer whose header just came off the doorbell, the receives of its first
-        ``ahead`` messages posted before anything else (and before the caller looks at the
-        header: a rejected transfer is drained all the same); receiving it posts the next
-        ones."""
+    def _start_rx(self, raw: bytes) -> _RxState:
+        """A transfer whose header just came off the doorbell, its first receive posted
+        before anything else (and before the caller looks at the header: a rejected transfer
+        is drained all the same); receiving it posts the next ones."""
         started = self.last_header_at = time.perf_counter()
         try:
             header = TransferHeader.from_bytes(raw)
@@ -655,19 +645,18 @@ class KVChannel:
         except ChannelError as e:
             raise self._fail(f"protocol violation: {e}") from e
         rx = _RxState(header=header, acc=self._verify_words[TRAILER_SLOTS], started=started)
-        self._post_ahead(rx, ahead)
+        self._post_ahead(rx, 1)
         return rx
 
     def _prefetch_next(self) -> None:
         """While the current transfer is verified: if the next one's header is in already
-        (a pipelined sender rings while the transfer before is still moving), post its
-        receives into every staging buffer now (each one ordered after the unpack queued
-        from it), so it moves right behind this one's trailer while this one is verified."""
+        (a sender with transfers queued rings as soon as the current one left), post its
+        first receive now, so it moves right behind this one's trailer."""
         if self._next_rx is not None or self._rx is None or self._rx.trailer is None:
             return
         raw = self._bell.poll()
         if raw is not None:
-            self._next_rx = self._start_rx(raw, self.staging_slots)
+            self._next_rx = self._start_rx(raw)
 
     def match(
         self,
@@ -708,7 +697,6 @@ class KVChannel:
         buf = self._take_message(rx, out)
         with self._side_stream():
             rx.acc += _checksum_tensor(buf, self._word_offset(h, m))
-            self._mark_slot(m % self.staging_slots)
         self._join_side_stream()
         if out is None:
             self._caller_reads = True
@@ -741,7 +729,6 @@ class KVChannel:
             if self._stream is not None:
                 block_ids.record_stream(self._stream)
             _unpack(buf, caches, block_ids, self._word_offset(h, m), rx.acc)
-            self._mark_slot(m % self.staging_slots)
         self._join_side_stream()
 
     def verify(self) -> TransferHeader:
@@ -925,10 +912,7 @@ class KVChannel:
         if current == self._stream:  # already on it
             return contextlib.nullcontext()
         self._stream.wait_stream(current)
-        if self._caller_reads:  # the caller's reads of what it was handed are behind now
-            self._caller_reads = False
-            for slot in range(self.staging_slots):
-                self._mark_slot(slot)
+        self._caller_reads = False
         return torch.cuda.stream(self._stream)
 
     def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
@@ -959,7 +943,6 @@ class KVChannel:
                 size = max(h.layers_per_message * h.bytes_per_layer, 1)
                 buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             self._slots[slot] = buf
-            self._mark_slot(slot)
             self._views = {key: v for key, v in self._views.items() if key[0] != slot}
         shape = (k, *self.spec.layer_shape(h.num_blocks))
         view = self._views[slot, k, h.num_blocks] = \
@@ -1104,30 +1087,12 @@ class KVChannel:
                 and self._rx in (None, rx)):
             rx.trailer = self._post_trailer_recv()
 
-    def _mark_slot(self, slot: int) -> None:
-        """Receiver: what the channel stream queued so far is all that a receive into
-        staging buffer ``slot`` must wait for (see ``_slot_ready``)."""
-        if self._post_stream is None:
-            return
-        ready = self._slot_ready[slot]
-        if ready is None:
-            ready = self._slot_ready[slot] = torch.cuda.Event()
-        ready.record(self._stream)
-
     def _post_recv(self, rx: _RxState, m: int, buf: Tensor, owned: bool = True) -> None:
         """Post message ``m``'s receive into ``buf``: a staging buffer (``owned``), ordered
-        after the channel stream's last work on it and, when one was handed out, the
+        after the channel stream's earlier unpacks from it and, when one was handed out, the
         caller's reads; or the caller's tensor, ordered after the caller's queued work."""
-        ready = (self._slot_ready[m % self.staging_slots]
-                 if owned and not self._caller_reads else None)
-        ctx: contextlib.AbstractContextManager[Any]
-        if ready is not None and self._post_stream is not None:
-            self._post_stream.wait_event(ready)
-            ctx = torch.cuda.stream(self._post_stream)
-        else:
-            ctx = self._side_stream() if self._caller_reads or not owned else self._on_stream()
         try:
-            with ctx:
+            with self._side_stream() if self._caller_reads or not owned else self._on_stream():
                 if not owned and self._stream is not None:
                     buf.record_stream(self._stream)
                 work = self._pg.recv([buf.reshape(-1).view(torch.uint8)], self._peer,

@@ -652,8 +652,7 @@ def _await_header(ch: KVChannel, timeout_s: float = 10.0) -> None:
 
 def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
     """A header that is in while the current transfer is verified has its transfer started
-    (receives posted into the staging buffers) by verify(); recv_header() returns it without
-    waiting. It is
+    (first receive posted) by verify(); recv_header() returns it without waiting. It is
     checked, matched (a rejected one drained) and verified like any other. A one-message
     transfer started that way must not post its trailer's receive before the current
     transfer's trailer was read (both land in the same buffer)."""
@@ -667,9 +666,9 @@ def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
     with _pair(decode_store) as (tx, rx):
         start_rx = rx._start_rx
 
-        def start_slowly(raw: bytes, ahead: int) -> Any:
+        def start_slowly(raw: bytes) -> Any:
             """Give the sender time to deliver all it can of a transfer started early."""
-            started = start_rx(raw, ahead)
+            started = start_rx(raw)
             time.sleep(0.2)
             return started
 
