@@ -41,7 +41,6 @@ from engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel, _make_nccl
 from engine.messages import Lease, PrefillTask
 from engine.runner import ModelRunner, PrefillItem
 from engine.sequence import SamplingParams
-from engine.warmup import freeze_gc
 from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import PrefillSeq
 
@@ -61,13 +60,10 @@ def _raw_group(store: dist.Store, rank: int, dev: torch.device) -> Any:
 
 
 class _GcPauses:
-    """Every garbage collection from now on in this process: (start, seconds, generation).
-    Before recording, with ``freeze`` the objects alive are frozen as the workers do after
-    warm-up (``engine.warmup.freeze_gc``)."""
+    """Every garbage collection from now on in this process: (start, seconds, generation),
+    to tell a collector pause from a transfer's own stall."""
 
-    def __init__(self, freeze: bool) -> None:
-        if freeze:
-            freeze_gc()
+    def __init__(self) -> None:
         self.pauses: list[tuple[float, float, int]] = []
         self._t0 = 0.0
         gc.callbacks.append(self._record)
@@ -115,7 +111,7 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
                         spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
                         timeout_s=120.0, owns_store=True)
     raw_pg = _raw_group(store, 1, dev)
-    pauses = _GcPauses(args["gc_freeze"])
+    pauses = _GcPauses()
     ids = torch.arange(n, dtype=torch.int64, device=dev)
     done, landed, header_in, queued = [], [], [], []
 
@@ -205,7 +201,7 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
 
     for _ in range(2):  # warm-up: Triton compilation, allocator
         first_token()
-    pauses = _GcPauses(args["gc_freeze"])
+    pauses = _GcPauses()
 
     def start() -> float:
         """A timed send's start: the GPU idle and the receiver back at its doorbell, the
@@ -336,9 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", choices=("sleep", "spin"), default="sleep",
                    help="how the sender waits before each timed send (channel and raw "
                         "alike): sleep (its CPU goes idle) or spin (a busy host)")
-    p.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
-                   help="freeze the objects alive after set-up out of the garbage "
-                        "collector's reach, as the workers do after warm-up (default: on)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     if a.stream < 1:
@@ -349,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(k, slots) for k in a.layers_per_message for slots in a.staging_slots]
     args = {"preset": a.preset, "prompt_len": a.prompt_len, "iters": a.iters,
             "variants": variants, "raw_parts": a.raw_parts, "profile": a.profile,
-            "stream": a.stream, "idle": a.idle, "gc_freeze": a.gc_freeze}
+            "stream": a.stream, "idle": a.idle}
     ctx = mp.get_context("spawn")
     ports, results = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=f, args=(args, ports, results)) for f in (_receiver, _sender)]
@@ -459,8 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         longest = max(collections, key=lambda g: g[1], default=(0.0, 0.0, 0))
         report[f"gc_{side}"] = {"collections": len(collections), "longest_s": longest[1],
                                 "longest_generation": longest[2]}
-        print(f"garbage collections in the {side} process (gc.freeze "
-              f"{'on' if a.gc_freeze else 'off'}): {len(collections)}, longest "
+        print(f"garbage collections in the {side} process: {len(collections)}, longest "
               f"{longest[1] * 1e3:.1f} ms (generation {longest[2]})")
     if a.json:
         with open(a.json, "w") as f:

@@ -32,13 +32,7 @@ from engine.runner import DecodeItem, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
 from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
-from engine.warmup import (
-    SLOW_STEP_S,
-    freeze_gc,
-    report_late_compiles,
-    start_runner,
-    warm_up,
-)
+from engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 
 log = logging.getLogger("pdserve.decode")
 
@@ -235,7 +229,6 @@ class DecodeWorker:
                 prefill=self.cfg.local_prefill, decode=True)
         if self.runner.device.type == "cuda":
             report_late_compiles(log)
-        freeze_gc()
 
     def _run(self) -> None:
         while True:

@@ -5,7 +5,6 @@ transfer kernels on an H200)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 from typing import Any
 
@@ -48,15 +47,6 @@ def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,
         _warm_transfer_kernels(runner.kv_pool, ids[0])
     finally:
         allocator.free(ids)
-
-
-def freeze_gc() -> None:
-    """After start-up: collect, then move every object alive now out of the garbage
-    collector's reach (``gc.freeze``, as vLLM does once its model is loaded). A full
-    collection while serving then scans only what was made since, instead of stalling the
-    process for tens of milliseconds mid-transfer (docs/benchmarks.md)."""
-    gc.collect()
-    gc.freeze()
 
 
 # Worker steps longer than this are logged (a compile, a stall).

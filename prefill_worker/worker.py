@@ -26,13 +26,7 @@ from engine.runner import PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
 from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
-from engine.warmup import (
-    SLOW_STEP_S,
-    freeze_gc,
-    report_late_compiles,
-    start_runner,
-    warm_up,
-)
+from engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 from prefill_worker.kv_sender import OutgoingKV
 from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
 
@@ -146,7 +140,6 @@ class PrefillWorker:
         warm_up(self.runner, self.allocator, self.cfg.max_num_seqs, prefill=True, decode=False)
         if self.runner.device.type == "cuda":
             report_late_compiles(log)
-        freeze_gc()
 
     def _run(self) -> None:
         while True:
