@@ -155,7 +155,6 @@ class Departure:
     started: float
     next_msg: int = 0
     pending: list[_Pending] = field(default_factory=list)
-    trailer_sent: bool = False
     finished: bool = False  # every queued send completed (and was accounted for)
 
 
@@ -246,7 +245,7 @@ class KVChannel:
         self._tx: Departure | None = None  # being sent (header out, trailer not yet)
         self._leaving: list[Departure] = []  # trailer posted, not yet seen to have left
         # Guards what a thread in wait_finished() shares with the thread sending the next
-        # transfer: _leaving, _slot_work and the stats.
+        # transfer: _leaving and the stats.
         self._state_lock = threading.Lock()
         self._rx: _RxState | None = None
         # Staging buffers used in turn by message (pack or receive the next ones while m
@@ -548,10 +547,9 @@ class KVChannel:
         if departure is None:
             with self._state_lock:
                 departure = self._leaving[0] if self._leaving else None
-        if departure is None or not departure.trailer_sent:
-            tx = departure or self._tx
+        if departure is None or departure is self._tx:
             raise ChannelError("wait_finished() before finish()" + (
-                f" for transfer {tx.header.transfer_id}" if tx is not None else ""))
+                f" for transfer {self._tx.header.transfer_id}" if self._tx is not None else ""))
         self._complete_tx(departure, ok=True)
 
     def cancel(self) -> None:
@@ -953,9 +951,8 @@ class KVChannel:
         """The sender's staging buffer for message ``m``; the send that last read it must
         have left first (a stream wait on CUDA, no host sync)."""
         slot = m % self.staging_slots
-        with self._state_lock:
-            last, self._slot_work[slot] = self._slot_work[slot], None
-        if last is not None:  # perhaps a departing transfer's send
+        last, self._slot_work[slot] = self._slot_work[slot], None
+        if last is not None and not last.done:  # perhaps a departing transfer's send
             if self._is_cuda:
                 with self._side_stream():
                     last.work.wait()
@@ -972,8 +969,7 @@ class KVChannel:
             self._post_send(tx, sent.reshape(-1).view(torch.uint8), _TAG_LAYER0 + m,
                             f"sending {_what(h, m)}")
             if slot is not None:
-                with self._state_lock:
-                    self._slot_work[slot] = tx.pending[-1]
+                self._slot_work[slot] = tx.pending[-1]
 
     def _post_send(self, tx: Departure, t: Tensor, tag: int, what: str) -> None:
         try:
@@ -1011,14 +1007,14 @@ class KVChannel:
 
     def _depart(self, tx: Departure) -> None:
         """``tx``'s trailer is posted: the channel is free for the next transfer."""
-        tx.trailer_sent = True
         self._tx = None
         with self._state_lock:
             self._leaving.append(tx)
 
     def _complete_tx(self, tx: Departure, *, ok: bool) -> None:
-        """Wait until everything departing ``tx`` queued has left; free its staging
-        buffers (those the next transfer has not claimed yet)."""
+        """Wait until everything departing ``tx`` queued has left. (Its sends stay the
+        staging buffers' last readers until the next transfer claims them; one seen done is
+        not waited for again.)"""
         deadline = time.monotonic() + self.timeout_s
         for p in tx.pending:
             self._wait_pending(p, deadline, f"transfer {tx.header.transfer_id}")
@@ -1026,9 +1022,6 @@ class KVChannel:
             if tx.finished:
                 return
             tx.finished = True
-            mine = {id(p) for p in tx.pending}
-            self._slot_work = [None if w is not None and id(w) in mine else w
-                               for w in self._slot_work]
             tx.pending = []
             self._leaving = [d for d in self._leaving if d is not tx]
             if ok:
