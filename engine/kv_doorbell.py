@@ -6,6 +6,11 @@ with the GIL released until they arrive: one hop. Nothing is posted anywhere whi
 is idle, so a wait times out harmlessly, and a prefill process that dies closes the
 connection, so an idle decode end can tell a dead sender from a quiet one.
 
+The connection also tells either end, mid-transfer, that the other one went away
+(:meth:`Doorbell.check_peer`): an NCCL send or receive whose peer aborted its communicator
+never completes, so without it the end still waiting would sit out its whole timeout. An end
+that closes a sound channel on purpose says goodbye first, in either direction.
+
 What it replaced:
 
 * Protocol 3 rang a key in the decode worker's ``TCPStore`` whose value was the header: the
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
+import threading
 import time
 
 import torch.distributed as dist
@@ -32,8 +39,8 @@ import torch.distributed as dist
 from engine.kv_protocol import HEADER_SLOTS
 
 HEADER_BYTES = HEADER_SLOTS * 8
-# Sent in place of a header by a sender that closes its end on purpose (shutdown), so the
-# receiver can tell a peer that left from one that died (the connection just closes).
+# Sent in place of a header by an end that closes on purpose (shutdown), so the other end can
+# tell a peer that left from one that died (the connection just closes).
 GOODBYE = b"PDKV-BYE".ljust(HEADER_BYTES, b"\0")
 _HELLO = b"PDKV-BELL:"  # then the channel's name: a stray connection is turned away
 _ADDR_KEY = "bell/addr"
@@ -44,7 +51,7 @@ class DoorbellError(ConnectionError):
 
 
 class PeerLeft(DoorbellError):
-    """The sender closed its end on purpose (it said goodbye first)."""
+    """The peer closed its end on purpose (it said goodbye first)."""
 
 
 class Doorbell:
@@ -55,6 +62,10 @@ class Doorbell:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._buf = bytearray()  # bytes received beyond the header handed out last
+        self._poller = select.poll()  # for check_peer (select() fails past fd 1024)
+        self._poller.register(sock, select.POLLIN | select.POLLPRI)
+        self._check_lock = threading.Lock()  # the prefill end may check from two threads
+        self._gone: DoorbellError | None = None  # what check_peer saw, once it saw it
 
     @classmethod
     def listen(cls, ns: dist.Store, host: str, name: str, timeout_s: float) -> Doorbell:
@@ -142,6 +153,38 @@ class Doorbell:
             return None
         return self._take()
 
+    def check_peer(self) -> None:
+        """Raise :class:`PeerLeft` if the peer said goodbye, :class:`DoorbellError` if its end
+        is closed; else return. Never blocks and loses nothing: bytes that came in (a
+        header) stay for :meth:`wait` and :meth:`poll`. Safe beside :meth:`ring` on another
+        thread; a check already running on another thread makes this one return."""
+        if self._gone is not None:
+            raise self._gone
+        if self._sock.fileno() < 0:  # closed here (its number may belong to another file)
+            raise DoorbellError("the doorbell connection was closed")
+        if not self._check_lock.acquire(blocking=False):
+            return
+        try:
+            while self._poller.poll(0):  # readable: data, end of stream or an error
+                try:
+                    chunk = self._sock.recv(1 << 16)  # returns at once (it is readable)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    self._gone = DoorbellError(f"the doorbell connection broke: {e}")
+                    break
+                if not chunk:
+                    self._gone = DoorbellError("the doorbell connection was closed")
+                    break
+                self._buf += chunk
+            if any(self._buf[i:i + HEADER_BYTES] == GOODBYE  # behind headers rung before
+                   for i in range(0, len(self._buf), HEADER_BYTES)):
+                self._gone = PeerLeft("the peer closed its end")
+        finally:
+            self._check_lock.release()
+        if self._gone is not None:
+            raise self._gone
+
     def _take(self) -> bytes:
         """The first header buffered (there is one); the rest stays for the next call."""
         header = bytes(self._buf[:HEADER_BYTES])
@@ -150,8 +193,9 @@ class Doorbell:
 
     def close(self, goodbye: bool = False) -> None:
         """Close the connection; a :meth:`wait` blocked in another thread returns at once
-        (with :class:`DoorbellError`). ``goodbye`` (the sender, closing on purpose): first
-        tell the peer, whose :meth:`wait` then raises :class:`PeerLeft`; best effort."""
+        (with :class:`DoorbellError`). ``goodbye`` (closing on purpose): first tell the peer,
+        whose :meth:`wait` or :meth:`check_peer` then raises :class:`PeerLeft`; best
+        effort."""
         if goodbye:
             with contextlib.suppress(OSError):
                 self._sock.settimeout(0.5)

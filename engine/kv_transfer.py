@@ -128,6 +128,13 @@ _VERIFY_SPIN_S = 2e-3
 # device memory): one is reused only once the trailer it last carried has left, which with
 # transfers in flight back to back is long since.
 _TRAILER_RING = 8
+# A wait on NCCL work longer than this looks at the doorbell connection every as often: a
+# peer that aborted its communicator (a broken or closed channel) never completes its side,
+# and its closed connection says so (the CPU backend, Gloo, raises on its own).
+_PEER_CHECK_S = 5e-3
+# Once the peer is seen gone, work still waited for gets this long to complete (what the peer
+# sent before it went may still be landing) before the channel gives up.
+_PEER_GONE_GRACE_S = 0.5
 
 
 # --------------------------------------------------------------------------------------
@@ -412,9 +419,9 @@ class KVChannel:
             pg, self._pg = self._pg, None
             broken = (abort or self._closed_reason is not None or self.busy
                       or self._next_rx is not None)
-            # A sender closing a sound channel says goodbye: the receiver then knows the
-            # peer left (shutdown) rather than died.
-            goodbye = self.rank == 0 and self._closed_reason is None
+            # An end closing a sound channel says goodbye: the other end then knows the peer
+            # left (shutdown) rather than died.
+            goodbye = self._closed_reason is None
             if self._closed_reason is None:
                 self._closed_reason = "closed"
             self._tx = self._rx = self._next_rx = None
@@ -1150,17 +1157,25 @@ class KVChannel:
         """Wait for ``work`` until ``deadline``; on failure abort the channel and raise.
         CUDA: spin for up to ``spin_s`` first (the GIL is let go between polls, and
         ``on_spin`` runs), then poll with short sleeps (each oversleeps by tens of
-        microseconds)."""
+        microseconds); past :data:`_PEER_CHECK_S`, also watch the doorbell connection for
+        a peer that went away (the wait then ends within :data:`_PEER_GONE_GRACE_S`)."""
+        gone: DoorbellError | None = None
         try:
             if self._is_cuda:
                 # Poll: the NCCL work's CUDA event tells when the GPU finished; our deadline
                 # fires (and aborts the communicator) well before the watchdog would.
                 delay = 10e-6
-                spin_until = time.monotonic() + spin_s
+                start = time.monotonic()
+                spin_until, check_at = start + spin_s, start + _PEER_CHECK_S
                 while not work.is_completed():
                     now = time.monotonic()
                     if now >= deadline:
-                        raise TimeoutError(f"timed out after {self.timeout_s:.3g} s")
+                        raise gone or TimeoutError(f"timed out after {self.timeout_s:.3g} s")
+                    if gone is None and now >= check_at:
+                        check_at = now + _PEER_CHECK_S
+                        gone = self._peer_gone()
+                        if gone is not None:
+                            deadline = min(deadline, now + _PEER_GONE_GRACE_S)
                     if now < spin_until:
                         if on_spin is not None:
                             on_spin()
@@ -1173,7 +1188,18 @@ class KVChannel:
                 remaining = max(deadline - time.monotonic(), 1e-3)
                 work.wait(timedelta(seconds=remaining))
         except Exception as e:
-            raise self._fail(f"{what}: {e}") from e
+            raise self._fail(f"{what}: {e}", quiet=isinstance(e, PeerLeft)) from e
+
+    def _peer_gone(self) -> DoorbellError | None:
+        """What the doorbell connection says about a peer that went away, if it did."""
+        role = _ROLE[self._peer]
+        try:
+            self._bell.check_peer()
+        except PeerLeft:
+            return PeerLeft(f"the {role} end closed the channel")
+        except DoorbellError as e:
+            return DoorbellError(f"the {role} end is gone ({e})")
+        return None
 
     def _fail(self, reason: str, quiet: bool = False) -> ChannelClosed:
         """Mark the channel broken, abort the process group, and return the error to raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -137,3 +138,51 @@ def test_a_stray_connection_is_turned_away() -> None:
 def test_nobody_connecting_is_a_clear_error() -> None:
     with pytest.raises(DoorbellError, match="did not connect within"):
         Doorbell.listen(dist.HashStore(), HOST, "alone", 0.2)
+
+
+def test_check_peer_is_quiet_while_the_peer_is_there(pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, rx = pair
+    tx.check_peer()
+    rx.check_peer()
+    tx.ring(b"\x09" * HEADER_BYTES, 5)
+    for _ in range(200):  # until the header is in: checking buffers it, and keeps it
+        rx.check_peer()
+        if len(rx._buf) == HEADER_BYTES:
+            break
+        time.sleep(0.01)
+    assert rx.wait(5) == b"\x09" * HEADER_BYTES
+
+
+@pytest.mark.parametrize("goodbye", [False, True])
+def test_check_peer_sees_the_receiver_go(pair: tuple[Doorbell, Doorbell],
+                                         goodbye: bool) -> None:
+    tx, rx = pair  # the prefill end learns, mid-transfer, that the decode end went away
+    rx.close(goodbye=goodbye)
+    expected = PeerLeft if goodbye else DoorbellError
+    with pytest.raises(DoorbellError) as info:
+        for _ in range(500):
+            tx.check_peer()
+            time.sleep(0.01)
+    assert type(info.value) is expected
+    with pytest.raises(expected):  # and keeps saying so
+        tx.check_peer()
+
+
+def test_check_peer_sees_a_goodbye_behind_a_header(pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, rx = pair
+    tx.ring(b"\x03" * HEADER_BYTES, 5)
+    tx.close(goodbye=True)
+    with pytest.raises(PeerLeft):
+        for _ in range(500):
+            rx.check_peer()
+            time.sleep(0.01)
+    assert rx.wait(5) == b"\x03" * HEADER_BYTES  # the header rung before is not lost
+    with pytest.raises(PeerLeft):
+        rx.wait(5)
+
+
+def test_check_peer_after_close_here(pair: tuple[Doorbell, Doorbell]) -> None:
+    tx, _rx = pair
+    tx.close()
+    with pytest.raises(DoorbellError, match="closed"):
+        tx.check_peer()

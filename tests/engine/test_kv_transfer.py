@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1122,4 +1123,78 @@ def test_nccl_pipelined_transfers() -> None:
             assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), tid
         store.set("done", "1")
         rx.close()
+    assert proc.exitcode == 0
+
+
+def _nccl_abandoned_prefill(port: int, name: str) -> None:
+    """Sends one transfer that the receiver gives up on midway, and reports what finish()
+    said. Its timeout is long (60 s): the test fails if that is what ended the wait."""
+    store, ch = _gpu_sender(port, name, timeout_s=60)
+    pool = _gpu_pool(GPU_SPEC, 300, "cuda:0")
+    h = dataclasses.replace(_header(GPU_SPEC, 1, 256), layers_per_message=4)
+    try:
+        ch.send_pool_blocks(h, pool, torch.arange(256, device="cuda:0"))
+        store.set("result", "sent")
+    except ChannelClosed as e:
+        store.set("result", str(e))
+    ch.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_sender_sees_the_receiver_break_the_channel() -> None:
+    """The decode end breaks the channel midway through a transfer (as on a garbled trailer):
+    the prefill end's sends to the aborted communicator never complete, and its wait ends on
+    the closed doorbell connection, not on its 60 s timeout."""
+    with _gpu_receiver(_nccl_abandoned_prefill, "nccl-abandon", timeout_s=60) as (
+            store, rx, proc):
+        h = rx.recv_header()
+        rx.match(h, 1, 1, 256)
+        dst = _gpu_pool(GPU_SPEC, 300, "cuda:1")
+        first = h.message_layers(0)
+        rx.recv_into_pool(dst[first.start:first.stop], torch.arange(256, device="cuda:1"))
+        rx._fail("test: the decode end gives up")  # aborts, closes the doorbell
+        assert rx.closed
+        store.wait(["result"], timedelta(seconds=120))
+        result = store.get("result").decode()
+        assert "the decode end is gone" in result, result
+        assert "timed out" not in result, result
+    assert proc.exitcode == 0
+
+
+def _nccl_leaving_prefill(port: int, name: str) -> None:
+    """Starts a transfer, then shuts down midway (closes on purpose, as a worker stopping)."""
+    store, ch = _gpu_sender(port, name, timeout_s=60)
+    pool = _gpu_pool(GPU_SPEC, 300, "cuda:0")
+    ids = torch.arange(256, device="cuda:0")
+    h = dataclasses.replace(_header(GPU_SPEC, 1, 256), layers_per_message=4)
+    ch.send_header(h)
+    for m in range(2):
+        layers = h.message_layers(m)
+        ch.send_from_pool(pool[layers.start:layers.stop], ids)
+    store.wait(["taken"], timedelta(seconds=120))
+    ch.close(abort=True)
+    store.wait(["done"], timedelta(seconds=120))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_receiver_sees_the_sender_leave_midway() -> None:
+    """The prefill end closes midway through a transfer (shutdown): it says goodbye, and the
+    decode end's verify() ends on it, as a peer that left, not on its 60 s timeout."""
+    with _gpu_receiver(_nccl_leaving_prefill, "nccl-leave", timeout_s=60) as (
+            store, rx, proc):
+        h = rx.recv_header()
+        rx.match(h, 1, 1, 256)
+        dst = _gpu_pool(GPU_SPEC, 300, "cuda:1")
+        ids = torch.arange(256, device="cuda:1")
+        store.set("taken", "1")
+        with pytest.raises(ChannelClosed) as info:
+            for m in range(h.num_messages):
+                layers = h.message_layers(m)
+                rx.recv_into_pool(dst[layers.start:layers.stop], ids)
+            rx.verify()
+        store.set("done", "1")
+        assert "the prefill end closed the channel" in str(info.value), info.value
+        assert rx.closed
     assert proc.exitcode == 0
