@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import kernels.kv_pack
 from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig, blocks_for
 from engine.kv_cache import allocate_kv_pool
 from engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel, _make_nccl
@@ -132,17 +131,17 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
 
     for _ in range(args["iters"]):  # layer-wise
         receive()
-    for _k, slots, programs in args["variants"]:
-        _use(ch, slots, programs)
+    for _k, slots in args["variants"]:
+        ch.set_staging_slots(slots)
         for _ in range(args["iters"]):
             receive()
     if args["profile"]:
-        _use(ch, *args["variants"][0][1:])
+        ch.set_staging_slots(args["variants"][0][1])
         with _profiled(args["profile"], "decode"):
             receive()
     stream_done = []
-    for _k, slots, programs, _pipelined in _stream_plan(args["variants"]):
-        _use(ch, slots, programs)
+    for _k, slots, _pipelined in _stream_plan(args["variants"]):
+        ch.set_staging_slots(slots)
         for _ in range(1 + args["stream"]):  # the first one untimed (new staging buffers)
             receive()
         stream_done.append(done[-1])
@@ -156,13 +155,6 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     for all_queued in (True, False):
         _raw_stream(raw_pg, 1, raw, args["stream"], all_queued)
         raw_stream_done.append(time.perf_counter())
-    if args["profile"]:  # after every timed run: back to back, channel then raw
-        _use(ch, *args["variants"][0][1:])
-        with _profiled(args["profile"], "decode_stream"):
-            for _ in range(1 + args["stream"]):
-                receive()
-        with _profiled(args["profile"], "decode_raw_stream"):
-            _raw_stream(raw_pg, 1, raw, args["stream"], True)
     ch.close()
     raw_pg.abort()
     results.put({"receiver_done": done, "receiver_header": header_in, "receiver_landed": landed,
@@ -253,19 +245,18 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
         out.finish(0)
         return rung
 
-    for k, slots, programs in args["variants"]:
-        _use(ch, slots, programs)
+    for k, slots in args["variants"]:
+        ch.set_staging_slots(slots)
         starts: list[float] = []
         rungs: list[float] = []
         for _ in range(args["iters"]):
             out = outgoing(k)
             starts.append(start())
             rungs.append(send(out))
-        bulk_start.append((_variant(out.header.layers_per_message, slots, programs), starts,
-                           rungs))
+        bulk_start.append((_variant(out.header.layers_per_message, slots), starts, rungs))
     if args["profile"]:
-        k, slots, programs = args["variants"][0]
-        _use(ch, slots, programs)
+        k, slots = args["variants"][0]
+        ch.set_staging_slots(slots)
         out = outgoing(k)
         start()
         with _profiled(args["profile"], "prefill"):
@@ -275,8 +266,8 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
     # the next one starts at once, queued behind), for each variant; then at the serving
     # default with each one's doorbell rung only once the previous transfer left.
     stream_start, stream_posted = [], []
-    for k, slots, programs, pipelined in _stream_plan(args["variants"]):
-        _use(ch, slots, programs)
+    for k, slots, pipelined in _stream_plan(args["variants"]):
+        ch.set_staging_slots(slots)
         send(outgoing(k))  # untimed: the staging buffers are allocated
         outs = [outgoing(k) for _ in range(args["stream"])]
         stream_start.append(start())
@@ -297,21 +288,6 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
     for all_queued in (True, False):
         raw_stream_start.append(start())
         _raw_stream(raw_pg, 0, raw, args["stream"], all_queued)
-    if args["profile"]:  # as the receiver: after every timed run
-        k, slots, programs = args["variants"][0]
-        _use(ch, slots, programs)
-        outs = [outgoing(k) for _ in range(1 + args["stream"])]
-        start()
-        with _profiled(args["profile"], "prefill_stream"):
-            for out in outs:
-                out.start()
-                out.send_all_layers()
-                out.finish(0, wait=False)
-            for out in outs:
-                out.wait_finished()
-        start()
-        with _profiled(args["profile"], "prefill_raw_stream"):
-            _raw_stream(raw_pg, 0, raw, args["stream"], True)
     results.put({"alone_s": alone, "streamed_first_s": streamed_first,
                  "bulk_start": bulk_start, "layerwise_start": layerwise_start,
                  "raw_start": raw_start, "bytes": nbytes,
@@ -322,25 +298,13 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
     raw_pg.abort()
 
 
-def _stream_plan(variants: list[tuple[int, int, int]]) -> list[tuple[int, int, int, bool]]:
-    """Back-to-back runs: (layers per message, staging buffers, pack programs,
-    pipelined)."""
-    return ([(*v, True) for v in variants]
-            + [(0, STAGING_SLOTS, _PACK_PROGRAMS, False)])
+def _stream_plan(variants: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """Back-to-back runs: (layers per message, staging buffers, pipelined)."""
+    return [(k, slots, True) for k, slots in variants] + [(0, STAGING_SLOTS, False)]
 
 
-_PACK_PROGRAMS = kernels.kv_pack.PROGRAMS  # the serving default (variants change the knob)
-
-
-def _use(ch: KVChannel, slots: int, programs: int) -> None:
-    """Set a variant's staging buffers and its pack/unpack kernels' program cap."""
-    ch.set_staging_slots(slots)
-    kernels.kv_pack.PROGRAMS = programs
-
-
-def _variant(k: int, slots: int, programs: int) -> str:
-    cap = f", {programs} pack programs" if programs else ""
-    return f"{k} layers/message, {slots} staging buffers{cap}"
+def _variant(k: int, slots: int) -> str:
+    return f"{k} layers/message, {slots} staging buffers"
 
 
 def _ints(text: str) -> list[int]:
@@ -357,18 +321,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="channel variants: layers per message (0: the serving default)")
     p.add_argument("--staging-slots", type=_ints, default=[STAGING_SLOTS], metavar="S,S,...",
                    help="channel variants: staging buffers on each side")
-    p.add_argument("--pack-programs", type=_ints, default=[_PACK_PROGRAMS],
-                   metavar="P,P,...",
-                   help="channel variants: cap on the programs of each pack and unpack "
-                        "launch (0: one per tile), to leave multiprocessors to NCCL")
     p.add_argument("--raw-parts", type=_ints, default=[1], metavar="P,P,...",
                    help="raw NCCL in P back-to-back messages (1: one message)")
     p.add_argument("--profile", metavar="DIR",
                    help="also trace one transfer of the first variant on each side "
-                        "(torch.profiler Chrome traces DIR/prefill.json, DIR/decode.json) "
-                        "and, after the timed runs, the same back to back, pipelined "
-                        "(DIR/*_stream.json), and raw NCCL back to back, all queued "
-                        "(DIR/*_raw_stream.json)")
+                        "(torch.profiler Chrome traces DIR/prefill.json, DIR/decode.json)")
     p.add_argument("--stream", type=int, default=8, metavar="T",
                    help="sustained bandwidth: T transfers back to back (serving default "
                         "message size), against T raw NCCL messages back to back")
@@ -382,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.device_count() < 2:
         print("needs two GPUs", file=sys.stderr)
         return 2
-    variants = [(k, slots, programs) for k in a.layers_per_message
-                for slots in a.staging_slots for programs in a.pack_programs]
+    variants = [(k, slots) for k in a.layers_per_message for slots in a.staging_slots]
     args = {"preset": a.preset, "prompt_len": a.prompt_len, "iters": a.iters,
             "variants": variants, "raw_parts": a.raw_parts, "profile": a.profile,
             "stream": a.stream, "idle": a.idle}

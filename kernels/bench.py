@@ -259,39 +259,6 @@ def pack_tiles(tokens: int, copy_bw: float) -> list[Row]:
     return rows
 
 
-def pack_programs(tokens: int, copy_bw: float, caps: list[int]) -> list[Row]:
-    """``--pack-programs``: the KV channel's message (several layers, pack and unpack with
-    the checksum, eagerly) with each launch capped at ``caps`` programs (0: one per tile)."""
-    from engine.kv_protocol import layers_per_message
-    from kernels import kv_pack
-
-    nbytes = _pack_bytes(tokens)
-    layers = layers_per_message(nbytes, 32)
-    pool, ids, bufs = _pack_inputs(tokens, layers)
-    cycle = _Cycle(ids.shape[0])
-
-    def pack_msg() -> object:
-        i = cycle.next()
-        return kv_pack.pack_kv_checksum(pool, ids[i], bufs[i], 0)
-
-    def unpack_msg() -> object:
-        i = cycle.next()
-        return kv_pack.unpack_kv_checksum(bufs[i], pool, ids[i], 0)
-
-    default, rows = kv_pack.PROGRAMS, []
-    try:
-        for cap in caps:
-            kv_pack.PROGRAMS = cap
-            for name, fn in (("kv_pack+sum", pack_msg), ("kv_unpk+sum", unpack_msg)):
-                ms = _bench(fn)
-                bw = 2 * nbytes * layers / (ms * 1e-3)
-                rows.append(Row(name, f"tok={tokens} {layers} layers, cap {cap or 'none'}", ms,
-                                bw / 1e9, "GB/s", "copy bandwidth", bw / copy_bw))
-    finally:
-        kv_pack.PROGRAMS = default
-    return rows
-
-
 def bench_decode(batches: list[int], contexts: list[int], copy_bw: float) -> list[Row]:
     rows = []
     for batch in batches:
@@ -323,10 +290,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a short sweep")
     parser.add_argument("--pack-tiles", action="store_true",
                         help="with pack: also sweep the pack kernel's chunk and warps")
-    parser.add_argument("--pack-programs", type=lambda t: [int(x) for x in t.split(",")],
-                        metavar="P,P,...",
-                        help="with pack: also time the channel's message with each launch "
-                             "capped at P programs (0: no cap)")
     parser.add_argument("--only", default="decode,prefill,pack", metavar="PARTS",
                         help="comma-separated parts to run (default: decode,prefill,pack)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -364,8 +327,6 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_pack(pack_tokens, copy_bw)
         if args.pack_tiles:
             rows += pack_tiles(4096, copy_bw)
-        if args.pack_programs:
-            rows += pack_programs(4096, copy_bw, args.pack_programs)
 
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}")

@@ -20,46 +20,32 @@ from kernels._triton import cdiv, check_launch, jit, tl
 from kernels.kv_checksum import kv_checksum_ref
 
 
-# Counts and offsets that vary per request: specializing on them (a value of 1, a multiple
-# of 16) would compile new variants in serving; no address depends on their alignment.
-@jit(do_not_specialize=("num_ids", "word_offset", "num_tiles"))
+@jit
 def _move_blocks_kernel(
     cache_ptr, buf_ptr, ids_ptr, acc_ptr,
-    num_ids, block_elems, stride_layer, stride_kv, stride_block, word_offset, num_tiles,
-    chunks_per_block,
+    num_ids, block_elems, stride_layer, stride_kv, stride_block, word_offset,
     TO_BUFFER: tl.constexpr, CHECKSUM: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Tiles: (k layers x {K, V}, n blocks, chunks of one block's bs*Hk*D contiguous
-    # elements), the chunk fastest, so tile t covers buffer elements [t*BLOCK, ...) of its
-    # block's run. Each program takes every num_programs-th tile: one tile each at the full
-    # grid, or a loop when the launch caps the program count (to leave the other
-    # multiprocessors to kernels running beside it, e.g. NCCL's).
-    total = tl.zeros((), dtype=tl.int64)
-    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        t = tl.cast(tile, tl.int64)
-        chunk = t % chunks_per_block
-        row = t // chunks_per_block  # lkv * num_ids + i
-        i = row % num_ids
-        lkv = row // num_ids
-        offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < block_elems
-        block = tl.load(ids_ptr + i).to(tl.int64)
-        cache_off = (lkv // 2) * stride_layer + (lkv % 2) * stride_kv + block * stride_block \
-            + offs
-        buf_off = row * block_elems + offs
-        if TO_BUFFER:
-            x = tl.load(cache_ptr + cache_off, mask=mask)
-            tl.store(buf_ptr + buf_off, x, mask=mask)
-        else:
-            x = tl.load(buf_ptr + buf_off, mask=mask)
-            tl.store(cache_ptr + cache_off, x, mask=mask)
-        if CHECKSUM:
-            # kv_checksum's word weights at the words' positions in the whole transfer
-            w = x.to(tl.int64) & 0xFFFFFFFF
-            weight = (((word_offset + buf_off) * 2654435761) & 0x7FFFFFFF) | 1
-            total += tl.sum(tl.where(mask, w * weight, 0), axis=0)
+    # grid: (n blocks, k layers x {K, V}, chunks of one block's bs*Hk*D contiguous elements)
+    i = tl.program_id(0).to(tl.int64)
+    lkv = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2).to(tl.int64)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < block_elems
+    block = tl.load(ids_ptr + i).to(tl.int64)
+    cache_off = (lkv // 2) * stride_layer + (lkv % 2) * stride_kv + block * stride_block + offs
+    buf_off = (lkv * num_ids + i) * block_elems + offs
+    if TO_BUFFER:
+        x = tl.load(cache_ptr + cache_off, mask=mask)
+        tl.store(buf_ptr + buf_off, x, mask=mask)
+    else:
+        x = tl.load(buf_ptr + buf_off, mask=mask)
+        tl.store(cache_ptr + cache_off, x, mask=mask)
     if CHECKSUM:
-        tl.atomic_add(acc_ptr, total)
+        # kv_checksum's word weights at the words' positions in the whole transfer
+        w = x.to(tl.int64) & 0xFFFFFFFF
+        weight = (((word_offset + buf_off) * 2654435761) & 0x7FFFFFFF) | 1
+        tl.atomic_add(acc_ptr, tl.sum(tl.where(mask, w * weight, 0), axis=0))
 
 
 def _word_view(t: torch.Tensor) -> torch.Tensor | None:
@@ -86,20 +72,18 @@ def _check(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor,
     assert caches[0, 0, 0].is_contiguous(), caches.stride()
 
 
-# Words (or elements) per tile and warps: tuning knobs (python -m kernels.bench --only
-# pack --pack-tiles sweeps them). PROGRAMS caps the programs of a launch (0: one per tile);
-# python -m kernels.bench --only pack --pack-programs measures the rate at each cap.
-CHUNK, WARPS, PROGRAMS = 2048, 4, 0
+# Words (or elements) per program and warps: tuning knobs (python -m kernels.bench --only
+# pack --pack-tiles sweeps them).
+CHUNK, WARPS = 2048, 4
 
 
 def _launch(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor,
             to_buffer: bool, acc: torch.Tensor | None, word_offset: int = 0, chunk: int = 0,
-            warps: int = 0, check: bool = True, programs: int = -1) -> None:
+            warps: int = 0, check: bool = True) -> None:
     """Move ``block_ids`` of ``caches`` [k, 2, N, bs, Hk, D] to/from ``buf`` [k, 2, n, ...];
     with ``acc`` (0-d int64) also add to it the checksum share of ``buf``'s words taken at
     positions ``word_offset + i``. ``check=False`` skips the argument checks (a caller that
-    made them already: the KV channel). ``programs``: at most this many programs (0: one
-    per tile; -1: :data:`PROGRAMS`)."""
+    made them already: the KV channel)."""
     if check:
         _check(caches, buf, block_ids, acc)
     n = block_ids.shape[0]
@@ -111,14 +95,10 @@ def _launch(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor,
         cw, bw = caches, buf
     block_elems = cw[0, 0, 0].numel()
     chunk = min(chunk or CHUNK, 1 << max(0, (block_elems - 1).bit_length()))
-    chunks_per_block = cdiv(block_elems, chunk)
-    num_tiles = n * 2 * caches.shape[0] * chunks_per_block
-    cap = PROGRAMS if programs < 0 else programs
-    grid = (min(num_tiles, cap) if cap > 0 else num_tiles,)
+    grid = (n, 2 * caches.shape[0], cdiv(block_elems, chunk))
     _move_blocks_kernel[grid](
         cw, bw, block_ids, acc if acc is not None else block_ids,
-        n, block_elems, cw.stride(0), cw.stride(1), cw.stride(2), word_offset, num_tiles,
-        chunks_per_block,
+        n, block_elems, cw.stride(0), cw.stride(1), cw.stride(2), word_offset,
         TO_BUFFER=to_buffer, CHECKSUM=acc is not None, BLOCK=chunk,
         num_warps=warps or WARPS,
     )

@@ -165,32 +165,6 @@ def test_store_pack_roundtrip() -> None:
     assert torch.equal(dst[:, dst_ids], buf)
 
 
-@pytest.mark.parametrize("programs", [0, 7, 132])
-def test_message_pack_checksum_with_capped_programs(programs: int,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The KV channel's message (8 layers of 256 scattered blocks, llama-3.1-8b geometry)
-    packed and unpacked with the checksum, one program per tile or a few looping over all
-    tiles: the same bytes and the same checksum as the torch reference."""
-    from kernels import kv_pack
-
-    monkeypatch.setattr(kv_pack, "PROGRAMS", programs)
-    gen = torch.Generator(device=DEV).manual_seed(programs)
-    pool = torch.randn(8, 2, 600, 16, 8, 128, generator=gen, device=DEV).bfloat16()
-    ids = torch.randperm(600, generator=gen, device=DEV)[:256]
-    buf = torch.empty(8, 2, 256, 16, 8, 128, dtype=torch.bfloat16, device=DEV)
-    buf_ref = torch.empty_like(buf)
-    share = kv_pack.pack_kv_checksum(pool, ids, buf, 12345)
-    share_ref = kv_pack.pack_kv_checksum_ref(pool, ids, buf_ref, 12345)
-    assert torch.equal(buf, buf_ref)
-    assert int(share) == int(share_ref)
-    dst, dst_ref = torch.zeros_like(pool), torch.zeros_like(pool)
-    dst_ids = torch.randperm(600, generator=gen, device=DEV)[:256]
-    back = kv_pack.unpack_kv_checksum(buf, dst, dst_ids, 12345)
-    back_ref = kv_pack.unpack_kv_checksum_ref(buf, dst_ref, dst_ids, 12345)
-    assert torch.equal(dst, dst_ref)
-    assert int(back) == int(back_ref) == int(share)
-
-
 def test_int64_offsets_real_pool() -> None:
     # One layer's K and V caches of [N, 16, 8, 128] bf16 with N * 16384 > 2**31 elements
     # (4.3 GB each): blocks at the end of the pool are addressed past int32.

@@ -5,7 +5,6 @@ of the whole payload."""
 import pytest
 import torch
 
-from kernels import kv_pack
 from kernels.kv_checksum import kv_checksum, kv_checksum_ref
 from kernels.kv_pack import (
     pack_kv_checksum,
@@ -19,13 +18,7 @@ pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layers", [1, 3])
-@pytest.mark.parametrize("programs, chunk", [(0, 0), (3, 256)])
-def test_pack_unpack_checksum(dtype: torch.dtype, layers: int, programs: int, chunk: int,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """One program per tile, and 3 programs looping over tiles of several chunks a block."""
-    monkeypatch.setattr(kv_pack, "PROGRAMS", programs)
-    if chunk:
-        monkeypatch.setattr(kv_pack, "CHUNK", chunk)
+def test_pack_unpack_checksum(dtype: torch.dtype, layers: int) -> None:
     gen = torch.Generator().manual_seed(layers)
     pool = torch.randn(4, 2, 10, 16, 2, 32, generator=gen).to(dtype)  # [L, 2, N, bs, Hk, D]
     ids = torch.tensor([7, 0, 9, 3, 5])
