@@ -155,6 +155,13 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     for all_queued in (True, False):
         _raw_stream(raw_pg, 1, raw, args["stream"], all_queued)
         raw_stream_done.append(time.perf_counter())
+    if args["profile"]:  # after every timed run: back to back, channel then raw
+        ch.set_staging_slots(args["variants"][0][1])
+        with _profiled(args["profile"], "decode_stream"):
+            for _ in range(1 + args["stream"]):
+                receive()
+        with _profiled(args["profile"], "decode_raw_stream"):
+            _raw_stream(raw_pg, 1, raw, args["stream"], True)
     ch.close()
     raw_pg.abort()
     results.put({"receiver_done": done, "receiver_header": header_in, "receiver_landed": landed,
@@ -288,6 +295,21 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
     for all_queued in (True, False):
         raw_stream_start.append(start())
         _raw_stream(raw_pg, 0, raw, args["stream"], all_queued)
+    if args["profile"]:  # as the receiver: after every timed run
+        k, slots = args["variants"][0]
+        ch.set_staging_slots(slots)
+        outs = [outgoing(k) for _ in range(1 + args["stream"])]
+        start()
+        with _profiled(args["profile"], "prefill_stream"):
+            for out in outs:
+                out.start()
+                out.send_all_layers()
+                out.finish(0, wait=False)
+            for out in outs:
+                out.wait_finished()
+        start()
+        with _profiled(args["profile"], "prefill_raw_stream"):
+            _raw_stream(raw_pg, 0, raw, args["stream"], True)
     results.put({"alone_s": alone, "streamed_first_s": streamed_first,
                  "bulk_start": bulk_start, "layerwise_start": layerwise_start,
                  "raw_start": raw_start, "bytes": nbytes,
@@ -325,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="raw NCCL in P back-to-back messages (1: one message)")
     p.add_argument("--profile", metavar="DIR",
                    help="also trace one transfer of the first variant on each side "
-                        "(torch.profiler Chrome traces DIR/prefill.json, DIR/decode.json)")
+                        "(torch.profiler Chrome traces DIR/prefill.json, DIR/decode.json) "
+                        "and, after the timed runs, the same back to back, pipelined "
+                        "(DIR/*_stream.json), and raw NCCL back to back, all queued "
+                        "(DIR/*_raw_stream.json)")
     p.add_argument("--stream", type=int, default=8, metavar="T",
                    help="sustained bandwidth: T transfers back to back (serving default "
                         "message size), against T raw NCCL messages back to back")
