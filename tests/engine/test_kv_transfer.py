@@ -779,6 +779,80 @@ def test_idle_receiver_sees_a_dead_sender(decode_store: Any,
     assert _peer_news(caplog) == [logging.WARNING]
 
 
+class _GpuWork:
+    """Stands in for an NCCL work in the CUDA wait loop of ``KVChannel._wait`` (whose
+    polling, deadline and peer checks are what these tests cover): it completes
+    ``done_after_s`` after it is made, or never (on NCCL, a send or receive whose peer
+    aborted its communicator never does)."""
+
+    def __init__(self, done_after_s: float | None = None) -> None:
+        self._at = None if done_after_s is None else time.monotonic() + done_after_s
+
+    def is_completed(self) -> bool:
+        return self._at is not None and time.monotonic() >= self._at
+
+    def wait(self) -> None:
+        assert self.is_completed()
+
+
+def _gpu_wait(ch: KVChannel, work: _GpuWork, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ch._wait`` on its CUDA path, with a 30 s deadline."""
+    monkeypatch.setattr(ch, "_is_cuda", True)
+    ch._wait(work, time.monotonic() + 30, "transfer 7")
+
+
+@pytest.mark.parametrize("goodbye", [True, False])
+def test_a_wait_mid_transfer_ends_when_the_receiver_goes(
+        decode_store: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        goodbye: bool) -> None:
+    """The prefill end waits for a send that will never complete, because the decode end
+    went away (it closed the channel at shutdown: goodbye; or it broke it: the connection
+    just closes): the wait ends on the doorbell connection, not on its 30 s deadline, and
+    only a broken channel is logged as a warning."""
+    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, "engine.kv_transfer"):
+        if goodbye:
+            rx.close(abort=True)
+        else:
+            rx._fail("test: a garbled trailer")
+        want = "the decode end closed the channel" if goodbye else "the decode end is gone"
+        with pytest.raises(ChannelClosed, match=f"transfer 7: {want}"):
+            _gpu_wait(tx, _GpuWork(), monkeypatch)
+        assert tx.closed
+    levels = [r.levelno for r in caplog.records if "the decode end" in r.getMessage()]
+    assert levels == [logging.INFO if goodbye else logging.WARNING]
+
+
+def test_a_wait_mid_transfer_ends_when_the_sender_leaves(
+        decode_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode end waits for data from a prefill end that shut down midway."""
+    with _pair(decode_store) as (tx, rx):
+        tx.close(abort=True)
+        with pytest.raises(ChannelClosed, match="the prefill end closed the channel"):
+            _gpu_wait(rx, _GpuWork(), monkeypatch)
+
+
+def test_work_that_lands_after_the_peer_left_still_counts(
+        decode_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the peer sent before it went may still be landing: work that completes within
+    the grace after the peer is seen gone ends the wait normally."""
+    with _pair(decode_store) as (tx, rx):
+        tx.close()
+        _gpu_wait(rx, _GpuWork(done_after_s=0.2), monkeypatch)
+        assert not rx.closed
+
+
+def test_a_header_waiting_on_the_doorbell_is_not_a_gone_peer(
+        decode_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next transfer's header, in while the current one is waited for, is kept for
+    recv_header(), and the peer is not taken for gone."""
+    with _pair(decode_store) as (tx, rx):
+        tx.send_header(_header(SPEC, 5, 1))
+        _gpu_wait(rx, _GpuWork(done_after_s=0.1), monkeypatch)
+        assert not rx.closed
+        monkeypatch.setattr(rx, "_is_cuda", False)
+        assert rx.recv_header().transfer_id == 5
+
+
 def test_closing_wakes_a_receiver_waiting_for_a_transfer(decode_store: Any) -> None:
     """Worker shutdown closes its channels from another thread: a receive loop waiting for
     the next transfer returns at once with ChannelClosed."""
