@@ -52,6 +52,37 @@ def test_pack_block_table_uses_only_needed_blocks() -> None:
     assert flat == [4, 0, 2, 3]
 
 
+def test_prefill_inputs_match_the_per_token_definition() -> None:
+    """A mixed prefill batch (a whole prompt, a chunk starting mid-block, a one-token chunk
+    deep in a sequence): every token's position and slot, the block tables (zero-padded),
+    kv lens, cu_seqlens and the last rows, against their per-token definitions."""
+    runner = ModelRunner(TINY, CacheConfig(BS, 64), ModelSpec("dummy", preset="tiny"),
+                         RunnerConfig("cpu", torch.float32, "torch"), progress=False)
+    items = [PrefillItem(list(range(100, 140)), 0, [9, 2, 31]),
+             PrefillItem([7, 8, 9, 10, 11], 13, [4, 60]),
+             PrefillItem([5], 50, [1, 3, 5, 7])]
+    ids, meta, last = runner.prefill_inputs(items)
+    want_pos = [p for it in items for p in range(it.start, it.start + len(it.token_ids))]
+    want_slots = [it.block_ids[p // BS] * BS + p % BS
+                  for it in items for p in range(it.start, it.start + len(it.token_ids))]
+    assert ids.tolist() == [x for it in items for x in it.token_ids]
+    assert meta.positions.tolist() == want_pos
+    assert meta.slot_mapping.tolist() == want_slots
+    assert meta.positions.dtype == meta.slot_mapping.dtype == torch.int64
+    assert meta.block_tables.tolist() == [[9, 2, 31, 0], [4, 60, 0, 0], [1, 3, 5, 7]]
+    assert meta.block_tables.dtype == torch.int32
+    assert meta.kv_lens.tolist() == [40, 18, 51] and meta.kv_lens.dtype == torch.int32
+    assert meta.cu_seqlens_q is not None
+    assert meta.cu_seqlens_q.tolist() == [0, 40, 45, 46]
+    assert meta.cu_seqlens_q.dtype == torch.int32
+    assert meta.max_seqlen_q == 40 and meta.is_prefill
+    assert last.tolist() == [39, 44, 45]
+    with pytest.raises(ValueError, match="too few blocks"):
+        runner.prefill_inputs([PrefillItem([1] * 17, 0, [3])])
+    with pytest.raises(ValueError, match="empty"):
+        runner.prefill_inputs([PrefillItem([], 0, [3])])
+
+
 def test_auto_num_blocks() -> None:
     gib = 1 << 30
     # 80 GiB card, 20 GiB in use, 1 GiB reserve, 0.85 -> 68 - 20 - 1 = 47 GiB of blocks
