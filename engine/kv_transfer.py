@@ -464,7 +464,7 @@ class KVChannel:
         try:  # first: the receiver gets going while the rest is queued
             self._bell.ring(header.to_bytes(), self.timeout_s)
         except DoorbellError as e:
-            raise self._fail(str(e)) from e
+            raise self._broken("sending the header", e) from e
         # No device work here: the running checksum was zeroed behind the last trailer.
         self._tx = Departure(header=header, started=started)
 
@@ -983,7 +983,7 @@ class KVChannel:
             with self._side_stream():
                 work = self._pg.send([t], self._peer, tag)
         except Exception as e:
-            raise self._fail(f"{what} failed: {e}") from e
+            raise self._broken(f"{what} failed", e) from e
         tx.pending.append(_Pending(work, t))
 
     def _send_trailer(self, tx: Departure, status: int, first_token: int = -1) -> None:
@@ -1098,7 +1098,7 @@ class KVChannel:
                 work = self._pg.recv([buf.reshape(-1).view(torch.uint8)], self._peer,
                                      _TAG_LAYER0 + m)
         except Exception as e:
-            raise self._fail(f"receiving {_what(rx.header, m)} failed: {e}") from e
+            raise self._broken(f"receiving {_what(rx.header, m)} failed", e) from e
         rx.posted[m] = (buf, work)
 
     def _post_trailer_recv(self) -> Any:
@@ -1109,7 +1109,7 @@ class KVChannel:
                 return self._pg.recv([self._verify_words[:TRAILER_SLOTS]], self._peer,
                                      _TAG_TRAILER)
         except Exception as e:
-            raise self._fail(f"receiving the trailer failed: {e}") from e
+            raise self._broken("receiving the trailer failed", e) from e
 
     def _recv_trailer(self, rx: _RxState) -> tuple[int, int, int, int]:
         """Wait for the rest of the transfer; returns the trailer's status, checksum and
@@ -1188,10 +1188,21 @@ class KVChannel:
                 remaining = max(deadline - time.monotonic(), 1e-3)
                 work.wait(timedelta(seconds=remaining))
         except Exception as e:
-            raise self._fail(f"{what}: {e}", quiet=isinstance(e, PeerLeft)) from e
+            raise self._broken(what, e, gone) from e
+
+    def _broken(self, what: str, e: BaseException, gone: DoorbellError | None = None
+                ) -> ChannelClosed:
+        """:meth:`_fail` for ``what`` having failed with ``e``, with the reason the doorbell
+        connection gives when it has one: a peer that left on purpose makes Gloo fail with
+        a closed connection, for one, and is news, not a warning."""
+        reason = gone or self._peer_gone() or e
+        return self._fail(f"{what}: {reason}", quiet=isinstance(reason, PeerLeft))
 
     def _peer_gone(self) -> DoorbellError | None:
-        """What the doorbell connection says about a peer that went away, if it did."""
+        """What the doorbell connection says about a peer that went away, if it did (None
+        also once this end is closed: its own doorbell is then shut)."""
+        if self._closed_reason is not None:
+            return None
         role = _ROLE[self._peer]
         try:
             self._bell.check_peer()

@@ -831,6 +831,19 @@ def test_a_wait_mid_transfer_ends_when_the_sender_leaves(
             _gpu_wait(rx, _GpuWork(), monkeypatch)
 
 
+def test_a_sender_to_a_receiver_that_left_is_told_so_quietly(
+        decode_store: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A decode worker shut down on purpose (scale-down): the prefill end's next transfer
+    fails with the reason, as news, not as the transport's reset connection and a
+    warning."""
+    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, "engine.kv_transfer"):
+        rx.close()
+        with pytest.raises(ChannelClosed, match="the decode end closed the channel"):
+            tx.send_blocks(_header(SPEC, 1, 2), _layers(SPEC, 2, seed=1))
+        assert tx.closed
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_work_that_lands_after_the_peer_left_still_counts(
         decode_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the peer sent before it went may still be landing: work that completes within
