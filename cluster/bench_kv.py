@@ -272,19 +272,24 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
     # prefill worker sends under load (each transfer departs once its trailer is posted and
     # the next one starts at once, queued behind), for each variant; then at the serving
     # default with each one's doorbell rung only once the previous transfer left.
+    def send_stream(outs: list[OutgoingKV], pipelined: bool) -> float:
+        """Transfers back to back; returns when the host had queued them all."""
+        for out in outs:
+            out.start()
+            out.send_all_layers()
+            out.finish(0, wait=not pipelined)
+        posted = time.perf_counter()
+        for out in outs if pipelined else []:
+            out.wait_finished()
+        return posted
+
     stream_start, stream_posted = [], []
     for k, slots, pipelined in _stream_plan(args["variants"]):
         ch.set_staging_slots(slots)
         send(outgoing(k))  # untimed: the staging buffers are allocated
         outs = [outgoing(k) for _ in range(args["stream"])]
         stream_start.append(start())
-        for out in outs:
-            out.start()
-            out.send_all_layers()
-            out.finish(0, wait=not pipelined)
-        stream_posted.append(time.perf_counter())
-        for out in outs if pipelined else []:
-            out.wait_finished()
+        stream_posted.append(send_stream(outs, pipelined))
     nbytes = out.nbytes
     raw = torch.empty(nbytes // 2, dtype=DTYPE, device=dev)
     for parts in args["raw_parts"]:
@@ -301,12 +306,7 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
         outs = [outgoing(k) for _ in range(1 + args["stream"])]
         start()
         with _profiled(args["profile"], "prefill_stream"):
-            for out in outs:
-                out.start()
-                out.send_all_layers()
-                out.finish(0, wait=False)
-            for out in outs:
-                out.wait_finished()
+            send_stream(outs, pipelined=True)
         start()
         with _profiled(args["profile"], "prefill_raw_stream"):
             _raw_stream(raw_pg, 0, raw, args["stream"], True)
