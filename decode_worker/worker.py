@@ -28,7 +28,7 @@ from engine.config import WorkerConfig, blocks_for
 from engine.device import describe_device
 from engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
 from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepReport, WorkerStats
-from engine.runner import DecodeItem, PrefillItem
+from engine.runner import DecodeItem, ModelRunner, PrefillItem
 from engine.sampler import sample
 from engine.sequence import finish_reason
 from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
@@ -313,9 +313,15 @@ class DecodeWorker:
                 self.sched.release(seq.request_id)
 
     def _step(self, batch: list[DecodeSeq]) -> list[int]:
-        items = [DecodeItem(s.last_token, s.num_tokens - 1, s.block_ids) for s in batch]
-        logits = self.runner.decode(items)
-        return sample(logits, [s.sampling for s in batch], [s.num_generated for s in batch])
+        return decode_step(self.runner, batch)
+
+
+def decode_step(runner: ModelRunner, batch: list[DecodeSeq]) -> list[int]:
+    """One decode step of ``batch``: the forward pass (a CUDA graph where one fits) and the
+    next token of each sequence, on the host."""
+    items = [DecodeItem(s.last_token, s.num_tokens - 1, s.block_ids) for s in batch]
+    logits = runner.decode(items)
+    return sample(logits, [s.sampling for s in batch], [s.num_generated for s in batch])
 
 
 def _mismatch(seq: DecodeSeq | None, epoch: int, my_epoch: int, num_tokens: int,

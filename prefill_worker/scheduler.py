@@ -18,9 +18,10 @@ from engine.kv_cache import BlockAllocator
 from engine.messages import PrefillTask
 
 
-@dataclass
+@dataclass(eq=False)
 class PrefillSeq:
-    """A task admitted to this worker: ``done`` prompt tokens are already in the cache."""
+    """A task admitted to this worker: ``done`` prompt tokens are already in the cache.
+    Compared by identity, like ``DecodeSeq``."""
 
     task: PrefillTask
     block_ids: list[int]

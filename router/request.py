@@ -35,9 +35,10 @@ class Chunk:
     error: tuple[str, str] | None = None  # (grpc status name, message)
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """A request from admission to its last chunk."""
+    """A request from admission to its last chunk (compared by identity: an entity, whose
+    fields change as it runs)."""
 
     request_id: str
     prompt_ids: list[int]
