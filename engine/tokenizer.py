@@ -37,6 +37,10 @@ class Tokenizer:
         # None: use the template the tokenizer carries.
         self._chat_template = chat_template
         self._size = len(hf)
+        # A fast tokenizer decodes straight through its Rust backend: the same text as
+        # ``hf.decode`` without tokenization-space clean-up, at a fraction of the Python
+        # around it (the router decodes every streamed token, twice).
+        self._backend: RawTokenizer | None = getattr(hf, "backend_tokenizer", None)
 
     @property
     def vocab_size(self) -> int:
@@ -81,6 +85,8 @@ class Tokenizer:
     def _decode_known(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         if not ids:
             return ""
+        if self._backend is not None:
+            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         text = self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
                                clean_up_tokenization_spaces=False)
         assert isinstance(text, str)

@@ -39,6 +39,22 @@ def test_encode_decode_roundtrip(tok: Tokenizer) -> None:
     assert tok.encode("Hello world") == [19556, 905]
 
 
+def test_decode_through_the_backend_equals_the_wrapper(tok: Tokenizer) -> None:
+    """The Rust backend's decode gives the text that transformers' wrapper gives (with no
+    space clean-up), special tokens kept or skipped, on text and on random ids."""
+    hf = tok._hf
+    assert tok._backend is not None
+    rng = random.Random(3)
+    runs = [tok.encode(t) for t in TEXTS]
+    runs += [[rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
+             for _ in range(200)]
+    runs += [[0, 1, 2, *tok.encode("hi"), 2]]  # special tokens
+    for ids in runs:
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+
 def test_chat_template(tok: Tokenizer) -> None:
     ids = tok.apply_chat_template([("system", "Be brief."), ("user", "What is 2+2?")])
     assert tok.decode(ids, skip_special_tokens=False) == (
