@@ -12,13 +12,15 @@ past saturation fits a short device budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc.aio
 import numpy as np
@@ -45,6 +47,7 @@ from cluster.bench_report import (
     make_report,
     sweep_goodput,
 )
+from cluster.bench_shards import ClientProcesses, Shard
 from proto import pdserve_pb2 as pb
 from proto.client import AsyncClient, build_request
 
@@ -83,6 +86,7 @@ class BenchConfig:
     progress: bool = True
     stop_below_attainment: float | None = None  # stop the (ascending) sweep below this
     max_duration_s: float | None = None  # per rate: about this long at the rate, see below
+    client_processes: int = 1  # processes the requests are sent from (bench_shards)
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -116,6 +120,8 @@ class BenchConfig:
                                  "--slo-tpot-ms")
         if self.max_duration_s is not None and not self.max_duration_s > 0:
             raise ValueError(f"--max-duration-s must be > 0, got {self.max_duration_s}")
+        if self.client_processes < 1:
+            raise ValueError(f"--client-processes must be >= 1, got {self.client_processes}")
 
 
 @dataclass(frozen=True)
@@ -222,50 +228,83 @@ async def _one(client: AsyncClient, req: pb.GenerateRequest, i: int, t0: float,
     )
 
 
-async def run_rate(client: AsyncClient, cfg: BenchConfig, prompts: list[Prompt],
-                   rate: float) -> list[RequestRecord]:
-    """Send the workload at `rate` (capped by max_concurrency) and wait for every answer."""
-    from tqdm import tqdm
+async def _send_all(client: AsyncClient, cfg: BenchConfig,
+                    requests: Sequence[tuple[int, float, Prompt]], start: float,
+                    max_concurrency: int | None, on_done: Callable[[], object]
+                    ) -> list[RequestRecord]:
+    """Send each ``(index, offset_s, prompt)`` at ``start + offset_s`` (a perf_counter value;
+    at most ``max_concurrency`` in flight) and wait for every answer; records count from
+    ``start``."""
+    sem = asyncio.Semaphore(max_concurrency or max(1, len(requests)))
 
-    offsets = arrival_offsets(len(prompts), rate, cfg.burstiness, cfg.seed)
-    sem = asyncio.Semaphore(cfg.max_concurrency or len(prompts))
-    bar = tqdm(total=len(prompts), desc=f"{cfg.label} @ {rate:g} req/s", unit="req",
-               file=sys.stderr, disable=not cfg.progress)
-    t0 = time.perf_counter()
-
-    async def task(i: int) -> RequestRecord:
+    async def task(i: int, p: Prompt) -> RequestRecord:
         async with sem:
-            rec = await _one(client, _request(cfg, prompts[i], i), i, t0, cfg.request_timeout_s)
-        bar.update(1)
+            rec = await _one(client, _request(cfg, p, i), i, start, cfg.request_timeout_s)
+        on_done()
         return rec
 
     tasks: list[asyncio.Task[RequestRecord]] = []
-    for i, at in enumerate(offsets.tolist()):
-        delay = at - (time.perf_counter() - t0)
+    for i, at, p in requests:
+        delay = start + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(task(i)))
-    records = await asyncio.gather(*tasks)
+        tasks.append(asyncio.create_task(task(i, p)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def send_shard(cfg: BenchConfig, shard: Shard, done: Any) -> list[RequestRecord]:
+    """A client process's part of one rate (``bench_shards``); ``done`` counts the requests
+    that finished, across processes."""
+    def finished() -> None:
+        with done.get_lock():
+            done.value += 1
+
+    async with AsyncClient(cfg.server) as client:
+        await client.wait_ready(cfg.ready_timeout_s)  # connected before the common start
+        return await _send_all(client, cfg, shard.requests, shard.start, shard.max_concurrency,
+                               finished)
+
+
+async def run_rate(client: AsyncClient, cfg: BenchConfig, prompts: list[Prompt],
+                   rate: float, procs: ClientProcesses | None = None) -> list[RequestRecord]:
+    """Send the workload at `rate` (capped by max_concurrency) and wait for every answer:
+    from this process, or split over the client processes ``procs``."""
+    from tqdm import tqdm
+
+    offsets = arrival_offsets(len(prompts), rate, cfg.burstiness, cfg.seed).tolist()
+    bar = tqdm(total=len(prompts), desc=f"{cfg.label} @ {rate:g} req/s", unit="req",
+               file=sys.stderr, disable=not cfg.progress)
+    if procs is not None:
+        records = await procs.run(prompts, offsets, cfg.max_concurrency,
+                                  on_progress=lambda n: bar.update(n - bar.n))
+    else:
+        requests = list(zip(range(len(prompts)), offsets, prompts, strict=True))
+        records = await _send_all(client, cfg, requests, time.perf_counter(),
+                                  cfg.max_concurrency, lambda: bar.update(1))
     bar.close()
-    return list(records)
+    return records
 
 
 async def bench_async(cfg: BenchConfig) -> BenchResult:
-    async with AsyncClient(cfg.server) as client:
-        await client.wait_ready(cfg.ready_timeout_s)
-        info = await client.model_info(timeout=30)
-        prompts = build_workload(cfg, info)
-        order = sweep_order(cfg)
-        reports: list[RunReport] = []
-        records: list[list[RequestRecord]] = []
-        for rate in order:
-            n = prompts_for_rate(len(prompts), rate, cfg.max_duration_s)
-            recs = await run_rate(client, cfg, prompts[:n], rate)
-            records.append(recs)
-            reports.append(make_report(cfg.label, rate, cfg.burstiness, cfg.max_concurrency,
-                                       recs, cfg.slo))
-            if sweep_stop(order, [r.attainment for r in reports], cfg.stop_below_attainment):
-                break
+    with contextlib.ExitStack() as stack:
+        async with AsyncClient(cfg.server) as client:
+            await client.wait_ready(cfg.ready_timeout_s)
+            info = await client.model_info(timeout=30)
+            prompts = build_workload(cfg, info)
+            order = sweep_order(cfg)
+            procs = (stack.enter_context(ClientProcesses(cfg, cfg.client_processes))
+                     if cfg.client_processes > 1 else None)
+            reports: list[RunReport] = []
+            records: list[list[RequestRecord]] = []
+            for rate in order:
+                n = prompts_for_rate(len(prompts), rate, cfg.max_duration_s)
+                recs = await run_rate(client, cfg, prompts[:n], rate, procs)
+                records.append(recs)
+                reports.append(make_report(cfg.label, rate, cfg.burstiness,
+                                           cfg.max_concurrency, recs, cfg.slo))
+                if sweep_stop(order, [r.attainment for r in reports],
+                              cfg.stop_below_attainment):
+                    break
     model = {"model_name": info.model_name, "vocab_size": info.vocab_size,
              "max_context_length": info.max_context_length, "dtype": info.dtype}
     # DistServe goodput over the rates that ran; skipped ones lie above one below the stop line

@@ -198,6 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             goodput_attainment=args.goodput_attainment, request_timeout_s=args.timeout,
             ready_timeout_s=args.ready_timeout, result_json=args.result_json,
             plot_dir=args.plot_dir, plot_rate=args.plot_rate, progress=not args.no_progress,
+            client_processes=args.client_processes,
             stop_below_attainment=args.stop_below_attainment,
             max_duration_s=args.max_duration_s,
         )
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot-from", nargs="+", metavar="RESULT.json",
                    help="only plot these results into --plot-dir (no load test)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--client-processes", type=int, default=1, metavar="K",
+                   help="send from K processes on one clock, for rates where one client "
+                        "process would fall behind the server (default 1)")
     bsub = p.add_subparsers(dest="bench_command", metavar="{plot}")
     pp = bsub.add_parser("plot", help="overlay saved results as PNG plots",
                          description="SLO attainment vs request rate, one line per result "

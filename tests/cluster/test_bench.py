@@ -4,6 +4,7 @@ records, and a JSONL run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -180,3 +181,26 @@ def test_sweep_stops_below_attainment(server: str, tmp_path: Path) -> None:
     assert data["skipped_rates"] == [8.0, 16.0]
     assert "0.0% at 4 req/s" in data["stopped_early"]
     assert data["goodput"]["rate"] is None
+
+
+def test_client_processes_share_one_schedule(server: str) -> None:
+    """Requests sent from three client processes: every request once, each at or after its
+    offset from the common start, two rates through the same processes, and the report
+    computed from the merged records as for one process."""
+    from cluster.bench_data import arrival_offsets
+
+    rates = (4.0, 8.0)
+    cfg = BenchConfig(server=server, label="shards", num_prompts=7, input_len=8,
+                      output_len=3, request_rates=rates, seed=5, client_processes=3,
+                      max_concurrency=6, slo=Slo(ttft_ms=60000), progress=False,
+                      request_timeout_s=120)
+    result = run_bench(cfg)
+    for rate, rep, recs in zip(rates, result.reports, result.records, strict=True):
+        assert [r.index for r in recs] == list(range(7))
+        assert rep.completed == 7 and rep.failed == 0
+        assert all(r.output_tokens == 3 for r in recs)
+        offsets = arrival_offsets(7, rate, 1.0, 5).tolist()
+        # never early: a request leaves at its offset from the start the processes share
+        assert all(r.send_s >= at - 1e-3 for r, at in zip(recs, offsets, strict=True))
+        assert rep.total_output_tokens == 21 and rep.ttft.count == 7
+        check_stats(dataclasses.asdict(rep.ttft), [ttft_ms(r) for r in recs])
