@@ -150,7 +150,8 @@ def test_sweep_loop_stops_caps_prompts_and_records_skips(
     sent: list[tuple[float, int]] = []
 
     async def fake_run_rate(client: Any, cfg: BenchConfig, prompts: list[Prompt],
-                            rate: float) -> list[RequestRecord]:
+                            rate: float, procs: Any = None) -> list[RequestRecord]:
+        assert procs is None  # one client process unless asked for more
         sent.append((rate, len(prompts)))
         return fake_records(len(prompts), attainment[rate])
 
