@@ -39,6 +39,9 @@ PORT=${PORT:-50051}
 WORKLOADS=${WORKLOADS:-a b}  # e.g. WORKLOADS=a to extend one workload's sweep
 WARMUP_N=${WARMUP_N:-8}  # requests of an unrecorded burst before each workload (0: none)
 DISAGG_FLAGS=${DISAGG_FLAGS:-}  # extra serve flags of the disaggregated configuration
+# client processes of each sweep: one sufficed at 9,500 streamed tokens/s on one H200, and
+# two H200s stream about twice that on (b) (docs/benchmarks.md)
+CLIENT_PROCS=${CLIENT_PROCS:-4}
 mkdir -p "$OUT_DIR"
 SERVER_PID=
 # a failed bench (set -e) must not leave the server and its Ray cluster running
@@ -63,7 +66,8 @@ run_config() {  # label, serve flags...
     $PDSERVE bench --server "127.0.0.1:$PORT" --ready-timeout 900 --label "$label" \
       --dataset random --input-len "${!in}" --output-len "${!out}" --num-prompts "$N" \
       --request-rate "${!rates}" "${SLO[@]}" --stop-below-attainment 0.9 \
-      --max-duration-s "$MAX_DUR" --no-progress --result-json "$OUT_DIR/$label-$w.json"
+      --max-duration-s "$MAX_DUR" --client-processes "$CLIENT_PROCS" --no-progress \
+      --result-json "$OUT_DIR/$label-$w.json"
   done
   kill -INT "$pid"
   wait "$pid" || true
