@@ -274,11 +274,11 @@ async def run_rate(client: AsyncClient, cfg: BenchConfig, prompts: list[Prompt],
     offsets = arrival_offsets(len(prompts), rate, cfg.burstiness, cfg.seed).tolist()
     bar = tqdm(total=len(prompts), desc=f"{cfg.label} @ {rate:g} req/s", unit="req",
                file=sys.stderr, disable=not cfg.progress)
+    requests = list(zip(range(len(prompts)), offsets, prompts, strict=True))
     if procs is not None:
-        records = await procs.run(prompts, offsets, cfg.max_concurrency,
+        records = await procs.run(requests, cfg.max_concurrency,
                                   on_progress=lambda n: bar.update(n - bar.n))
     else:
-        requests = list(zip(range(len(prompts)), offsets, prompts, strict=True))
         records = await _send_all(client, cfg, requests, time.perf_counter(),
                                   cfg.max_concurrency, lambda: bar.update(1))
     bar.close()

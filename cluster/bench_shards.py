@@ -87,19 +87,19 @@ class ClientProcesses:
             if p.is_alive():
                 p.kill()
 
-    async def run(self, prompts: Sequence[Prompt], offsets: Sequence[float],
+    async def run(self, requests: Sequence[tuple[int, float, Prompt]],
                   max_concurrency: int | None,
                   on_progress: Callable[[int], object] | None = None) -> list[RequestRecord]:
-        """Send ``prompts[i]`` at ``offsets[i]`` from process ``i % K``; the records, by index.
-        ``on_progress(n)`` gets the number of requests finished so far, a few times a second."""
+        """Send the ``(index, offset_s, prompt)`` requests, the j-th from process ``j % K``;
+        the records, by index. ``on_progress(n)`` gets the number of requests finished so
+        far, a few times a second."""
         k = len(self._conns)
         cap = None if max_concurrency is None else math.ceil(max_concurrency / k)
         with self.done.get_lock():
             self.done.value = 0
         start = time.perf_counter() + START_LEAD_S
         for j, conn in enumerate(self._conns):
-            conn.send(Shard(tuple((i, offsets[i], prompts[i]) for i in range(j, len(prompts), k)),
-                            start, cap))
+            conn.send(Shard(tuple(requests[j::k]), start, cap))
         loop = asyncio.get_running_loop()
         pending = [loop.run_in_executor(None, conn.recv) for conn in self._conns]
         while not all(f.done() for f in pending):

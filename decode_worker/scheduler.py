@@ -28,10 +28,10 @@ class DecodeSeq:
     ``num_tokens`` counts the tokens in its context including ``last_token``, whose KV is
     not stored yet (the next step stores it at position ``num_tokens - 1``).
 
-    Compared by identity: a sequence is an entity whose fields change every step, and the
-    scheduler's membership tests must not compare every field of a batch of hundreds
-    (value equality made ``schedule`` and ``postprocess`` quadratic: 15 ms a step at 256
-    sequences, see docs/benchmarks.md).
+    Compared and hashed by identity: a sequence is an entity whose fields change every step.
+    The scheduler keeps sets of them; value equality made ``schedule`` and ``postprocess``
+    compare fields pairwise, quadratic in the batch (26 ms a step at 256 sequences on an
+    H200's host, see docs/benchmarks.md).
     """
 
     request_id: str
@@ -210,33 +210,33 @@ class DecodeScheduler:
         self.running.extend(self.ready)
         self.ready.clear()
         plan = StepPlan()
-        out: set[int] = set()  # ids of the sequences preempted in this call
+        out: set[DecodeSeq] = set()  # preempted in this call
         for seq in self.running:
-            if id(seq) in out:
+            if seq in out:
                 continue  # preempted while making room for an older one
             need = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_ids)
             while need > 0 and not self.allocator.can_allocate(need):
-                victim = max((s for s in self.running if id(s) not in out),
+                victim = max((s for s in self.running if s not in out),
                              key=lambda s: s.joined_at)
-                out.add(id(victim))
+                out.add(victim)
                 self.allocator.free(victim.block_ids)
                 plan.preempted.append(victim.request_id)
                 if victim is seq:
                     break
-            if need > 0 and id(seq) not in out:
+            if need > 0 and seq not in out:
                 seq.block_ids.extend(self.allocator.allocate(need))
         if out:
-            self.running = [s for s in self.running if id(s) not in out]
+            self.running = [s for s in self.running if s not in out]
         plan.batch = list(self.running)
         return plan
 
     def postprocess(self, batch: list[DecodeSeq], tokens: list[int]) -> list[TokenOut]:
         """Append each sampled token; finished sequences free their blocks."""
         out = []
-        running = {id(s) for s in self.running}  # (one aborted during the step is gone)
-        done: set[int] = set()
+        running = set(self.running)  # (one aborted during the step is gone)
+        done: set[DecodeSeq] = set()
         for seq, tok in zip(batch, tokens, strict=True):
-            if id(seq) not in running:
+            if seq not in running:
                 continue  # aborted while the step ran
             seq.num_tokens += 1
             seq.num_generated += 1
@@ -244,10 +244,10 @@ class DecodeScheduler:
             reason = finish_reason(seq.sampling, tok, seq.num_generated)
             out.append(TokenOut(seq.request_id, seq.transfer_id, tok, reason))
             if reason is not None:
-                done.add(id(seq))
+                done.add(seq)
                 self.allocator.free(seq.block_ids)
         if done:
-            self.running = [s for s in self.running if id(s) not in done]
+            self.running = [s for s in self.running if s not in done]
         return out
 
     @property

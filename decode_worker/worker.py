@@ -257,7 +257,7 @@ class DecodeWorker:
             if plan.chunks:
                 tokens, firsts = self._mixed_step(batch, plan.chunks)
             else:
-                tokens, firsts = (self._step(batch) if batch else []), []
+                tokens, firsts = (decode_step(self.runner, batch) if batch else []), []
             step_s = time.monotonic() - t0
             if step_s > SLOW_STEP_S:
                 log.warning("slow decode step: %.3f s, batch %d, %d prompt tokens", step_s,
@@ -311,9 +311,6 @@ class DecodeWorker:
                 self.sched.activate(seq.transfer_id, tok)
             else:
                 self.sched.release(seq.request_id)
-
-    def _step(self, batch: list[DecodeSeq]) -> list[int]:
-        return decode_step(self.runner, batch)
 
 
 def decode_step(runner: ModelRunner, batch: list[DecodeSeq]) -> list[int]:
