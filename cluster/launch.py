@@ -12,6 +12,7 @@ import ray
 
 from cluster.config import ServeConfig
 from decode_worker.worker import DecodeWorker
+from engine.config import ModelConfig
 from engine.weights import load_model_config
 from prefill_worker.worker import PrefillWorker
 from router.server import RouterService
@@ -97,17 +98,24 @@ def launch(cfg: ServeConfig, address: str | None = None) -> Deployment:
         raise
 
 
+def start_router(cfg: ServeConfig, model_config: ModelConfig) -> tuple[Any, int, int]:
+    """The router actor, listening (NOT_SERVING until ``set_serving``): (handle, gRPC port,
+    metrics port)."""
+    router: Any = (
+        ray.remote(RouterService)
+        .options(name=f"{cfg.namespace}-router", num_cpus=0, max_concurrency=10000)
+        .remote(cfg.server_config(model_config))
+    )
+    port, metrics_port = ray.get(router.start.remote())
+    return router, port, metrics_port
+
+
 def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
     model_config = load_model_config(cfg.model)
     gpus = 1 if cfg.resolved_device() == "cuda" else 0
     cpus = os.cpu_count() or 2
     ns = cfg.namespace
-    router: Any = (
-        ray.remote(RouterService)
-        .options(name=f"{ns}-router", num_cpus=0, max_concurrency=10000)
-        .remote(cfg.server_config(model_config))
-    )
-    port, metrics_port = ray.get(router.start.remote())
+    router, port, metrics_port = start_router(cfg, model_config)
 
     def worker(cls: type, role: str, i: int) -> tuple[str, Any]:
         name = f"{role}-{i}"
