@@ -34,6 +34,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import numpy as np
 import ray
 
@@ -56,6 +58,7 @@ from engine.weights import load_model_config
 TOKEN_RANGE = (1000, 30000)
 START_LEAD_S = 0.5
 WARMUP_S = 1.0  # of each level, before the window that counts
+CHANNELS_PER_PROCESS = 4
 
 
 class NullDecodeWorker:
@@ -151,26 +154,33 @@ async def _stream_loop(target: str, streams: int, prompt: list[int], max_tokens:
     tokens = responses = errors = 0
     gaps: list[float] = []
     lo, hi = window
-    async with AsyncClient(target) as client:
-        async def one_stream() -> None:
-            nonlocal tokens, responses, errors
-            while time.monotonic() < stop_at:
-                last = None
-                try:
-                    async for resp in client.generate(token_ids=prompt, max_tokens=max_tokens,
-                                                      ignore_eos=True):
-                        now = time.monotonic()
-                        if lo <= now < hi:
-                            tokens += len(resp.token_ids)
-                            responses += 1
-                            if last is not None and len(gaps) < 200_000:
-                                gaps.append(now - last)
-                        last = now
-                except Exception:
-                    errors += 1
-                    await asyncio.sleep(0.05)
+    # Connections of their own (not one shared by every channel of the process), so that
+    # they spread over the frontends.
+    clients = [AsyncClient(target, channel=grpc.aio.insecure_channel(
+        target, options=[("grpc.use_local_subchannel_pool", 1)]))
+        for _ in range(CHANNELS_PER_PROCESS)]
 
-        await asyncio.gather(*(one_stream() for _ in range(streams)))
+    async def one_stream(client: AsyncClient) -> None:
+        nonlocal tokens, responses, errors
+        while time.monotonic() < stop_at:
+            last = None
+            try:
+                async for resp in client.generate(token_ids=prompt, max_tokens=max_tokens,
+                                                  ignore_eos=True):
+                    now = time.monotonic()
+                    if lo <= now < hi:
+                        tokens += len(resp.token_ids)
+                        responses += 1
+                        if last is not None and len(gaps) < 200_000:
+                            gaps.append(now - last)
+                    last = now
+            except Exception:
+                errors += 1
+                await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(one_stream(clients[i % len(clients)]) for i in range(streams)))
+    for c in clients:
+        await c.close()
     return ClientResult(tokens, responses, gaps, errors)
 
 
@@ -275,8 +285,8 @@ def launch_null(cfg: ServeConfig, step_s: float) -> tuple[Deployment, list[Any]]
     """The real router (and its gRPC face) over ``cfg.num_decode`` null decode workers."""
     started = init_ray(None, cfg)
     model_config = load_model_config(cfg.model)
-    router, port, metrics_port = start_router(cfg, model_config)
-    decode = {
+    router, frontends, port, metrics_port = start_router(cfg, model_config)
+    decode: dict[str, Any] = {
         f"decode-{i}": ray.remote(NullDecodeWorker)
         .options(name=f"{cfg.namespace}-decode-{i}", num_cpus=0, max_concurrency=1000)
         .remote(f"decode-{i}", router, step_s)
@@ -285,7 +295,7 @@ def launch_null(cfg: ServeConfig, step_s: float) -> tuple[Deployment, list[Any]]
     ray.get([h.start.remote() for h in decode.values()])
     ray.get(router.attach.remote({}, decode))
     ray.get(router.set_serving.remote())
-    dep = Deployment(cfg, router, {}, decode, port, metrics_port, started)
+    dep = Deployment(cfg, router, frontends, {}, decode, port, metrics_port, started)
     return dep, list(decode.values())
 
 

@@ -29,6 +29,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400)")
+    p.add_argument("--frontends", type=int,
+                   help="gRPC frontend processes sharing --port; each client connection is "
+                        "served by one (default 1)")
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="join this Ray cluster (default: start a local Ray instance)")
     p.add_argument("--mode", choices=("disaggregated", "colocated"),
@@ -69,7 +72,7 @@ def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     over = {
         k: v for k, v in {
             "port": args.port, "host": args.host, "metrics_port": args.metrics_port,
-            "mode": args.mode,
+            "mode": args.mode, "frontends": args.frontends,
             "num_prefill": args.num_prefill, "num_decode": args.num_decode,
             "device": args.device, "dtype": args.dtype, "backend": args.backend,
             "decode_blocks": args.decode_blocks, "prefill_blocks": args.prefill_blocks,

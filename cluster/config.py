@@ -54,6 +54,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9400
+    # gRPC frontend processes sharing `port` (SO_REUSEPORT); each client connection is
+    # served by one. More stream more tokens a second (cluster.bench_router measures it).
+    frontends: int = 1
     namespace: str = "pdserve"  # Ray namespace; also prefixes actor names
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class ServeConfig:
             raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("num_prefill and num_decode must be >= 1")
+        if self.frontends < 1:
+            raise ValueError(f"frontends must be >= 1, got {self.frontends}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", *DTYPES):
@@ -148,6 +153,7 @@ class ServeConfig:
             block_size=self.block_size,
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,
+            frontends=self.frontends,
         )
 
     # -- YAML -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Bring a deployment up on Ray: the router actor (gRPC + /metrics), the prefill and decode
-worker actors, their warm-up, and the KV channels between them; and take it down again."""
+"""Bring a deployment up on Ray: the router actor (/metrics) and its gRPC frontends, the
+prefill and decode worker actors, their warm-up, and the KV channels between them; and take
+it down again."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ServeConfig
 from decode_worker.worker import DecodeWorker
 from engine.config import ModelConfig
 from engine.weights import load_model_config
 from prefill_worker.worker import PrefillWorker
+from router.frontend import Frontend
 from router.server import RouterService
 
 log = logging.getLogger("pdserve.launch")
@@ -29,6 +32,7 @@ class Deployment:
 
     cfg: ServeConfig
     router: Any
+    frontends: list[Any]
     prefill: dict[str, Any]
     decode: dict[str, Any]
     port: int
@@ -64,7 +68,7 @@ class Deployment:
                 log.exception("worker %s did not stop cleanly", calls[ref])
         for ref in late:
             log.error("worker %s did not stop within %.3g s", calls[ref], timeout_s)
-        for h in [self.router, *workers.values()]:
+        for h in [self.router, *self.frontends, *workers.values()]:
             ray.kill(h)
         if self.started_ray:
             ray.shutdown()
@@ -98,16 +102,30 @@ def launch(cfg: ServeConfig, address: str | None = None) -> Deployment:
         raise
 
 
-def start_router(cfg: ServeConfig, model_config: ModelConfig) -> tuple[Any, int, int]:
-    """The router actor, listening (NOT_SERVING until ``set_serving``): (handle, gRPC port,
-    metrics port)."""
+def start_router(cfg: ServeConfig, model_config: ModelConfig) -> tuple[Any, list[Any], int, int]:
+    """The router actor and its gRPC frontends, listening (NOT_SERVING until
+    ``set_serving``), on this node: (router, frontends, gRPC port, metrics port)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    scfg = cfg.server_config(model_config)
     router: Any = (
         ray.remote(RouterService)
-        .options(name=f"{cfg.namespace}-router", num_cpus=0, max_concurrency=10000)
-        .remote(cfg.server_config(model_config))
+        .options(name=f"{cfg.namespace}-router", num_cpus=0, max_concurrency=10000,
+                 scheduling_strategy=here)
+        .remote(scfg)
     )
-    port, metrics_port = ray.get(router.start.remote())
-    return router, port, metrics_port
+    metrics_port = ray.get(router.start.remote())
+    frontends: list[Any] = [
+        ray.remote(Frontend)
+        .options(name=f"{cfg.namespace}-frontend-{i}", num_cpus=0, max_concurrency=10000,
+                 scheduling_strategy=here)
+        .remote(i, scfg, router)
+        for i in range(cfg.frontends)
+    ]
+    # The first binds the port (perhaps any free one); the others share it.
+    port = ray.get(frontends[0].start.remote(cfg.port))
+    ray.get([f.start.remote(port) for f in frontends[1:]])
+    ray.get(router.attach_frontends.remote(frontends))
+    return router, frontends, port, metrics_port
 
 
 def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
@@ -115,7 +133,7 @@ def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
     gpus = 1 if cfg.resolved_device() == "cuda" else 0
     cpus = os.cpu_count() or 2
     ns = cfg.namespace
-    router, port, metrics_port = start_router(cfg, model_config)
+    router, frontends, port, metrics_port = start_router(cfg, model_config)
 
     def worker(cls: type, role: str, i: int) -> tuple[str, Any]:
         name = f"{role}-{i}"
@@ -134,4 +152,4 @@ def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
     ray.get(router.attach.remote(prefill, decode))
     ray.get(router.open_channels.remote())
     ray.get(router.set_serving.remote())
-    return Deployment(cfg, router, prefill, decode, port, metrics_port, started_ray)
+    return Deployment(cfg, router, frontends, prefill, decode, port, metrics_port, started_ray)

@@ -3,7 +3,6 @@ detokenization and stop strings (which never leak into the streamed text)."""
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class Chunk:
-    """What the gRPC handler sends next: new token ids and text, and, on the last chunk,
+    """What the request's client stream gets next: new token ids and text, and, on the last chunk,
     how the request ended (``error`` set: the stream ends with that gRPC status)."""
 
     token_ids: list[int]
@@ -50,7 +49,7 @@ class Request:
     detok: IncrementalDetokenizer
     state: State = State.QUEUED
     output_ids: list[int] = field(default_factory=list)
-    chunks: asyncio.Queue[Chunk] = field(default_factory=asyncio.Queue)
+    frontend: int = 0  # the gRPC frontend whose client stream this request answers
     lease: Lease | None = None
     releasing: Any = None  # a failed attempt's lease abort (awaitable) still under way
     prefill_worker: str = ""

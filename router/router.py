@@ -64,11 +64,13 @@ class Router:
         decode: dict[str, Any],
         cfg: RouterConfig,
         metrics: Metrics,
+        out: Callable[[Request, Chunk], None],
     ) -> None:
         self.prefill = prefill
         self.decode = decode
         self.cfg = cfg
         self.metrics = metrics
+        self.out = out  # hands a request's next chunk to its client stream
         self.p_load = {n: PrefillLoad(n) for n in prefill}
         self.d_load = {n: DecodeLoad(n) for n in decode}
         self.requests: dict[str, Request] = {}
@@ -337,9 +339,9 @@ class Router:
         elif reason == "stop":
             matched = ids[-1]
         if reason is None:
-            req.chunks.put_nowait(Chunk(ids, text))
+            self.out(req, Chunk(ids, text))
             return
-        req.chunks.put_nowait(Chunk(ids, text + req.flush(), reason, matched))
+        self.out(req, Chunk(ids, text + req.flush(), reason, matched))
         self._finish(req, State.FINISHED, reason)
 
     def _finish(self, req: Request, state: State, reason: str) -> None:
@@ -367,7 +369,7 @@ class Router:
         self._update_queue_gauges()
 
     def _fail(self, req: Request, code: str, message: str) -> None:
-        req.chunks.put_nowait(Chunk([], req.flush(), error=(code, message)))
+        self.out(req, Chunk([], req.flush(), error=(code, message)))
         req.state = State.FAILED
         self.requests.pop(req.request_id, None)
         if req.lease is not None:
@@ -388,7 +390,7 @@ class Router:
         if code is not None:
             self._fail(req, code, f"request {request_id}: {reason}")
         else:
-            req.chunks.put_nowait(Chunk([], req.flush(), "abort"))
+            self.out(req, Chunk([], req.flush(), "abort"))
             self._finish(req, State.ABORTED, "abort")
         return True
 

@@ -1,49 +1,40 @@
-"""The router's gRPC face: the ``pdserve.v1.Generation`` servicer, health, reflection and
-/metrics, hosted with the request state machine on one event loop (a Ray actor's)."""
+"""The router actor's body: the request state machine, /metrics, and the link to the gRPC
+frontends (``router.frontend``) that face the clients.
+
+A frontend hands the router a validated, tokenized ``Submission``; the router streams back
+``StreamItem``s, gathered per frontend while the event loop handles a batch of worker reports
+and sent in one ``deliver`` call per frontend. The per-message gRPC work (one response per
+request per step) runs in the frontends, so more of them stream more tokens a second; the
+router keeps the per-token work of the state machine and the detokenizer.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from engine.config import ModelConfig, ModelSpec
 from engine.messages import FirstToken, StepReport, TransferDone
-from engine.sequence import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
 from router.metrics import Metrics
 from router.request import Chunk, Request
 from router.router import QueueFull, Router, RouterConfig
-from router.validation import (
-    Limits,
-    RequestError,
-    ValidRequest,
-    effective_max_tokens,
-    validate_prompt_tokens,
-    validate_request,
-)
+from router.stream import StreamEnd, StreamItem, Submission
+from router.validation import Limits
 
 log = logging.getLogger("pdserve.server")
 
 VERSION = "0.1.0"
-SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What the router's servers need: where to listen, and what they serve."""
+    """What the router and its frontends need: where to listen, and what they serve."""
 
     model: ModelSpec
     model_config: ModelConfig
@@ -55,10 +46,11 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port
     metrics_port: int = 0  # 0 = any free port; -1 = no /metrics
     mode: str = "disaggregated"
+    frontends: int = 1  # gRPC frontend processes sharing the port
 
 
 class RouterService:
-    """The router actor's body: gRPC server + request state machine + metrics."""
+    """The router actor's body: request state machine + metrics + delivery to frontends."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
@@ -67,58 +59,49 @@ class RouterService:
         self.metrics = Metrics(self.registry)
         self.tokenizer: Tokenizer | None = None
         self.router: Router | None = None
-        self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.port = 0
+        self.frontends: list[Any] = []
         self.metrics_port = 0
+        self._outbox: dict[int, list[StreamItem]] = {}
+        self._flush_due = False
 
     # -- lifecycle (Ray calls from cluster.launch) -------------------------------------------
-    async def start(self) -> tuple[int, int]:
-        """Load the tokenizer, start gRPC (NOT_SERVING until ``set_serving``) and /metrics.
-        Returns (grpc port, metrics port)."""
+    async def start(self) -> int:
+        """Load the tokenizer (for detokenizing) and start /metrics; returns its port."""
         loop = asyncio.get_running_loop()
         self.tokenizer = await loop.run_in_executor(
             None, load_tokenizer, self.cfg.model, self.cfg.model_config
         )
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GenerationServicer_to_server(_Servicer(self), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        self.port = server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {self.cfg.host}:{self.cfg.port}")
-        for service in ("", SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.start()
-        self.server = server
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.start_http_server(
                 self.cfg.metrics_port, self.cfg.host
             )
-        return self.port, self.metrics_port
+        return self.metrics_port
+
+    async def attach_frontends(self, frontends: list[Any]) -> None:
+        """The frontend actors, by index (``Submission``s name theirs)."""
+        self.frontends = list(frontends)
 
     async def attach(self, prefill: dict[str, Any], decode: dict[str, Any]) -> None:
         """Hand over the worker pools (actor handles by name)."""
-        self.router = Router(prefill, decode, self.cfg.router, self.metrics)
+        self.router = Router(prefill, decode, self.cfg.router, self.metrics, self._out)
 
     async def open_channels(self) -> None:
         assert self.router is not None
         await self.router.open_channels()
 
     async def set_serving(self) -> None:
-        """Workers are warm: report SERVING."""
-        for service in ("", SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        """Workers are warm: the frontends report SERVING."""
+        await asyncio.gather(*(f.set_serving.remote(True) for f in self.frontends))
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        for service in ("", SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """NOT_SERVING, end every request (its client gets UNAVAILABLE), stop the
+        frontends' servers once those last messages are out."""
+        await asyncio.gather(*(f.set_serving.remote(False) for f in self.frontends))
         if self.router is not None:
             self.router.abort_all("the server is shutting down")
-        if self.server is not None:
-            await self.server.stop(grace_s)
+        self._flush()
+        await asyncio.gather(*(f.stop.remote(grace_s) for f in self.frontends))
+        self.metrics.stop_http_server()
 
     async def debug_state(self) -> list[str]:
         """One line per in-flight request (state, attempts, tokens): for operators and
@@ -146,148 +129,67 @@ class RouterService:
         assert self.router is not None
         self.router.on_transfer_done(msg)
 
-    # -- requests ---------------------------------------------------------------------------
-    def prompt_ids(self, req: pb.GenerateRequest, v: ValidRequest) -> list[int]:
-        assert self.tokenizer is not None
-        if v.input_kind == "token_ids":
-            return list(req.token_ids.ids)
-        if v.input_kind == "messages":
-            return self.tokenizer.apply_chat_template(
-                [(m.role, m.content) for m in req.messages.messages]
-            )
-        return self.tokenizer.encode(req.text)
-
-    def new_request(self, req: pb.GenerateRequest, arrival: float) -> Request:
-        """Validate and tokenize; raises RequestError naming the field at fault."""
-        assert self.tokenizer is not None
-        limits = self.cfg.limits
-        v = validate_request(req, limits)
-        ids = self.prompt_ids(req, v)
-        max_tokens = effective_max_tokens(len(ids), v.sampling, limits)
-        validate_prompt_tokens(ids, max_tokens, limits)
-        s = v.sampling
-        sampling = SamplingParams(
-            max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-            seed=s.seed, stop_token_ids=s.stop_token_ids,
-            eos_token_ids=self.tokenizer.eos_token_ids, ignore_eos=s.ignore_eos,
+    # -- frontend calls ---------------------------------------------------------------------
+    async def submit(self, sub: Submission, frontend: int) -> tuple[str, str] | None:
+        """Admit a request whose stream is on ``frontend``; None, or the (gRPC status name,
+        message) the stream ends with at once."""
+        router = self.router
+        if router is None or self.tokenizer is None:
+            return "UNAVAILABLE", "the server is starting"
+        now = time.monotonic()
+        req = Request(
+            request_id=sub.request_id, prompt_ids=sub.prompt_ids, sampling=sub.sampling,
+            stop=sub.stop, ttft_slo_s=sub.ttft_slo_s, tpot_slo_s=sub.tpot_slo_s,
+            arrival=now - sub.waited_s,
+            detok=IncrementalDetokenizer(self.tokenizer, sub.prompt_ids), frontend=frontend,
         )
-        return Request(
-            request_id=v.request_id or uuid.uuid4().hex, prompt_ids=ids, sampling=sampling,
-            stop=s.stop,
-            ttft_slo_s=v.slo.ttft_ms / 1e3 if v.slo.ttft_ms else None,
-            tpot_slo_s=v.slo.tpot_ms / 1e3 if v.slo.tpot_ms else None,
-            arrival=arrival, detok=IncrementalDetokenizer(self.tokenizer, ids),
-        )
-
-
-class _Servicer(pb_grpc.GenerationServicer):
-    def __init__(self, svc: RouterService) -> None:
-        self.svc = svc
-
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        arrival = time.monotonic()
-        router = self.svc.router
-        if router is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting")
-        assert router is not None
         try:
-            req = self.svc.new_request(request, arrival)
             router.admit(req)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
         except QueueFull as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {e}")
+            return "RESOURCE_EXHAUSTED", f"queue full: {e}"
         except ValueError as e:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {e}")
-        remaining = context.time_remaining()
-        timer = None
-        if remaining is not None:
-            timer = asyncio.get_running_loop().call_later(
-                max(0.0, remaining), router.deadline_callback(req.request_id)
-            )
-        try:
-            while True:
-                chunk = _merge([await req.chunks.get()], req.chunks)
-                if chunk.error is not None:
-                    code, message = chunk.error
-                    await context.abort(grpc.StatusCode[code], message)
-                yield _response(req, chunk)
-                if chunk.finish_reason is not None:
-                    return
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if not req.done:  # the client went away (cancel, deadline, disconnect)
-                router.abort(req.request_id)
+            return "ALREADY_EXISTS", f"request_id: {e}"
+        if sub.deadline_s is not None:
+            asyncio.get_running_loop().call_later(
+                max(0.0, sub.deadline_s), router.deadline_callback(req.request_id))
+        return None
 
-    async def Abort(
-        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AbortResponse:
-        router = self.svc.router
-        found = router is not None and router.abort(request.request_id)
-        return pb.AbortResponse(found=found)
+    async def cancel(self, request_id: str) -> bool:
+        """The client went away (cancel, deadline, disconnect): free its work."""
+        return self.router is not None and self.router.abort(request_id)
 
-    async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInfo:
-        cfg = self.svc.cfg
-        tok = self.svc.tokenizer
-        return pb.ModelInfo(
-            model_name=cfg.model_config.name, max_context_length=cfg.limits.max_context,
-            vocab_size=cfg.limits.vocab_size,
-            eos_token_ids=list(tok.eos_token_ids if tok else cfg.model_config.eos_token_ids),
-            block_size=cfg.block_size, dtype=cfg.dtype,
-            default_max_tokens=cfg.limits.default_max_tokens,
-            max_tokens_limit=cfg.limits.max_tokens_limit,
-        )
+    async def server_info(self) -> tuple[int, int, float]:
+        """(prefill workers, decode workers, uptime in s)."""
+        router = self.router
+        return (len(router.prefill) if router else 0, len(router.decode) if router else 0,
+                time.monotonic() - self.started)
 
-    async def GetServerInfo(
-        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerInfo:
-        router = self.svc.router
-        return pb.ServerInfo(
-            num_prefill_workers=len(router.prefill) if router else 0,
-            num_decode_workers=len(router.decode) if router else 0,
-            version=VERSION, mode=self.svc.cfg.mode,
-            uptime_s=time.monotonic() - self.svc.started,
-        )
+    # -- output -----------------------------------------------------------------------------
+    def _out(self, req: Request, chunk: Chunk) -> None:
+        end = None if chunk.finish_reason is None and chunk.error is None \
+            else _end(req, chunk)
+        self._outbox.setdefault(req.frontend, []).append(
+            (req.request_id, chunk.token_ids, chunk.text, end))
+        if not self._flush_due:  # once the reports now on the loop are handled
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        box, self._outbox = self._outbox, {}
+        for i, items in box.items():
+            self.frontends[i].deliver.remote(items)
 
 
-def _merge(first: list[Chunk], more: asyncio.Queue[Chunk]) -> Chunk:
-    """Fold chunks that are already waiting into one response (a slow reader gets fewer,
-    larger messages instead of falling behind)."""
-    chunks = first
-    while chunks[-1].finish_reason is None and chunks[-1].error is None and not more.empty():
-        chunks.append(more.get_nowait())
-    last = chunks[-1]
-    return Chunk(
-        token_ids=[t for c in chunks for t in c.token_ids],
-        text="".join(c.text for c in chunks),
-        finish_reason=last.finish_reason, matched_stop=last.matched_stop, error=last.error,
-    )
-
-
-def _response(req: Request, chunk: Chunk) -> pb.GenerateResponse:
-    resp = pb.GenerateResponse(request_id=req.request_id, token_ids=chunk.token_ids,
-                               text=chunk.text)
-    if chunk.finish_reason is None:
-        return resp
-    now = time.monotonic()
+def _end(req: Request, chunk: Chunk) -> StreamEnd:
+    if chunk.error is not None:
+        return StreamEnd(error=chunk.error)
     n = len(req.output_ids)
-    resp.finished = True
-    resp.finish_reason = chunk.finish_reason
-    if isinstance(chunk.matched_stop, str):
-        resp.matched_stop_str = chunk.matched_stop
-    elif isinstance(chunk.matched_stop, int):
-        resp.matched_stop_token_id = chunk.matched_stop
-    resp.usage.prompt_tokens = len(req.prompt_ids)
-    resp.usage.completion_tokens = n
-    resp.timing.queue_s = req.queue_s
-    resp.timing.prefill_s = req.prefill_s
-    resp.timing.kv_transfer_s = req.transfer_s
-    resp.timing.ttft_s = req.t_first - req.arrival if req.t_first else 0.0
-    resp.timing.mean_tpot_s = (req.t_last - req.t_first) / (n - 1) if n > 1 else 0.0
-    resp.timing.e2e_s = now - req.arrival
-    return resp
+    return StreamEnd(
+        finish_reason=chunk.finish_reason or "", matched_stop=chunk.matched_stop,
+        prompt_tokens=len(req.prompt_ids), completion_tokens=n, queue_s=req.queue_s,
+        prefill_s=req.prefill_s, kv_transfer_s=req.transfer_s,
+        ttft_s=req.t_first - req.arrival if req.t_first else 0.0,
+        mean_tpot_s=(req.t_last - req.t_first) / (n - 1) if n > 1 else 0.0,
+        e2e_s=time.monotonic() - req.arrival,
+    )

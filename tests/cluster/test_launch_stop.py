@@ -65,7 +65,7 @@ def deployment(marks: Path, num_prefill: int, num_decode: int,
             str(marks), name, peers, name in hang)
 
     return Deployment(
-        ServeConfig(), ray.remote(StubRouter).options(num_cpus=0).remote(),
+        ServeConfig(), ray.remote(StubRouter).options(num_cpus=0).remote(), [],
         {p: actor(p, decode) for p in prefill}, {d: actor(d, prefill) for d in decode},
         port=0, metrics_port=0, started_ray=False,
     )

@@ -15,7 +15,7 @@ from engine.messages import FirstToken, Lease, Reservation, StepReport, Transfer
 from engine.sequence import SamplingParams
 from router.metrics import Metrics
 from router.policy import LocalPrefillRule
-from router.request import Request, State
+from router.request import Chunk, Request, State
 from router.router import Router, RouterConfig
 from tests.router.test_request import CharDetok
 
@@ -58,8 +58,10 @@ class Setup:
     def __init__(self, rule: LocalPrefillRule) -> None:
         self.p, self.d = FakeWorker("prefill-0"), FakeWorker("decode-0")
         self.metrics = Metrics(CollectorRegistry())
+        self.out: list[tuple[Request, Chunk]] = []
         self.router = Router({"prefill-0": self.p}, {"decode-0": self.d},
-                             RouterConfig(local_prefill=rule), self.metrics)
+                             RouterConfig(local_prefill=rule), self.metrics,
+                             lambda req, chunk: self.out.append((req, chunk)))
 
     @property
     def queued(self) -> int:

@@ -1,0 +1,208 @@
+"""A gRPC frontend: the ``pdserve.v1.Generation`` service, health and reflection, in a Ray
+actor of its own.
+
+It validates and tokenizes each ``Generate`` call, submits it to the router actor, and
+streams what the router delivers for it. Several frontends listen on one port
+(``SO_REUSEPORT``: the kernel spreads client connections over them; each connection, with
+all the streams multiplexed on it, stays with one frontend), so the per-message gRPC work,
+which bounds how many tokens a second one process streams, is spread over processes as
+vLLM's API servers spread HTTP (``--api-server-count``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.sequence import SamplingParams
+from engine.tokenizer import Tokenizer, load_tokenizer
+from proto import pdserve_pb2 as pb
+from proto import pdserve_pb2_grpc as pb_grpc
+from router.server import VERSION, ServerConfig
+from router.stream import StreamItem, Submission, merge, response
+from router.validation import (
+    RequestError,
+    ValidRequest,
+    effective_max_tokens,
+    validate_prompt_tokens,
+    validate_request,
+)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class Frontend:
+    """One gRPC frontend (hosted in a Ray actor by ``cluster.launch``)."""
+
+    def __init__(self, index: int, cfg: ServerConfig, router: Any) -> None:
+        self.index = index
+        self.cfg = cfg
+        self.router = router
+        self.tokenizer: Tokenizer | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.streams: dict[str, asyncio.Queue[StreamItem]] = {}
+        self.served = 0  # Generate calls submitted to the router
+
+    async def start(self, port: int) -> int:
+        """Load the tokenizer and listen on ``port`` (0: any free one), NOT_SERVING until
+        ``set_serving``; returns the port bound."""
+        loop = asyncio.get_running_loop()
+        self.tokenizer = await loop.run_in_executor(
+            None, load_tokenizer, self.cfg.model, self.cfg.model_config
+        )
+        shared = self.cfg.frontends > 1
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
+        pb_grpc.add_GenerationServicer_to_server(_Servicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        bound = server.add_insecure_port(f"{self.cfg.host}:{port}")
+        if bound == 0:
+            raise RuntimeError(f"cannot listen on {self.cfg.host}:{port}")
+        await self.set_serving(False)
+        await server.start()
+        self.server = server
+        return bound
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", SERVICE):
+            await self.health.set(service, status)
+
+    async def stop(self, grace_s: float) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s)
+
+    def num_served(self) -> int:
+        return self.served
+
+    def deliver(self, items: list[StreamItem]) -> None:
+        """The router's items for this frontend's streams (a stream that ended here already
+        drops its late items)."""
+        for item in items:
+            q = self.streams.get(item[0])
+            if q is not None:
+                q.put_nowait(item)
+
+    # -- requests ---------------------------------------------------------------------------
+    def prompt_ids(self, req: pb.GenerateRequest, v: ValidRequest) -> list[int]:
+        assert self.tokenizer is not None
+        if v.input_kind == "token_ids":
+            return list(req.token_ids.ids)
+        if v.input_kind == "messages":
+            return self.tokenizer.apply_chat_template(
+                [(m.role, m.content) for m in req.messages.messages]
+            )
+        return self.tokenizer.encode(req.text)
+
+    def submission(self, req: pb.GenerateRequest, arrival: float,
+                   deadline_s: float | None) -> Submission:
+        """Validate and tokenize; raises RequestError naming the field at fault."""
+        assert self.tokenizer is not None
+        limits = self.cfg.limits
+        v = validate_request(req, limits)
+        ids = self.prompt_ids(req, v)
+        max_tokens = effective_max_tokens(len(ids), v.sampling, limits)
+        validate_prompt_tokens(ids, max_tokens, limits)
+        s = v.sampling
+        sampling = SamplingParams(
+            max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=s.seed, stop_token_ids=s.stop_token_ids,
+            eos_token_ids=self.tokenizer.eos_token_ids, ignore_eos=s.ignore_eos,
+        )
+        return Submission(
+            request_id=v.request_id or uuid.uuid4().hex, prompt_ids=ids, sampling=sampling,
+            stop=s.stop,
+            ttft_slo_s=v.slo.ttft_ms / 1e3 if v.slo.ttft_ms else None,
+            tpot_slo_s=v.slo.tpot_ms / 1e3 if v.slo.tpot_ms else None,
+            waited_s=time.monotonic() - arrival, deadline_s=deadline_s,
+        )
+
+
+class _Servicer(pb_grpc.GenerationServicer):
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        arrival = time.monotonic()
+        fe = self.fe
+        if fe.tokenizer is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting")
+        try:
+            sub = fe.submission(request, arrival, context.time_remaining())
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        rid = sub.request_id
+        if rid in fe.streams:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id: {rid!r} is already in flight")
+        # Registered before the router hears of it: its first items may come back before
+        # the answer to submit does.
+        q: asyncio.Queue[StreamItem] = asyncio.Queue()
+        fe.streams[rid] = q
+        fe.served += 1
+        ended = False
+        try:
+            refused = await fe.router.submit.remote(sub, fe.index)
+            if refused is not None:
+                ended = True
+                await context.abort(grpc.StatusCode[refused[0]], refused[1])
+            while True:
+                items = [await q.get()]
+                while items[-1][3] is None and not q.empty():
+                    items.append(q.get_nowait())
+                item = merge(items)
+                end = item[3]
+                if end is not None:
+                    ended = True
+                    if end.error is not None:
+                        await context.abort(grpc.StatusCode[end.error[0]], end.error[1])
+                yield response(item)
+                if end is not None:
+                    return
+        finally:
+            fe.streams.pop(rid, None)
+            if not ended:  # the client went away (cancel, deadline, disconnect)
+                fe.router.cancel.remote(rid)
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        found = await self.fe.router.cancel.remote(request.request_id)
+        return pb.AbortResponse(found=found)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        cfg = self.fe.cfg
+        tok = self.fe.tokenizer
+        return pb.ModelInfo(
+            model_name=cfg.model_config.name, max_context_length=cfg.limits.max_context,
+            vocab_size=cfg.limits.vocab_size,
+            eos_token_ids=list(tok.eos_token_ids if tok else cfg.model_config.eos_token_ids),
+            block_size=cfg.block_size, dtype=cfg.dtype,
+            default_max_tokens=cfg.limits.default_max_tokens,
+            max_tokens_limit=cfg.limits.max_tokens_limit,
+        )
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerInfo:
+        num_prefill, num_decode, uptime = await self.fe.router.server_info.remote()
+        return pb.ServerInfo(
+            num_prefill_workers=num_prefill, num_decode_workers=num_decode,
+            version=VERSION, mode=self.fe.cfg.mode, uptime_s=uptime,
+        )
