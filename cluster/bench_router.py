@@ -14,7 +14,8 @@ Per concurrency it prints the tokens the workers emitted a second, the tokens th
 received a second over the same window, their ratio (1.0: the router's side keeps up), the
 responses a second and tokens per response (when the router falls behind, waiting tokens
 are folded into fewer responses), the gap between a stream's responses (p50, p99: the
-step time when it keeps up), and the CPU share of the router's processes. The clients run
+step time when it keeps up), and the cores used by the router actor and by the gRPC
+frontends. The clients run
 on the same machine: give it cores for them.
 """
 
@@ -53,9 +54,10 @@ from engine.messages import (
 )
 from engine.weights import load_model_config
 
-# Token ids streamed by the null workers: ordinary vocabulary of the default tokenizer, so
-# the router's detokenization costs what it would on text.
-TOKEN_RANGE = (1000, 30000)
+# Token ids streamed by the null workers: ids every tokenizer here decodes to text (the
+# default one's, and the byte-level stand-in of a machine without it), so the router's
+# detokenizer does its usual work.
+TOKEN_RANGE = (33, 127)
 START_LEAD_S = 0.5
 WARMUP_S = 1.0  # of each level, before the window that counts
 CHANNELS_PER_PROCESS = 4
@@ -184,10 +186,17 @@ async def _stream_loop(target: str, streams: int, prompt: list[int], max_tokens:
     return ClientResult(tokens, responses, gaps, errors)
 
 
-def _client(conn: Connection, target: str, streams: int, prompt: list[int], max_tokens: int,
-            start: float, window: tuple[float, float], stop_at: float) -> None:
+def _client(conn: Connection, target: str, streams: int, prompt: list[int],
+            max_tokens: int) -> None:
+    """A client process: say it is ready (imports done), get the level's clock, run it."""
+    conn.send("ready")
+    start, window, stop_at = conn.recv()
     time.sleep(max(0.0, start - time.monotonic()))
     conn.send(asyncio.run(_stream_loop(target, streams, prompt, max_tokens, window, stop_at)))
+
+
+def tokens_in(results: Sequence[ClientResult]) -> int:
+    return sum(r.tokens for r in results)
 
 
 # -- one level ----------------------------------------------------------------------------------
@@ -202,14 +211,15 @@ class Level:
     tokens_per_response: float
     gap_p50_ms: float
     gap_p99_ms: float
-    router_cpu: float  # cores used by the router's processes in the window
+    router_cpu: float  # cores used by the router actor in the window
+    frontends_cpu: float  # by the gRPC frontends (0 where the router serves gRPC itself)
     errors: int
     worker_late_ms: float  # mean lateness of a worker step (their own loop kept up?)
 
 
-def _router_pids() -> list[int]:
-    """Processes of the router's actors (the request state machine and any gRPC frontend),
-    found by the titles Ray gives actor processes."""
+def _actor_pids(prefix: str) -> list[int]:
+    """Processes of the actors of class ``prefix``, found by the titles Ray gives actor
+    processes."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -218,7 +228,7 @@ def _router_pids() -> list[int]:
             cmd = (d / "cmdline").read_bytes().split(b"\0")[0].decode()
         except OSError:
             continue
-        if cmd.startswith(("ray::RouterService", "ray::Frontend")):
+        if cmd.startswith(f"ray::{prefix}"):
             pids.append(int(d.name))
     return pids
 
@@ -238,35 +248,42 @@ def _cpu_s(pids: Sequence[int]) -> float:
 def run_level(dep: Deployment, workers: list[Any], concurrency: int, processes: int,
               max_tokens: int, duration_s: float, prompt: list[int]) -> Level:
     ctx = mp.get_context("spawn")
-    start = time.monotonic() + START_LEAD_S + 2.0  # spawn + imports
-    window = (start + WARMUP_S, start + WARMUP_S + duration_s)
-    stop_at = window[1] + 0.2
     procs, conns = [], []
     per = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
     for k, n in enumerate(per):
         if n == 0:
             continue
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_client, args=(child, dep.address, n, prompt, max_tokens,
-                                              start, window, stop_at),
+        p = ctx.Process(target=_client, args=(child, dep.address, n, prompt, max_tokens),
                         name=f"bench-router-client-{k}", daemon=True)
         p.start()
         procs.append(p)
         conns.append(parent)
-    pids = _router_pids()
+    for conn in conns:
+        if conn.recv() != "ready":
+            raise RuntimeError("a client process failed to start")
+    # The clock starts once every process is ready (their imports take seconds).
+    start = time.monotonic() + START_LEAD_S
+    window = (start + WARMUP_S, start + WARMUP_S + duration_s)
+    stop_at = window[1] + 0.2
+    for conn in conns:
+        conn.send((start, window, stop_at))
+    pids = _actor_pids("RouterService"), _actor_pids("Frontend")
     time.sleep(max(0.0, window[0] - time.monotonic()))
     c0 = ray.get([w.counters.remote() for w in workers])
-    cpu0 = _cpu_s(pids)
+    cpu0 = [_cpu_s(p) for p in pids]
     time.sleep(max(0.0, window[1] - time.monotonic()))
     c1 = ray.get([w.counters.remote() for w in workers])
-    cpu1 = _cpu_s(pids)
+    cpu1 = [_cpu_s(p) for p in pids]
     results: list[ClientResult] = [conn.recv() for conn in conns]
     for p in procs:
         p.join(timeout=30)
+    if not tokens_in(results):
+        raise RuntimeError(f"no token reached a client at concurrency {concurrency}")
     emitted = sum(b[0] - a[0] for a, b in zip(c0, c1, strict=True))
     steps = sum(b[1] - a[1] for a, b in zip(c0, c1, strict=True))
     late = sum(b[2] - a[2] for a, b in zip(c0, c1, strict=True))
-    tokens = sum(r.tokens for r in results)
+    tokens = tokens_in(results)
     responses = sum(r.responses for r in results)
     gaps = np.array([g for r in results for g in r.gaps] or [0.0])
     return Level(
@@ -276,7 +293,8 @@ def run_level(dep: Deployment, workers: list[Any], concurrency: int, processes: 
         tokens_per_response=tokens / responses if responses else 0.0,
         gap_p50_ms=float(np.percentile(gaps, 50) * 1e3),
         gap_p99_ms=float(np.percentile(gaps, 99) * 1e3),
-        router_cpu=(cpu1 - cpu0) / duration_s, errors=sum(r.errors for r in results),
+        router_cpu=(cpu1[0] - cpu0[0]) / duration_s,
+        frontends_cpu=(cpu1[1] - cpu0[1]) / duration_s, errors=sum(r.errors for r in results),
         worker_late_ms=late / steps * 1e3 if steps else 0.0,
     )
 
@@ -325,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     levels = []
     try:
         head = ("conc", "offered tok/s", "delivered tok/s", "ratio", "resp/s", "tok/resp",
-                "gap p50 ms", "gap p99 ms", "router cores", "errors", "step late ms")
+                "gap p50 ms", "gap p99 ms", "router cores", "frontend cores", "errors",
+                "step late ms")
         print(" | ".join(head))
         for c in (int(x) for x in args.concurrency.split(",")):
             lv = run_level(dep, workers, c, args.client_processes, args.max_tokens,
@@ -334,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{lv.concurrency} | {lv.offered_tok_s:,.0f} | {lv.delivered_tok_s:,.0f} | "
                   f"{lv.ratio:.3f} | {lv.responses_s:,.0f} | {lv.tokens_per_response:.2f} | "
                   f"{lv.gap_p50_ms:.1f} | {lv.gap_p99_ms:.1f} | {lv.router_cpu:.2f} | "
+                  f"{lv.frontends_cpu:.2f} | "
                   f"{lv.errors} | {lv.worker_late_ms:.2f}", flush=True)
     finally:
         dep.stop()
