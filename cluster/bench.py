@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ from proto.client import AsyncClient, build_request
 # --max-duration-s never cuts a rate's run below this many prompts (or --num-prompts if fewer):
 # a handful of requests says little about a percentile or an attainment.
 MIN_PROMPTS_PER_RATE = 20
+# Connections each client process spreads its requests over (see `connections`).
+CONNECTIONS = 4
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ async def _one(client: AsyncClient, req: pb.GenerateRequest, i: int, t0: float,
     )
 
 
-async def _send_all(client: AsyncClient, cfg: BenchConfig,
+async def _send_all(clients: Sequence[AsyncClient], cfg: BenchConfig,
                     requests: Sequence[tuple[int, float, Prompt]], start: float,
                     max_concurrency: int | None, on_done: Callable[[], object]
                     ) -> list[RequestRecord]:
@@ -239,6 +241,7 @@ async def _send_all(client: AsyncClient, cfg: BenchConfig,
 
     async def task(i: int, p: Prompt) -> RequestRecord:
         async with sem:
+            client = clients[i % len(clients)]
             rec = await _one(client, _request(cfg, p, i), i, start, cfg.request_timeout_s)
         on_done()
         return rec
@@ -259,13 +262,29 @@ async def send_shard(cfg: BenchConfig, shard: Shard, done: Any) -> list[RequestR
         with done.get_lock():
             done.value += 1
 
-    async with AsyncClient(cfg.server) as client:
-        await client.wait_ready(cfg.ready_timeout_s)  # connected before the common start
-        return await _send_all(client, cfg, shard.requests, shard.start, shard.max_concurrency,
+    # connected before the common start
+    async with connections(cfg.server, cfg.ready_timeout_s) as clients:
+        return await _send_all(clients, cfg, shard.requests, shard.start, shard.max_concurrency,
                                finished)
 
 
-async def run_rate(client: AsyncClient, cfg: BenchConfig, prompts: list[Prompt],
+@contextlib.asynccontextmanager
+async def connections(server: str,
+                      ready_timeout_s: float) -> AsyncIterator[list[AsyncClient]]:
+    """CONNECTIONS clients of one process to ``server``, each on a connection of its own,
+    ready. A server with several gRPC frontends serves each connection from one of them:
+    requests sent over several connections spread over the frontends."""
+    clients = [AsyncClient(server, own_connection=True) for _ in range(CONNECTIONS)]
+    try:
+        for c in clients:
+            await c.wait_ready(ready_timeout_s)
+        yield clients
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def run_rate(clients: Sequence[AsyncClient], cfg: BenchConfig, prompts: list[Prompt],
                    rate: float, procs: ClientProcesses | None = None) -> list[RequestRecord]:
     """Send the workload at `rate` (capped by max_concurrency) and wait for every answer:
     from this process, or split over the client processes ``procs``."""
@@ -279,7 +298,7 @@ async def run_rate(client: AsyncClient, cfg: BenchConfig, prompts: list[Prompt],
         records = await procs.run(requests, cfg.max_concurrency,
                                   on_progress=lambda n: bar.update(n - bar.n))
     else:
-        records = await _send_all(client, cfg, requests, time.perf_counter(),
+        records = await _send_all(clients, cfg, requests, time.perf_counter(),
                                   cfg.max_concurrency, lambda: bar.update(1))
     bar.close()
     return records
@@ -287,9 +306,8 @@ async def run_rate(client: AsyncClient, cfg: BenchConfig, prompts: list[Prompt],
 
 async def bench_async(cfg: BenchConfig) -> BenchResult:
     with contextlib.ExitStack() as stack:
-        async with AsyncClient(cfg.server) as client:
-            await client.wait_ready(cfg.ready_timeout_s)
-            info = await client.model_info(timeout=30)
+        async with connections(cfg.server, cfg.ready_timeout_s) as clients:
+            info = await clients[0].model_info(timeout=30)
             prompts = build_workload(cfg, info)
             order = sweep_order(cfg)
             procs = (stack.enter_context(ClientProcesses(cfg, cfg.client_processes))
@@ -298,7 +316,7 @@ async def bench_async(cfg: BenchConfig) -> BenchResult:
             records: list[list[RequestRecord]] = []
             for rate in order:
                 n = prompts_for_rate(len(prompts), rate, cfg.max_duration_s)
-                recs = await run_rate(client, cfg, prompts[:n], rate, procs)
+                recs = await run_rate(clients, cfg, prompts[:n], rate, procs)
                 records.append(recs)
                 reports.append(make_report(cfg.label, rate, cfg.burstiness,
                                            cfg.max_concurrency, recs, cfg.slo))

@@ -35,8 +35,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
 import numpy as np
 import ray
 
@@ -158,9 +156,7 @@ async def _stream_loop(target: str, streams: int, prompt: list[int], max_tokens:
     lo, hi = window
     # Connections of their own (not one shared by every channel of the process), so that
     # they spread over the frontends.
-    clients = [AsyncClient(target, channel=grpc.aio.insecure_channel(
-        target, options=[("grpc.use_local_subchannel_pool", 1)]))
-        for _ in range(CHANNELS_PER_PROCESS)]
+    clients = [AsyncClient(target, own_connection=True) for _ in range(CHANNELS_PER_PROCESS)]
 
     async def one_stream(client: AsyncClient) -> None:
         nonlocal tokens, responses, errors

@@ -183,15 +183,23 @@ async def acollect(responses: AsyncIterable[pb.GenerateResponse]) -> Completion:
 def _status_name(resp: health_pb2.HealthCheckResponse) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
+# Channels of one process to one target share a connection unless told otherwise. A server
+# with several frontends on one port (`pdserve serve --frontends N`) serves a connection
+# from one of them, so a client that wants its load spread opens connections of its own.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
 
 class Client:
     """Blocking client over one gRPC channel. Thread-safe, as the channel is."""
 
-    def __init__(self, target: str, *, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, target: str, *, channel: grpc.Channel | None = None,
+                 own_connection: bool = False) -> None:
         """Connect to `target` ("host:port"), or use `channel` if given (then `target` only
-        names it in messages; close() closes it all the same)."""
+        names it in messages; close() closes it all the same). With `own_connection` the
+        channel opens a connection of its own (see OWN_CONNECTION)."""
         self.target = target
-        self._channel = channel if channel is not None else grpc.insecure_channel(target)
+        self._channel = channel if channel is not None else grpc.insecure_channel(
+            target, options=OWN_CONNECTION if own_connection else None)
         stub = pb_grpc.GenerationStub(self._channel)
         self._generate: grpc.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]
         self._generate = stub.Generate
@@ -294,10 +302,13 @@ class Client:
 class AsyncClient:
     """asyncio client over one grpc.aio channel; create and use it inside one event loop."""
 
-    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None) -> None:
-        """Connect to `target` ("host:port"), or use `channel` if given."""
+    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None,
+                 own_connection: bool = False) -> None:
+        """Connect to `target` ("host:port"), or use `channel` if given. With
+        `own_connection` the channel opens a connection of its own (see OWN_CONNECTION)."""
         self.target = target
-        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target)
+        self._channel = channel if channel is not None else grpc.aio.insecure_channel(
+            target, options=OWN_CONNECTION if own_connection else None)
         stub = pb_grpc.GenerationStub(self._channel)
         self._generate: grpc.aio.UnaryStreamMultiCallable[
             pb.GenerateRequest, pb.GenerateResponse

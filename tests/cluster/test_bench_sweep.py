@@ -117,8 +117,11 @@ def test_cli_rejects_stop_flag_without_slo(capsys: pytest.CaptureFixture[str]) -
 class FakeClient:
     """Stands in for AsyncClient: serves model info; run_rate is faked separately."""
 
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, *, own_connection: bool = False) -> None:
         self.server = server
+
+    async def close(self) -> None:
+        return None
 
     async def __aenter__(self) -> FakeClient:
         return self

@@ -25,9 +25,7 @@ def two_frontends(ray_cluster: None, default_gguf: Path) -> Iterator[Deployment]
 
 
 def _own_connection(address: str) -> Client:
-    """A client on a connection of its own (channels of one process share one by default)."""
-    return Client(address, channel=grpc.insecure_channel(
-        address, options=[("grpc.use_local_subchannel_pool", 1)]))
+    return Client(address, own_connection=True)
 
 
 def test_connections_spread_over_frontends_and_streams_match_reference(
