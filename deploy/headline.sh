@@ -42,6 +42,9 @@ DISAGG_FLAGS=${DISAGG_FLAGS:-}  # extra serve flags of the disaggregated configu
 # client processes of each sweep: one sufficed at 9,500 streamed tokens/s on one H200, and
 # two H200s stream about twice that on (b) (docs/benchmarks.md)
 CLIENT_PROCS=${CLIENT_PROCS:-4}
+# gRPC frontend processes of both configurations: one streams on the order of 20,000 tokens
+# a second, about what two H200s produce on (b) (docs/benchmarks.md, bench_router).
+FRONTENDS=${FRONTENDS:-2}
 mkdir -p "$OUT_DIR"
 SERVER_PID=
 # a failed bench (set -e) must not leave the server and its Ray cluster running
@@ -50,7 +53,7 @@ trap 'if [ -n "$SERVER_PID" ]; then kill -INT "$SERVER_PID" 2>/dev/null || true;
 run_config() {  # label, serve flags...
   local label=$1; shift
   # shellcheck disable=SC2086
-  $PDSERVE serve --port "$PORT" --metrics-port 0 "$@" $MODEL_ARGS &
+  $PDSERVE serve --port "$PORT" --metrics-port 0 --frontends "$FRONTENDS" "$@" $MODEL_ARGS &
   local pid=$!
   SERVER_PID=$pid
   for w in $WORKLOADS; do
