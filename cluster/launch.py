@@ -122,9 +122,9 @@ def start_router(cfg: ServeConfig, model_config: ModelConfig) -> tuple[Any, list
         for i in range(cfg.frontends)
     ]
     # The first binds the port (perhaps any free one); the others share it.
-    port = ray.get(frontends[0].start.remote(cfg.port))
-    ray.get([f.start.remote(port) for f in frontends[1:]])
-    ray.get(router.attach_frontends.remote(frontends))
+    port, feed = ray.get(frontends[0].start.remote(cfg.port))
+    feeds = [feed, *(f for _, f in ray.get([f.start.remote(port) for f in frontends[1:]]))]
+    ray.get(router.attach_frontends.remote(frontends, feeds))
     return router, frontends, port, metrics_port
 
 

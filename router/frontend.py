@@ -27,7 +27,7 @@ from engine.tokenizer import Tokenizer, load_tokenizer
 from proto import pdserve_pb2 as pb
 from proto import pdserve_pb2_grpc as pb_grpc
 from router.server import VERSION, ServerConfig
-from router.stream import StreamItem, Submission, merge, response
+from router.stream import StreamEnd, StreamItem, Submission, merge, read_frame, response
 from router.validation import (
     RequestError,
     ValidRequest,
@@ -51,10 +51,12 @@ class Frontend:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.streams: dict[str, asyncio.Queue[StreamItem]] = {}
         self.served = 0  # Generate calls submitted to the router
+        self.feed: asyncio.Server | None = None
 
-    async def start(self, port: int) -> int:
+    async def start(self, port: int) -> tuple[int, int]:
         """Load the tokenizer and listen on ``port`` (0: any free one), NOT_SERVING until
-        ``set_serving``; returns the port bound."""
+        ``set_serving``, and for the router's feed on a loopback port; returns (the gRPC
+        port bound, the feed's port)."""
         loop = asyncio.get_running_loop()
         self.tokenizer = await loop.run_in_executor(
             None, load_tokenizer, self.cfg.model, self.cfg.model_config
@@ -72,7 +74,18 @@ class Frontend:
         await self.set_serving(False)
         await server.start()
         self.server = server
-        return bound
+        self.feed = await asyncio.start_server(self._read_feed, "127.0.0.1", 0)
+        return bound, self.feed.sockets[0].getsockname()[1]
+
+    async def _read_feed(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        """The router's connection: deliver each frame; when it closes, the streams still
+        open here cannot go on."""
+        while (items := await read_frame(reader)) is not None:
+            self.deliver(items)
+        writer.close()
+        gone = StreamEnd(error=("UNAVAILABLE", "the router closed its connection"))
+        self.deliver([(rid, [], "", gone) for rid in self.streams])
 
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -83,13 +96,15 @@ class Frontend:
     async def stop(self, grace_s: float) -> None:
         if self.server is not None:
             await self.server.stop(grace_s)
+        if self.feed is not None:
+            self.feed.close()
 
     def num_served(self) -> int:
         return self.served
 
     def deliver(self, items: list[StreamItem]) -> None:
-        """The router's items for this frontend's streams (a stream that ended here already
-        drops its late items)."""
+        """The router's items for this frontend's streams, from its feed (a stream that
+        ended here already drops its late items)."""
         for item in items:
             q = self.streams.get(item[0])
             if q is not None:

@@ -3,14 +3,16 @@ frontends (``router.frontend``) that face the clients.
 
 A frontend hands the router a validated, tokenized ``Submission``; the router streams back
 ``StreamItem``s, gathered per frontend while the event loop handles a batch of worker reports
-and sent in one ``deliver`` call per frontend. The per-message gRPC work (one response per
-request per step) runs in the frontends, so more of them stream more tokens a second; the
-router keeps the per-token work of the state machine and the detokenizer.
+and written as one frame per frontend on its feed connection (``router.stream``). The
+per-message gRPC work (one response per request per step) runs in the frontends, so more of
+them stream more tokens a second; the router keeps the per-token work of the state machine
+and the detokenizer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from router.metrics import Metrics
 from router.request import Chunk, Request
 from router.router import QueueFull, Router, RouterConfig
-from router.stream import StreamEnd, StreamItem, Submission
+from router.stream import StreamEnd, StreamItem, Submission, encode
 from router.validation import Limits
 
 log = logging.getLogger("pdserve.server")
@@ -60,6 +62,7 @@ class RouterService:
         self.tokenizer: Tokenizer | None = None
         self.router: Router | None = None
         self.frontends: list[Any] = []
+        self.feeds: list[asyncio.StreamWriter] = []
         self.metrics_port = 0
         self._outbox: dict[int, list[StreamItem]] = {}
         self._flush_due = False
@@ -77,9 +80,13 @@ class RouterService:
             )
         return self.metrics_port
 
-    async def attach_frontends(self, frontends: list[Any]) -> None:
-        """The frontend actors, by index (``Submission``s name theirs)."""
+    async def attach_frontends(self, frontends: list[Any], feed_ports: list[int]) -> None:
+        """The frontend actors, by index (``Submission``s name theirs), and their feed
+        ports (on this node's loopback: they run beside the router)."""
         self.frontends = list(frontends)
+        for port in feed_ports:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            self.feeds.append(writer)
 
     async def attach(self, prefill: dict[str, Any], decode: dict[str, Any]) -> None:
         """Hand over the worker pools (actor handles by name)."""
@@ -100,7 +107,12 @@ class RouterService:
         if self.router is not None:
             self.router.abort_all("the server is shutting down")
         self._flush()
+        for feed in self.feeds:
+            with contextlib.suppress(ConnectionError):
+                await feed.drain()
         await asyncio.gather(*(f.stop.remote(grace_s) for f in self.frontends))
+        for feed in self.feeds:
+            feed.close()
         self.metrics.stop_http_server()
 
     async def debug_state(self) -> list[str]:
@@ -178,7 +190,7 @@ class RouterService:
         self._flush_due = False
         box, self._outbox = self._outbox, {}
         for i, items in box.items():
-            self.frontends[i].deliver.remote(items)
+            self.feeds[i].write(encode(items))
 
 
 def _end(req: Request, chunk: Chunk) -> StreamEnd:

@@ -1,15 +1,21 @@
-"""What the router and its gRPC frontends say to each other about a request (Ray calls).
+"""What the router and its gRPC frontends say to each other about a request.
 
-A frontend validates and tokenizes a ``Generate`` call into a ``Submission`` for the router;
-the router answers each step with ``StreamItem``s for the frontend's streams, in one
-``Frontend.deliver`` call per frontend per batch of reports. Items are plain tuples: tens of
-thousands of them a second cross the process boundary.
+A frontend validates and tokenizes a ``Generate`` call into a ``Submission`` for the router
+(a Ray call); the router answers with ``StreamItem``s for the frontend's streams, one
+msgpack frame per frontend per batch of worker reports, over a loopback TCP connection of
+its own to each frontend (the feed). Not Ray calls: one costs the receiving process about
+1 ms of CPU here against 0.1 ms for a frame (docs/benchmarks.md), and a frame goes to every
+frontend at every decode step. Items are plain lists: tens of thousands of them a second
+cross the process boundary.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+import msgpack
 
 from engine.sequence import SamplingParams
 from proto import pdserve_pb2 as pb
@@ -48,6 +54,35 @@ class StreamEnd:
 
 # (request id, new token ids, new text, end or None)
 StreamItem = tuple[str, list[int], str, StreamEnd | None]
+
+_END_FIELDS = tuple(f.name for f in fields(StreamEnd))
+_FRAME_HEADER = 4  # bytes: the body's length, little-endian
+
+
+def encode(items: Sequence[StreamItem]) -> bytes:
+    """One feed frame: header + msgpack body."""
+    body = msgpack.packb([
+        (rid, ids, text, None if end is None else [getattr(end, f) for f in _END_FIELDS])
+        for rid, ids, text, end in items
+    ])
+    return len(body).to_bytes(_FRAME_HEADER, "little") + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> list[StreamItem] | None:
+    """The next frame's items, or None once the router closed the feed."""
+    try:
+        head = await reader.readexactly(_FRAME_HEADER)
+        body = await reader.readexactly(int.from_bytes(head, "little"))
+    except asyncio.IncompleteReadError:
+        return None
+    items: list[StreamItem] = []
+    for rid, ids, text, end in msgpack.unpackb(body):
+        if end is not None:
+            end = StreamEnd(*end)
+            if end.error is not None:
+                end = StreamEnd(error=(end.error[0], end.error[1]))
+        items.append((rid, ids, text, end))
+    return items
 
 
 def merge(items: Sequence[StreamItem]) -> StreamItem:
