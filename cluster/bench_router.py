@@ -163,8 +163,10 @@ async def _stream_loop(target: str, streams: int, prompt: list[int], max_tokens:
         while time.monotonic() < stop_at:
             last = None
             try:
+                # A stream the router side never answers ends with an error, not a hang.
                 async for resp in client.generate(token_ids=prompt, max_tokens=max_tokens,
-                                                  ignore_eos=True):
+                                                  ignore_eos=True,
+                                                  timeout=stop_at - time.monotonic() + 5.0):
                     now = time.monotonic()
                     if lo <= now < hi:
                         tokens += len(resp.token_ids)

@@ -64,7 +64,7 @@ def encode(items: Sequence[StreamItem]) -> bytes:
     body = msgpack.packb([
         (rid, ids, text, None if end is None else [getattr(end, f) for f in _END_FIELDS])
         for rid, ids, text, end in items
-    ])
+    ], use_bin_type=True)
     return len(body).to_bytes(_FRAME_HEADER, "little") + body
 
 
@@ -76,7 +76,8 @@ async def read_frame(reader: asyncio.StreamReader) -> list[StreamItem] | None:
     except asyncio.IncompleteReadError:
         return None
     items: list[StreamItem] = []
-    for rid, ids, text, end in msgpack.unpackb(body):
+    # raw=False: strings come back as str on every msgpack version (before 1.0, bytes).
+    for rid, ids, text, end in msgpack.unpackb(body, raw=False):
         if end is not None:
             end = StreamEnd(*end)
             if end.error is not None:
