@@ -25,7 +25,7 @@ from typing import Any
 import grpc.aio
 import numpy as np
 
-from cluster.bench_data import (
+from pdserve.cluster.bench_data import (
     DATASETS,
     LENGTH_DISTS,
     Prompt,
@@ -35,8 +35,8 @@ from cluster.bench_data import (
     sample_lengths,
     token_prompts,
 )
-from cluster.bench_plot import format_report, format_sweep, plot_results
-from cluster.bench_report import (
+from pdserve.cluster.bench_plot import format_report, format_sweep, plot_results
+from pdserve.cluster.bench_report import (
     TIMING_FIELDS,
     BenchResult,
     RequestRecord,
@@ -47,9 +47,9 @@ from cluster.bench_report import (
     make_report,
     sweep_goodput,
 )
-from cluster.bench_shards import ClientProcesses, Shard
-from proto import pdserve_pb2 as pb
-from proto.client import AsyncClient, build_request
+from pdserve.cluster.bench_shards import ClientProcesses, Shard
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.client import AsyncClient, build_request
 
 # --max-duration-s never cuts a rate's run below this many prompts (or --num-prompts if fewer):
 # a handful of requests says little about a percentile or an attainment.

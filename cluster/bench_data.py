@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2 as pb
 
 DATASETS = ("random", "chat", "jsonl")
 LENGTH_DISTS = ("fixed", "uniform", "normal", "lognormal")

@@ -1,7 +1,7 @@
 """KV transfer on two GPUs: layer-wise streaming against prefill alone, and channel
 bandwidth against raw NCCL send/recv of the same bytes over the same process group.
 
-    python -m cluster.bench_kv --preset llama-3.1-8b --prompt-len 4096 --json out.json
+    python -P -m pdserve.cluster.bench_kv --preset llama-3.1-8b --prompt-len 4096 --json out.json
 
 Two processes (prefill on cuda:0, decode on cuda:1), the real ``KVChannel`` and the real
 prefill path (``OutgoingKV`` hooked into the forward pass). Printed, all from one run:
@@ -35,14 +35,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig, blocks_for
-from engine.kv_cache import allocate_kv_pool
-from engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel, _make_nccl
-from engine.messages import Lease, PrefillTask
-from engine.runner import ModelRunner, PrefillItem
-from engine.sequence import SamplingParams
-from prefill_worker.kv_sender import OutgoingKV
-from prefill_worker.scheduler import PrefillSeq
+from pdserve.engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig, blocks_for
+from pdserve.engine.kv_cache import allocate_kv_pool
+from pdserve.engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel, _make_nccl
+from pdserve.engine.messages import Lease, PrefillTask
+from pdserve.engine.runner import ModelRunner, PrefillItem
+from pdserve.engine.sequence import SamplingParams
+from pdserve.prefill_worker.kv_sender import OutgoingKV
+from pdserve.prefill_worker.scheduler import PrefillSeq
 
 BLOCK = 16
 DTYPE = torch.bfloat16
@@ -334,7 +334,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.bench_kv", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench_kv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
     p.add_argument("--prompt-len", type=int, default=4096)

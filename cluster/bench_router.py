@@ -1,6 +1,6 @@
 """How many streamed tokens a second the router's side delivers, with no model in the way.
 
-    python -m cluster.bench_router --concurrency 256,512,1024 --step-ms 15 --duration-s 5
+    python -P -m pdserve.cluster.bench_router --concurrency 256,512,1024 --step-ms 15 --duration-s 5
 
 The decode workers here are null workers (``NullDecodeWorker``): Ray actors that answer the
 router like colocated decode workers (``reserve``, ``submit``, ``abort``) and run a step
@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import ray
 
-from cluster.config import ServeConfig
-from cluster.launch import Deployment, init_ray, start_router
-from engine.config import ModelSpec
-from engine.messages import (
+from pdserve.cluster.config import ServeConfig
+from pdserve.cluster.launch import Deployment, init_ray, start_router
+from pdserve.engine.config import ModelSpec
+from pdserve.engine.messages import (
     FirstToken,
     Lease,
     PrefillTask,
@@ -50,7 +50,7 @@ from engine.messages import (
     TokenOut,
     WorkerStats,
 )
-from engine.weights import load_model_config
+from pdserve.engine.weights import load_model_config
 
 # Token ids streamed by the null workers: ids every tokenizer here decodes to text (the
 # default one's, and the byte-level stand-in of a machine without it), so the router's
@@ -149,7 +149,7 @@ class ClientResult:
 
 async def _stream_loop(target: str, streams: int, prompt: list[int], max_tokens: int,
                        window: tuple[float, float], stop_at: float) -> ClientResult:
-    from proto.client import AsyncClient
+    from pdserve.proto.client import AsyncClient
 
     tokens = responses = errors = 0
     gaps: list[float] = []
@@ -316,7 +316,8 @@ def launch_null(cfg: ServeConfig, step_s: float) -> tuple[Deployment, list[Any]]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cluster.bench_router", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench_router",
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="128,256,512",
                     help="streams kept open, comma-separated levels")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from engine.config import PRESETS, ModelSpec
+from pdserve.engine.config import PRESETS, ModelSpec
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """ServeConfig from --config plus flag overrides."""
-    from cluster.config import ServeConfig
+    from pdserve.cluster.config import ServeConfig
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     over = {
@@ -89,7 +89,7 @@ def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.launch import launch
+    from pdserve.cluster.launch import launch
 
     cfg = serve_config(args)
     pools = (f"{cfg.num_decode} colocated replicas" if cfg.colocated
@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from proto.client import Client
+    from pdserve.proto.client import Client
 
     with Client(args.server) as client:
         kwargs = dict(
@@ -148,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from proto.client import Client
+    from pdserve.proto.client import Client
 
     with Client(args.server) as client:
         print(client.model_info())
@@ -157,17 +157,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.demo import run_demo
+    from pdserve.cluster.demo import run_demo
 
     return run_demo(serve_config(args), args.max_tokens)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`pdserve bench`: a load test of a running server, or `bench plot` of saved results."""
-    from cluster.bench import BenchConfig, parse_rates, run_bench
-    from cluster.bench_data import DatasetError
-    from cluster.bench_plot import load_results, plot_results
-    from cluster.bench_report import Slo
+    from pdserve.cluster.bench import BenchConfig, parse_rates, run_bench
+    from pdserve.cluster.bench_data import DatasetError
+    from pdserve.cluster.bench_plot import load_results, plot_results
+    from pdserve.cluster.bench_report import Slo
 
     if args.bench_command == "plot" or args.plot_from:
         plot = args.bench_command == "plot"

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 import yaml
 
-from engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig, WorkerConfig
-from router.policy import LocalPrefillRule
-from router.router import RouterConfig
-from router.server import ServerConfig
-from router.validation import Limits
+from pdserve.engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig, WorkerConfig
+from pdserve.router.policy import LocalPrefillRule
+from pdserve.router.router import RouterConfig
+from pdserve.router.server import ServerConfig
+from pdserve.router.validation import Limits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

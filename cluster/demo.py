@@ -7,9 +7,9 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from cluster.config import ServeConfig
-from cluster.launch import launch
-from proto.client import Client
+from pdserve.cluster.config import ServeConfig
+from pdserve.cluster.launch import launch
+from pdserve.proto.client import Client
 
 PROMPTS = [
     "What is the capital of France?",

@@ -12,13 +12,14 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.config import ServeConfig
-from decode_worker.worker import DecodeWorker
-from engine.config import ModelConfig
-from engine.weights import load_model_config
-from prefill_worker.worker import PrefillWorker
-from router.frontend import Frontend
-from router.server import RouterService
+from pdserve.cluster.config import ServeConfig
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.model_files import cache_dir
+from pdserve.engine.weights import load_model_config
+from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.router.frontend import Frontend
+from pdserve.router.server import RouterService
 
 log = logging.getLogger("pdserve.launch")
 
@@ -74,16 +75,33 @@ class Deployment:
             ray.shutdown()
 
 
+def job_runtime_env() -> dict[str, Any]:
+    """The runtime environment of pdserve's Ray job: an empty working directory of its own.
+
+    Without a ``working_dir``, Ray puts the driver's current directory first on every
+    worker's ``sys.path`` and starts the workers in it. Started from a checkout of pdserve,
+    the checkout's top-level folders (``kernels/``, ``engine/``, ``proto/``, ...) would then
+    shadow installed packages of the same names in every actor: Hugging Face's ``kernels``,
+    which transformers imports while loading a model class. The workers need nothing from
+    the driver's folder (everything they run is the installed ``pdserve``), so they get an
+    empty one. Model paths are absolute by then (``ModelSpec``)."""
+    empty = cache_dir() / "ray-working-dir"
+    empty.mkdir(parents=True, exist_ok=True)
+    return {"working_dir": str(empty)}
+
+
 def init_ray(address: str | None, cfg: ServeConfig) -> bool:
     """Join ``address`` or start a local Ray instance; True if we started it."""
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True)
+        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True,
+                 runtime_env=job_runtime_env())
         return False
     cpus = os.cpu_count() or 2
     ray.init(
         namespace=cfg.namespace, include_dashboard=False, log_to_driver=True,
+        runtime_env=job_runtime_env(),
         # Every actor asks for one CPU; leave room for all of them on a small machine.
         num_cpus=max(cpus, cfg.num_workers + 2),
         object_store_memory=256 * 1024 * 1024,

@@ -1,7 +1,8 @@
 """The decode worker's step at one batch size, phase by phase, against the graph replay
 alone measured in the same run.
 
-    python -m decode_worker.bench_step [--preset llama-3.1-8b] [--batch 256] [--context 768]
+    python -P -m pdserve.decode_worker.bench_step [--preset llama-3.1-8b] [--batch 256] \
+        [--context 768]
 
 A step is what the worker's loop does between two reports: the scheduler (admission, block
 growth), the forward pass and sampling (``decode_step``: a CUDA graph and a greedy argmax
@@ -24,13 +25,13 @@ import time
 
 import torch
 
-from decode_worker.scheduler import DecodeScheduler
-from decode_worker.worker import decode_step
-from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
-from engine.kv_cache import BlockAllocator
-from engine.messages import Reservation, StepReport
-from engine.runner import ModelRunner
-from engine.sequence import SamplingParams
+from pdserve.decode_worker.scheduler import DecodeScheduler
+from pdserve.decode_worker.worker import decode_step
+from pdserve.engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
+from pdserve.engine.kv_cache import BlockAllocator
+from pdserve.engine.messages import Reservation, StepReport
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sequence import SamplingParams
 
 PHASES = ("schedule", "forward + sample", "postprocess", "report")
 
@@ -91,7 +92,7 @@ def bench_worker_step(runner: ModelRunner, batch: int, context: int, steps: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m decode_worker.bench_step",
+    parser = argparse.ArgumentParser(prog="python -P -m pdserve.decode_worker.bench_step",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))

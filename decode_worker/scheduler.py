@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.config import blocks_for
-from engine.kv_cache import BlockAllocator
-from engine.messages import Lease, Reservation, TokenOut
-from engine.sequence import SamplingParams, finish_reason
+from pdserve.engine.config import blocks_for
+from pdserve.engine.kv_cache import BlockAllocator
+from pdserve.engine.messages import Lease, Reservation, TokenOut
+from pdserve.engine.sequence import SamplingParams, finish_reason
 
 
 @dataclass(eq=False)

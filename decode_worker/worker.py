@@ -23,16 +23,23 @@ from typing import Any
 
 import torch
 
-from decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
-from engine.config import WorkerConfig, blocks_for
-from engine.device import describe_device
-from engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
-from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepReport, WorkerStats
-from engine.runner import DecodeItem, ModelRunner, PrefillItem
-from engine.sampler import sample
-from engine.sequence import finish_reason
-from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
-from engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
+from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
+from pdserve.engine.config import WorkerConfig, blocks_for
+from pdserve.engine.device import describe_device
+from pdserve.engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
+from pdserve.engine.messages import (
+    FirstToken,
+    Lease,
+    PrefillTask,
+    Reservation,
+    StepReport,
+    WorkerStats,
+)
+from pdserve.engine.runner import DecodeItem, ModelRunner, PrefillItem
+from pdserve.engine.sampler import sample
+from pdserve.engine.sequence import finish_reason
+from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
+from pdserve.engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 
 log = logging.getLogger("pdserve.decode")
 

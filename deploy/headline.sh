@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PDSERVE=${PDSERVE:-.venv/bin/pdserve}
-[ -x "$PDSERVE" ] || PDSERVE="python3 -m cluster.cli"
+[ -x "$PDSERVE" ] || PDSERVE="python3 -P -m pdserve.cluster.cli"
 PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 MODEL_ARGS=${MODEL_ARGS:---device cuda --load-format dummy --preset llama-3.1-8b \
@@ -92,7 +92,7 @@ done
 for w in a b; do
   $PDSERVE bench plot "$OUT_DIR/disagg-$w.json" "$OUT_DIR/coloc-$w.json" --out "$OUT_DIR/$w"
 done
-$PYTHON - "$OUT_DIR" "$IN_A/$OUT_A" "$IN_B/$OUT_B" <<'PY' | tee "$OUT_DIR/summary.md"
+$PYTHON -P - "$OUT_DIR" "$IN_A/$OUT_A" "$IN_B/$OUT_B" <<'PY' | tee "$OUT_DIR/summary.md"
 import json, sys
 out, shapes = sys.argv[1], dict(zip("ab", sys.argv[2:4]))
 
@@ -134,7 +134,7 @@ for n in notes:
     print(f"- {n}")
 
 # The same records rescored under other objectives (no new runs): where the ratio moves.
-from cluster.bench_report import Slo, rescore_goodput
+from pdserve.cluster.bench_report import Slo, rescore_goodput
 
 print()
 print("Goodput ratio (disagg / coloc) rescored from the same per-request records; "

@@ -1,7 +1,7 @@
 """One decode step of a dummy-weight model under CUDA graphs, against its memory roofline
 measured in the same run (GPU only).
 
-    python -m kernels.bench --step [--preset llama-3.1-8b] [--batch 64] [--context 2048]
+    python -P -m pdserve.kernels.bench --step [--preset llama-3.1-8b] [--batch 64] [--context 2048]
 
 A decode step must read every weight once (the embedding only at the batch's rows) and every
 sequence's cached K/V, so its floor is ``(weight bytes + KV bytes) / bandwidth``, with the
@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
-from engine.kv_cache import kv_bytes_per_token
-from engine.runner import DecodeItem, ModelRunner
+from pdserve.engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
+from pdserve.engine.kv_cache import kv_bytes_per_token
+from pdserve.engine.runner import DecodeItem, ModelRunner
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -86,7 +86,8 @@ def bench_step(preset: str, batch: int, context: int, copy_bw: float) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench --step", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -P -m pdserve.kernels.bench --step",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
     parser.add_argument("--batch", type=int, default=64)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the step benchmark needs a CUDA GPU")
-    from kernels.bench import copy_bandwidth
+    from pdserve.kernels.bench import copy_bandwidth
 
     copy_bw = copy_bandwidth()  # before the model: its 2 GiB are freed for the KV pool
     torch.cuda.empty_cache()

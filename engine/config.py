@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +154,9 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.source not in ("gguf", "hf", "dummy"):
             raise ValueError(f"model source must be gguf, hf or dummy, got {self.source!r}")
+        if self.path and not os.path.isabs(os.path.expanduser(self.path)):
+            # The workers resolve it, and they do not run in this process's directory.
+            object.__setattr__(self, "path", os.path.abspath(os.path.expanduser(self.path)))
         if self.source == "hf" and not self.path:
             raise ValueError("model source 'hf' needs a folder path")
         if self.source == "dummy" and self.preset not in PRESETS:

@@ -24,8 +24,8 @@ from typing import Protocol
 
 import torch
 
-from engine.model import BatchMeta, LlamaModel
-from kernels.attention_decode import plan_decode_splits
+from pdserve.engine.model import BatchMeta, LlamaModel
+from pdserve.kernels.attention_decode import plan_decode_splits
 
 LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 

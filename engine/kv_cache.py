@@ -11,7 +11,7 @@ from collections import deque
 
 import torch
 
-from engine.config import CacheConfig, ModelConfig
+from pdserve.engine.config import CacheConfig, ModelConfig
 
 
 class OutOfBlocks(Exception):

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import kernels.kv_checksum
-from engine.config import CacheConfig, ModelConfig
+from pdserve.engine.config import CacheConfig, ModelConfig
+from pdserve.kernels import kv_checksum as checksum_kernel
 
 PROTOCOL_VERSION = 4
 KV_LAYOUT = "L,2,N,bs,Hk,D"
@@ -362,8 +362,8 @@ def _checksum_tensor(t: Tensor, word_offset: int = 0) -> Tensor:
     if not t.is_contiguous():
         raise ValueError("checksum needs a contiguous tensor")
     if t.is_cuda:
-        return kernels.kv_checksum.kv_checksum(t, word_offset)
-    return kernels.kv_checksum.kv_checksum_ref(t, word_offset)
+        return checksum_kernel.kv_checksum(t, word_offset)
+    return checksum_kernel.kv_checksum_ref(t, word_offset)
 
 
 def kv_checksum(t: Tensor) -> int:

@@ -82,9 +82,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import kernels.kv_pack
-from engine.kv_doorbell import Doorbell, DoorbellError, PeerLeft
-from engine.kv_protocol import (
+from pdserve.engine.kv_doorbell import Doorbell, DoorbellError, PeerLeft
+from pdserve.engine.kv_protocol import (
     _T_CHECKSUM,
     _T_EPOCH,
     _T_FIRST_TOKEN,
@@ -114,6 +113,7 @@ from engine.kv_protocol import (
     match_header,
     spec_differences,
 )
+from pdserve.kernels import kv_pack
 
 logger = logging.getLogger(__name__)
 
@@ -1254,19 +1254,19 @@ def _pack(caches: Tensor, block_ids: Tensor, out: Tensor, word_offset: int,
     """Fused pack + checksum share added to ``acc`` (Triton on a GPU, the torch reference
     elsewhere). The channel checked the arguments (``_pool_problem``)."""
     if out.is_cuda:
-        kernels.kv_pack.pack_kv_checksum(caches, block_ids, out, word_offset, acc, check=False)
+        kv_pack.pack_kv_checksum(caches, block_ids, out, word_offset, acc, check=False)
     else:
-        kernels.kv_pack.pack_kv_checksum_ref(caches, block_ids, out, word_offset, acc)
+        kv_pack.pack_kv_checksum_ref(caches, block_ids, out, word_offset, acc)
 
 
 def _unpack(buf: Tensor, caches: Tensor, block_ids: Tensor, word_offset: int,
             acc: Tensor) -> None:
     """Fused unpack + checksum share added to ``acc`` (see :func:`_pack`)."""
     if buf.is_cuda:
-        kernels.kv_pack.unpack_kv_checksum(buf, caches, block_ids, word_offset, acc,
+        kv_pack.unpack_kv_checksum(buf, caches, block_ids, word_offset, acc,
                                            check=False)
     else:
-        kernels.kv_pack.unpack_kv_checksum_ref(buf, caches, block_ids, word_offset, acc)
+        kv_pack.unpack_kv_checksum_ref(buf, caches, block_ids, word_offset, acc)
 
 
 # --------------------------------------------------------------------------------------

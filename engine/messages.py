@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sequence import SamplingParams
+from pdserve.engine.sequence import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig
-from kernels.ops import KernelOps, rope_cos_sin
+from pdserve.engine.config import ModelConfig
+from pdserve.kernels.ops import KernelOps, rope_cos_sin
 
 
 @dataclass

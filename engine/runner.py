@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig
-from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from engine.kv_cache import allocate_kv_pool, kv_bytes_per_token
-from engine.model import BatchMeta, LayerHook, LlamaModel
-from engine.weights import load_weights
-from kernels.ops import get_ops
+from pdserve.engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig
+from pdserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from pdserve.engine.kv_cache import allocate_kv_pool, kv_bytes_per_token
+from pdserve.engine.model import BatchMeta, LayerHook, LlamaModel
+from pdserve.engine.weights import load_weights
+from pdserve.kernels.ops import get_ops
 
 _FIXED_RESERVE = 512 << 20  # CUDA/cuBLAS workspaces, Triton launch state, allocator slack
 

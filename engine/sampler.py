@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.sequence import SamplingParams
+from pdserve.engine.sequence import SamplingParams
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step) over 64 bits
 _MASK64 = (1 << 63) - 1

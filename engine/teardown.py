@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from engine.kv_transfer import KVChannel
+from pdserve.engine.kv_transfer import KVChannel
 
 SHUTDOWN_GRACE_S = 5.0  # a worker's shutdown() returns within about this
 

@@ -12,8 +12,8 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from engine.config import ModelConfig, ModelSpec
-from engine.model_files import default_gguf_path, resolve_gguf_path
+from pdserve.engine.config import ModelConfig, ModelSpec
+from pdserve.engine.model_files import default_gguf_path, resolve_gguf_path
 
 log = logging.getLogger("pdserve.tokenizer")
 
@@ -110,7 +110,7 @@ def load_tokenizer(spec: ModelSpec, config: ModelConfig) -> Tokenizer:
         hf = _load_hf(str(path.parent.resolve()), path.name)
         if hf.chat_template is None:
             # transformers did not take the GGUF's template along; read it ourselves.
-            from engine.weights import read_gguf_string
+            from pdserve.engine.weights import read_gguf_string
 
             chat_template = read_gguf_string(path, "tokenizer.chat_template")
     eos = config.eos_token_ids

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from engine.config import ModelConfig, WorkerConfig
-from engine.kv_cache import BlockAllocator
-from engine.runner import DecodeItem, ModelRunner, PrefillItem
-from engine.weights import load_model_config
-from kernels._triton import HAS_TRITON, triton
-from kernels.kv_pack import pack_kv_checksum, unpack_kv_checksum
+from pdserve.engine.config import ModelConfig, WorkerConfig
+from pdserve.engine.kv_cache import BlockAllocator
+from pdserve.engine.runner import DecodeItem, ModelRunner, PrefillItem
+from pdserve.engine.weights import load_model_config
+from pdserve.kernels._triton import HAS_TRITON, triton
+from pdserve.kernels.kv_pack import pack_kv_checksum, unpack_kv_checksum
 
 
 def warm_up(runner: ModelRunner, allocator: BlockAllocator, max_num_seqs: int,

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from engine.config import PRESETS, ModelConfig, ModelSpec, RopeScaling
-from engine.model_files import resolve_gguf_path
+from pdserve.engine.config import PRESETS, ModelConfig, ModelSpec, RopeScaling
+from pdserve.engine.model_files import resolve_gguf_path
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor

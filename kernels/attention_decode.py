@@ -15,7 +15,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import cdiv, check_last_dim_contiguous, check_launch, jit, next_pow2, tl
+from pdserve.kernels._triton import (
+    cdiv,
+    check_last_dim_contiguous,
+    check_launch,
+    jit,
+    next_pow2,
+    tl,
+)
 
 
 @jit

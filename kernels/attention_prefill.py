@@ -10,7 +10,7 @@ starts at or below its id, and idles if it is past its sequence's last tile. Key
 below the tile's first query position run without a mask; the diagonal tiles are masked and
 tiles past the last query position are never visited.
 
-Tuning switches (launcher keywords; ``python -m kernels.tune_prefill`` sweeps them):
+Tuning switches (launcher keywords; ``python -P -m pdserve.kernels.tune_prefill`` sweeps them):
 
 - ``heavy_first``: programs take tiles last-first, so that a sequence's late (causal: longest)
   tiles start first and the grid ends on short ones, instead of one long tile per SM at the
@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import check_last_dim_contiguous, check_launch, jit, next_pow2, tl
+from pdserve.kernels._triton import check_last_dim_contiguous, check_launch, jit, next_pow2, tl
 
 SCALE_MODES = ("tile", "fma", "q")
 

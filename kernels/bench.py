@@ -1,7 +1,8 @@
 """Kernel benchmark: every figure beside its ceiling measured in the same run (GPU only).
 
-    python -m kernels.bench [--quick] [--json PATH]
-    python -m kernels.bench --step [--preset NAME] [--batch B] [--context N] [--json PATH]
+    python -P -m pdserve.kernels.bench [--quick] [--json PATH]
+    python -P -m pdserve.kernels.bench --step [--preset NAME] [--batch B] [--context N] \
+        [--json PATH]
 
 - decode attention: achieved bytes/s (K/V read + q/out) over device-to-device copy bandwidth,
   and torch SDPA's time (``enable_gqa=True``, contiguous ``[B, Hk, ctx, D]`` K/V) over ours;
@@ -99,7 +100,7 @@ class _Cycle:
 
 
 def _decode_case(batch: int, ctx: int, copy_bw: float) -> list[Row]:
-    from kernels.attention_decode import decode_attention
+    from pdserve.kernels.attention_decode import decode_attention
 
     scale = HEAD_DIM**-0.5
     kv_bytes = 2 * batch * ctx * HK * HEAD_DIM * DTYPE.itemsize
@@ -139,7 +140,7 @@ def _decode_case(batch: int, ctx: int, copy_bw: float) -> list[Row]:
 
 
 def _prefill_case(seq: int, tokens: int) -> Row:
-    from kernels.attention_prefill import prefill_attention
+    from pdserve.kernels.attention_prefill import prefill_attention
 
     scale = HEAD_DIM**-0.5
     batch = max(1, tokens // seq)
@@ -193,8 +194,8 @@ def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
     """One request's blocks of one layer, launched eagerly (what a layer-wise send pays,
     launch included) and as CUDA-graph replays (the kernel alone); and the KV channel's
     message, several layers packed with the checksum in the same pass (eagerly)."""
-    from engine.kv_protocol import layers_per_message
-    from kernels.kv_pack import pack_kv, pack_kv_checksum, unpack_kv, unpack_kv_checksum
+    from pdserve.engine.kv_protocol import layers_per_message
+    from pdserve.kernels.kv_pack import pack_kv, pack_kv_checksum, unpack_kv, unpack_kv_checksum
 
     nbytes = _pack_bytes(tokens)
     layers = layers_per_message(nbytes, 32)  # a llama-3.1-8b request's message
@@ -242,7 +243,7 @@ def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
 
 def pack_tiles(tokens: int, copy_bw: float) -> list[Row]:
     """``--pack-tiles``: one layer's pack under CUDA graphs for each (chunk, warps)."""
-    from kernels.kv_pack import pack_kv
+    from pdserve.kernels.kv_pack import pack_kv
 
     nbytes = _pack_bytes(tokens)
     pool, ids, bufs = _pack_inputs(tokens, 1)
@@ -285,7 +286,7 @@ def bench_pack(token_counts: list[int], copy_bw: float) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -P -m pdserve.kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short sweep")
     parser.add_argument("--pack-tiles", action="store_true",
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="benchmark a model's decode step instead (engine/bench_step.py)")
     args, rest = parser.parse_known_args(argv)
     if args.step:
-        from engine.bench_step import main as step_main
+        from pdserve.engine.bench_step import main as step_main
 
         step_main(rest + (["--json", args.json] if args.json else []))
         return

@@ -11,7 +11,7 @@ wraps modulo 2**64 in both).
 
 import torch
 
-from kernels._triton import cdiv, check_launch, jit, tl
+from pdserve.kernels._triton import cdiv, check_launch, jit, tl
 
 _GOLDEN = 2654435761
 _CHUNK = 1 << 22  # words per step of the reference: bounded int64 temporaries

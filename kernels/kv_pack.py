@@ -16,8 +16,8 @@ does for 16- and 32-bit dtypes with an even head_dim), elements otherwise (no ch
 
 import torch
 
-from kernels._triton import cdiv, check_launch, jit, tl
-from kernels.kv_checksum import kv_checksum_ref
+from pdserve.kernels._triton import cdiv, check_launch, jit, tl
+from pdserve.kernels.kv_checksum import kv_checksum_ref
 
 
 @jit
@@ -72,7 +72,7 @@ def _check(caches: torch.Tensor, buf: torch.Tensor, block_ids: torch.Tensor,
     assert caches[0, 0, 0].is_contiguous(), caches.stride()
 
 
-# Words (or elements) per program and warps: tuning knobs (python -m kernels.bench --only
+# Words (or elements) per program and warps: tuning knobs (python -P -m pdserve.kernels.bench --only
 # pack --pack-tiles sweeps them).
 CHUNK, WARPS = 2048, 4
 

@@ -3,7 +3,7 @@
 
 import torch
 
-from kernels._triton import check_last_dim_contiguous, check_launch, jit, next_pow2, tl
+from pdserve.kernels._triton import check_last_dim_contiguous, check_launch, jit, next_pow2, tl
 
 
 @jit

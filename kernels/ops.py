@@ -18,13 +18,13 @@ from typing import Protocol
 
 import torch
 
-from kernels.activation import silu_mul_ref
-from kernels.attention_decode import decode_attention_ref
-from kernels.attention_prefill import prefill_attention_ref
-from kernels.kv_pack import pack_kv_ref, unpack_kv_ref
-from kernels.kv_store import store_kv_ref
-from kernels.rms_norm import rms_norm_ref
-from kernels.rope import rope_cos_sin, rope_ref
+from pdserve.kernels.activation import silu_mul_ref
+from pdserve.kernels.attention_decode import decode_attention_ref
+from pdserve.kernels.attention_prefill import prefill_attention_ref
+from pdserve.kernels.kv_pack import pack_kv_ref, unpack_kv_ref
+from pdserve.kernels.kv_store import store_kv_ref
+from pdserve.kernels.rms_norm import rms_norm_ref
+from pdserve.kernels.rope import rope_cos_sin, rope_ref
 
 __all__ = ["KernelOps", "get_ops", "rope_cos_sin"]
 
@@ -151,18 +151,18 @@ TORCH_OPS = KernelOps(
 
 
 def _triton_ops() -> KernelOps:
-    from kernels._triton import require_triton
+    from pdserve.kernels._triton import require_triton
 
     require_triton()
     # Launchers live beside their references; imported here so that the torch backend never
     # depends on them at call time.
-    from kernels.activation import silu_mul
-    from kernels.attention_decode import decode_attention
-    from kernels.attention_prefill import prefill_attention
-    from kernels.kv_pack import pack_kv, unpack_kv
-    from kernels.kv_store import store_kv
-    from kernels.rms_norm import rms_norm
-    from kernels.rope import rope
+    from pdserve.kernels.activation import silu_mul
+    from pdserve.kernels.attention_decode import decode_attention
+    from pdserve.kernels.attention_prefill import prefill_attention
+    from pdserve.kernels.kv_pack import pack_kv, unpack_kv
+    from pdserve.kernels.kv_store import store_kv
+    from pdserve.kernels.rms_norm import rms_norm
+    from pdserve.kernels.rope import rope
 
     return KernelOps(
         name="triton",

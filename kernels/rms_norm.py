@@ -11,7 +11,7 @@ norm, small beside the layer's GEMMs (DESIGN.md section 4; docs/architecture.md)
 
 import torch
 
-from kernels._triton import check_last_dim_contiguous, check_launch, jit, next_pow2, tl
+from pdserve.kernels._triton import check_last_dim_contiguous, check_launch, jit, next_pow2, tl
 
 
 @jit

@@ -1,6 +1,6 @@
 """Sweep the prefill attention kernel's tiles and switches against torch SDPA (GPU only).
 
-    python -m kernels.tune_prefill [--seq 1024,4096,16384] [--tokens 16384] [--jobs N]
+    python -P -m pdserve.kernels.tune_prefill [--seq 1024,4096,16384] [--tokens 16384] [--jobs N]
                                    [--top N] [--json PATH]
 
 The case is kernels/bench.py's prefill row (bf16, 32 q / 8 kv heads, head dim 128, 16-token
@@ -36,7 +36,7 @@ from multiprocessing import get_context
 
 import torch
 
-from kernels.bench import BLOCK, DTYPE, HEAD_DIM, HK, HQ, _bench, _prefill_case
+from pdserve.kernels.bench import BLOCK, DTYPE, HEAD_DIM, HK, HQ, _bench, _prefill_case
 
 # (block_m, block_n, warps, stages, lengths tried at: (lo, hi) inclusive). Pruned with ptxas's
 # reports of the sm_90a builds (d128, group 4): 128x64 tiles with 4 warps, 256-row tiles with
@@ -81,7 +81,7 @@ SWITCHES = ("heavy_first", "scale_mode", "page_ids", "prefetch_ids")
 
 
 def _launcher_defaults() -> tuple[bool, str, bool, bool]:
-    from kernels.attention_prefill import prefill_attention
+    from pdserve.kernels.attention_prefill import prefill_attention
 
     params = inspect.signature(prefill_attention).parameters
     heavy, scale, pages, prefetch = (params[name].default for name in SWITCHES)
@@ -90,7 +90,7 @@ def _launcher_defaults() -> tuple[bool, str, bool, bool]:
 
 def default_candidate(seq: int) -> Candidate:
     """What the launcher picks by itself for this case."""
-    from kernels.attention_prefill import _default_tiles
+    from pdserve.kernels.attention_prefill import _default_tiles
 
     return Candidate(*_default_tiles(HEAD_DIM, seq), *_launcher_defaults())
 
@@ -151,7 +151,7 @@ class Case:
                 HEAD_DIM**-0.5)
 
     def fn(self, c: Candidate) -> Callable[[], torch.Tensor]:
-        from kernels.attention_prefill import prefill_attention
+        from pdserve.kernels.attention_prefill import prefill_attention
 
         args = self.args()
         return lambda: prefill_attention(
@@ -167,7 +167,7 @@ class Case:
         """Max abs error of ``out`` against the float32 reference. The reference runs
         ``chunk`` queries at a time as a chunk after a cached prefix (its math path would
         need an [Hq, L, L] score matrix for a whole sequence: 32 GiB at 16k)."""
-        from kernels.attention_prefill import prefill_attention_ref
+        from pdserve.kernels.attention_prefill import prefill_attention_ref
 
         err = 0.0
         for b in range(self.batch):
@@ -329,7 +329,8 @@ def report(seq_res: dict, top: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kernels.tune_prefill", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -P -m pdserve.kernels.tune_prefill",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", default="1024,4096,16384",
                         help="comma-separated sequence lengths (default 1024,4096,16384)")

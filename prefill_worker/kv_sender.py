@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from engine.kv_protocol import layers_per_message
-from engine.kv_transfer import Departure, KVChannel, TransferHeader
-from prefill_worker.scheduler import PrefillSeq
+from pdserve.engine.kv_protocol import layers_per_message
+from pdserve.engine.kv_transfer import Departure, KVChannel, TransferHeader
+from pdserve.prefill_worker.scheduler import PrefillSeq
 
 
 class OutgoingKV:

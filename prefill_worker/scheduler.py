@@ -13,9 +13,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.config import blocks_for
-from engine.kv_cache import BlockAllocator
-from engine.messages import PrefillTask
+from pdserve.engine.config import blocks_for
+from pdserve.engine.kv_cache import BlockAllocator
+from pdserve.engine.messages import PrefillTask
 
 
 @dataclass(eq=False)

@@ -18,17 +18,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.config import WorkerConfig
-from engine.device import describe_device
-from engine.kv_transfer import ChannelSpec, KVChannel
-from engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
-from engine.runner import PrefillItem
-from engine.sampler import sample
-from engine.sequence import finish_reason
-from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
-from engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
-from prefill_worker.kv_sender import OutgoingKV
-from prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
+from pdserve.engine.config import WorkerConfig
+from pdserve.engine.device import describe_device
+from pdserve.engine.kv_transfer import ChannelSpec, KVChannel
+from pdserve.engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
+from pdserve.engine.runner import PrefillItem
+from pdserve.engine.sampler import sample
+from pdserve.engine.sequence import finish_reason
+from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
+from pdserve.engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
+from pdserve.prefill_worker.kv_sender import OutgoingKV
+from pdserve.prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
 
 log = logging.getLogger("pdserve.prefill")
 

@@ -27,8 +27,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
 # A chat turn: {"role": ..., "content": ...}, (role, content) or the message itself.
 ChatMessageLike = Mapping[str, str] | tuple[str, str] | pb.ChatMessage

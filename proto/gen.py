@@ -1,8 +1,8 @@
 """Regenerate the checked-in Python modules of the wire API (`make proto`).
 
-    python -m proto.gen                  # regenerate proto/pdserve_pb2{,_grpc}.py and .pyi
-    python -m proto.gen --check          # exit 1 if the checked-in files are not current
-    python -m proto.gen --install-tools  # only fetch the pinned compiler
+    python -P -m pdserve.proto.gen                  # regenerate proto/pdserve_pb2{,_grpc}.py, .pyi
+    python -P -m pdserve.proto.gen --check          # exit 1 if the checked-in files are stale
+    python -P -m pdserve.proto.gen --install-tools  # only fetch the pinned compiler
 
 Why a pinned, older compiler: the code protoc emits carries the protobuf version it came from,
 and newer gencode refuses older runtimes (`google.protobuf.runtime_version` raises VersionError
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,19 +87,26 @@ def install_tools() -> str:
 def generate(out_dir: Path, pythonpath: str) -> None:
     """Run the pinned protoc on proto/pdserve.proto, writing under out_dir/proto/.
 
-    Run from the repo root with `-I.` so that the grpc module imports
-    `from proto import pdserve_pb2`.
+    The .proto is compiled from a staging folder as ``pdserve/proto/pdserve.proto`` so that
+    the grpc module imports ``from pdserve.proto import pdserve_pb2`` (the installed name).
     """
-    (out_dir / "proto").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    cmd = [
-        sys.executable, "-m", "grpc_tools.protoc", "-I.",
-        f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}",
-        PROTO_FILE,
-    ]
-    subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, gen = Path(tmp) / "src", Path(tmp) / "gen"
+        (src / "pdserve" / "proto").mkdir(parents=True)
+        gen.mkdir()
+        shutil.copy(REPO_ROOT / PROTO_FILE, src / "pdserve" / PROTO_FILE)
+        cmd = [
+            sys.executable, "-m", "grpc_tools.protoc", f"-I{src}",
+            f"--python_out={gen}", f"--pyi_out={gen}", f"--grpc_python_out={gen}",
+            f"pdserve/{PROTO_FILE}",
+        ]
+        subprocess.run(cmd, cwd=tmp, env=env, check=True)
+        (out_dir / "proto").mkdir(parents=True, exist_ok=True)
+        for rel in GENERATED:
+            shutil.copy(gen / "pdserve" / rel, out_dir / rel)
 
 
 def stale_files(pythonpath: str) -> list[str]:
@@ -114,7 +122,7 @@ def stale_files(pythonpath: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m proto.gen", description="Regenerate the wire API modules."
+        prog="python -P -m pdserve.proto.gen", description="Regenerate the wire API modules."
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--check", action="store_true", help="only check the files are current")
@@ -125,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if pythonpath is None:
         if args.check:
             print(f"grpcio-tools=={PINNED_GRPCIO_TOOLS} is not installed; run "
-                  "`python -m proto.gen --install-tools`, or: " + " ".join(install_command()),
-                  file=sys.stderr)
+                  "`python -P -m pdserve.proto.gen --install-tools`, or: "
+                  + " ".join(install_command()), file=sys.stderr)
             return 2
         print(f"installing grpcio-tools=={PINNED_GRPCIO_TOOLS} into {tools_dir()}",
               file=sys.stderr)

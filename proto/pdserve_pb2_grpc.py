@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import pdserve_pb2 as proto_dot_pdserve__pb2
+from pdserve.proto import pdserve_pb2 as pdserve_dot_proto_dot_pdserve__pb2
 
 GRPC_GENERATED_VERSION = '1.65.5'
 GRPC_VERSION = grpc.__version__
@@ -20,7 +20,7 @@ except ImportError:
 if _version_not_supported:
     warnings.warn(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + f' but the generated code in proto/pdserve_pb2_grpc.py depends on'
+        + f' but the generated code in pdserve/proto/pdserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -42,23 +42,23 @@ class GenerationStub(object):
         """
         self.Generate = channel.unary_stream(
                 '/pdserve.v1.Generation/Generate',
-                request_serializer=proto_dot_pdserve__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_pdserve__pb2.GenerateResponse.FromString,
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.v1.Generation/Abort',
-                request_serializer=proto_dot_pdserve__pb2.AbortRequest.SerializeToString,
-                response_deserializer=proto_dot_pdserve__pb2.AbortResponse.FromString,
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.AbortRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/pdserve.v1.Generation/GetModelInfo',
-                request_serializer=proto_dot_pdserve__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=proto_dot_pdserve__pb2.ModelInfo.FromString,
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/pdserve.v1.Generation/GetServerInfo',
-                request_serializer=proto_dot_pdserve__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=proto_dot_pdserve__pb2.ServerInfo.FromString,
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.ServerInfo.FromString,
                 _registered_method=True)
 
 
@@ -103,23 +103,23 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_pdserve__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_pdserve__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.GenerateRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=proto_dot_pdserve__pb2.AbortRequest.FromString,
-                    response_serializer=proto_dot_pdserve__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.AbortRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.AbortResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=proto_dot_pdserve__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=proto_dot_pdserve__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.ModelInfo.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=proto_dot_pdserve__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=proto_dot_pdserve__pb2.ServerInfo.SerializeToString,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.ServerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -148,8 +148,8 @@ class Generation(object):
             request,
             target,
             '/pdserve.v1.Generation/Generate',
-            proto_dot_pdserve__pb2.GenerateRequest.SerializeToString,
-            proto_dot_pdserve__pb2.GenerateResponse.FromString,
+            pdserve_dot_proto_dot_pdserve__pb2.GenerateRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -175,8 +175,8 @@ class Generation(object):
             request,
             target,
             '/pdserve.v1.Generation/Abort',
-            proto_dot_pdserve__pb2.AbortRequest.SerializeToString,
-            proto_dot_pdserve__pb2.AbortResponse.FromString,
+            pdserve_dot_proto_dot_pdserve__pb2.AbortRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -202,8 +202,8 @@ class Generation(object):
             request,
             target,
             '/pdserve.v1.Generation/GetModelInfo',
-            proto_dot_pdserve__pb2.GetModelInfoRequest.SerializeToString,
-            proto_dot_pdserve__pb2.ModelInfo.FromString,
+            pdserve_dot_proto_dot_pdserve__pb2.GetModelInfoRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -229,8 +229,8 @@ class Generation(object):
             request,
             target,
             '/pdserve.v1.Generation/GetServerInfo',
-            proto_dot_pdserve__pb2.GetServerInfoRequest.SerializeToString,
-            proto_dot_pdserve__pb2.ServerInfo.FromString,
+            pdserve_dot_proto_dot_pdserve__pb2.GetServerInfoRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,

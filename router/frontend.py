@@ -22,13 +22,13 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.sequence import SamplingParams
-from engine.tokenizer import Tokenizer, load_tokenizer
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
-from router.server import VERSION, ServerConfig
-from router.stream import StreamEnd, StreamItem, Submission, merge, read_frame, response
-from router.validation import (
+from pdserve.engine.sequence import SamplingParams
+from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.router.server import VERSION, ServerConfig
+from pdserve.router.stream import StreamEnd, StreamItem, Submission, merge, read_frame, response
+from pdserve.router.validation import (
     RequestError,
     ValidRequest,
     effective_max_tokens,

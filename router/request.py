@@ -7,9 +7,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.messages import Lease
-from engine.sequence import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer
+from pdserve.engine.messages import Lease
+from pdserve.engine.sequence import SamplingParams
+from pdserve.engine.tokenizer import IncrementalDetokenizer
 
 
 class State(enum.Enum):

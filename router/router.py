@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.messages import FirstToken, PrefillTask, Reservation, StepReport, TransferDone
-from router.metrics import Metrics
-from router.policy import (
+from pdserve.engine.messages import FirstToken, PrefillTask, Reservation, StepReport, TransferDone
+from pdserve.router.metrics import Metrics
+from pdserve.router.policy import (
     DecodeLoad,
     LocalPrefillRule,
     PrefillLoad,
@@ -31,8 +31,8 @@ from router.policy import (
     pick_prefill,
     prefill_locally,
 )
-from router.request import Chunk, Request, State
-from router.validation import ValidSlo
+from pdserve.router.request import Chunk, Request, State
+from pdserve.router.validation import ValidSlo
 
 log = logging.getLogger("pdserve.router")
 

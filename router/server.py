@@ -20,14 +20,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from engine.config import ModelConfig, ModelSpec
-from engine.messages import FirstToken, StepReport, TransferDone
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
-from router.metrics import Metrics
-from router.request import Chunk, Request
-from router.router import QueueFull, Router, RouterConfig
-from router.stream import StreamEnd, StreamItem, Submission, encode
-from router.validation import Limits
+from pdserve.engine.config import ModelConfig, ModelSpec
+from pdserve.engine.messages import FirstToken, StepReport, TransferDone
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from pdserve.router.metrics import Metrics
+from pdserve.router.request import Chunk, Request
+from pdserve.router.router import QueueFull, Router, RouterConfig
+from pdserve.router.stream import StreamEnd, StreamItem, Submission, encode
+from pdserve.router.validation import Limits
 
 log = logging.getLogger("pdserve.server")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, fields
 
 import msgpack
 
-from engine.sequence import SamplingParams
-from proto import pdserve_pb2 as pb
+from pdserve.engine.sequence import SamplingParams
+from pdserve.proto import pdserve_pb2 as pb
 
 
 @dataclass(frozen=True)

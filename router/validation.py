@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2 as pb
 
 MAX_REQUEST_ID_LEN = 256
 MIN_TEMPERATURE = 0.01  # a smaller positive temperature is raised to this (0 stays greedy)

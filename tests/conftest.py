@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engine.model_files import default_gguf_path
+from pdserve.engine.model_files import default_gguf_path
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,11 @@ import pytest
 import ray
 from PIL import Image
 
-from cluster.bench import BenchConfig, run_bench
-from cluster.bench_report import RequestRecord, Slo
-from cluster.cli import main
-from cluster.launch import launch
-from tests.e2e.conftest import serve_config
+from pdserve.cluster.bench import BenchConfig, run_bench
+from pdserve.cluster.bench_report import RequestRecord, Slo
+from pdserve.cluster.cli import main
+from pdserve.cluster.launch import job_runtime_env, launch
+from pdserve_testing.e2e import serve_config
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,8 @@ def server(default_gguf: Path) -> Iterator[str]:
     started = not ray.is_initialized()
     if started:
         ray.init(namespace="pdserve-tests", include_dashboard=False, num_cpus=8,
-                 object_store_memory=200 * 1024 * 1024, log_to_driver=True)
+                 object_store_memory=200 * 1024 * 1024, log_to_driver=True,
+                 runtime_env=job_runtime_env())
     try:
         dep = launch(serve_config(default_gguf, "bench-test"))
         try:
@@ -187,7 +188,7 @@ def test_client_processes_share_one_schedule(server: str) -> None:
     """Requests sent from three client processes: every request once, each at or after its
     offset from the common start, two rates through the same processes, and the report
     computed from the merged records as for one process."""
-    from cluster.bench_data import arrival_offsets
+    from pdserve.cluster.bench_data import arrival_offsets
 
     rates = (4.0, 8.0)
     cfg = BenchConfig(server=server, label="shards", num_prompts=7, input_len=8,

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.bench import BenchConfig, parse_rates
-from cluster.bench_data import (
+from pdserve.cluster.bench import BenchConfig, parse_rates
+from pdserve.cluster.bench_data import (
     CHAT_MIX,
     DatasetError,
     arrival_offsets,
@@ -19,8 +19,8 @@ from cluster.bench_data import (
     sample_lengths,
     token_prompts,
 )
-from cluster.bench_plot import format_report, format_sweep, plot_results
-from cluster.bench_report import (
+from pdserve.cluster.bench_plot import format_report, format_sweep, plot_results
+from pdserve.cluster.bench_report import (
     RequestRecord,
     Slo,
     jsonable,
@@ -30,8 +30,8 @@ from cluster.bench_report import (
     rescore_goodput,
     sweep_goodput,
 )
-from cluster.cli import main
-from proto import pdserve_pb2 as pb
+from pdserve.cluster.cli import main
+from pdserve.proto import pdserve_pb2 as pb
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-import cluster.bench as bench
-from cluster.bench import (
+import pdserve.cluster.bench as bench
+from pdserve.cluster.bench import (
     MIN_PROMPTS_PER_RATE,
     BenchConfig,
     prompts_for_rate,
@@ -21,10 +21,10 @@ from cluster.bench import (
     sweep_order,
     sweep_stop,
 )
-from cluster.bench_data import Prompt
-from cluster.bench_report import RequestRecord, Slo
-from cluster.cli import main
-from proto import pdserve_pb2 as pb
+from pdserve.cluster.bench_data import Prompt
+from pdserve.cluster.bench_report import RequestRecord, Slo
+from pdserve.cluster.cli import main
+from pdserve.proto import pdserve_pb2 as pb
 
 SLO = Slo(ttft_ms=100.0)
 

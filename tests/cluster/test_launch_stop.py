@@ -15,8 +15,8 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from cluster.config import ServeConfig
-from cluster.launch import Deployment
+from pdserve.cluster.config import ServeConfig
+from pdserve.cluster.launch import Deployment, job_runtime_env
 
 
 class StubRouter:
@@ -49,7 +49,8 @@ def local_ray() -> Iterator[None]:
     started = not ray.is_initialized()
     if started:
         ray.init(namespace="pdserve-tests", include_dashboard=False, num_cpus=4,
-                 object_store_memory=100 * 1024 * 1024, log_to_driver=False)
+                 object_store_memory=100 * 1024 * 1024, log_to_driver=False,
+                 runtime_env=job_runtime_env())
     yield
     if started:
         ray.shutdown()

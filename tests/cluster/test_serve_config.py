@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import build_parser, serve_config
-from cluster.config import ServeConfig
-from engine.config import PRESETS
-from router.policy import LocalPrefillRule
+from pdserve.cluster.cli import build_parser, serve_config
+from pdserve.cluster.config import ServeConfig
+from pdserve.engine.config import PRESETS
+from pdserve.router.policy import LocalPrefillRule
 
 FIELDS = ("local_prefill_max_tokens", "prefill_queue_max_tokens")
 

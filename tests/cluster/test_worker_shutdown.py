@@ -7,36 +7,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from decode_worker.worker import DecodeWorker
-from engine.config import CacheConfig, ModelSpec, RunnerConfig, WorkerConfig
-from engine.kv_transfer import KVChannel
-from engine.messages import Reservation
-from engine.sequence import SamplingParams
-from engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
-from prefill_worker.worker import PrefillWorker
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.kv_transfer import KVChannel
+from pdserve.engine.messages import Reservation
+from pdserve.engine.sequence import SamplingParams
+from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
+from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve_testing.workers import FakeRouter, wait_for, worker_config
 
 PEER_WAIT_S = 6.0  # how long a clean teardown waits for the peer before the test gives up
-
-
-class FakeRouter:
-    """Takes the workers' reports (``router.on_step.remote(report)`` and the like)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        calls = self.calls
-
-        class Method:
-            def remote(self, *args: Any) -> None:
-                calls.append((name, args))
-
-        return Method()
 
 
 class PeerWaitingPG:
@@ -58,19 +42,6 @@ class PeerWaitingPG:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pg, name)
-
-
-def worker_config(decode_blocks: int = 64) -> WorkerConfig:
-    return WorkerConfig(ModelSpec("dummy", preset="tiny"), CacheConfig(4, decode_blocks),
-                        RunnerConfig(), max_batch_tokens=64, max_num_seqs=4,
-                        transfer_timeout_s=20.0)
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 import pytest
 
-from decode_worker.scheduler import DecodeScheduler, DecodeSeq
-from engine.kv_cache import BlockAllocator
-from engine.messages import Reservation
-from engine.sequence import SamplingParams
+from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq
+from pdserve.engine.kv_cache import BlockAllocator
+from pdserve.engine.messages import Reservation
+from pdserve.engine.sequence import SamplingParams
 
 
 class Clock:

@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from decode_worker.worker import DecodeWorker
-from engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepReport
-from engine.sequence import SamplingParams
-from tests.cluster.test_worker_shutdown import FakeRouter, wait_for, worker_config
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.messages import FirstToken, Lease, PrefillTask, Reservation, StepReport
+from pdserve.engine.sequence import SamplingParams
+from pdserve_testing.workers import FakeRouter, wait_for, worker_config
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 

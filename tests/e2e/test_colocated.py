@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.launch import Deployment, launch
-from proto.client import Client
-from tests.e2e.conftest import (
+from pdserve.cluster.launch import Deployment, launch
+from pdserve.proto.client import Client
+from pdserve_testing.e2e import (
     HFReference,
     all_blocks_free,
     greedy_concurrently,

@@ -10,9 +10,9 @@ import grpc
 import pytest
 import ray
 
-from cluster.launch import Deployment, launch
-from proto.client import Client, collect
-from tests.e2e.conftest import HFReference, all_blocks_free, serve_config, wait_for
+from pdserve.cluster.launch import Deployment, launch
+from pdserve.proto.client import Client, collect
+from pdserve_testing.e2e import HFReference, all_blocks_free, serve_config, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster.launch import Deployment, launch
-from proto.client import Client, collect
-from tests.e2e.conftest import (
+from pdserve.cluster.launch import Deployment, launch
+from pdserve.proto.client import Client, collect
+from pdserve_testing.e2e import (
     HFReference,
     all_blocks_free,
     run_concurrently,

@@ -11,9 +11,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from cluster.launch import Deployment
-from proto.client import Client, collect
-from tests.e2e.conftest import HFReference, all_blocks_free, run_concurrently, wait_for
+from pdserve.cluster.launch import Deployment
+from pdserve.proto.client import Client, collect
+from pdserve_testing.e2e import HFReference, all_blocks_free, run_concurrently, wait_for
 
 pytestmark = pytest.mark.e2e
 

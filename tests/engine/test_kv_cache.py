@@ -1,6 +1,6 @@
 import pytest
 
-from engine.kv_cache import BlockAllocator, OutOfBlocks
+from pdserve.engine.kv_cache import BlockAllocator, OutOfBlocks
 
 
 def test_allocate_and_free_roundtrip() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch.distributed as dist
 
-from engine.kv_doorbell import HEADER_BYTES, Doorbell, DoorbellError, PeerLeft
+from pdserve.engine.kv_doorbell import HEADER_BYTES, Doorbell, DoorbellError, PeerLeft
 
 HOST = "127.0.0.1"
 

@@ -4,30 +4,21 @@ two real processes (spawn)."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import multiprocessing as mp
-import os
 import select
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import torch
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:  # a bare ``pytest`` does not put the repository on sys.path
-    sys.path.insert(0, _ROOT)
-
-from engine.kv_protocol import layers_per_message  # noqa: E402
-from engine.kv_transfer import (  # noqa: E402
+from pdserve.engine.kv_protocol import layers_per_message
+from pdserve.engine.kv_transfer import (
     _TRAILER_RING,
     HEADER_SLOTS,
     ChannelClosed,
@@ -42,35 +33,12 @@ from engine.kv_transfer import (  # noqa: E402
     kv_checksum,
     match_header,
 )
+from pdserve_testing.kv import HOST, SPEC, channel_name, make_header, make_layers, prefill_process
 
 T = TypeVar("T")
 U = TypeVar("U")
 
-SPEC = ChannelSpec(
-    fingerprint="0123456789abcdef", dtype="float32", block_size=4, num_layers=3,
-    num_kv_heads=2, head_dim=8,
-)
-HOST = "127.0.0.1"
-_names = itertools.count()
-
-
-def _name(tag: str) -> str:
-    return f"{tag}-{os.getpid()}-{next(_names)}"
-
-
-def _layers(spec: ChannelSpec, num_blocks: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(spec.layer_shape(num_blocks), generator=g).to(spec.torch_dtype)
-        for _ in range(spec.num_layers)
-    ]
-
-
-def _header(spec: ChannelSpec, tid: int, num_blocks: int, epoch: int = 1) -> TransferHeader:
-    return TransferHeader.for_spec(
-        spec, transfer_id=tid, epoch=epoch, num_blocks=num_blocks,
-        num_tokens=max(0, num_blocks * spec.block_size - 1), first_token=1000 + tid,
-    )
+KV_LOGGER = "pdserve.engine.kv_transfer"
 
 
 def _both(send: Callable[[], T], recv: Callable[[], U], timeout: float = 30) -> tuple[T, U]:
@@ -121,7 +89,7 @@ def _pair(
     name: str | None = None,
 ) -> Iterator[tuple[KVChannel, KVChannel]]:
     store, port = decode_store
-    name = name or _name("pair")
+    name = name or channel_name("pair")
 
     def open_end(rank: int) -> KVChannel:
         return KVChannel.open(
@@ -184,7 +152,7 @@ def test_kv_checksum_position_sensitive() -> None:
 
 
 def test_spec_from_configs() -> None:
-    from engine.config import PRESETS, CacheConfig
+    from pdserve.engine.config import PRESETS, CacheConfig
 
     model = PRESETS["tiny"]
     spec = ChannelSpec.from_configs(model, CacheConfig(block_size=16, dtype=torch.bfloat16))
@@ -198,7 +166,7 @@ def test_spec_from_configs() -> None:
 
 
 def test_header_round_trip_and_garbage() -> None:
-    h = _header(SPEC, tid=17, num_blocks=5, epoch=3)
+    h = make_header(SPEC, tid=17, num_blocks=5, epoch=3)
     raw = h.to_bytes()
     assert len(raw) == HEADER_SLOTS * 8
     assert TransferHeader.from_bytes(raw) == h
@@ -223,7 +191,7 @@ def test_header_round_trip_and_garbage() -> None:
 
 
 def test_header_messages() -> None:
-    h = dataclasses.replace(_header(SPEC, tid=3, num_blocks=2), layers_per_message=2)
+    h = dataclasses.replace(make_header(SPEC, tid=3, num_blocks=2), layers_per_message=2)
     assert TransferHeader.from_bytes(h.to_bytes()) == h
     assert h.num_messages == 2  # 3 layers: [0, 1], [2]
     assert [list(h.message_layers(m)) for m in range(h.num_messages)] == [[0, 1], [2]]
@@ -244,7 +212,7 @@ def test_header_messages() -> None:
 
 
 def test_match_header_fails_closed() -> None:
-    h = _header(SPEC, tid=17, num_blocks=5, epoch=3)
+    h = make_header(SPEC, tid=17, num_blocks=5, epoch=3)
     match_header(h, 17, 3, 5)
     with pytest.raises(TransferError, match="transfer_id: got 17, expected 18"):
         match_header(h, 18, 3, 5)
@@ -267,11 +235,11 @@ def test_round_trip_back_to_back(decode_store: Any, dtype: str) -> None:
     with _pair(decode_store, spec) as (tx, rx):
         def send() -> None:
             for i, (tid, n) in enumerate(plan):
-                layers = _layers(spec, n, seed=tid)
+                layers = make_layers(spec, n, seed=tid)
                 if i % 2:
-                    tx.send_blocks(_header(spec, tid, n), layers)
+                    tx.send_blocks(make_header(spec, tid, n), layers)
                 else:  # streaming: header first, then the layers as they become ready
-                    tx.send_header(_header(spec, tid, n))
+                    tx.send_header(make_header(spec, tid, n))
                     for t in layers:
                         tx.send_layer(t)
                     tx.finish()
@@ -300,17 +268,17 @@ def test_round_trip_back_to_back(decode_store: Any, dtype: str) -> None:
         assert tx.total_transfers == rx.total_transfers == len(plan)
 
     for (tid, n), (h, got) in zip(plan, received, strict=True):
-        assert h == _header(spec, tid, n)
+        assert h == make_header(spec, tid, n)
         assert h.first_token == 1000 + tid
         assert len(got) == spec.num_layers
-        for a, b in zip(got, _layers(spec, n, seed=tid), strict=True):
+        for a, b in zip(got, make_layers(spec, n, seed=tid), strict=True):
             assert a.dtype == spec.torch_dtype and a.shape == spec.layer_shape(n)
             assert torch.equal(a, b)
 
 
 def test_recv_into_caller_buffer(decode_store: Any) -> None:
     with _pair(decode_store) as (tx, rx):
-        layers = _layers(SPEC, 2, seed=5)
+        layers = make_layers(SPEC, 2, seed=5)
         outs = [torch.empty(SPEC.layer_shape(2)) for _ in range(SPEC.num_layers)]
 
         def recv() -> None:
@@ -320,7 +288,7 @@ def test_recv_into_caller_buffer(decode_store: Any) -> None:
                 assert rx.recv_layer(o) is o
             rx.verify()
 
-        _both(lambda: tx.send_blocks(_header(SPEC, 7, 2), layers), recv)
+        _both(lambda: tx.send_blocks(make_header(SPEC, 7, 2), layers), recv)
         for a, b in zip(outs, layers, strict=True):
             assert torch.equal(a, b)
 
@@ -347,7 +315,7 @@ def test_pool_round_trip_in_messages(decode_store: Any, per_message: int, slots:
         rx.set_staging_slots(slots)
         def send() -> None:
             for tid, k in ((40, per_message), (41, 1)):
-                h = dataclasses.replace(_header(SPEC, tid, 4), layers_per_message=k)
+                h = dataclasses.replace(make_header(SPEC, tid, 4), layers_per_message=k)
                 tx.send_pool_blocks(h, src, src_ids, first_token=tid)
 
         def recv() -> list[int]:
@@ -376,7 +344,7 @@ def test_messages_and_checksum_cover_the_whole_payload(decode_store: Any) -> Non
     packed = src[:, :, ids].contiguous()  # [L, 2, n, ...]
     with _pair(decode_store) as (tx, rx):
         def send() -> None:
-            h = dataclasses.replace(_header(SPEC, 50, 2), layers_per_message=2)
+            h = dataclasses.replace(make_header(SPEC, 50, 2), layers_per_message=2)
             tx.send_header(h)
             tx.send_message(packed[0:2])
             tx.send_message(packed[2:3])
@@ -398,7 +366,7 @@ def test_messages_and_checksum_cover_the_whole_payload(decode_store: Any) -> Non
 
         def send_again() -> None:
             send()
-            h = dataclasses.replace(_header(SPEC, 52, 2), layers_per_message=2)
+            h = dataclasses.replace(make_header(SPEC, 52, 2), layers_per_message=2)
             tx._send_hook = lambda m, t: t.neg() if m == 1 else t
             tx.send_pool_blocks(h, src, ids)
             tx._send_hook = None
@@ -439,7 +407,7 @@ def test_transfers_pipelined_while_another_thread_waits(decode_store: Any) -> No
             with ThreadPoolExecutor(1) as finisher:
                 waits = []
                 for i in range(n):
-                    h = dataclasses.replace(_header(SPEC, 70 + i, 2), layers_per_message=1)
+                    h = dataclasses.replace(make_header(SPEC, 70 + i, 2), layers_per_message=1)
                     tx.send_header(h)  # the previous transfers may still be leaving
                     for layer in range(SPEC.num_layers):
                         tx.send_from_pool(src[layer:layer + 1] * (i + 1), ids)
@@ -475,7 +443,7 @@ def test_pool_arguments_are_checked(decode_store: Any) -> None:
     src = _pool(SPEC, 4, seed=2)
     with _pair(decode_store) as (tx, rx):
         def send() -> None:
-            h = _header(SPEC, 60, 2)
+            h = make_header(SPEC, 60, 2)
             tx.send_header(h)
             with pytest.raises(ValueError, match="expected int64\\[2\\]"):
                 tx.send_from_pool(src[0:1], torch.tensor([0, 1, 2]))  # cancels transfer 60
@@ -516,7 +484,7 @@ def test_handshake_mismatch_raises_on_both_sides(
     decode_store: Any, field: str, prefill_value: Any, decode_value: Any
 ) -> None:
     store, port = decode_store
-    name = _name("hs")
+    name = channel_name("hs")
     specs = [dataclasses.replace(SPEC, **{field: v}) for v in (prefill_value, decode_value)]
     def open_end(rank: int) -> None:
         KVChannel.open(store=_client(port) if rank == 0 else store, name=name, rank=rank,
@@ -532,7 +500,7 @@ def test_handshake_mismatch_raises_on_both_sides(
 
 def test_handshake_lists_every_difference(decode_store: Any) -> None:
     store, port = decode_store
-    name = _name("hs")
+    name = channel_name("hs")
     specs = [SPEC, dataclasses.replace(SPEC, num_layers=4, head_dim=16, kv_layout="L,N,2")]
     def open_end(rank: int) -> None:
         KVChannel.open(store=_client(port) if rank == 0 else store, name=name, rank=rank,
@@ -559,9 +527,9 @@ def test_corrupted_payload_detected_then_next_transfer_ok(decode_store: Any) -> 
 
         def send() -> None:
             tx._send_hook = corrupt
-            tx.send_blocks(_header(SPEC, 17, 3), _layers(SPEC, 3, seed=17))
+            tx.send_blocks(make_header(SPEC, 17, 3), make_layers(SPEC, 3, seed=17))
             tx._send_hook = None
-            tx.send_blocks(_header(SPEC, 18, 2), _layers(SPEC, 2, seed=18))
+            tx.send_blocks(make_header(SPEC, 18, 2), make_layers(SPEC, 2, seed=18))
 
         def recv() -> list[torch.Tensor]:
             with pytest.raises(TransferError, match="checksum mismatch for transfer 17"):
@@ -570,7 +538,7 @@ def test_corrupted_payload_detected_then_next_transfer_ok(decode_store: Any) -> 
             return _recv_checked(rx, 18, 1, 2)[1]
 
         _, got = _both(send, recv)
-        assert all(torch.equal(a, b) for a, b in zip(got, _layers(SPEC, 2, 18), strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got, make_layers(SPEC, 2, 18), strict=True))
         assert not tx.closed and not rx.closed
 
 
@@ -587,8 +555,8 @@ def test_header_mismatch_rejected_and_drained(
 ) -> None:
     with _pair(decode_store) as (tx, rx):
         def send() -> None:
-            tx.send_blocks(_header(SPEC, 17, 3), _layers(SPEC, 3, seed=1))
-            tx.send_blocks(_header(SPEC, 18, 3), _layers(SPEC, 3, seed=2))
+            tx.send_blocks(make_header(SPEC, 17, 3), make_layers(SPEC, 3, seed=1))
+            tx.send_blocks(make_header(SPEC, 18, 3), make_layers(SPEC, 3, seed=2))
 
         def recv() -> list[torch.Tensor]:
             h = rx.recv_header()
@@ -598,27 +566,27 @@ def test_header_mismatch_rejected_and_drained(
             return _recv_checked(rx, 18, 1, 3)[1]
 
         _, got = _both(send, recv)
-        assert all(torch.equal(a, b) for a, b in zip(got, _layers(SPEC, 3, 2), strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got, make_layers(SPEC, 3, 2), strict=True))
 
 
 def test_cancel_and_receiver_aborts_keep_channel_in_sync(decode_store: Any) -> None:
     with _pair(decode_store) as (tx, rx):
         def failing_layers() -> Iterator[torch.Tensor]:
-            yield _layers(SPEC, 2, seed=3)[0]
+            yield make_layers(SPEC, 2, seed=3)[0]
             raise RuntimeError("pack kernel failed")
 
         def send() -> None:
             # 1: a layer of the wrong shape cancels the transfer
-            tx.send_header(_header(SPEC, 1, 2))
+            tx.send_header(make_header(SPEC, 1, 2))
             with pytest.raises(ValueError, match="shape"):
                 tx.send_layer(torch.zeros(SPEC.layer_shape(3)))
             assert not tx.busy
             # 2: the layer source fails mid-way
             with pytest.raises(RuntimeError, match="pack kernel failed"):
-                tx.send_blocks(_header(SPEC, 2, 2), failing_layers())
+                tx.send_blocks(make_header(SPEC, 2, 2), failing_layers())
             # 3: the receiver's sink fails; 4: the receiver verifies too early; 5: good
             for tid in (3, 4, 5):
-                tx.send_blocks(_header(SPEC, tid, 2), _layers(SPEC, 2, seed=tid))
+                tx.send_blocks(make_header(SPEC, tid, 2), make_layers(SPEC, 2, seed=tid))
 
         def recv() -> list[torch.Tensor]:
             for tid in (1, 2):
@@ -640,7 +608,7 @@ def test_cancel_and_receiver_aborts_keep_channel_in_sync(decode_store: Any) -> N
             return _recv_checked(rx, 5, 1, 2)[1]
 
         _, got = _both(send, recv)
-        assert all(torch.equal(a, b) for a, b in zip(got, _layers(SPEC, 2, 5), strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got, make_layers(SPEC, 2, 5), strict=True))
         assert not tx.closed and not rx.closed
 
 
@@ -661,7 +629,7 @@ def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
     plan = ((21, 2, 21), (whole, 3, whole), (23, 2, 99), (24, 1, 24))
 
     def header(tid: int, blocks: int) -> TransferHeader:
-        h = _header(SPEC, tid, blocks)
+        h = make_header(SPEC, tid, blocks)
         return dataclasses.replace(h, layers_per_message=SPEC.num_layers) if tid == whole else h
 
     with _pair(decode_store) as (tx, rx):
@@ -677,7 +645,7 @@ def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
 
         def send() -> None:
             for tid, blocks, _ in plan:
-                layers = _layers(SPEC, blocks, seed=tid)
+                layers = make_layers(SPEC, blocks, seed=tid)
                 tx.send_blocks(header(tid, blocks),
                                [torch.stack(layers)] if tid == whole else layers)
 
@@ -710,7 +678,7 @@ def test_next_transfer_starts_during_verify(decode_store: Any) -> None:
         _, got = _both(send, recv)
         for layers, (tid, blocks, _) in zip(got, (plan[0], plan[1], plan[3]), strict=True):
             assert all(torch.equal(a, b)
-                       for a, b in zip(layers, _layers(SPEC, blocks, tid), strict=True))
+                       for a, b in zip(layers, make_layers(SPEC, blocks, tid), strict=True))
         assert not tx.closed and not rx.closed
 
 def test_one_prefill_two_decoders(decode_store: Any) -> None:
@@ -719,8 +687,8 @@ def test_one_prefill_two_decoders(decode_store: Any) -> None:
             _pair(other, name="p0-to-d") as (tx_b, rx_b):  # same name, other decoder's store
         def send() -> None:
             for i in range(3):  # interleaved transfers on the two channels
-                tx_a.send_blocks(_header(SPEC, 10 + i, 2), _layers(SPEC, 2, seed=10 + i))
-                tx_b.send_blocks(_header(SPEC, 20 + i, 1), _layers(SPEC, 1, seed=20 + i))
+                tx_a.send_blocks(make_header(SPEC, 10 + i, 2), make_layers(SPEC, 2, seed=10 + i))
+                tx_b.send_blocks(make_header(SPEC, 20 + i, 1), make_layers(SPEC, 1, seed=20 + i))
 
         def recv(rx: KVChannel, base: int, n: int) -> Callable[[], list[list[torch.Tensor]]]:
             return lambda: [_recv_checked(rx, base + i, 1, n)[1] for i in range(3)]
@@ -731,7 +699,7 @@ def test_one_prefill_two_decoders(decode_store: Any) -> None:
             fs.result(30)
             got_a, got_b = fa.result(30), fb.result(30)
     for i in range(3):
-        want_a, want_b = _layers(SPEC, 2, 10 + i), _layers(SPEC, 1, 20 + i)
+        want_a, want_b = make_layers(SPEC, 2, 10 + i), make_layers(SPEC, 1, 20 + i)
         assert all(torch.equal(a, b) for a, b in zip(got_a[i], want_a, strict=True))
         assert all(torch.equal(a, b) for a, b in zip(got_b[i], want_b, strict=True))
 
@@ -744,10 +712,10 @@ def test_idle_receiver_times_out_without_breaking_the_channel(decode_store: Any)
         assert time.monotonic() - t0 < 3
         assert not rx.closed
         _, (_, got) = _both(
-            lambda: tx.send_blocks(_header(SPEC, 1, 1), _layers(SPEC, 1, seed=1)),
+            lambda: tx.send_blocks(make_header(SPEC, 1, 1), make_layers(SPEC, 1, seed=1)),
             lambda: _recv_checked(rx, 1, 1, 1),
         )
-        assert torch.equal(got[2], _layers(SPEC, 1, seed=1)[2])
+        assert torch.equal(got[2], make_layers(SPEC, 1, seed=1)[2])
 
 
 def _peer_news(caplog: pytest.LogCaptureFixture) -> list[int]:
@@ -760,7 +728,7 @@ def test_idle_receiver_sees_a_closed_sender(decode_store: Any,
     """The doorbell is a connection: when the prefill end goes away, an idle receiver learns
     it at once (ChannelClosed), instead of waiting out its timeout (TransferTimeout). A
     sender closed on purpose (shutdown) says goodbye: no warning on the decode side."""
-    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, "engine.kv_transfer"):
+    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, KV_LOGGER):
         tx.close(abort=True)
         with pytest.raises(ChannelClosed, match="the prefill end closed the channel"):
             rx.recv_header(timeout_s=60)
@@ -771,7 +739,7 @@ def test_idle_receiver_sees_a_closed_sender(decode_store: Any,
 def test_idle_receiver_sees_a_dead_sender(decode_store: Any,
                                          caplog: pytest.LogCaptureFixture) -> None:
     """A sender whose process died only leaves a closed connection: a warning."""
-    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, "engine.kv_transfer"):
+    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, KV_LOGGER):
         tx._bell.close()  # what the kernel does for a process that is gone
         with pytest.raises(ChannelClosed, match="the prefill end is gone"):
             rx.recv_header(timeout_s=60)
@@ -809,7 +777,7 @@ def test_a_wait_mid_transfer_ends_when_the_receiver_goes(
     went away (it closed the channel at shutdown: goodbye; or it broke it: the connection
     just closes): the wait ends on the doorbell connection, not on its 30 s deadline, and
     only a broken channel is logged as a warning."""
-    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, "engine.kv_transfer"):
+    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, KV_LOGGER):
         if goodbye:
             rx.close(abort=True)
         else:
@@ -836,10 +804,10 @@ def test_a_sender_to_a_receiver_that_left_is_told_so_quietly(
     """A decode worker shut down on purpose (scale-down): the prefill end's next transfer
     fails with the reason, as news, not as the transport's reset connection and a
     warning."""
-    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, "engine.kv_transfer"):
+    with _pair(decode_store) as (tx, rx), caplog.at_level(logging.INFO, KV_LOGGER):
         rx.close()
         with pytest.raises(ChannelClosed, match="the decode end closed the channel"):
-            tx.send_blocks(_header(SPEC, 1, 2), _layers(SPEC, 2, seed=1))
+            tx.send_blocks(make_header(SPEC, 1, 2), make_layers(SPEC, 2, seed=1))
         assert tx.closed
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -859,7 +827,7 @@ def test_a_header_waiting_on_the_doorbell_is_not_a_gone_peer(
     """The next transfer's header, in while the current one is waited for, is kept for
     recv_header(), and the peer is not taken for gone."""
     with _pair(decode_store) as (tx, rx):
-        tx.send_header(_header(SPEC, 5, 1))
+        tx.send_header(make_header(SPEC, 5, 1))
         _gpu_wait(rx, _GpuWork(done_after_s=0.1), monkeypatch)
         assert not rx.closed
         monkeypatch.setattr(rx, "_is_cuda", False)
@@ -911,7 +879,7 @@ def test_garbled_doorbell_closes_the_channel(decode_store: Any) -> None:
     """The doorbell carries the header: garbage there is a protocol failure (the receiver
     cannot know what follows), so the channel is closed, not left out of step."""
     with _pair(decode_store) as (tx, rx):
-        raw = bytearray(_header(SPEC, 1, 1).to_bytes())
+        raw = bytearray(make_header(SPEC, 1, 1).to_bytes())
         raw[0] ^= 0xFF  # magic
         tx._bell.ring(bytes(raw), 5.0)
         with pytest.raises(ChannelClosed, match="garbled header: bad header magic"):
@@ -921,8 +889,8 @@ def test_garbled_doorbell_closes_the_channel(decode_store: Any) -> None:
 
 def test_stalled_sender_closes_the_channel(decode_store: Any) -> None:
     with _pair(decode_store, timeout_s=1.0) as (tx, rx):
-        tx.send_header(_header(SPEC, 1, 2))
-        tx.send_layer(_layers(SPEC, 2, seed=1)[0])  # ... and then the sender stalls
+        tx.send_header(make_header(SPEC, 1, 2))
+        tx.send_layer(make_layers(SPEC, 2, seed=1)[0])  # ... and then the sender stalls
         rx.recv_header()
         rx.recv_layer()
         t0 = time.monotonic()
@@ -938,27 +906,27 @@ def test_sender_does_not_block_forever_on_a_dead_receiver(decode_store: Any) -> 
     with _pair(decode_store, timeout_s=1.0) as (tx, _rx):
         t0 = time.monotonic()
         with pytest.raises(ChannelClosed):
-            tx.send_blocks(_header(SPEC, 1, 2), _layers(SPEC, 2, seed=1))  # nobody receives
+            tx.send_blocks(make_header(SPEC, 1, 2), make_layers(SPEC, 2, seed=1))  # nobody receives
         assert time.monotonic() - t0 < 4
         assert tx.closed and not tx.busy
         with pytest.raises(ChannelClosed):
-            tx.send_header(_header(SPEC, 2, 2))
+            tx.send_header(make_header(SPEC, 2, 2))
 
 
 def test_misuse_is_rejected(decode_store: Any) -> None:
-    name = _name("reuse")
+    name = channel_name("reuse")
     with _pair(decode_store, name=name) as (tx, rx):
         with pytest.raises(ChannelError, match="decode end"):
             tx.recv_header()
         with pytest.raises(ChannelError, match="prefill end"):
-            rx.send_header(_header(SPEC, 1, 1))
+            rx.send_header(make_header(SPEC, 1, 1))
         with pytest.raises(ChannelError, match="num_layers"):
-            tx.send_header(dataclasses.replace(_header(SPEC, 1, 1), num_layers=2))
+            tx.send_header(dataclasses.replace(make_header(SPEC, 1, 1), num_layers=2))
         with pytest.raises(ChannelError, match="send_header\\(\\) first"):
             tx.send_layer(torch.zeros(SPEC.layer_shape(1)))
         with pytest.raises(ValueError, match="at least 2"):
             rx.set_staging_slots(1)
-        tx.send_header(_header(SPEC, 1, 1))
+        tx.send_header(make_header(SPEC, 1, 1))
         with pytest.raises(ChannelError, match="during a transfer"):
             tx.set_staging_slots(3)
     # names are never reused
@@ -969,25 +937,11 @@ def test_misuse_is_rejected(decode_store: Any) -> None:
 # ---- two processes ---------------------------------------------------------------------
 
 
-def _prefill_process(port: int, name: str) -> None:
-    """Child: the prefill end. Three good bf16 transfers, then dies mid-transfer."""
-    spec = dataclasses.replace(SPEC, dtype="bfloat16")
-    store = KVChannel.connect_store(HOST, port, timeout_s=60)
-    ch = KVChannel.open(store=store, name=name, rank=0, spec=spec, device="cpu", timeout_s=10,
-                        open_timeout_s=60)
-    for tid in (1, 2, 3):
-        ch.send_blocks(_header(spec, tid, tid + 1), _layers(spec, tid + 1, seed=tid))
-    ch.send_header(_header(spec, 4, 2))
-    ch.send_layer(_layers(spec, 2, seed=4)[0])
-    time.sleep(0.5)  # let layer 0 leave, then die without a goodbye
-    os._exit(3)
-
-
 def test_cross_process_round_trip_and_dead_peer(decode_store: Any) -> None:
     store, port = decode_store
-    name = _name("xproc")
+    name = channel_name("xproc")
     spec = dataclasses.replace(SPEC, dtype="bfloat16")
-    proc = mp.get_context("spawn").Process(target=_prefill_process, args=(port, name))
+    proc = mp.get_context("spawn").Process(target=prefill_process, args=(port, name))
     proc.start()
     try:
         rx = KVChannel.open(store=store, name=name, rank=1, spec=spec, device="cpu",
@@ -995,7 +949,7 @@ def test_cross_process_round_trip_and_dead_peer(decode_store: Any) -> None:
         for tid in (1, 2, 3):
             h, got = _recv_checked(rx, tid, 1, tid + 1)
             assert h.first_token == 1000 + tid
-            for a, b in zip(got, _layers(spec, tid + 1, seed=tid), strict=True):
+            for a, b in zip(got, make_layers(spec, tid + 1, seed=tid), strict=True):
                 assert torch.equal(a, b)
         rx.recv_header()
         rx.recv_layer()
@@ -1009,279 +963,3 @@ def test_cross_process_round_trip_and_dead_peer(decode_store: Any) -> None:
         if proc.is_alive():
             proc.kill()
     assert proc.exitcode == 3
-
-
-# ---- NCCL (two GPUs; skipped elsewhere) -----------------------------------------------
-# Runs without pytest fixtures, so it also runs as a plain function on a GPU machine.
-
-GPU_SPEC = ChannelSpec(  # Llama-3.1-8B geometry
-    fingerprint="0123456789abcdef", dtype="bfloat16", block_size=16, num_layers=32,
-    num_kv_heads=8, head_dim=128,
-)
-GPU_PLAN = [(1, 1), (2, 3), (3, 5), (4, 2), (5, 4), (6, 256)]  # (transfer_id, num_blocks)
-GPU_CORRUPT = 4
-
-
-def _gpu_layers(spec: ChannelSpec, n: int, seed: int, device: str) -> list[torch.Tensor]:
-    shape = spec.layer_shape(n)
-    numel = 1
-    for d in shape:
-        numel *= d
-    base = torch.arange(numel, device=device, dtype=torch.int64)
-    return [((base * (seed + 3 + layer)) % 251 - 125).to(spec.torch_dtype).view(shape)
-            for layer in range(spec.num_layers)]
-
-
-def _gpu_sender(port: int, name: str, timeout_s: float) -> tuple[Any, KVChannel]:
-    """The prefill process's end of a two-GPU test channel (cuda:0)."""
-    torch.cuda.set_device(0)
-    store = KVChannel.connect_store(HOST, port, timeout_s=120)
-    return store, KVChannel.open(store=store, name=name, rank=0, spec=GPU_SPEC,
-                                 device="cuda:0", timeout_s=timeout_s, open_timeout_s=120)
-
-
-@contextmanager
-def _gpu_receiver(prefill: Callable[[int, str], None], tag: str,
-                  timeout_s: float) -> Iterator[tuple[Any, KVChannel, Any]]:
-    """Start ``prefill(port, name)`` in a process of its own and open the decode end
-    (cuda:1); yields the decode store, the channel and the process (joined on exit)."""
-    store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
-    name = _name(tag)
-    proc = mp.get_context("spawn").Process(target=prefill, args=(port, name))
-    proc.start()
-    try:
-        yield store, KVChannel.open(store=store, name=name, rank=1, spec=GPU_SPEC,
-                                    device="cuda:1", timeout_s=timeout_s,
-                                    open_timeout_s=120), proc
-    finally:
-        proc.join(60)
-        if proc.is_alive():
-            proc.kill()
-
-
-def _nccl_prefill(port: int, name: str) -> None:
-    _store, ch = _gpu_sender(port, name, timeout_s=10)
-    for tid, n in GPU_PLAN:
-        layers = _gpu_layers(GPU_SPEC, n, tid, "cuda:0")
-        ch._send_hook = (lambda layer, t: t.neg() if layer == 3 else t) \
-            if tid == GPU_CORRUPT else None
-        ch.send_header(_header(GPU_SPEC, tid, n))
-        for t in layers:
-            ch.send_layer(t)
-        ch.finish()
-    ch._send_hook = None
-    ch.send_header(_header(GPU_SPEC, 99, 2))
-    ch.send_layer(_gpu_layers(GPU_SPEC, 2, 99, "cuda:0")[0])
-    torch.cuda.synchronize()
-    time.sleep(1.0)
-    os._exit(3)  # dies mid-transfer
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_nccl_two_gpus_round_trip_corruption_dead_peer() -> None:
-    with _gpu_receiver(_nccl_prefill, "nccl", timeout_s=10) as (_store, rx, proc):
-        for tid, n in GPU_PLAN:
-            h = rx.recv_header()
-            rx.match(h, tid, 1, n)
-            want = _gpu_layers(GPU_SPEC, n, tid, "cuda:1")
-            equal = []
-            for layer in range(h.num_layers):
-                buf = rx.recv_layer()
-                assert buf.device == torch.device("cuda:1")
-                equal.append(torch.equal(buf, want[layer]))
-            if tid == GPU_CORRUPT:
-                with pytest.raises(TransferError, match=f"checksum mismatch for transfer {tid}"):
-                    rx.verify()
-                assert equal.count(False) == 1
-                continue
-            rx.verify()
-            assert all(equal), (tid, equal)
-        gbps = rx.last_transfer_bytes / rx.last_transfer_seconds / 1e9
-        print(f"NCCL KV transfer: {rx.last_transfer_bytes / 2**20:.0f} MiB in "
-              f"{rx.last_transfer_seconds * 1e3:.2f} ms = {gbps:.1f} GB/s (incl. checksums)")
-        h = rx.recv_header()
-        t0 = time.monotonic()
-        with pytest.raises(ChannelClosed):  # the peer died mid-transfer: deadline, abort()
-            for _ in range(h.num_layers):
-                rx.recv_layer()  # queued on CUDA; the stall surfaces in verify()
-            rx.verify()
-        assert time.monotonic() - t0 < 30
-        assert rx.closed
-    assert proc.exitcode == 3
-
-
-GPU_POOL_PLAN = [(2, 1), (3, 2), (4, 5), (2, 3)]  # (staging_slots, layers_per_message)
-
-
-def _gpu_pool(spec: ChannelSpec, num_blocks: int, device: str, seed: int = 7) -> torch.Tensor:
-    shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(spec.torch_dtype).to(device)
-
-
-def _nccl_pool_prefill(port: int, name: str) -> None:
-    store, ch = _gpu_sender(port, name, timeout_s=20)
-    pool = _gpu_pool(GPU_SPEC, 300, "cuda:0")
-    ids = torch.arange(299, 43, -1, device="cuda:0")  # 256 blocks, reversed
-    store.wait(["go"])  # after the receiver's idle waits
-    for tid, (slots, k) in enumerate(GPU_POOL_PLAN):
-        ch.set_staging_slots(slots)
-        h = dataclasses.replace(_header(GPU_SPEC, tid, len(ids)), layers_per_message=k)
-        ch.send_pool_blocks(h, pool, ids, first_token=tid)
-    ch.close()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_nccl_pool_transfers_with_staging_slots() -> None:
-    """NCCL pool to pool, 256 blocks of 32 layers, with 2 to 4 staging buffers on each side
-    and 1 to 5 layers per message (receives posted ahead): every block lands where the
-    receiver asked, the checksum verifies, and the transfers line up back to back. Before
-    the first, the idle receiver's doorbell waits time out harmlessly and the channel then
-    takes the first transfer."""
-    with _gpu_receiver(_nccl_pool_prefill, "nccl-pool", timeout_s=20) as (store, rx, proc):
-        want = _gpu_pool(GPU_SPEC, 300, "cuda:1")[:, :, 44:300].flip(2)
-        dst_ids = torch.randperm(300, generator=torch.Generator().manual_seed(1))[:256]
-        for _ in range(2):
-            with pytest.raises(TransferTimeout):
-                rx.recv_header(timeout_s=0.3)
-        assert not rx.closed and not rx.busy
-        store.set("go", "1")
-        for tid, (slots, _k) in enumerate(GPU_POOL_PLAN):
-            rx.set_staging_slots(slots)
-            dst = torch.full((GPU_SPEC.num_layers, 2, 300, GPU_SPEC.block_size,
-                              GPU_SPEC.num_kv_heads, GPU_SPEC.head_dim), float("nan"),
-                             dtype=GPU_SPEC.torch_dtype, device="cuda:1")
-            h = rx.recv_header()
-            rx.match(h, tid, 1, 256)
-            got = rx.recv_pool_blocks(h, dst, dst_ids.to("cuda:1"))
-            assert got.first_token == tid
-            assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), (slots, _k)
-        rx.close()
-    assert proc.exitcode == 0
-
-
-# (blocks, layers per message): a smaller transfer, then one that grows the staging buffers
-# while the ones before it still depart
-GPU_PIPELINE_PLAN = [(256, 8), (256, 8), (40, 8), (280, 16), (256, 8)]
-
-
-def _nccl_pipelined_prefill(port: int, name: str) -> None:
-    store, ch = _gpu_sender(port, name, timeout_s=20)
-    pools = []
-    with ThreadPoolExecutor(1) as finisher:  # waits for each departure, as the worker's does
-        waits = []
-        for tid, (n, k) in enumerate(GPU_PIPELINE_PLAN):
-            pools.append(pool := _gpu_pool(GPU_SPEC, 300, "cuda:0", seed=tid))
-            ids = torch.arange(n, device="cuda:0").flip(0)
-            h = dataclasses.replace(_header(GPU_SPEC, tid, n), layers_per_message=k)
-            ch.send_header(h)  # the transfers before may still be leaving
-            for m in range(h.num_messages):
-                layers = h.message_layers(m)
-                ch.send_from_pool(pool[layers.start:layers.stop], ids)
-            waits.append(finisher.submit(ch.wait_finished, ch.finish(tid, wait=False)))
-        for w in waits:
-            w.result(60)
-    assert not ch.busy and ch.total_transfers == len(GPU_PIPELINE_PLAN)
-    store.wait(["done"])
-    ch.close()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_nccl_pipelined_transfers() -> None:
-    """NCCL, the sender pipelined as under load: each transfer departs once its trailer is
-    posted and the next starts at once, its packs and sends queued behind (the running
-    checksum, staging buffers reused and grown across transfers), while another thread
-    waits for each departure. Every block of every transfer lands where the receiver asked
-    and every checksum verifies."""
-    with _gpu_receiver(_nccl_pipelined_prefill, "nccl-pipe", timeout_s=20) as (store, rx, proc):
-        for tid, (n, _k) in enumerate(GPU_PIPELINE_PLAN):
-            want = _gpu_pool(GPU_SPEC, 300, "cuda:1", seed=tid)[:, :, :n].flip(2)
-            dst_ids = torch.randperm(300, generator=torch.Generator().manual_seed(tid))[:n]
-            dst = torch.full((GPU_SPEC.num_layers, 2, 300, GPU_SPEC.block_size,
-                              GPU_SPEC.num_kv_heads, GPU_SPEC.head_dim), float("nan"),
-                             dtype=GPU_SPEC.torch_dtype, device="cuda:1")
-            h = rx.recv_header()
-            rx.match(h, tid, 1, n)
-            got = rx.recv_pool_blocks(h, dst, dst_ids.to("cuda:1"))
-            assert got.first_token == tid
-            assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), tid
-        store.set("done", "1")
-        rx.close()
-    assert proc.exitcode == 0
-
-
-def _nccl_abandoned_prefill(port: int, name: str) -> None:
-    """Sends one transfer that the receiver gives up on midway, and reports what finish()
-    said. Its timeout is long (60 s): the test fails if that is what ended the wait."""
-    store, ch = _gpu_sender(port, name, timeout_s=60)
-    pool = _gpu_pool(GPU_SPEC, 300, "cuda:0")
-    h = dataclasses.replace(_header(GPU_SPEC, 1, 256), layers_per_message=4)
-    try:
-        ch.send_pool_blocks(h, pool, torch.arange(256, device="cuda:0"))
-        store.set("result", "sent")
-    except ChannelClosed as e:
-        store.set("result", str(e))
-    ch.close()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_nccl_sender_sees_the_receiver_break_the_channel() -> None:
-    """The decode end breaks the channel midway through a transfer (as on a garbled trailer):
-    the prefill end's sends to the aborted communicator never complete, and its wait ends on
-    the closed doorbell connection, not on its 60 s timeout."""
-    with _gpu_receiver(_nccl_abandoned_prefill, "nccl-abandon", timeout_s=60) as (
-            store, rx, proc):
-        h = rx.recv_header()
-        rx.match(h, 1, 1, 256)
-        dst = _gpu_pool(GPU_SPEC, 300, "cuda:1")
-        first = h.message_layers(0)
-        rx.recv_into_pool(dst[first.start:first.stop], torch.arange(256, device="cuda:1"))
-        rx._fail("test: the decode end gives up")  # aborts, closes the doorbell
-        assert rx.closed
-        store.wait(["result"], timedelta(seconds=120))
-        result = store.get("result").decode()
-        assert "the decode end is gone" in result, result
-        assert "timed out" not in result, result
-    assert proc.exitcode == 0
-
-
-def _nccl_leaving_prefill(port: int, name: str) -> None:
-    """Starts a transfer, then shuts down midway (closes on purpose, as a worker stopping)."""
-    store, ch = _gpu_sender(port, name, timeout_s=60)
-    pool = _gpu_pool(GPU_SPEC, 300, "cuda:0")
-    ids = torch.arange(256, device="cuda:0")
-    h = dataclasses.replace(_header(GPU_SPEC, 1, 256), layers_per_message=4)
-    ch.send_header(h)
-    for m in range(2):
-        layers = h.message_layers(m)
-        ch.send_from_pool(pool[layers.start:layers.stop], ids)
-    store.wait(["taken"], timedelta(seconds=120))
-    ch.close(abort=True)
-    store.wait(["done"], timedelta(seconds=120))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_nccl_receiver_sees_the_sender_leave_midway() -> None:
-    """The prefill end closes midway through a transfer (shutdown): it says goodbye, and the
-    decode end's verify() ends on it, as a peer that left, not on its 60 s timeout."""
-    with _gpu_receiver(_nccl_leaving_prefill, "nccl-leave", timeout_s=60) as (
-            store, rx, proc):
-        h = rx.recv_header()
-        rx.match(h, 1, 1, 256)
-        dst = _gpu_pool(GPU_SPEC, 300, "cuda:1")
-        ids = torch.arange(256, device="cuda:1")
-        store.set("taken", "1")
-        with pytest.raises(ChannelClosed) as info:
-            for m in range(h.num_messages):
-                layers = h.message_layers(m)
-                rx.recv_into_pool(dst[layers.start:layers.stop], ids)
-            rx.verify()
-        store.set("done", "1")
-        assert "the prefill end closed the channel" in str(info.value), info.value
-        assert rx.closed
-    assert proc.exitcode == 0

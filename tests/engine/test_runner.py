@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
-from engine.cuda_graphs import (
+from pdserve.engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
+from pdserve.engine.cuda_graphs import (
     DecodeGraphs,
     graph_batch_sizes,
     pack_block_table,
     pack_decode_inputs,
 )
-from engine.runner import (
+from pdserve.engine.runner import (
     DecodeItem,
     ModelRunner,
     PrefillItem,
@@ -139,7 +139,7 @@ def test_fixed_buffers_match_eager(backend: str) -> None:
     than the batch needs, a fixed split count) gives the eager decode's logits, and its
     padding rows write no KV and stay finite."""
     if backend == "triton":
-        from kernels._triton import HAS_TRITON, interpreting
+        from pdserve.kernels._triton import HAS_TRITON, interpreting
 
         if not HAS_TRITON or not interpreting():
             pytest.skip("needs triton's interpreter in this process")

@@ -1,7 +1,7 @@
 import torch
 
-from engine.sampler import sample
-from engine.sequence import SamplingParams, finish_reason
+from pdserve.engine.sampler import sample
+from pdserve.engine.sequence import SamplingParams, finish_reason
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import PRESETS, ModelSpec
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
-from engine.weights import load_model_config, read_gguf_string
+from pdserve.engine.config import PRESETS, ModelSpec
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from pdserve.engine.weights import load_model_config, read_gguf_string
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -208,7 +208,7 @@ def test_incremental_garbage_stays_bounded(tok: Tokenizer) -> None:
 
 
 def test_byte_level_fallback_round_trips_and_streams() -> None:
-    from engine.tokenizer import IncrementalDetokenizer, Tokenizer, byte_level_tokenizer
+    from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, byte_level_tokenizer
 
     tok = Tokenizer(byte_level_tokenizer(), (256,))
     text = "héllo wörld 🙂"

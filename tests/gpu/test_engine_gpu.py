@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig
-from engine.kv_cache import kv_bytes_per_token
-from engine.runner import DecodeItem, ModelRunner, PrefillItem, activation_reserve_bytes
-from engine.weights import load_model_config
+from pdserve.engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig
+from pdserve.engine.kv_cache import kv_bytes_per_token
+from pdserve.engine.runner import DecodeItem, ModelRunner, PrefillItem, activation_reserve_bytes
+from pdserve.engine.weights import load_model_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,7 +36,7 @@ CHUNK = 24  # prefill chunk length
 
 @pytest.fixture(autouse=True)
 def _compiled() -> None:
-    from kernels._triton import HAS_TRITON, interpreting
+    from pdserve.kernels._triton import HAS_TRITON, interpreting
 
     if not HAS_TRITON:
         pytest.skip("triton is not installed")

@@ -6,23 +6,19 @@ Run in its own process (``pytest tests/gpu``): tests/kernels turns on triton's i
 which is process-wide.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from kernel_testlib import attention_case, fa3_check
-
-from engine.config import RopeScaling
-from kernels.activation import silu_mul, silu_mul_ref
-from kernels.attention_decode import decode_attention, decode_attention_ref
-from kernels.attention_prefill import prefill_attention, prefill_attention_ref
-from kernels.kv_pack import pack_kv, unpack_kv
-from kernels.kv_store import store_kv, store_kv_ref
-from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rope import rope, rope_cos_sin, rope_ref
+from pdserve.engine.config import RopeScaling
+from pdserve.kernels.activation import silu_mul, silu_mul_ref
+from pdserve.kernels.attention_decode import decode_attention, decode_attention_ref
+from pdserve.kernels.attention_prefill import prefill_attention, prefill_attention_ref
+from pdserve.kernels.kv_pack import pack_kv, unpack_kv
+from pdserve.kernels.kv_store import store_kv, store_kv_ref
+from pdserve.kernels.rms_norm import rms_norm, rms_norm_ref
+from pdserve.kernels.rope import rope, rope_cos_sin, rope_ref
+from pdserve_testing.kernels import attention_case, fa3_check
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,7 +31,7 @@ LOW = [torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def _compiled() -> None:
-    from kernels._triton import HAS_TRITON, interpreting
+    from pdserve.kernels._triton import HAS_TRITON, interpreting
 
     if not HAS_TRITON:
         pytest.skip("triton is not installed")

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[object]:
-    from cluster.config import ServeConfig
-    from cluster.launch import launch
-    from engine.config import ModelSpec
+    from pdserve.cluster.config import ServeConfig
+    from pdserve.cluster.launch import launch
+    from pdserve.engine.config import ModelSpec
 
     cfg = ServeConfig(
         model=ModelSpec("dummy", preset="llama-3.1-8b"), device="cuda", dtype="bfloat16",
@@ -49,7 +49,7 @@ def test_prefill_and_decode_on_different_gpus(deployment: object) -> None:
 
 
 def test_llama_8b_serves_requests_end_to_end(deployment: object) -> None:
-    from proto.client import Client, collect
+    from pdserve.proto.client import Client, collect
 
     address = deployment.address  # type: ignore[attr-defined]
     lengths = [17, 200, 1000, 4096, 33, 2048, 511, 3000]

@@ -8,24 +8,18 @@ torch._dynamo does), so tests/conftest.py must set it too on machines without CU
 """
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Make the repository's top-level packages importable under a bare ``pytest`` too.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 
 @pytest.fixture
 def triton_interpreter() -> None:
     """For tests of the Triton launchers on CPU tensors."""
-    from kernels._triton import HAS_TRITON, interpreting
+    from pdserve.kernels._triton import HAS_TRITON, interpreting
 
     if not HAS_TRITON:
         pytest.skip("triton is not installed (an optional dependency)")

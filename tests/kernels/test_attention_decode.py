@@ -2,9 +2,13 @@
 
 import pytest
 import torch
-from kernel_testlib import attention_case, fa3_check
 
-from kernels.attention_decode import decode_attention, decode_attention_ref, plan_decode_splits
+from pdserve.kernels.attention_decode import (
+    decode_attention,
+    decode_attention_ref,
+    plan_decode_splits,
+)
+from pdserve_testing.kernels import attention_case, fa3_check
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from kernel_testlib import attention_case, fa3_check
 
-from kernels.attention_prefill import SCALE_MODES, prefill_attention, prefill_attention_ref
+from pdserve.kernels.attention_prefill import SCALE_MODES, prefill_attention, prefill_attention_ref
+from pdserve_testing.kernels import attention_case, fa3_check
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.kv_checksum import kv_checksum, kv_checksum_ref
+from pdserve.kernels.kv_checksum import kv_checksum, kv_checksum_ref
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 16, 2, 32), (7,), (1000, 3)])

@@ -5,8 +5,8 @@ of the whole payload."""
 import pytest
 import torch
 
-from kernels.kv_checksum import kv_checksum, kv_checksum_ref
-from kernels.kv_pack import (
+from pdserve.kernels.kv_checksum import kv_checksum, kv_checksum_ref
+from pdserve.kernels.kv_pack import (
     pack_kv_checksum,
     pack_kv_checksum_ref,
     unpack_kv_checksum,

@@ -3,12 +3,12 @@ offsets past 2**31 elements (int64 index math) on a large, mostly untouched cach
 
 import pytest
 import torch
-from kernel_testlib import attention_case
 
-from kernels.attention_decode import decode_attention, decode_attention_ref
-from kernels.attention_prefill import prefill_attention, prefill_attention_ref
-from kernels.kv_pack import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
-from kernels.kv_store import store_kv, store_kv_ref
+from pdserve.kernels.attention_decode import decode_attention, decode_attention_ref
+from pdserve.kernels.attention_prefill import prefill_attention, prefill_attention_ref
+from pdserve.kernels.kv_pack import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
+from pdserve.kernels.kv_store import store_kv, store_kv_ref
+from pdserve_testing.kernels import attention_case
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 

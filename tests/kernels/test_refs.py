@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testlib import cdiv, naive_attention, paged_kv
 
-from engine.config import RopeScaling
-from kernels.ops import get_ops, rope_cos_sin
+from pdserve.engine.config import RopeScaling
+from pdserve.kernels.ops import get_ops, rope_cos_sin
+from pdserve_testing.kernels import cdiv, naive_attention, paged_kv
 
 OPS = get_ops("torch")
 

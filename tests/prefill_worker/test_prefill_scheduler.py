@@ -1,9 +1,9 @@
 import pytest
 
-from engine.kv_cache import BlockAllocator
-from engine.messages import Lease, PrefillTask
-from engine.sequence import SamplingParams
-from prefill_worker.scheduler import PrefillScheduler
+from pdserve.engine.kv_cache import BlockAllocator
+from pdserve.engine.messages import Lease, PrefillTask
+from pdserve.engine.sequence import SamplingParams
+from pdserve.prefill_worker.scheduler import PrefillScheduler
 
 LEASE = Lease("d0", "x", 1, 0, 1, 30.0)
 

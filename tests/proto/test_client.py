@@ -12,9 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from proto import pdserve_pb2 as pb
-from proto import pdserve_pb2_grpc as pb_grpc
-from proto.client import AsyncClient, Client, acollect, build_request, collect
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.client import AsyncClient, Client, acollect, build_request, collect
 
 
 class FakeGeneration(pb_grpc.GenerationServicer):

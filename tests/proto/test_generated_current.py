@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proto import gen
+from pdserve.proto import gen
 
 ROOT = Path(gen.REPO_ROOT)
 
@@ -17,7 +17,7 @@ def test_generated_files_are_current() -> None:
     if pythonpath is None:
         pytest.skip(
             f"grpcio-tools=={gen.PINNED_GRPCIO_TOOLS} not installed: "
-            "run `python -m proto.gen --install-tools` to enable this check"
+            "run `python -P -m pdserve.proto.gen --install-tools` to enable this check"
         )
     assert gen.stale_files(pythonpath) == [], "run `make proto` and commit the result"
 
@@ -32,11 +32,11 @@ def test_gencode_works_with_old_protobuf_runtimes() -> None:
     assert "ValidateProtobufRuntimeVersion" not in text
     grpc_text = (ROOT / "proto" / "pdserve_pb2_grpc.py").read_text()
     assert f"GRPC_GENERATED_VERSION = '{gen.PINNED_GRPCIO_TOOLS}'" in grpc_text
-    assert "from proto import pdserve_pb2" in grpc_text
+    assert "from pdserve.proto import pdserve_pb2" in grpc_text
 
 
 def test_service_shape() -> None:
-    from proto import pdserve_pb2 as pb
+    from pdserve.proto import pdserve_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["Generation"]
     assert service.full_name == "pdserve.v1.Generation"

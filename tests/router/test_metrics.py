@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if sys.path[:1] != [_ROOT]:
-    sys.path.insert(0, _ROOT)
-
-from router.metrics import ITL_BUCKETS, TTFT_BUCKETS, Metrics  # noqa: E402
-from router.validation import ValidSlo  # noqa: E402
+from pdserve.router.metrics import ITL_BUCKETS, TTFT_BUCKETS, Metrics
+from pdserve.router.validation import ValidSlo
 
 
 @pytest.fixture()

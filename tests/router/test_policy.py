@@ -1,6 +1,6 @@
 import pytest
 
-from router.policy import (
+from pdserve.router.policy import (
     DecodeLoad,
     LocalPrefillRule,
     PrefillLoad,

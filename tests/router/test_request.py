@@ -1,17 +1,8 @@
 """Stop strings and text streaming of a router-side request (pure logic)."""
 
-from engine.sequence import SamplingParams
-from router.request import Request
-
-
-class CharDetok:
-    """Stand-in detokenizer: token id i is chr(i)."""
-
-    def add(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
-
-    def flush(self) -> str:
-        return ""
+from pdserve.engine.sequence import SamplingParams
+from pdserve.router.request import Request
+from pdserve_testing.detok import CharDetok
 
 
 def make(stop: tuple[str, ...]) -> Request:

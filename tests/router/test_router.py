@@ -11,13 +11,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from engine.messages import FirstToken, Lease, Reservation, StepReport, TransferDone
-from engine.sequence import SamplingParams
-from router.metrics import Metrics
-from router.policy import LocalPrefillRule
-from router.request import Chunk, Request, State
-from router.router import Router, RouterConfig
-from tests.router.test_request import CharDetok
+from pdserve.engine.messages import FirstToken, Lease, Reservation, StepReport, TransferDone
+from pdserve.engine.sequence import SamplingParams
+from pdserve.router.metrics import Metrics
+from pdserve.router.policy import LocalPrefillRule
+from pdserve.router.request import Chunk, Request, State
+from pdserve.router.router import Router, RouterConfig
+from pdserve_testing.detok import CharDetok
 
 _tids = itertools.count(100)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from router.stream import StreamEnd, StreamItem, encode, merge, read_frame, response
+from pdserve.router.stream import StreamEnd, StreamItem, encode, merge, read_frame, response
 
 END = StreamEnd(finish_reason="stop", matched_stop="\n\n", prompt_tokens=5,
                 completion_tokens=3, queue_s=0.5, prefill_s=0.25, kv_transfer_s=0.125,

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import grpc
 import pytest
 
-# The repository root first (a site-packages `proto` from proto-plus must not shadow ours).
-_ROOT = str(Path(__file__).resolve().parents[2])
-if sys.path[:1] != [_ROOT]:
-    sys.path.insert(0, _ROOT)
-
-from proto import pdserve_pb2 as pb  # noqa: E402
-from router.validation import (  # noqa: E402
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.validation import (
     Limits,
     RequestError,
     ValidSampling,
