@@ -11,6 +11,14 @@ from pdserve.cluster.config import ServeConfig
 from pdserve.cluster.launch import launch
 from pdserve.proto.client import Client
 
+# The sampling SmolLM2-Instruct's model card uses (temperature 0.2, top-p 0.9): greedy decoding
+# of the 135M model can loop on a prompt ("1. **1011111..."; transformers' own greedy output is
+# the same). A fixed seed per request makes each answer reproducible, batched or not (the
+# sampler's draws are keyed by seed and output position). Token-exact tests stay greedy.
+TEMPERATURE = 0.2
+TOP_P = 0.9
+SEED = 0
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -31,7 +39,7 @@ class Row:
 
 def _ask(client: Client, prompt: str, max_tokens: int, row: Row, echo: bool) -> None:
     for resp in client.generate(messages=[("user", prompt)], max_tokens=max_tokens,
-                                temperature=0.0):
+                                temperature=TEMPERATURE, top_p=TOP_P, seed=SEED):
         if echo:
             sys.stdout.write(resp.text)
             sys.stdout.flush()
@@ -49,7 +57,8 @@ def run_demo(cfg: ServeConfig, max_tokens: int) -> int:
     try:
         with Client(dep.address) as client:
             info = client.model_info()
-            print(f"Serving {info.model_name} on {dep.address}\n")
+            print(f"Serving {info.model_name} on {dep.address}; sampling: temperature "
+                  f"{TEMPERATURE}, top-p {TOP_P}, seed {SEED}\n")
             rows = [Row(p) for p in PROMPTS]
             # One request streams to the terminal at a time; the others of the batch then
             # run concurrently, to show continuous batching across the two workers.
@@ -74,7 +83,7 @@ def run_demo(cfg: ServeConfig, max_tokens: int) -> int:
 
 
 def _table(title: str, rows: list[Row]) -> None:
-    print(f"\n{title}:")
+    print(f"\n{title} (temperature {TEMPERATURE}, top-p {TOP_P}, seed {SEED}):")
     print(f"{'#':>2}  {'prompt':<46} {'TTFT ms':>8} {'TPOT ms':>8} {'tokens':>6}  finish")
     for i, r in enumerate(rows):
         print(f"{i:>2}  {r.prompt[:46]:<46} {r.ttft_ms:>8.1f} {r.tpot_ms:>8.1f} "
