@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pdserve.engine.chunking import PromptChunk, PromptChunker
 from pdserve.engine.config import blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import Lease, Reservation, TokenOut
@@ -45,17 +46,7 @@ class DecodeSeq:
     joined_at: float = 0.0
 
 
-@dataclass
-class PrefillChunk:
-    """Local prefill: ``length`` prompt tokens of ``seq`` from position ``start``."""
-
-    seq: DecodeSeq
-    token_ids: list[int]
-    start: int
-
-    @property
-    def is_last(self) -> bool:
-        return self.start + len(self.token_ids) == self.seq.num_tokens - 1
+PrefillChunk = PromptChunk[DecodeSeq]  # local prefill: a chunk of a reserved sequence
 
 
 @dataclass
@@ -91,9 +82,8 @@ class DecodeScheduler:
         self._ids = itertools.count(first_transfer_id)
         self.reserved: dict[int, DecodeSeq] = {}  # by transfer id
         # Local prefill (colocated mode, conditional disaggregation): reserved sequences whose
-        # prompt this worker prefills itself, with their prompt tokens and how many of them
-        # are cached so far. The other reserved sequences wait for their KV to arrive.
-        self.prefilling: dict[int, tuple[list[int], int]] = {}
+        # prompt this worker prefills itself. The others wait for their KV to arrive.
+        self.prefilling: PromptChunker[DecodeSeq] = PromptChunker()
         self.ready: list[DecodeSeq] = []
         self.running: list[DecodeSeq] = []
 
@@ -140,7 +130,7 @@ class DecodeScheduler:
         if len(token_ids) != seq.num_tokens - 1:
             raise ValueError(f"lease {transfer_id} was made for {seq.num_tokens - 1} tokens, "
                              f"got {len(token_ids)}")
-        self.prefilling[transfer_id] = (list(token_ids), 0)
+        self.prefilling.add(seq, list(token_ids))
         seq.deadline = float("inf")  # no KV to wait for
         return True
 
@@ -148,31 +138,12 @@ class DecodeScheduler:
         """Local prefill: prompt chunks for this step, oldest first, under ``budget``
         tokens (what the decode batch leaves of the step's token budget); none when no
         prompt is being prefilled here."""
-        chunks = []
-        for tid, (tokens, done) in self.prefilling.items():
-            if budget <= 0:
-                break
-            n = min(len(tokens) - done, budget)
-            chunks.append(PrefillChunk(self.reserved[tid], tokens[done:done + n], done))
-            budget -= n
-        return chunks
+        return self.prefilling.schedule(budget)
 
     def prefilled(self, chunks: list[PrefillChunk]) -> list[DecodeSeq]:
         """Record that ``chunks`` ran; returns sequences whose whole prompt is cached (their
         first token is sampled by the caller and passed to :meth:`activate`)."""
-        done = []
-        for c in chunks:
-            tid = c.seq.transfer_id
-            if tid not in self.prefilling:
-                continue  # released during the step
-            tokens, _ = self.prefilling[tid]
-            cached = c.start + len(c.token_ids)
-            if cached == len(tokens):
-                del self.prefilling[tid]
-                done.append(c.seq)
-            else:
-                self.prefilling[tid] = (tokens, cached)
-        return done
+        return self.prefilling.complete(chunks)
 
     def expire(self) -> list[str]:
         """Free leases whose KV did not arrive in time; returns their request ids."""
@@ -195,7 +166,7 @@ class DecodeScheduler:
         if seq is None:
             return False
         self.reserved.pop(seq.transfer_id, None)
-        self.prefilling.pop(seq.transfer_id, None)
+        self.prefilling.discard(seq)
         for group in (self.ready, self.running):
             if seq in group:
                 group.remove(seq)
@@ -249,7 +220,3 @@ class DecodeScheduler:
         if done:
             self.running = [s for s in self.running if s not in done]
         return out
-
-    @property
-    def num_active(self) -> int:
-        return len(self.reserved) + len(self.ready) + len(self.running)

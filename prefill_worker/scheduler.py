@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pdserve.engine.chunking import PromptChunk, PromptChunker
 from pdserve.engine.config import blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import PrefillTask
@@ -20,32 +21,16 @@ from pdserve.engine.messages import PrefillTask
 
 @dataclass(eq=False)
 class PrefillSeq:
-    """A task admitted to this worker: ``done`` prompt tokens are already in the cache.
-    Compared by identity, like ``DecodeSeq``."""
+    """A task admitted to this worker. Compared by identity, like ``DecodeSeq``."""
 
     task: PrefillTask
     block_ids: list[int]
     arrived: float
     started: float = 0.0
-    done: int = 0
     first_token: int = -1  # sampled when the last chunk ran
 
-    @property
-    def remaining(self) -> int:
-        return len(self.task.token_ids) - self.done
 
-
-@dataclass(frozen=True)
-class Chunk:
-    """``length`` tokens of ``seq`` starting at prompt position ``start``."""
-
-    seq: PrefillSeq
-    start: int
-    length: int
-
-    @property
-    def is_last(self) -> bool:
-        return self.start + self.length == len(self.seq.task.token_ids)
+Chunk = PromptChunk[PrefillSeq]
 
 
 class PrefillScheduler:
@@ -67,7 +52,7 @@ class PrefillScheduler:
         self.max_num_seqs = max_num_seqs
         self.clock = clock
         self.waiting: deque[PrefillSeq] = deque()
-        self.active: list[PrefillSeq] = []  # admitted, some chunks still to run
+        self.chunker: PromptChunker[PrefillSeq] = PromptChunker()  # admitted, not all cached
 
     def add(self, task: PrefillTask) -> None:
         if not task.token_ids:
@@ -81,31 +66,35 @@ class PrefillScheduler:
         self.waiting.append(PrefillSeq(task, [], self.clock()))
 
     @property
+    def active(self) -> list[PrefillSeq]:
+        """Admitted tasks with some chunks still to run, oldest first."""
+        return list(self.chunker)
+
+    @property
     def queued_tokens(self) -> int:
-        return sum(s.remaining for s in self.waiting) + sum(s.remaining for s in self.active)
+        return sum(len(s.task.token_ids) for s in self.waiting) + self.chunker.queued_tokens
 
     def abort(self, request_id: str) -> PrefillSeq | None:
         """Drop a task that has not finished prefill; the caller frees its blocks once no
         step that uses them is in flight."""
-        for group in (self.waiting, self.active):
-            for s in group:
-                if s.task.request_id == request_id:
-                    group.remove(s)
-                    return s
+        for s in self.waiting:
+            if s.task.request_id == request_id:
+                self.waiting.remove(s)
+                return s
+        for s in self.chunker:
+            if s.task.request_id == request_id:
+                self.chunker.discard(s)
+                return s
         return None
 
     def schedule(self) -> list[Chunk]:
         """The next step's chunks: unfinished prompts first, then new ones while the token
         budget, the sequence cap and the free blocks allow."""
-        budget = self.max_batch_tokens
-        chunks: list[Chunk] = []
-        for s in self.active:
-            if budget == 0:
-                break
-            n = min(s.remaining, budget)
-            chunks.append(Chunk(s, s.done, n))
-            budget -= n
-        while self.waiting and budget > 0 and len(chunks) < self.max_num_seqs:
+        # Admit, then chunk: the chunker serves the unfinished prompts first, so a new one
+        # gets what they (and the new ones before it) leave of the budget, if anything.
+        budget = self.max_batch_tokens - self.chunker.queued_tokens
+        num_seqs = len(self.chunker)
+        while self.waiting and budget > 0 and num_seqs < self.max_num_seqs:
             s = self.waiting[0]
             need = blocks_for(len(s.task.token_ids), self.block_size)
             if not self.allocator.can_allocate(need):
@@ -113,20 +102,11 @@ class PrefillScheduler:
             self.waiting.popleft()
             s.block_ids = self.allocator.allocate(need)
             s.started = self.clock()
-            self.active.append(s)
-            n = min(s.remaining, budget)
-            chunks.append(Chunk(s, 0, n))
-            budget -= n
-        return chunks
+            self.chunker.add(s, s.task.token_ids)
+            budget -= len(s.task.token_ids)
+            num_seqs += 1
+        return self.chunker.schedule(self.max_batch_tokens)
 
     def complete(self, chunks: list[Chunk]) -> list[PrefillSeq]:
         """Record that ``chunks`` ran; returns the sequences whose whole prompt is cached."""
-        finished = []
-        for c in chunks:
-            if c.seq not in self.active:
-                continue  # aborted during the step
-            c.seq.done = c.start + c.length
-            if c.seq.remaining == 0:
-                self.active.remove(c.seq)
-                finished.append(c.seq)
-        return finished
+        return self.chunker.complete(chunks)
