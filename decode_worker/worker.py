@@ -26,9 +26,9 @@ import torch
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
 from pdserve.engine.config import WorkerConfig, blocks_for
 from pdserve.engine.device import describe_device
+from pdserve.engine.first_token import FirstTokenReporter
 from pdserve.engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
 from pdserve.engine.messages import (
-    FirstToken,
     Lease,
     PrefillTask,
     Reservation,
@@ -37,7 +37,6 @@ from pdserve.engine.messages import (
 )
 from pdserve.engine.runner import DecodeItem, ModelRunner, PrefillItem
 from pdserve.engine.sampler import sample
-from pdserve.engine.sequence import finish_reason
 from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
 from pdserve.engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 
@@ -51,6 +50,7 @@ class DecodeWorker:
         self.name = name
         self.cfg = cfg
         self.router = router
+        self._first_token = FirstTokenReporter(name, router.on_first_token.remote)
         self.model_config, self.runner, self.allocator = start_runner(cfg)
         self.sched = DecodeScheduler(
             self.allocator, cfg.cache.block_size, name, cfg.max_num_seqs,
@@ -309,11 +309,10 @@ class DecodeWorker:
         for seq in self.sched.prefilled(chunks):
             tok = first[seq.transfer_id]
             arrived, started = self._submitted.pop(seq.transfer_id, (t0, t0))
-            reason = finish_reason(seq.sampling, tok, seq.num_generated)
-            self.router.on_first_token.remote(FirstToken(
-                self.name, seq.request_id, seq.transfer_id, tok, reason,
-                queue_s=started - arrived, prefill_s=now - started,
-            ))
+            reason = self._first_token.report(
+                seq.request_id, seq.transfer_id, tok, seq.sampling, seq.num_generated,
+                arrived=arrived, started=started, now=now,
+            )
             if reason is None:
                 self.sched.activate(seq.transfer_id, tok)
             else:

@@ -51,7 +51,8 @@ class PrefillTask:
 
 @dataclass(frozen=True)
 class FirstToken:
-    """Prefill worker -> router, sent the moment the first token is sampled (TTFT ends)."""
+    """Worker -> router, sent the moment the first token is sampled (TTFT ends): by the
+    prefill worker, or by a decode worker that prefilled the prompt itself."""
 
     worker: str
     request_id: str

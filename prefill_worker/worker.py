@@ -20,11 +20,11 @@ from typing import Any
 
 from pdserve.engine.config import WorkerConfig
 from pdserve.engine.device import describe_device
+from pdserve.engine.first_token import FirstTokenReporter
 from pdserve.engine.kv_transfer import ChannelSpec, KVChannel
-from pdserve.engine.messages import FirstToken, PrefillTask, TransferDone, WorkerStats
+from pdserve.engine.messages import PrefillTask, TransferDone, WorkerStats
 from pdserve.engine.runner import PrefillItem
 from pdserve.engine.sampler import sample
-from pdserve.engine.sequence import finish_reason
 from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
 from pdserve.engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 from pdserve.prefill_worker.kv_sender import OutgoingKV
@@ -40,6 +40,7 @@ class PrefillWorker:
         self.name = name
         self.cfg = cfg
         self.router = router
+        self._first_token = FirstTokenReporter(name, router.on_first_token.remote)
         self.model_config, self.runner, self.allocator = start_runner(cfg)
         self.sched = PrefillScheduler(
             self.allocator, cfg.cache.block_size, cfg.max_batch_tokens, cfg.max_num_seqs
@@ -189,11 +190,10 @@ class PrefillWorker:
             for seq in finished:
                 task = seq.task
                 tok = by_id[task.request_id]
-                reason = finish_reason(task.sampling, tok, task.num_generated + 1)
-                self.router.on_first_token.remote(FirstToken(
-                    self.name, task.request_id, task.lease.transfer_id, tok, reason,
-                    queue_s=seq.started - seq.arrived, prefill_s=now - seq.started,
-                ))
+                reason = self._first_token.report(
+                    task.request_id, task.lease.transfer_id, tok, task.sampling,
+                    task.num_generated + 1, arrived=seq.arrived, started=seq.started, now=now,
+                )
                 seq.first_token = tok
                 stream = streams.get(task.request_id)
                 if stream is not None:
