@@ -19,7 +19,6 @@ class PrefillLoad:
 
     name: str
     queued_tokens: int = 0
-    draining: bool = False
 
 
 @dataclass
@@ -30,21 +29,19 @@ class DecodeLoad:
     num_running: int = 0
     num_free_blocks: int = 0
     kv_usage: float = 0.0
-    draining: bool = False
 
 
 def pick_prefill(workers: Iterable[PrefillLoad]) -> PrefillLoad:
     """The prefill worker with the fewest queued prompt tokens (ties: first listed)."""
-    live = [w for w in workers if not w.draining]
-    if not live:
+    pool = list(workers)
+    if not pool:
         raise LookupError("no prefill worker is accepting work")
-    return min(live, key=lambda w: w.queued_tokens)
+    return min(pool, key=lambda w: w.queued_tokens)
 
 
 def decode_order(workers: Iterable[DecodeLoad]) -> list[DecodeLoad]:
     """Decode workers to ask for a lease, most free KV first, then fewest running."""
-    live = [w for w in workers if not w.draining]
-    return sorted(live, key=lambda w: (w.kv_usage, w.num_running))
+    return sorted(workers, key=lambda w: (w.kv_usage, w.num_running))
 
 
 @dataclass(frozen=True)

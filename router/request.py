@@ -56,7 +56,6 @@ class Request:
     attempts: int = 0
     queued_at: float = 0.0
     # timing (router clock, monotonic)
-    t_dispatch: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0
     queue_s: float = 0.0

@@ -163,10 +163,8 @@ class Router:
         req.attempts += 1
         req.state = State.PREFILLING
         req.awaiting_first = True
-        now = time.monotonic()
         if req.attempts == 1:
-            req.t_dispatch = now
-            req.queue_s = now - req.queued_at
+            req.queue_s = time.monotonic() - req.queued_at
         task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,
                            lease)
         if p is None:  # the decode worker prefills the prompt itself

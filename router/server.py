@@ -115,19 +115,6 @@ class RouterService:
             feed.close()
         self.metrics.stop_http_server()
 
-    async def debug_state(self) -> list[str]:
-        """One line per in-flight request (state, attempts, tokens): for operators and
-        tests."""
-        if self.router is None:
-            return []
-        waiting = {id(r) for r in self.router.waiting}
-        return [
-            f"{r.request_id} {r.state.value} attempts={r.attempts} out={len(r.output_ids)} "
-            f"lease={r.lease.worker + ':' + str(r.lease.transfer_id) if r.lease else None} "
-            f"queued={id(r) in waiting} awaiting_first={r.awaiting_first}"
-            for r in self.router.requests.values()
-        ]
-
     # -- worker reports ---------------------------------------------------------------------
     async def on_first_token(self, msg: FirstToken) -> None:
         assert self.router is not None
