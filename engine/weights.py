@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from pdserve.engine.config import PRESETS, ModelConfig, ModelSpec, RopeScaling
+from pdserve.engine.config import PRESETS, ModelConfig, ModelSpec
 from pdserve.engine.model_files import resolve_gguf_path
+from pdserve.kernels.rope_scaling import RopeScaling
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor

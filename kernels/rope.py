@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from pdserve.engine.config import RopeScaling
 from pdserve.kernels._triton import check_last_dim_contiguous, check_launch, jit, next_pow2, tl
+from pdserve.kernels.rope_scaling import RopeScaling
 
 
 @jit

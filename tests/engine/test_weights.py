@@ -19,8 +19,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pdserve.engine.config import ModelConfig, ModelSpec, RopeScaling
+from pdserve.engine.config import ModelConfig, ModelSpec
 from pdserve.engine.weights import expected_shapes, load_model_config, load_weights
+from pdserve.kernels.rope_scaling import RopeScaling
 
 
 def _hf_gguf_model(path: Path) -> PreTrainedModel:

@@ -10,7 +10,6 @@ which is process-wide.
 import pytest
 import torch
 
-from pdserve.engine.config import RopeScaling
 from pdserve.kernels.activation import silu_mul, silu_mul_ref
 from pdserve.kernels.attention_decode import decode_attention, decode_attention_ref
 from pdserve.kernels.attention_prefill import prefill_attention, prefill_attention_ref
@@ -18,6 +17,7 @@ from pdserve.kernels.kv_pack import pack_kv, unpack_kv
 from pdserve.kernels.kv_store import store_kv, store_kv_ref
 from pdserve.kernels.rms_norm import rms_norm, rms_norm_ref
 from pdserve.kernels.rope import rope, rope_cos_sin, rope_ref
+from pdserve.kernels.rope_scaling import RopeScaling
 from pdserve_testing.kernels import attention_case, fa3_check
 
 pytestmark = [

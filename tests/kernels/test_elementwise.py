@@ -9,10 +9,10 @@ hold bf16 to the tighter bound.
 import pytest
 import torch
 
-from pdserve.engine.config import RopeScaling
 from pdserve.kernels.activation import silu_mul, silu_mul_ref
 from pdserve.kernels.rms_norm import rms_norm, rms_norm_ref
 from pdserve.kernels.rope import rope, rope_cos_sin, rope_ref
+from pdserve.kernels.rope_scaling import RopeScaling
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.config import RopeScaling
 from pdserve.kernels.ops import get_ops, rope_cos_sin
+from pdserve.kernels.rope_scaling import RopeScaling
 from pdserve_testing.kernels import cdiv, naive_attention, paged_kv
 
 OPS = get_ops("torch")
