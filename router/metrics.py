@@ -20,7 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server as _start_http_server
 
-from pdserve.router.validation import ValidSlo
+from pdserve.router.slo import ValidSlo
 
 PREFIX = "pdserve:"
 

@@ -10,6 +10,7 @@ from typing import Any
 from pdserve.engine.messages import Lease
 from pdserve.engine.sequence import SamplingParams
 from pdserve.engine.tokenizer import IncrementalDetokenizer
+from pdserve.router.slo import ValidSlo
 
 
 class State(enum.Enum):
@@ -70,6 +71,15 @@ class Request:
     @property
     def done(self) -> bool:
         return self.state in (State.FINISHED, State.ABORTED, State.FAILED)
+
+    @property
+    def slo(self) -> ValidSlo:
+        """The objectives to judge the request against (in milliseconds, as clients set
+        them)."""
+        return ValidSlo(
+            ttft_ms=self.ttft_slo_s * 1e3 if self.ttft_slo_s else None,
+            tpot_ms=self.tpot_slo_s * 1e3 if self.tpot_slo_s else None,
+        )
 
     def add_tokens(self, ids: list[int]) -> tuple[str, str | None]:
         """Detokenize ``ids``; returns (text safe to stream now, stop string hit or None).

@@ -32,7 +32,6 @@ from pdserve.router.policy import (
     prefill_locally,
 )
 from pdserve.router.request import Chunk, Request, State
-from pdserve.router.validation import ValidSlo
 
 log = logging.getLogger("pdserve.router")
 
@@ -358,11 +357,7 @@ class Router:
             reason=reason, e2e_s=now - req.arrival,
             decode_s=(req.t_last - req.t_first) if req.t_first else 0.0, mean_tpot_s=tpot,
             prompt_tokens=len(req.prompt_ids), completion_tokens=n,
-            slo=ValidSlo(
-                ttft_ms=req.ttft_slo_s * 1e3 if req.ttft_slo_s else None,
-                tpot_ms=req.tpot_slo_s * 1e3 if req.tpot_slo_s else None,
-            ),
-            ttft_s=ttft,
+            slo=req.slo, ttft_s=ttft,
         )
         self._update_queue_gauges()
 

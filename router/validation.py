@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.slo import ValidSlo
 
 MAX_REQUEST_ID_LEN = 256
 MIN_TEMPERATURE = 0.01  # a smaller positive temperature is raised to this (0 stays greedy)
@@ -73,14 +74,6 @@ class ValidSampling:
     stop_token_ids: tuple[int, ...]
     ignore_eos: bool
     max_tokens_explicit: bool = True  # False: max_tokens is the server default (may be shrunk)
-
-
-@dataclass(frozen=True)
-class ValidSlo:
-    """Latency objectives in milliseconds; None = no objective."""
-
-    ttft_ms: float | None
-    tpot_ms: float | None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.router.metrics import ITL_BUCKETS, TTFT_BUCKETS, Metrics
-from pdserve.router.validation import ValidSlo
+from pdserve.router.slo import ValidSlo
 
 
 @pytest.fixture()

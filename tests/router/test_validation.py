@@ -6,11 +6,11 @@ import grpc
 import pytest
 
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.slo import ValidSlo
 from pdserve.router.validation import (
     Limits,
     RequestError,
     ValidSampling,
-    ValidSlo,
     effective_max_tokens,
     input_kind,
     validate_prompt_tokens,
