@@ -1,6 +1,7 @@
-"""The request state machine: admit, lease a decode worker, hand the prompt to a prefill
-worker (or, under conditional disaggregation, to the decode worker itself), stream what the
-workers report, and clean up on finish, abort or deadline.
+"""The request state machine: admit, dispatch each attempt (``router.dispatch``: lease a
+decode worker, hand the prompt to a prefill worker or to the decode worker itself), stream
+what the workers report, re-dispatch after a preemption or a failure, and clean up on
+finish, abort or deadline.
 
     QUEUED -> PREFILLING -> TRANSFERRING -> DECODING -> FINISHED
                                      (ABORTED by the client, FAILED on errors)
@@ -13,7 +14,6 @@ and are applied synchronously, so they never interleave mid-update.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -21,16 +21,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.engine.messages import FirstToken, PrefillTask, Reservation, StepReport, TransferDone
+from pdserve.engine.messages import FirstToken, StepReport, TransferDone
+from pdserve.router.dispatch import Dispatcher
 from pdserve.router.metrics import Metrics
-from pdserve.router.policy import (
-    DecodeLoad,
-    LocalPrefillRule,
-    PrefillLoad,
-    decode_order,
-    pick_prefill,
-    prefill_locally,
-)
+from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.request import Chunk, Request, State
 
 log = logging.getLogger("pdserve.router")
@@ -55,7 +49,8 @@ class QueueFull(Exception):
 
 
 class Router:
-    """Owns every in-flight request and the router's view of the worker pools."""
+    """Owns every in-flight request; its ``dispatcher`` places their attempts on the
+    worker pools."""
 
     def __init__(
         self,
@@ -65,20 +60,14 @@ class Router:
         metrics: Metrics,
         out: Callable[[Request, Chunk], None],
     ) -> None:
-        self.prefill = prefill
+        self.prefill = prefill  # actor handles by name, shared with the dispatcher
         self.decode = decode
         self.cfg = cfg
         self.metrics = metrics
         self.out = out  # hands a request's next chunk to its client stream
-        self.p_load = {n: PrefillLoad(n) for n in prefill}
-        self.d_load = {n: DecodeLoad(n) for n in decode}
+        self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
-        # Prompt tokens handed to a prefill worker and not prefilled yet, per attempt (by
-        # lease transfer id): (request id, worker, tokens). PrefillLoad.queued_tokens is
-        # their sum per worker, kept by _enqueue and _dequeue alone.
-        self._queued: dict[int, tuple[str, PrefillLoad, int]] = {}
-        self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._pumping = False
         self._repump = False
 
@@ -114,7 +103,7 @@ class Router:
                         self.waiting.popleft()
                         continue
                     try:
-                        if not await self._dispatch(req):
+                        if not await self.dispatcher.dispatch(req):
                             break
                     except Exception as e:  # a worker or channel failed: this request fails
                         log.exception("dispatch of %s failed", req.request_id)
@@ -129,105 +118,14 @@ class Router:
             self._pumping = False
             self._update_queue_gauges()
 
-    async def _dispatch(self, req: Request) -> bool:
-        """Lease blocks on a decode worker, then hand the prompt to a prefill worker.
-        False when no decode worker has room (the request stays queued)."""
-        if req.releasing is not None:
-            # The failed attempt's lease goes first: a threaded decode actor runs calls
-            # concurrently, and a reserve that overtook the abort would find the request
-            # still holding a lease there and refuse it.
-            releasing, req.releasing = req.releasing, None
-            with contextlib.suppress(Exception):  # a dead worker: nothing left to free
-                await releasing
-        tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
-        reservation = Reservation(req.request_id, len(tokens), len(req.output_ids),
-                                  req.sampling)
-        for load in decode_order(self.d_load.values()):
-            lease = await self.decode[load.name].reserve.remote(reservation)
-            if lease is not None:
-                break
-        else:
-            return False
-        if req.done:  # aborted while we waited for the lease
-            self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
-            return True
-        p = self._prefill_worker_for(len(tokens))
-        if p is not None:
-            await self._ensure_channel(p.name, lease.worker)
-        if req.done:
-            self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
-            return True
-        req.lease = lease
-        req.prefill_worker = p.name if p is not None else ""
-        req.attempts += 1
-        req.state = State.PREFILLING
-        req.awaiting_first = True
-        if req.attempts == 1:
-            req.queue_s = time.monotonic() - req.queued_at
-        task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,
-                           lease)
-        if p is None:  # the decode worker prefills the prompt itself
-            if self.prefill:  # by conditional disaggregation's choice, not colocated mode
-                self.metrics.observe_local_prefill()
-            self.decode[lease.worker].submit.remote(task)
-        else:
-            self._enqueue(req.request_id, p, lease.transfer_id, len(tokens))
-            self.prefill[p.name].submit.remote(task)
-        return True
-
-    def _enqueue(self, request_id: str, p: PrefillLoad, transfer_id: int, n: int) -> None:
-        p.queued_tokens += n
-        self._queued[transfer_id] = (request_id, p, n)
-
-    def _dequeue(self, transfer_id: int) -> None:
-        """That attempt's prompt left its prefill worker's queue (first token, abort, or a
-        failed step); once per attempt, whichever report comes first."""
-        entry = self._queued.pop(transfer_id, None)
-        if entry is not None:
-            _, p, n = entry
-            p.queued_tokens -= n
-
-    def _dequeue_request(self, request_id: str, worker: str) -> None:
-        """Every attempt of ``request_id`` still queued on ``worker``."""
-        for tid, (rid, p, _) in list(self._queued.items()):
-            if rid == request_id and p.name == worker:
-                self._dequeue(tid)
-
-    def _prefill_worker_for(self, num_tokens: int) -> PrefillLoad | None:
-        """The prefill worker for ``num_tokens`` tokens to prefill, or None when the decode
-        worker that leased them prefills them itself: always in colocated mode (there are
-        no prefill workers), and in disaggregated mode when ``cfg.local_prefill`` says so."""
-        if not self.prefill:
-            return None
-        p = pick_prefill(self.p_load.values())
-        return None if prefill_locally(num_tokens, p, self.cfg.local_prefill) else p
-
-    async def _ensure_channel(self, p: str, d: str) -> None:
-        """Open the (prefill, decode) KV channel the first time the pair is used."""
-        task = self._channels.get((p, d))
-        if task is None:
-            task = asyncio.ensure_future(self._open_channel(p, d))
-            self._channels[(p, d)] = task
-        try:
-            await asyncio.shield(task)
-        except Exception:
-            self._channels.pop((p, d), None)
-            raise
-
     async def open_channels(self) -> None:
-        """Open every (prefill, decode) channel now, so that no request pays for it."""
-        await asyncio.gather(*(self._ensure_channel(p, d) for p in self.prefill
-                               for d in self.decode))
-
-    async def _open_channel(self, p: str, d: str) -> None:
-        host, port, name = await self.decode[d].host_channel.remote(p)
-        await self.prefill[p].connect.remote(d, host, port, name)
-        log.info("KV channel %s -> %s open", p, d)
+        """Open every (prefill, decode) KV channel now, so that no request pays for it."""
+        await self.dispatcher.open_channels()
 
     # -- worker reports ---------------------------------------------------------------------
     def on_first_token(self, msg: FirstToken) -> None:
         # Whether or not the request is still here (a local prefill was never queued).
-        self._dequeue(msg.transfer_id)
+        self.dispatcher.dequeue(msg.transfer_id)
         req = self.requests.get(msg.request_id)
         if req is None or req.done or not req.awaiting_first or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:
@@ -258,7 +156,7 @@ class Router:
         if msg.ok:
             self.metrics.observe_transfer(msg.seconds, msg.nbytes)
         else:  # a failed prefill step reports no first token, only this
-            self._dequeue_request(msg.request_id, msg.worker)
+            self.dispatcher.dequeue_request(msg.request_id, msg.worker)
         if req is None or req.done:
             return
         if msg.ok:
@@ -268,12 +166,7 @@ class Router:
             self._retry(req, f"KV transfer failed: {msg.error}")
 
     def on_step(self, report: StepReport) -> None:
-        load = self.d_load.get(report.worker)
-        if load is not None:
-            load.num_running = report.num_running
-            load.num_free_blocks = report.num_free_blocks
-            load.kv_usage = report.kv_usage
-            self.metrics.set_kv_usage(report.worker, report.kv_usage)
+        self.dispatcher.record_step(report)
         now = time.monotonic()
         for rid in report.joined:
             req = self.requests.get(rid)
@@ -319,7 +212,7 @@ class Router:
             return
         log.info("re-dispatching %s: %s", req.request_id, why)
         if req.lease is not None:
-            # The next reserve waits for this (see _dispatch).
+            # The next reserve waits for this (see Dispatcher.dispatch).
             req.releasing = self.decode[req.lease.worker].abort.remote(
                 req.request_id, req.lease.transfer_id)
         req.lease = None
@@ -379,7 +272,7 @@ class Router:
         if req.prefill_worker:
             self.prefill[req.prefill_worker].abort.remote(request_id)
             # What the prefill worker drops now never reports a first token.
-            self._dequeue_request(request_id, req.prefill_worker)
+            self.dispatcher.dequeue_request(request_id, req.prefill_worker)
         if code is not None:
             self._fail(req, code, f"request {request_id}: {reason}")
         else:

@@ -65,7 +65,7 @@ class Setup:
 
     @property
     def queued(self) -> int:
-        return self.router.p_load["prefill-0"].queued_tokens
+        return self.router.dispatcher.p_load["prefill-0"].queued_tokens
 
     @property
     def local_prefills(self) -> float:

@@ -1,0 +1,163 @@
+"""Dispatch: where each attempt of a request runs, and the router's view of the worker pools.
+
+An attempt leases blocks on a decode worker (``policy.decode_order``: the first that grants
+a lease wins), then hands the prompt (after a preemption, prompt + generated tokens) to the
+prefill worker ``policy.pick_prefill`` chose, over the pair's KV channel (opened the first
+time the pair is used), or to the decode worker itself: always in colocated mode, and when
+``policy.prefill_locally`` says so under conditional disaggregation.
+
+The dispatcher keeps what that choice reads: per decode worker what it last reported, per
+prefill worker the prompt tokens handed to it and not prefilled yet. It runs on the router
+actor's event loop, like the ``Router`` that owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from pdserve.engine.messages import PrefillTask, Reservation, StepReport
+from pdserve.router.metrics import Metrics
+from pdserve.router.policy import (
+    DecodeLoad,
+    LocalPrefillRule,
+    PrefillLoad,
+    decode_order,
+    pick_prefill,
+    prefill_locally,
+)
+from pdserve.router.request import Request, State
+
+log = logging.getLogger("pdserve.router")
+
+
+class Dispatcher:
+    """Leases, prompt placement and KV channels for the router's requests."""
+
+    def __init__(
+        self,
+        prefill: dict[str, Any],
+        decode: dict[str, Any],
+        local_prefill: LocalPrefillRule,
+        metrics: Metrics,
+    ) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.local_prefill = local_prefill
+        self.metrics = metrics
+        self.p_load = {n: PrefillLoad(n) for n in prefill}
+        self.d_load = {n: DecodeLoad(n) for n in decode}
+        # Prompt tokens handed to a prefill worker and not prefilled yet, per attempt (by
+        # lease transfer id): (request id, worker, tokens). PrefillLoad.queued_tokens is
+        # their sum per worker, kept by _enqueue and dequeue alone.
+        self._queued: dict[int, tuple[str, PrefillLoad, int]] = {}
+        self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def dispatch(self, req: Request) -> bool:
+        """Lease blocks on a decode worker, then hand the prompt to a prefill worker.
+        False when no decode worker has room (the request stays queued)."""
+        if req.releasing is not None:
+            # The failed attempt's lease goes first: a threaded decode actor runs calls
+            # concurrently, and a reserve that overtook the abort would find the request
+            # still holding a lease there and refuse it.
+            releasing, req.releasing = req.releasing, None
+            with contextlib.suppress(Exception):  # a dead worker: nothing left to free
+                await releasing
+        tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
+        reservation = Reservation(req.request_id, len(tokens), len(req.output_ids),
+                                  req.sampling)
+        for load in decode_order(self.d_load.values()):
+            lease = await self.decode[load.name].reserve.remote(reservation)
+            if lease is not None:
+                break
+        else:
+            return False
+        if req.done:  # aborted while we waited for the lease
+            self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
+            return True
+        p = self._prefill_worker_for(len(tokens))
+        if p is not None:
+            await self._ensure_channel(p.name, lease.worker)
+        if req.done:
+            self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
+            return True
+        req.lease = lease
+        req.prefill_worker = p.name if p is not None else ""
+        req.attempts += 1
+        req.state = State.PREFILLING
+        req.awaiting_first = True
+        if req.attempts == 1:
+            req.queue_s = time.monotonic() - req.queued_at
+        task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,
+                           lease)
+        if p is None:  # the decode worker prefills the prompt itself
+            if self.prefill:  # by conditional disaggregation's choice, not colocated mode
+                self.metrics.observe_local_prefill()
+            self.decode[lease.worker].submit.remote(task)
+        else:
+            self._enqueue(req.request_id, p, lease.transfer_id, len(tokens))
+            self.prefill[p.name].submit.remote(task)
+        return True
+
+    def record_step(self, report: StepReport) -> None:
+        """What a decode worker reported of itself with its step."""
+        load = self.d_load.get(report.worker)
+        if load is not None:
+            load.num_running = report.num_running
+            load.num_free_blocks = report.num_free_blocks
+            load.kv_usage = report.kv_usage
+            self.metrics.set_kv_usage(report.worker, report.kv_usage)
+
+    # -- prompt tokens queued on prefill workers ---------------------------------------------
+    def _enqueue(self, request_id: str, p: PrefillLoad, transfer_id: int, n: int) -> None:
+        p.queued_tokens += n
+        self._queued[transfer_id] = (request_id, p, n)
+
+    def dequeue(self, transfer_id: int) -> None:
+        """That attempt's prompt left its prefill worker's queue (first token, abort, or a
+        failed step); once per attempt, whichever report comes first."""
+        entry = self._queued.pop(transfer_id, None)
+        if entry is not None:
+            _, p, n = entry
+            p.queued_tokens -= n
+
+    def dequeue_request(self, request_id: str, worker: str) -> None:
+        """Every attempt of ``request_id`` still queued on ``worker``."""
+        for tid, (rid, p, _) in list(self._queued.items()):
+            if rid == request_id and p.name == worker:
+                self.dequeue(tid)
+
+    def _prefill_worker_for(self, num_tokens: int) -> PrefillLoad | None:
+        """The prefill worker for ``num_tokens`` tokens to prefill, or None when the decode
+        worker that leased them prefills them itself: always in colocated mode (there are
+        no prefill workers), and in disaggregated mode when ``local_prefill`` says so."""
+        if not self.prefill:
+            return None
+        p = pick_prefill(self.p_load.values())
+        return None if prefill_locally(num_tokens, p, self.local_prefill) else p
+
+    # -- KV channels -------------------------------------------------------------------------
+    async def _ensure_channel(self, p: str, d: str) -> None:
+        """Open the (prefill, decode) KV channel the first time the pair is used."""
+        task = self._channels.get((p, d))
+        if task is None:
+            task = asyncio.ensure_future(self._open_channel(p, d))
+            self._channels[(p, d)] = task
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            self._channels.pop((p, d), None)
+            raise
+
+    async def open_channels(self) -> None:
+        """Open every (prefill, decode) channel now, so that no request pays for it."""
+        await asyncio.gather(*(self._ensure_channel(p, d) for p in self.prefill
+                               for d in self.decode))
+
+    async def _open_channel(self, p: str, d: str) -> None:
+        host, port, name = await self.decode[d].host_channel.remote(p)
+        await self.prefill[p].connect.remote(d, host, port, name)
+        log.info("KV channel %s -> %s open", p, d)
