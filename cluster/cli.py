@@ -15,6 +15,9 @@ from pdserve.cluster.config import FLAG_GROUPS, ServeConfig
 from pdserve.cluster.knobs import add_flags, given_flags
 from pdserve.engine.config import PRESETS, ModelSpec
 
+# Where `generate`, `info` and `bench` find a server started with the defaults.
+DEFAULT_SERVER = f"{ServeConfig.host}:{ServeConfig.port}"
+
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (overrides the config file)")
@@ -217,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream one answer from a running server",
                        description="Send one prompt and stream the answer to stdout.")
     p.add_argument("prompt")
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -230,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="model and server info of a running server")
-    p.add_argument("--server", default="127.0.0.1:50051")
+    p.add_argument("--server", default=DEFAULT_SERVER)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="local cluster, a few chat prompts, a TTFT/TPOT table",
@@ -249,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "percentiles, throughput, SLO attainment and goodput (the highest rate at "
                     "which --goodput-attainment of requests meet both SLOs). "
                     "`pdserve bench plot A.json B.json --out DIR` overlays saved results.")
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
     p.add_argument("--label", default="pdserve", help="name of this configuration in plots")
     g = p.add_argument_group("workload")
     g.add_argument("--dataset", choices=("random", "chat", "jsonl"), default="random",
