@@ -11,7 +11,12 @@ from collections.abc import Sequence
 
 import grpc
 
+from pdserve.cluster.config import FLAG_GROUPS, ServeConfig
+from pdserve.cluster.knobs import add_flags, given_flags
 from pdserve.engine.config import PRESETS, ModelSpec
+
+# Where `generate`, `info` and `bench` find a server started with the defaults.
+DEFAULT_SERVER = f"{ServeConfig.host}:{ServeConfig.port}"
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -25,62 +30,21 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML ServeConfig (see deploy/)")
-    p.add_argument("--port", type=int, help="gRPC port (default 50051)")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400)")
-    p.add_argument("--frontends", type=int,
-                   help="gRPC frontend processes sharing --port; each client connection is "
-                        "served by one (default 1)")
+    """--config, --address, a flag for every ServeConfig knob (``cluster.knobs``), and the
+    model flags."""
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML ServeConfig (see deploy/): keys are the flags' names with "
+                        "underscores; flags override the file")
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="join this Ray cluster (default: start a local Ray instance)")
-    p.add_argument("--mode", choices=("disaggregated", "colocated"),
-                   help="disaggregated (default): prefill and decode workers; colocated: "
-                        "--num-decode replicas that each prefill (chunked, mixed into decode "
-                        "steps) and decode")
-    p.add_argument("--num-prefill", type=int, help="prefill workers (default 1)")
-    p.add_argument("--num-decode", type=int,
-                   help="decode workers, or replicas in colocated mode (default 1)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), help="kernel backend")
-    p.add_argument("--max-batch-tokens", type=int,
-                   help="tokens in one prefill step (chunked prefill beyond; default 2048)")
-    p.add_argument("--max-num-seqs", type=int,
-                   help="sequences in one step or decode batch (default 64)")
-    p.add_argument("--decode-blocks", type=int, help="KV blocks per decode worker")
-    p.add_argument("--prefill-blocks", type=int, help="KV blocks per prefill worker")
-    g = p.add_argument_group(
-        "conditional disaggregation",
-        "disaggregated mode: the decode worker that leased a prompt prefills it itself "
-        "(chunked, mixed into its decode steps) instead of a prefill worker, when either "
-        "rule below holds (NVIDIA Dynamo's rule); 0 turns a rule off (the default)")
-    g.add_argument("--local-prefill-max-tokens", type=int, metavar="N",
-                   help="prefill prompts of at most N tokens on the decode worker (a short "
-                        "prompt costs less in place than its hop and KV transfer)")
-    g.add_argument("--prefill-queue-max-tokens", type=int, metavar="N",
-                   help="prefill on the decode worker while the prefill worker has more "
-                        "than N prompt tokens queued (spill a backed-up prefill pool)")
+    add_flags(p, ServeConfig, FLAG_GROUPS)
     _add_model_flags(p)
 
 
-def serve_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """ServeConfig from --config plus flag overrides."""
-    from pdserve.cluster.config import ServeConfig
-
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """ServeConfig from --config plus the knobs given as flags."""
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
-    over = {
-        k: v for k, v in {
-            "port": args.port, "host": args.host, "metrics_port": args.metrics_port,
-            "mode": args.mode, "frontends": args.frontends,
-            "num_prefill": args.num_prefill, "num_decode": args.num_decode,
-            "device": args.device, "dtype": args.dtype, "backend": args.backend,
-            "decode_blocks": args.decode_blocks, "prefill_blocks": args.prefill_blocks,
-            "max_batch_tokens": args.max_batch_tokens, "max_num_seqs": args.max_num_seqs,
-            "local_prefill_max_tokens": args.local_prefill_max_tokens,
-            "prefill_queue_max_tokens": args.prefill_queue_max_tokens,
-        }.items() if v is not None
-    }
+    over = given_flags(args, ServeConfig)
     if args.model or args.load_format or args.preset:
         fmt = args.load_format or ("hf" if args.model and not args.model.endswith(".gguf")
                                    else "gguf")
@@ -256,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream one answer from a running server",
                        description="Send one prompt and stream the answer to stdout.")
     p.add_argument("prompt")
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -269,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="model and server info of a running server")
-    p.add_argument("--server", default="127.0.0.1:50051")
+    p.add_argument("--server", default=DEFAULT_SERVER)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="local cluster, a few chat prompts, a TTFT/TPOT table",
@@ -288,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "percentiles, throughput, SLO attainment and goodput (the highest rate at "
                     "which --goodput-attainment of requests meet both SLOs). "
                     "`pdserve bench plot A.json B.json --out DIR` overlays saved results.")
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
     p.add_argument("--label", default="pdserve", help="name of this configuration in plots")
     g = p.add_argument_group("workload")
     g.add_argument("--dataset", choices=("random", "chat", "jsonl"), default="random",

@@ -1,7 +1,9 @@
 """ServeConfig: the whole deployment in one frozen dataclass, from YAML and/or flags.
 
-Built once at the edge (``pdserve serve``), then cut into the small pieces each part needs
-(``worker_config``, ``server_config``).
+Every serve knob is defined once, here: a field with its default and its help text
+(``knob``), from which the ``pdserve serve``/``pdserve demo`` flags (``cluster.knobs``) and
+the YAML keys (the field names) follow. Built once at the edge, it is then cut into the
+small pieces each part needs (``worker_config``, ``server_config``).
 """
 
 from __future__ import annotations
@@ -14,13 +16,50 @@ from typing import Any
 import torch
 import yaml
 
-from pdserve.engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig, WorkerConfig
+from pdserve.cluster.knobs import check_values, knob
+from pdserve.engine.config import (
+    BLOCK_SIZE,
+    CPU_DECODE_BLOCKS,
+    CPU_PREFILL_BLOCKS,
+    CUDA_GRAPH_MAX_BATCH,
+    GPU_MEMORY_UTILIZATION,
+    HOST,
+    LAYERWISE_TRANSFER,
+    LEASE_TIMEOUT_S,
+    MAX_BATCH_TOKENS,
+    MAX_NUM_SEQS,
+    TRANSFER_TIMEOUT_S,
+    CacheConfig,
+    ModelConfig,
+    ModelSpec,
+    RunnerConfig,
+    WorkerConfig,
+)
+from pdserve.router.config import MAX_ATTEMPTS, MAX_WAITING, RouterConfig, ServerConfig
 from pdserve.router.policy import LocalPrefillRule
-from pdserve.router.router import RouterConfig
-from pdserve.router.server import ServerConfig
-from pdserve.router.validation import Limits
+from pdserve.router.validation import (
+    MAX_STOP_LEN,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    Limits,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The flag groups of `pdserve serve --help`, in order: title -> description.
+DEPLOYMENT, SERVER, WORKERS, CACHE = "deployment", "server", "workers", "KV cache"
+SCHEDULING, LIMITS, LOCAL = "scheduling", "request limits", "conditional disaggregation"
+FLAG_GROUPS: dict[str, str | None] = {
+    DEPLOYMENT: None,
+    SERVER: None,
+    WORKERS: "how each worker runs its model",
+    CACHE: None,
+    SCHEDULING: None,
+    LIMITS: "what one request may ask for",
+    LOCAL: "disaggregated mode: the decode worker that leased a prompt prefills it itself "
+           "(chunked, mixed into its decode steps) instead of a prefill worker, when either "
+           "rule below holds (NVIDIA Dynamo's rule); 0 turns a rule off (the default)",
+}
 
 
 @dataclass(frozen=True)
@@ -28,52 +67,86 @@ class ServeConfig:
     """A pdserve deployment: model, pools, limits, ports."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    mode: str = "disaggregated"  # or "colocated": each decode worker also prefills
-    num_prefill: int = 1  # ignored in colocated mode
-    num_decode: int = 1  # decode workers; in colocated mode, the replicas
-    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    backend: str = "auto"  # kernels: auto = triton on cuda, torch on cpu
-    block_size: int = 16
-    prefill_blocks: int = 0  # KV blocks per prefill worker; 0: auto (GPU memory; 512 on CPU)
-    decode_blocks: int = 0  # per decode worker; 0: auto (GPU memory; 1024 on CPU)
-    max_batch_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_waiting: int = 256
-    # Conditional disaggregation (disaggregated mode; 0 = off): the decode worker that
-    # leased a prompt prefills it itself when it has at most local_prefill_max_tokens
-    # tokens, or when the prefill worker has more than prefill_queue_max_tokens queued.
-    local_prefill_max_tokens: int = 0
-    prefill_queue_max_tokens: int = 0
-    default_max_tokens: int = 256
-    max_tokens_limit: int = 4096
-    max_context: int = 0  # 0: the model's own
-    lease_timeout_s: float = 30.0
-    transfer_timeout_s: float = 60.0
-    torch_threads: int = 0  # CPU intra-op threads per worker; 0: cores / workers
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9400
-    # gRPC frontend processes sharing `port` (SO_REUSEPORT); each client connection is
-    # served by one. More stream more tokens a second (cluster.bench_router measures it).
-    frontends: int = 1
-    namespace: str = "pdserve"  # Ray namespace; also prefixes actor names
+    mode: str = knob("disaggregated", "disaggregated: prefill and decode workers; colocated: "
+                     "--num-decode replicas that each prefill (chunked, mixed into decode "
+                     "steps) and decode", DEPLOYMENT, choices=("disaggregated", "colocated"))
+    num_prefill: int = knob(1, "prefill workers; ignored in colocated mode", DEPLOYMENT,
+                            minimum=1)
+    num_decode: int = knob(1, "decode workers, or replicas in colocated mode", DEPLOYMENT,
+                           minimum=1)
+    device: str = knob("auto", "auto: cuda when a GPU is visible, else cpu", WORKERS,
+                       choices=("auto", "cpu", "cuda"))
+    dtype: str = knob("auto", "auto: bfloat16 on cuda, float32 on cpu", WORKERS,
+                      choices=("auto", *DTYPES))
+    backend: str = knob("auto", "kernel backend; auto: triton on cuda, torch on cpu", WORKERS,
+                        choices=("auto", "torch", "triton"))
+    block_size: int = knob(BLOCK_SIZE, "tokens per KV block (a power of two)", CACHE,
+                           minimum=1)
+    prefill_blocks: int = knob(0, "KV blocks per prefill worker; 0: auto (from GPU memory; "
+                               f"{CPU_PREFILL_BLOCKS} on CPU)", CACHE, minimum=0)
+    decode_blocks: int = knob(0, "KV blocks per decode worker; 0: auto (from GPU memory; "
+                              f"{CPU_DECODE_BLOCKS} on CPU)", CACHE, minimum=0)
+    max_batch_tokens: int = knob(MAX_BATCH_TOKENS, "tokens in one prefill step (chunked "
+                                 "prefill beyond)", SCHEDULING, minimum=1)
+    max_num_seqs: int = knob(MAX_NUM_SEQS, "sequences in one step or decode batch", SCHEDULING,
+                             minimum=1)
+    max_waiting: int = knob(MAX_WAITING, "requests queued for a decode lease before new ones "
+                            "are refused (RESOURCE_EXHAUSTED)", SCHEDULING, minimum=1)
+    max_attempts: int = knob(MAX_ATTEMPTS, "prefill attempts of a request (after preemptions "
+                             "and worker failures) before it fails", SCHEDULING, minimum=1)
+    local_prefill_max_tokens: int = knob(
+        0, "prefill prompts of at most N tokens on the decode worker (a short prompt costs "
+        "less in place than its hop and KV transfer)", LOCAL, minimum=0, metavar="N")
+    prefill_queue_max_tokens: int = knob(
+        0, "prefill on the decode worker while the prefill worker has more than N prompt "
+        "tokens queued (spill a backed-up prefill pool)", LOCAL, minimum=0, metavar="N")
+    default_max_tokens: int = knob(256, "max_tokens of a request that leaves it unset", LIMITS,
+                                   minimum=1)
+    max_tokens_limit: int = knob(4096, "largest max_tokens a request may ask for", LIMITS,
+                                 minimum=1)
+    max_context: int = knob(0, "prompt + generated tokens of one request; 0: the model's own",
+                            LIMITS, minimum=0)
+    max_stop_strings: int = knob(MAX_STOP_STRINGS, "stop strings in one request", LIMITS,
+                                 minimum=0)
+    max_stop_len: int = knob(MAX_STOP_LEN, "characters in one stop string", LIMITS, minimum=1)
+    max_stop_token_ids: int = knob(MAX_STOP_TOKEN_IDS, "stop token ids in one request", LIMITS,
+                                   minimum=0)
+    lease_timeout_s: float = knob(LEASE_TIMEOUT_S, "seconds a decode worker keeps a "
+                                  "reservation whose KV has not arrived", SCHEDULING, above=0)
+    transfer_timeout_s: float = knob(TRANSFER_TIMEOUT_S, "seconds a KV channel operation may "
+                                     "take", SCHEDULING, above=0)
+    layerwise_transfer: bool = knob(LAYERWISE_TRANSFER, "a prefill worker sends layer l's KV "
+                                    "while it computes layer l+1 (off: all of a prompt's KV "
+                                    "after its last layer)", SCHEDULING)
+    torch_threads: int = knob(0, "CPU intra-op threads per worker; 0: cores / workers", WORKERS,
+                              minimum=0)
+    enforce_eager: bool = knob(False, "CUDA: decode without CUDA graphs (prefill workers "
+                               "never capture any)", WORKERS)
+    cuda_graph_max_batch: int = knob(CUDA_GRAPH_MAX_BATCH, "largest decode batch captured in "
+                                     "a CUDA graph; bigger batches run eager", WORKERS,
+                                     minimum=1)
+    gpu_memory_utilization: float = knob(
+        GPU_MEMORY_UTILIZATION, "CUDA, automatic KV pool size (0 blocks): the share of the "
+        "GPU's memory a worker may hold (weights, activations, graphs, KV)", WORKERS,
+        above=0.0, maximum=1.0)
+    host: str = knob(HOST, "address to listen on", SERVER)
+    port: int = knob(50051, "gRPC port; 0: any free port", SERVER, minimum=0, maximum=65535)
+    metrics_port: int = knob(9400, "Prometheus /metrics port; 0: any free port, -1: none",
+                             SERVER, minimum=-1, maximum=65535)
+    # More frontends stream more tokens a second (cluster.bench_router measures it).
+    frontends: int = knob(1, "gRPC frontend processes sharing --port (SO_REUSEPORT); each "
+                          "client connection is served by one", SERVER, minimum=1)
+    namespace: str = knob("pdserve", "Ray namespace; also prefixes actor names", DEPLOYMENT)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("disaggregated", "colocated"):
-            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
-        if self.num_prefill < 1 or self.num_decode < 1:
-            raise ValueError("num_prefill and num_decode must be >= 1")
-        if self.frontends < 1:
-            raise ValueError(f"frontends must be >= 1, got {self.frontends}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("auto", *DTYPES):
-            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
+        if not isinstance(self.model, ModelSpec):
+            raise ValueError(f"model must be a ModelSpec, got {self.model!r}")
+        check_values(self)  # types, choices and bounds, naming the field
         CacheConfig(self.block_size, self.prefill_blocks)  # validates block_size and counts
         CacheConfig(self.block_size, self.decode_blocks)
+        if self.max_batch_tokens < self.block_size:
+            raise ValueError(f"max_batch_tokens must be at least one block ({self.block_size} "
+                             f"tokens), got {self.max_batch_tokens}")
         rule = self.local_prefill  # validates both thresholds (>= 0)
         if self.colocated:  # every prompt is prefilled locally there: a threshold means nothing
             for name in ("local_prefill_max_tokens", "prefill_queue_max_tokens"):
@@ -126,7 +199,7 @@ class ServeConfig:
         blocks = self.prefill_blocks if role == "prefill" else self.decode_blocks
         cpu = self.resolved_device() == "cpu"
         if blocks == 0 and cpu:  # no device memory to size from
-            blocks = 512 if role == "prefill" else 1024
+            blocks = CPU_PREFILL_BLOCKS if role == "prefill" else CPU_DECODE_BLOCKS
         dtype = self.resolved_dtype()
         return WorkerConfig(
             model=self.model,
@@ -134,10 +207,13 @@ class ServeConfig:
             run=RunnerConfig(self.resolved_device(), dtype, self.resolved_backend(),
                              self.threads_per_worker(cpus) if cpu else 0,
                              # A prefill worker never decodes: no graphs to capture.
-                             enforce_eager=role == "prefill"),
+                             enforce_eager=self.enforce_eager or role == "prefill",
+                             cuda_graph_max_batch=self.cuda_graph_max_batch,
+                             gpu_memory_utilization=self.gpu_memory_utilization),
             max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
             lease_timeout_s=self.lease_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
             host=self.host, local_prefill=self.decode_prefills and role == "decode",
+            layerwise_transfer=self.layerwise_transfer,
         )
 
     def server_config(self, model_config: ModelConfig) -> ServerConfig:
@@ -146,10 +222,13 @@ class ServeConfig:
             max_context=context, vocab_size=model_config.vocab_size,
             max_tokens_limit=min(self.max_tokens_limit, context),
             default_max_tokens=min(self.default_max_tokens, self.max_tokens_limit, context),
+            max_stop_strings=self.max_stop_strings, max_stop_len=self.max_stop_len,
+            max_stop_token_ids=self.max_stop_token_ids,
         )
         return ServerConfig(
             model=self.model, model_config=model_config, limits=limits,
-            router=RouterConfig(max_waiting=self.max_waiting, local_prefill=self.local_prefill),
+            router=RouterConfig(max_waiting=self.max_waiting, max_attempts=self.max_attempts,
+                                local_prefill=self.local_prefill),
             block_size=self.block_size,
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.engine.chunking import PromptChunk, PromptChunker
-from pdserve.engine.config import blocks_for
+from pdserve.engine.config import LEASE_TIMEOUT_S, MAX_NUM_SEQS, blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import Lease, Reservation, TokenOut
 from pdserve.engine.sequence import SamplingParams, finish_reason
@@ -66,8 +66,8 @@ class DecodeScheduler:
         allocator: BlockAllocator,
         block_size: int,
         worker: str,
-        max_num_seqs: int = 256,
-        lease_timeout_s: float = 30.0,
+        max_num_seqs: int = MAX_NUM_SEQS,
+        lease_timeout_s: float = LEASE_TIMEOUT_S,
         epoch: int = 0,
         clock: Callable[[], float] = time.monotonic,
         first_transfer_id: int = 1,

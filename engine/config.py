@@ -12,6 +12,21 @@ import torch
 
 from pdserve.kernels.rope_scaling import RopeScaling
 
+# Serving defaults, each written once. ServeConfig's fields (cluster/config.py) default to
+# these, and so do the component configs below and the schedulers that callers (tests,
+# benchmarks) build without a ServeConfig.
+BLOCK_SIZE = 16  # tokens per KV block
+MAX_BATCH_TOKENS = 2048  # tokens in one prefill step
+MAX_NUM_SEQS = 64  # sequences in one step or one running decode batch
+LEASE_TIMEOUT_S = 30.0  # a decode reservation whose KV has not arrived expires
+TRANSFER_TIMEOUT_S = 60.0  # KV channel operations
+CUDA_GRAPH_MAX_BATCH = 256  # largest decode batch captured in a CUDA graph
+GPU_MEMORY_UTILIZATION = 0.85  # share of the GPU an automatically sized worker may hold
+LAYERWISE_TRANSFER = True  # a prefill worker sends layer l's KV while layer l+1 computes
+CPU_PREFILL_BLOCKS = 512  # KV pool of a prefill worker on CPU (no device memory to size from)
+CPU_DECODE_BLOCKS = 1024  # and of a decode worker
+HOST = "127.0.0.1"  # address the router and the workers' channel stores listen on
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -72,8 +87,9 @@ class CacheConfig:
     """The paged KV pool of one worker: ``[num_layers, 2, num_blocks, block_size, kv_heads,
     head_dim]``."""
 
-    block_size: int = 16
-    num_blocks: int = 1024  # 0 = auto: sized from free GPU memory (ModelRunner.num_blocks)
+    block_size: int = BLOCK_SIZE
+    # 0 = auto: sized from free GPU memory (ModelRunner.num_blocks)
+    num_blocks: int = CPU_DECODE_BLOCKS
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -160,10 +176,10 @@ class RunnerConfig:
     backend: str = "torch"  # kernels backend: "torch" or "triton"
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
-    cuda_graph_max_batch: int = 256  # largest decode batch captured; bigger batches run eager
+    cuda_graph_max_batch: int = CUDA_GRAPH_MAX_BATCH  # bigger decode batches run eager
     # CUDA, CacheConfig.num_blocks == 0: the share of the GPU's total memory this worker may
     # hold (weights, activations, graphs and the KV pool that fills the rest).
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "triton"):
@@ -183,16 +199,16 @@ class WorkerConfig:
     model: ModelSpec
     cache: CacheConfig
     run: RunnerConfig
-    max_batch_tokens: int = 2048  # prefill: token budget of one step
-    max_num_seqs: int = 64  # sequences in one step (prefill) or one running batch (decode)
-    lease_timeout_s: float = 30.0  # decode: a reservation whose KV has not arrived expires
-    transfer_timeout_s: float = 60.0  # KV channel operations
-    host: str = "127.0.0.1"  # address the decode side's channel store binds to
+    max_batch_tokens: int = MAX_BATCH_TOKENS  # prefill: token budget of one step
+    max_num_seqs: int = MAX_NUM_SEQS  # in one step (prefill) or one running batch (decode)
+    lease_timeout_s: float = LEASE_TIMEOUT_S  # decode: an unfilled reservation expires
+    transfer_timeout_s: float = TRANSFER_TIMEOUT_S  # KV channel operations
+    host: str = HOST  # address the decode side's channel store binds to
     # A decode worker that also prefills the prompts the router hands it (``submit``): all
     # of them in colocated mode, the short ones or the overflow under conditional
     # disaggregation. Its warm-up then compiles the prefill shapes too.
     local_prefill: bool = False
-    layerwise_transfer: bool = True  # prefill: send layer l's KV while layer l+1 computes
+    layerwise_transfer: bool = LAYERWISE_TRANSFER  # prefill: send KV layer by layer
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < self.cache.block_size:

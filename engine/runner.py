@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.config import CacheConfig, ModelConfig, ModelSpec, RunnerConfig
+from pdserve.engine.config import (
+    MAX_BATCH_TOKENS,
+    MAX_NUM_SEQS,
+    CacheConfig,
+    ModelConfig,
+    ModelSpec,
+    RunnerConfig,
+)
 from pdserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pdserve.engine.kv_cache import allocate_kv_pool, kv_bytes_per_token
 from pdserve.engine.model import BatchMeta, LayerHook, LlamaModel
@@ -93,8 +100,8 @@ class ModelRunner:
         run: RunnerConfig,
         progress: bool = True,
         *,
-        max_num_seqs: int = 64,
-        max_batch_tokens: int = 2048,
+        max_num_seqs: int = MAX_NUM_SEQS,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
     ) -> None:
         if run.num_threads > 0 and run.device == "cpu":
             torch.set_num_threads(run.num_threads)

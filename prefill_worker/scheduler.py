@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.engine.chunking import PromptChunk, PromptChunker
-from pdserve.engine.config import blocks_for
+from pdserve.engine.config import MAX_BATCH_TOKENS, MAX_NUM_SEQS, blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import PrefillTask
 
@@ -40,8 +40,8 @@ class PrefillScheduler:
         self,
         allocator: BlockAllocator,
         block_size: int,
-        max_batch_tokens: int = 2048,
-        max_num_seqs: int = 64,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        max_num_seqs: int = MAX_NUM_SEQS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_tokens < block_size:

@@ -26,7 +26,8 @@ from pdserve.engine.sequence import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-from pdserve.router.server import VERSION, ServerConfig
+from pdserve.router.config import ServerConfig
+from pdserve.router.server import VERSION
 from pdserve.router.stream import StreamEnd, StreamItem, Submission, merge, read_frame, response
 from pdserve.router.validation import (
     RequestError,

@@ -18,30 +18,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine.messages import FirstToken, StepReport, TransferDone
+from pdserve.router.config import RouterConfig
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.metrics import Metrics
-from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.request import Chunk, Request, State
 
 log = logging.getLogger("pdserve.router")
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """Admission and retry limits of the router, and where prompts are prefilled."""
-
-    max_waiting: int = 256  # requests queued for a lease before RESOURCE_EXHAUSTED
-    max_attempts: int = 4  # prefill attempts per request (preemptions and failures)
-    # Disaggregated mode: which prompts the decode worker prefills itself (off by default).
-    local_prefill: LocalPrefillRule = field(default_factory=LocalPrefillRule)
-
-    def __post_init__(self) -> None:
-        if self.max_waiting < 1 or self.max_attempts < 1:
-            raise ValueError("max_waiting and max_attempts must be >= 1")
 
 
 class QueueFull(Exception):

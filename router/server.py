@@ -15,40 +15,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from pdserve.engine.config import ModelConfig, ModelSpec
 from pdserve.engine.messages import FirstToken, StepReport, TransferDone
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from pdserve.router.config import ServerConfig
 from pdserve.router.metrics import Metrics
 from pdserve.router.request import Chunk, Request
-from pdserve.router.router import QueueFull, Router, RouterConfig
+from pdserve.router.router import QueueFull, Router
 from pdserve.router.stream import StreamEnd, StreamItem, Submission, encode
-from pdserve.router.validation import Limits
 
 log = logging.getLogger("pdserve.server")
 
 VERSION = "0.1.0"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What the router and its frontends need: where to listen, and what they serve."""
-
-    model: ModelSpec
-    model_config: ModelConfig
-    limits: Limits
-    router: RouterConfig
-    block_size: int
-    dtype: str
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 = any free port
-    metrics_port: int = 0  # 0 = any free port; -1 = no /metrics
-    mode: str = "disaggregated"
-    frontends: int = 1  # gRPC frontend processes sharing the port
 
 
 class RouterService:

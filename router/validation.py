@@ -24,6 +24,9 @@ from pdserve.router.slo import ValidSlo
 
 MAX_REQUEST_ID_LEN = 256
 MIN_TEMPERATURE = 0.01  # a smaller positive temperature is raised to this (0 stays greedy)
+MAX_STOP_STRINGS = 16  # stop strings in one request
+MAX_STOP_LEN = 256  # characters in one stop string
+MAX_STOP_TOKEN_IDS = 64  # stop token ids in one request
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,9 @@ class Limits:
     vocab_size: int
     max_tokens_limit: int  # largest max_tokens a request may ask for
     default_max_tokens: int  # max_tokens of a request that leaves it unset
-    max_stop_strings: int = 16
-    max_stop_len: int = 256
-    max_stop_token_ids: int = 64
+    max_stop_strings: int = MAX_STOP_STRINGS
+    max_stop_len: int = MAX_STOP_LEN
+    max_stop_token_ids: int = MAX_STOP_TOKEN_IDS
 
     def __post_init__(self) -> None:
         for name in ("max_context", "vocab_size", "max_tokens_limit", "default_max_tokens"):

@@ -1,0 +1,47 @@
+"""The router's configuration: its admission and retry limits (RouterConfig), and what the
+router actor and its gRPC frontends serve and where they listen (ServerConfig).
+
+Both are built from a ServeConfig (``ServeConfig.server_config``) in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.engine.config import ModelConfig, ModelSpec
+from pdserve.router.policy import LocalPrefillRule
+from pdserve.router.validation import Limits
+
+MAX_WAITING = 256  # requests queued for a lease before RESOURCE_EXHAUSTED
+MAX_ATTEMPTS = 4  # prefill attempts per request (preemptions and failures)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Admission and retry limits of the router, and where prompts are prefilled."""
+
+    max_waiting: int = MAX_WAITING
+    max_attempts: int = MAX_ATTEMPTS
+    # Disaggregated mode: which prompts the decode worker prefills itself (off by default).
+    local_prefill: LocalPrefillRule = field(default_factory=LocalPrefillRule)
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 1 or self.max_attempts < 1:
+            raise ValueError("max_waiting and max_attempts must be >= 1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the router and its frontends need: where to listen, and what they serve."""
+
+    model: ModelSpec
+    model_config: ModelConfig
+    limits: Limits
+    router: RouterConfig
+    block_size: int
+    dtype: str
+    host: str
+    port: int  # 0 = any free port
+    metrics_port: int  # 0 = any free port; -1 = no /metrics
+    mode: str  # disaggregated or colocated
+    frontends: int  # gRPC frontend processes sharing the port
