@@ -32,6 +32,7 @@ from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import Reservation, StepReport
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sequence import SamplingParams
+from pdserve.kernels.timing import median_ms
 
 PHASES = ("schedule", "forward + sample", "postprocess", "report")
 
@@ -83,11 +84,8 @@ def bench_worker_step(runner: ModelRunner, batch: int, context: int, steps: int
     out = {f"{p}_ms": statistics.median(v) for p, v in times.items()}
     graphs = runner.graphs
     if graphs is not None:
-        from triton.testing import do_bench
-
         graph = graphs.graphs[graphs.size_for(batch)]
-        out["replay_ms"] = float(do_bench(graph.replay, warmup=20, rep=300,
-                                          return_mode="median"))
+        out["replay_ms"] = median_ms(graph.replay, warmup=20, rep=300)
     return out
 
 
