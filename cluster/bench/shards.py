@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from pdserve.cluster.bench_data import Prompt
-from pdserve.cluster.bench_report import RequestRecord
+from pdserve.cluster.bench.data import Prompt
+from pdserve.cluster.bench.report import RequestRecord
 
 if TYPE_CHECKING:
-    from pdserve.cluster.bench import BenchConfig
+    from pdserve.cluster.bench.serve import BenchConfig
 
 # Between handing a rate's shards out and their common start: every process has its shard
 # and waits for the start by then.
@@ -46,7 +46,7 @@ class Shard:
 
 def _serve(conn: Connection, cfg: BenchConfig, done: Any) -> None:
     """A client process: run each shard it is sent, reply with its records; stop on None."""
-    from pdserve.cluster.bench import send_shard
+    from pdserve.cluster.bench.serve import send_shard
 
     conn.send("ready")
     while (shard := conn.recv()) is not None:

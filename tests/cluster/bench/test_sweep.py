@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-import pdserve.cluster.bench as bench
-from pdserve.cluster.bench import (
+import pdserve.cluster.bench.serve as bench
+from pdserve.cluster.bench.data import Prompt
+from pdserve.cluster.bench.report import RequestRecord, Slo
+from pdserve.cluster.bench.serve import (
     MIN_PROMPTS_PER_RATE,
     BenchConfig,
     prompts_for_rate,
@@ -21,8 +23,6 @@ from pdserve.cluster.bench import (
     sweep_order,
     sweep_stop,
 )
-from pdserve.cluster.bench_data import Prompt
-from pdserve.cluster.bench_report import RequestRecord, Slo
 from pdserve.cluster.cli import main
 from pdserve.proto import pdserve_pb2 as pb
 

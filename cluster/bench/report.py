@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from pdserve.cluster.bench import BenchConfig
+    from pdserve.cluster.bench.serve import BenchConfig
 
 TIMING_FIELDS = ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s", "mean_tpot_s", "e2e_s")
 

@@ -3,7 +3,7 @@
 It builds a workload (random token prompts of chosen length distributions, a built-in chat-like
 length mix, or a JSONL file), sends it over gRPC at Poisson or gamma arrivals for each request
 rate of a sweep (optionally capped by a concurrency limit), records every response's arrival,
-and reports latency percentiles, throughput, SLO attainment and goodput (see bench_report).
+and reports latency percentiles, throughput, SLO attainment and goodput (see report).
 A sweep can stop at the first rate whose attainment falls below a threshold (rates then run in
 ascending order), and can cap each rate's run near a duration, so a sweep that reaches well
 past saturation fits a short device budget.
@@ -25,7 +25,7 @@ from typing import Any
 import grpc.aio
 import numpy as np
 
-from pdserve.cluster.bench_data import (
+from pdserve.cluster.bench.data import (
     DATASETS,
     LENGTH_DISTS,
     Prompt,
@@ -35,8 +35,8 @@ from pdserve.cluster.bench_data import (
     sample_lengths,
     token_prompts,
 )
-from pdserve.cluster.bench_plot import format_report, format_sweep, plot_results
-from pdserve.cluster.bench_report import (
+from pdserve.cluster.bench.plot import format_report, format_sweep, plot_results
+from pdserve.cluster.bench.report import (
     TIMING_FIELDS,
     BenchResult,
     RequestRecord,
@@ -47,7 +47,7 @@ from pdserve.cluster.bench_report import (
     make_report,
     sweep_goodput,
 )
-from pdserve.cluster.bench_shards import ClientProcesses, Shard
+from pdserve.cluster.bench.shards import ClientProcesses, Shard
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.client import AsyncClient, build_request
 
@@ -88,7 +88,7 @@ class BenchConfig:
     progress: bool = True
     stop_below_attainment: float | None = None  # stop the (ascending) sweep below this
     max_duration_s: float | None = None  # per rate: about this long at the rate, see below
-    client_processes: int = 1  # processes the requests are sent from (bench_shards)
+    client_processes: int = 1  # processes the requests are sent from (shards)
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -256,7 +256,7 @@ async def _send_all(clients: Sequence[AsyncClient], cfg: BenchConfig,
 
 
 async def send_shard(cfg: BenchConfig, shard: Shard, done: Any) -> list[RequestRecord]:
-    """A client process's part of one rate (``bench_shards``); ``done`` counts the requests
+    """A client process's part of one rate (``shards``); ``done`` counts the requests
     that finished, across processes."""
     def finished() -> None:
         with done.get_lock():
