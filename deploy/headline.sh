@@ -134,7 +134,8 @@ for n in notes:
     print(f"- {n}")
 
 # The same records rescored under other objectives (no new runs): where the ratio moves.
-from pdserve.cluster.bench.report import Slo, rescore_goodput
+from pdserve.cluster.bench.records import Slo
+from pdserve.cluster.bench.report import rescore_goodput
 
 print()
 print("Goodput ratio (disagg / coloc) rescored from the same per-request records; "

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pdserve.cluster.bench.config import BenchConfig
 from pdserve.cluster.bench.data import (
     CHAT_MIX,
     DatasetError,
@@ -19,9 +20,8 @@ from pdserve.cluster.bench.data import (
     token_prompts,
 )
 from pdserve.cluster.bench.plot import format_report, format_sweep, plot_results
+from pdserve.cluster.bench.records import RequestRecord, Slo
 from pdserve.cluster.bench.report import (
-    RequestRecord,
-    Slo,
     jsonable,
     latency_stats,
     make_report,
@@ -29,7 +29,7 @@ from pdserve.cluster.bench.report import (
     rescore_goodput,
     sweep_goodput,
 )
-from pdserve.cluster.bench.serve import BenchConfig, parse_rates
+from pdserve.cluster.bench.serve import parse_rates
 from pdserve.cluster.cli import main
 from pdserve.proto import pdserve_pb2 as pb
 

@@ -16,8 +16,9 @@ import pytest
 import ray
 from PIL import Image
 
-from pdserve.cluster.bench.report import RequestRecord, Slo
-from pdserve.cluster.bench.serve import BenchConfig, run_bench
+from pdserve.cluster.bench.config import BenchConfig
+from pdserve.cluster.bench.records import RequestRecord, Slo
+from pdserve.cluster.bench.serve import run_bench
 from pdserve.cluster.cli import main
 from pdserve.cluster.launch import job_runtime_env, launch
 from pdserve_testing.e2e import serve_config

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 import pdserve.cluster.bench.serve as bench
+from pdserve.cluster.bench.config import BenchConfig
 from pdserve.cluster.bench.data import Prompt
-from pdserve.cluster.bench.report import RequestRecord, Slo
+from pdserve.cluster.bench.records import RequestRecord, Slo
 from pdserve.cluster.bench.serve import (
     MIN_PROMPTS_PER_RATE,
-    BenchConfig,
     prompts_for_rate,
     run_bench,
     sweep_order,
