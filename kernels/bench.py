@@ -1,18 +1,15 @@
 """Kernel benchmark: every figure beside its ceiling measured in the same run (GPU only).
 
     python -P -m pdserve.kernels.bench [--quick] [--json PATH]
-    python -P -m pdserve.kernels.bench --step [--preset NAME] [--batch B] [--context N] \
-        [--json PATH]
 
 - decode attention: achieved bytes/s (K/V read + q/out) over device-to-device copy bandwidth,
   and torch SDPA's time (``enable_gqa=True``, contiguous ``[B, Hk, ctx, D]`` K/V) over ours;
   both timed as CUDA-graph replays, as decode steps run in serving;
 - prefill attention: TFLOP/s, and ours over torch SDPA causal (K/V expanded to all heads);
 - KV pack/unpack: bytes moved per second over copy bandwidth: one layer eagerly and under
-  CUDA graphs, and the channel's several-layer message with its checksum fused in;
-- ``--step``: a whole decode step of a dummy model (default llama-3.1-8b, batch 64, context
-  2k, bf16, CUDA graphs) over its roofline, (weight + KV bytes) / copy bandwidth: see
-  ``engine/bench_step.py``.
+  CUDA graphs, and the channel's several-layer message with its checksum fused in.
+
+A whole decode step of a model over its roofline is ``pdserve.cluster.bench.step``.
 
 Times are ``triton.testing.do_bench`` medians. Inputs smaller than ``ROTATE_BYTES`` are
 rotated through several copies so that the L2 cache does not flatter the bandwidth figures.
@@ -248,16 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="decode,prefill,pack", metavar="PARTS",
                         help="comma-separated parts to run (default: decode,prefill,pack)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    parser.add_argument("--step", action="store_true",
-                        help="benchmark a model's decode step instead (engine/bench_step.py)")
-    args, rest = parser.parse_known_args(argv)
-    if args.step:
-        from pdserve.engine.bench_step import main as step_main
-
-        step_main(rest + (["--json", args.json] if args.json else []))
-        return
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA GPU")
 

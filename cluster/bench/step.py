@@ -1,7 +1,7 @@
 """One decode step of a dummy-weight model under CUDA graphs, against its memory roofline
 measured in the same run (GPU only).
 
-    python -P -m pdserve.kernels.bench --step [--preset llama-3.1-8b] [--batch 64] [--context 2048]
+    python -P -m pdserve.cluster.bench.step [--preset llama-3.1-8b] [--batch 64] [--context 2048]
 
 A decode step must read every weight once (the embedding only at the batch's rows) and every
 sequence's cached K/V, so its floor is ``(weight bytes + KV bytes) / bandwidth``, with the
@@ -83,7 +83,7 @@ def bench_step(preset: str, batch: int, context: int, copy_bw: float) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -P -m pdserve.kernels.bench --step",
+    parser = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench.step",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))

@@ -1,7 +1,7 @@
 """The decode worker's step at one batch size, phase by phase, against the graph replay
 alone measured in the same run.
 
-    python -P -m pdserve.decode_worker.bench_step [--preset llama-3.1-8b] [--batch 256] \
+    python -P -m pdserve.cluster.bench.worker_step [--preset llama-3.1-8b] [--batch 256] \
         [--context 768]
 
 A step is what the worker's loop does between two reports: the scheduler (admission, block
@@ -90,7 +90,7 @@ def bench_worker_step(runner: ModelRunner, batch: int, context: int, steps: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -P -m pdserve.decode_worker.bench_step",
+    parser = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench.worker_step",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
