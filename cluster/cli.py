@@ -128,10 +128,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`pdserve bench`: a load test of a running server, or `bench plot` of saved results."""
-    from pdserve.cluster.bench import BenchConfig, parse_rates, run_bench
-    from pdserve.cluster.bench_data import DatasetError
-    from pdserve.cluster.bench_plot import load_results, plot_results
-    from pdserve.cluster.bench_report import Slo
+    from pdserve.cluster.bench.config import BenchConfig
+    from pdserve.cluster.bench.data import DatasetError
+    from pdserve.cluster.bench.plot import load_results, plot_results
+    from pdserve.cluster.bench.records import Slo
+    from pdserve.cluster.bench.serve import parse_rates, run_bench
 
     if args.bench_command == "plot" or args.plot_from:
         plot = args.bench_command == "plot"

@@ -43,7 +43,7 @@ DISAGG_FLAGS=${DISAGG_FLAGS:-}  # extra serve flags of the disaggregated configu
 # two H200s stream about twice that on (b) (docs/benchmarks.md)
 CLIENT_PROCS=${CLIENT_PROCS:-4}
 # gRPC frontend processes of both configurations: one streams on the order of 20,000 tokens
-# a second, about what two H200s produce on (b) (docs/benchmarks.md, bench_router).
+# a second, about what two H200s produce on (b) (docs/benchmarks.md, cluster.bench.router).
 FRONTENDS=${FRONTENDS:-2}
 mkdir -p "$OUT_DIR"
 SERVER_PID=
@@ -134,7 +134,8 @@ for n in notes:
     print(f"- {n}")
 
 # The same records rescored under other objectives (no new runs): where the ratio moves.
-from pdserve.cluster.bench_report import Slo, rescore_goodput
+from pdserve.cluster.bench.records import Slo
+from pdserve.cluster.bench.report import rescore_goodput
 
 print()
 print("Goodput ratio (disagg / coloc) rescored from the same per-request records; "

@@ -1,18 +1,15 @@
 """Kernel benchmark: every figure beside its ceiling measured in the same run (GPU only).
 
     python -P -m pdserve.kernels.bench [--quick] [--json PATH]
-    python -P -m pdserve.kernels.bench --step [--preset NAME] [--batch B] [--context N] \
-        [--json PATH]
 
 - decode attention: achieved bytes/s (K/V read + q/out) over device-to-device copy bandwidth,
   and torch SDPA's time (``enable_gqa=True``, contiguous ``[B, Hk, ctx, D]`` K/V) over ours;
   both timed as CUDA-graph replays, as decode steps run in serving;
 - prefill attention: TFLOP/s, and ours over torch SDPA causal (K/V expanded to all heads);
 - KV pack/unpack: bytes moved per second over copy bandwidth: one layer eagerly and under
-  CUDA graphs, and the channel's several-layer message with its checksum fused in;
-- ``--step``: a whole decode step of a dummy model (default llama-3.1-8b, batch 64, context
-  2k, bf16, CUDA graphs) over its roofline, (weight + KV bytes) / copy bandwidth: see
-  ``engine/bench_step.py``.
+  CUDA graphs, and the channel's several-layer message with its checksum fused in.
+
+A whole decode step of a model over its roofline is ``pdserve.cluster.bench.step``.
 
 Times are ``triton.testing.do_bench`` medians. Inputs smaller than ``ROTATE_BYTES`` are
 rotated through several copies so that the L2 cache does not flatter the bandwidth figures.
@@ -26,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pdserve.kernels.timing import Cycle, copy_bandwidth, graph_median_ms, median_ms
 
 ROTATE_BYTES = 512 << 20  # well past the 50-60 MB L2 of an H100/H200
 HQ, HK, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -43,60 +42,12 @@ class Row:
     ratio: float
 
 
-def _bench(fn: Callable[[], object]) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def _bench_graphs(fns: list[Callable[[], object]]) -> float:
-    """Median time of one replay of a CUDA graph of each ``fns[i]``, cycling through them (as
-    decode runs in serving: under CUDA graphs, without Python launch overhead)."""
-    for fn in fns:
-        fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graphs = []
-    for fn in fns:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graphs.append(graph)
-    cycle = _Cycle(len(graphs))
-    return _bench(lambda: graphs[cycle.next()].replay())
-
-
 def _rotation(nbytes: int) -> int:
     return max(1, min(8, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src))
-    return 2 * n / (ms * 1e-3)
-
-
 def _free_bytes() -> int:
     return int(torch.cuda.mem_get_info()[0])
-
-
-class _Cycle:
-    """Round-robin index over ``n`` input copies (defeats L2 reuse between calls)."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.i = n, 0
-
-    def next(self) -> int:
-        self.i = (self.i + 1) % self.n
-        return self.i
 
 
 def _decode_case(batch: int, ctx: int, copy_bw: float) -> list[Row]:
@@ -126,8 +77,8 @@ def _decode_case(batch: int, ctx: int, copy_bw: float) -> list[Row]:
             qs[i][:, :, None], ks[i], vs[i], scale=scale, enable_gqa=True
         )
 
-    ms = _bench_graphs([ours(i) for i in range(copies)])
-    ms_sdpa = _bench_graphs([sdpa(i) for i in range(copies)])
+    ms = graph_median_ms([ours(i) for i in range(copies)])
+    ms_sdpa = graph_median_ms([sdpa(i) for i in range(copies)])
     moved = kv_bytes + 2 * batch * HQ * HEAD_DIM * DTYPE.itemsize
     bw = moved / (ms * 1e-3)
     bw_sdpa = moved / (ms_sdpa * 1e-3)
@@ -164,8 +115,8 @@ def _prefill_case(seq: int, tokens: int) -> Row:
     def sdpa() -> object:
         return F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
 
-    ms = _bench(ours)
-    ms_sdpa = _bench(sdpa)
+    ms = median_ms(ours)
+    ms_sdpa = median_ms(sdpa)
     tflops = flops / (ms * 1e-3) / 1e12
     sdpa_tflops = flops / (ms_sdpa * 1e-3) / 1e12
     return Row("prefill", f"B={batch} L={seq}", ms, tflops, "TFLOP/s",
@@ -201,7 +152,7 @@ def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
     layers = layers_per_message(nbytes, 32)  # a llama-3.1-8b request's message
     pool, ids, bufs = _pack_inputs(tokens, layers)
     copies = ids.shape[0]
-    cycle = _Cycle(copies)
+    cycle = Cycle(copies)
 
     def pack(i: int) -> Callable[[], object]:
         return lambda: pack_kv(pool[0], ids[i], bufs[i, 0])
@@ -219,10 +170,10 @@ def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
 
     def eager(make: Callable[[int], Callable[[], object]]) -> float:
         fns = [make(i) for i in range(copies)]
-        return _bench(lambda: fns[cycle.next()]())
+        return median_ms(lambda: fns[cycle.next()]())
 
     def graphs(make: Callable[[int], Callable[[], object]]) -> float:
-        return _bench_graphs([make(i) for i in range(copies)])
+        return graph_median_ms([make(i) for i in range(copies)])
 
     rows: list[Row] = []
     for name, ms, moved in (
@@ -230,8 +181,8 @@ def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
         ("kv_unpack", eager(unpack), nbytes),
         ("kv_pack", graphs(pack), nbytes),
         ("kv_unpack", graphs(unpack), nbytes),
-        ("kv_pack+sum", _bench(pack_msg), nbytes * layers),
-        ("kv_unpk+sum", _bench(unpack_msg), nbytes * layers),
+        ("kv_pack+sum", median_ms(pack_msg), nbytes * layers),
+        ("kv_unpk+sum", median_ms(unpack_msg), nbytes * layers),
     ):
         bw = 2 * moved / (ms * 1e-3)  # read + write, like the copy ceiling
         how = ("eager, 1 layer" if len(rows) < 2 else "graph, 1 layer" if len(rows) < 4
@@ -253,7 +204,7 @@ def pack_tiles(tokens: int, copy_bw: float) -> list[Row]:
             def make(i: int, c: int = chunk, w: int = warps) -> Callable[[], object]:
                 return lambda: pack_kv(pool[0], ids[i], bufs[i, 0], c, w)
 
-            ms = _bench_graphs([make(i) for i in range(ids.shape[0])])
+            ms = graph_median_ms([make(i) for i in range(ids.shape[0])])
             bw = 2 * nbytes / (ms * 1e-3)
             rows.append(Row("kv_pack", f"tok={tokens} c={chunk} w={warps}", ms, bw / 1e9,
                             "GB/s", "copy bandwidth", bw / copy_bw))
@@ -294,16 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="decode,prefill,pack", metavar="PARTS",
                         help="comma-separated parts to run (default: decode,prefill,pack)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    parser.add_argument("--step", action="store_true",
-                        help="benchmark a model's decode step instead (engine/bench_step.py)")
-    args, rest = parser.parse_known_args(argv)
-    if args.step:
-        from pdserve.engine.bench_step import main as step_main
-
-        step_main(rest + (["--json", args.json] if args.json else []))
-        return
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA GPU")
 

@@ -36,7 +36,8 @@ from multiprocessing import get_context
 
 import torch
 
-from pdserve.kernels.bench import BLOCK, DTYPE, HEAD_DIM, HK, HQ, _bench, _prefill_case
+from pdserve.kernels.bench import BLOCK, DTYPE, HEAD_DIM, HK, HQ, _prefill_case
+from pdserve.kernels.timing import median_ms
 
 # (block_m, block_n, warps, stages, lengths tried at: (lo, hi) inclusive). Pruned with ptxas's
 # reports of the sm_90a builds (d128, group 4): 128x64 tiles with 4 warps, 256-row tiles with
@@ -262,7 +263,7 @@ def tune_seq(seq: int, tokens: int) -> dict:
             res.max_diff = float((out - out_default).abs().max())
             res.bad = not (bool(out.isfinite().all()) and res.max_diff <= limit)
             del out
-            res.ms = _bench(fn)
+            res.ms = median_ms(fn)
         except Exception as exc:  # out of resources at launch, compile errors
             res.error = _error(exc)
             continue

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from pdserve.cluster.bench_report import Goodput, RequestRecord, RunReport, fmt_rate
+from pdserve.cluster.bench.records import RequestRecord
+from pdserve.cluster.bench.report import Goodput, RunReport, fmt_rate
 
 ATTAINMENT_PNG = "slo_attainment.png"
 CDF_PNG = "latency_cdf.png"

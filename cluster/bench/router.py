@@ -1,6 +1,6 @@
 """How many streamed tokens a second the router's side delivers, with no model in the way.
 
-    python -P -m pdserve.cluster.bench_router --concurrency 256,512,1024 --step-ms 15 --duration-s 5
+    python -P -m pdserve.cluster.bench.router --concurrency 256,512,1024 --step-ms 15 --duration-s 5
 
 The decode workers here are null workers (``NullDecodeWorker``): Ray actors that answer the
 router like colocated decode workers (``reserve``, ``submit``, ``abort``) and run a step
@@ -316,7 +316,7 @@ def launch_null(cfg: ServeConfig, step_s: float) -> tuple[Deployment, list[Any]]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench_router",
+    ap = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench.router",
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="128,256,512",

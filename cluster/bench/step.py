@@ -1,7 +1,7 @@
 """One decode step of a dummy-weight model under CUDA graphs, against its memory roofline
 measured in the same run (GPU only).
 
-    python -P -m pdserve.kernels.bench --step [--preset llama-3.1-8b] [--batch 64] [--context 2048]
+    python -P -m pdserve.cluster.bench.step [--preset llama-3.1-8b] [--batch 64] [--context 2048]
 
 A decode step must read every weight once (the embedding only at the batch's rows) and every
 sequence's cached K/V, so its floor is ``(weight bytes + KV bytes) / bandwidth``, with the
@@ -17,19 +17,15 @@ import argparse
 import json
 import random
 import time
-from collections.abc import Callable
 
 import torch
 
 from pdserve.engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig
 from pdserve.engine.kv_cache import kv_bytes_per_token
 from pdserve.engine.runner import DecodeItem, ModelRunner
+from pdserve.kernels.timing import copy_bandwidth, median_ms
 
-
-def _median_ms(fn: Callable[[], object]) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=50, rep=500, return_mode="median"))
+WARMUP_MS, REP_MS = 50, 500  # do_bench's budget for each timed figure
 
 
 def bench_step(preset: str, batch: int, context: int, copy_bw: float) -> dict[str, object]:
@@ -59,9 +55,10 @@ def bench_step(preset: str, batch: int, context: int, copy_bw: float) -> dict[st
     logits = runner.decode(items)
     assert logits.shape == (batch, cfg.vocab_size) and bool(torch.isfinite(logits).all())
     graph = graphs.graphs[graphs.size_for(batch)]
-    replay_ms = _median_ms(graph.replay)
-    step_ms = _median_ms(lambda: runner.decode(items))  # host input copies included
-    eager_ms = _median_ms(lambda: runner.decode_eager(items))
+    replay_ms = median_ms(graph.replay, WARMUP_MS, REP_MS)
+    # host input copies included
+    step_ms = median_ms(lambda: runner.decode(items), WARMUP_MS, REP_MS)
+    eager_ms = median_ms(lambda: runner.decode_eager(items), WARMUP_MS, REP_MS)
 
     seen: set[int] = set()
     weight_bytes = 0
@@ -86,7 +83,7 @@ def bench_step(preset: str, batch: int, context: int, copy_bw: float) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -P -m pdserve.kernels.bench --step",
+    parser = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench.step",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
@@ -96,8 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the step benchmark needs a CUDA GPU")
-    from pdserve.kernels.bench import copy_bandwidth
-
     copy_bw = copy_bandwidth()  # before the model: its 2 GiB are freed for the KV pool
     torch.cuda.empty_cache()
     r = bench_step(args.preset, args.batch, args.context, copy_bw)

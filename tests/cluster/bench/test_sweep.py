@@ -12,17 +12,17 @@ from typing import Any
 
 import pytest
 
-import pdserve.cluster.bench as bench
-from pdserve.cluster.bench import (
+import pdserve.cluster.bench.serve as bench
+from pdserve.cluster.bench.config import BenchConfig
+from pdserve.cluster.bench.data import Prompt
+from pdserve.cluster.bench.records import RequestRecord, Slo
+from pdserve.cluster.bench.serve import (
     MIN_PROMPTS_PER_RATE,
-    BenchConfig,
     prompts_for_rate,
     run_bench,
     sweep_order,
     sweep_stop,
 )
-from pdserve.cluster.bench_data import Prompt
-from pdserve.cluster.bench_report import RequestRecord, Slo
 from pdserve.cluster.cli import main
 from pdserve.proto import pdserve_pb2 as pb
 

@@ -16,8 +16,9 @@ import pytest
 import ray
 from PIL import Image
 
-from pdserve.cluster.bench import BenchConfig, run_bench
-from pdserve.cluster.bench_report import RequestRecord, Slo
+from pdserve.cluster.bench.config import BenchConfig
+from pdserve.cluster.bench.records import RequestRecord, Slo
+from pdserve.cluster.bench.serve import run_bench
 from pdserve.cluster.cli import main
 from pdserve.cluster.launch import job_runtime_env, launch
 from pdserve_testing.e2e import serve_config
@@ -188,7 +189,7 @@ def test_client_processes_share_one_schedule(server: str) -> None:
     """Requests sent from three client processes: every request once, each at or after its
     offset from the common start, two rates through the same processes, and the report
     computed from the merged records as for one process."""
-    from pdserve.cluster.bench_data import arrival_offsets
+    from pdserve.cluster.bench.data import arrival_offsets
 
     rates = (4.0, 8.0)
     cfg = BenchConfig(server=server, label="shards", num_prompts=7, input_len=8,

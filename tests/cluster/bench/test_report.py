@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdserve.cluster.bench import BenchConfig, parse_rates
-from pdserve.cluster.bench_data import (
+from pdserve.cluster.bench.config import BenchConfig
+from pdserve.cluster.bench.data import (
     CHAT_MIX,
     DatasetError,
     arrival_offsets,
@@ -19,10 +19,9 @@ from pdserve.cluster.bench_data import (
     sample_lengths,
     token_prompts,
 )
-from pdserve.cluster.bench_plot import format_report, format_sweep, plot_results
-from pdserve.cluster.bench_report import (
-    RequestRecord,
-    Slo,
+from pdserve.cluster.bench.plot import format_report, format_sweep, plot_results
+from pdserve.cluster.bench.records import RequestRecord, Slo
+from pdserve.cluster.bench.report import (
     jsonable,
     latency_stats,
     make_report,
@@ -30,6 +29,7 @@ from pdserve.cluster.bench_report import (
     rescore_goodput,
     sweep_goodput,
 )
+from pdserve.cluster.bench.serve import parse_rates
 from pdserve.cluster.cli import main
 from pdserve.proto import pdserve_pb2 as pb
 

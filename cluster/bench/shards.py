@@ -19,16 +19,14 @@ import contextlib
 import math
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pdserve.cluster.bench_data import Prompt
-from pdserve.cluster.bench_report import RequestRecord
-
-if TYPE_CHECKING:
-    from pdserve.cluster.bench import BenchConfig
+from pdserve.cluster.bench.config import BenchConfig
+from pdserve.cluster.bench.data import Prompt
+from pdserve.cluster.bench.records import RequestRecord
 
 # Between handing a rate's shards out and their common start: every process has its shard
 # and waits for the start by then.
@@ -44,26 +42,30 @@ class Shard:
     max_concurrency: int | None
 
 
-def _serve(conn: Connection, cfg: BenchConfig, done: Any) -> None:
-    """A client process: run each shard it is sent, reply with its records; stop on None."""
-    from pdserve.cluster.bench import send_shard
+# How a client process sends its shard: ``send(cfg, shard, done)`` (``serve.send_shard``,
+# handed in so that this module does not import the one that uses it).
+SendShard = Callable[[BenchConfig, Shard, Any], Coroutine[Any, Any, list[RequestRecord]]]
 
+
+def _serve(conn: Connection, cfg: BenchConfig, done: Any, send: SendShard) -> None:
+    """A client process: run each shard it is sent, reply with its records; stop on None."""
     conn.send("ready")
     while (shard := conn.recv()) is not None:
-        conn.send(asyncio.run(send_shard(cfg, shard, done)))
+        conn.send(asyncio.run(send(cfg, shard, done)))
 
 
 class ClientProcesses:
-    """K client processes for one sweep (``with``: they stop at the end)."""
+    """K client processes for one sweep (``with``: they stop at the end), each sending its
+    shards with ``send`` (a module-level function: the spawned processes import it)."""
 
-    def __init__(self, cfg: BenchConfig, count: int) -> None:
+    def __init__(self, cfg: BenchConfig, count: int, send: SendShard) -> None:
         ctx = mp.get_context("spawn")  # no inherited event loop, gRPC state or threads
         self.done = ctx.Value("i", 0)  # requests finished in the current rate, all processes
         self._conns: list[Connection] = []
         self._procs = []
         for k in range(count):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_serve, args=(child, cfg, self.done),
+            p = ctx.Process(target=_serve, args=(child, cfg, self.done, send),
                             name=f"bench-client-{k}", daemon=True)
             p.start()
             self._conns.append(parent)

@@ -3,7 +3,7 @@
 It builds a workload (random token prompts of chosen length distributions, a built-in chat-like
 length mix, or a JSONL file), sends it over gRPC at Poisson or gamma arrivals for each request
 rate of a sweep (optionally capped by a concurrency limit), records every response's arrival,
-and reports latency percentiles, throughput, SLO attainment and goodput (see bench_report).
+and reports latency percentiles, throughput, SLO attainment and goodput (see report).
 A sweep can stop at the first rate whose attainment falls below a threshold (rates then run in
 ascending order), and can cap each rate's run near a duration, so a sweep that reaches well
 past saturation fits a short device budget.
@@ -18,16 +18,15 @@ import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import grpc.aio
 import numpy as np
 
-from pdserve.cluster.bench_data import (
-    DATASETS,
-    LENGTH_DISTS,
+from pdserve.cluster.bench.config import BenchConfig
+from pdserve.cluster.bench.data import (
     Prompt,
     arrival_offsets,
     chat_lengths,
@@ -35,19 +34,17 @@ from pdserve.cluster.bench_data import (
     sample_lengths,
     token_prompts,
 )
-from pdserve.cluster.bench_plot import format_report, format_sweep, plot_results
-from pdserve.cluster.bench_report import (
-    TIMING_FIELDS,
+from pdserve.cluster.bench.plot import format_report, format_sweep, plot_results
+from pdserve.cluster.bench.records import TIMING_FIELDS, RequestRecord
+from pdserve.cluster.bench.report import (
     BenchResult,
-    RequestRecord,
     RunReport,
-    Slo,
     fmt_rate,
     jsonable,
     make_report,
     sweep_goodput,
 )
-from pdserve.cluster.bench_shards import ClientProcesses, Shard
+from pdserve.cluster.bench.shards import ClientProcesses, Shard
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.client import AsyncClient, build_request
 
@@ -56,74 +53,6 @@ from pdserve.proto.client import AsyncClient, build_request
 MIN_PROMPTS_PER_RATE = 20
 # Connections each client process spreads its requests over (see `connections`).
 CONNECTIONS = 4
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """One `pdserve bench` invocation (a sweep of one or more request rates)."""
-
-    server: str = "127.0.0.1:50051"
-    label: str = "pdserve"
-    dataset: str = "random"
-    dataset_path: str | None = None
-    num_prompts: int = 100
-    input_len: int = 512
-    output_len: int = 128
-    input_len_dist: str = "fixed"
-    output_len_dist: str = "fixed"
-    range_ratio: float = 0.0
-    request_rates: tuple[float, ...] = (math.inf,)
-    burstiness: float = 1.0
-    max_concurrency: int | None = None
-    seed: int = 0
-    temperature: float = 0.0
-    ignore_eos: bool = False  # chat/jsonl; random always ignores EOS
-    slo: Slo = field(default_factory=Slo)
-    goodput_attainment: float = 0.9
-    request_timeout_s: float | None = None
-    ready_timeout_s: float = 60.0
-    result_json: str | None = None
-    plot_dir: str | None = None
-    plot_rate: float | None = None
-    progress: bool = True
-    stop_below_attainment: float | None = None  # stop the (ascending) sweep below this
-    max_duration_s: float | None = None  # per rate: about this long at the rate, see below
-    client_processes: int = 1  # processes the requests are sent from (bench_shards)
-
-    def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if (self.dataset == "jsonl") != (self.dataset_path is not None):
-            raise ValueError("--dataset-path is needed with --dataset jsonl, and only there")
-        for dist in (self.input_len_dist, self.output_len_dist):
-            if dist not in LENGTH_DISTS:
-                raise ValueError(f"length distribution must be one of {LENGTH_DISTS}: {dist!r}")
-        for name in ("num_prompts", "input_len", "output_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if not 0 <= self.range_ratio < 1:
-            raise ValueError(f"--range-ratio must be in [0, 1), got {self.range_ratio}")
-        if not self.request_rates or any(not r > 0 for r in self.request_rates):
-            raise ValueError(f"--request-rate values must be > 0, got {self.request_rates}")
-        if not self.burstiness > 0:
-            raise ValueError(f"--burstiness must be > 0, got {self.burstiness}")
-        if self.max_concurrency is not None and self.max_concurrency < 1:
-            raise ValueError("--max-concurrency must be >= 1")
-        if not 0 < self.goodput_attainment <= 1:
-            raise ValueError("--goodput-attainment must be in (0, 1]")
-        if self.temperature < 0:
-            raise ValueError("--temperature must be >= 0")
-        if self.stop_below_attainment is not None:
-            if not 0 < self.stop_below_attainment <= 1:
-                raise ValueError("--stop-below-attainment must be in (0, 1], got "
-                                 f"{self.stop_below_attainment}")
-            if self.slo.ttft_ms is None and self.slo.tpot_ms is None:
-                raise ValueError("--stop-below-attainment needs an SLO: --slo-ttft-ms or "
-                                 "--slo-tpot-ms")
-        if self.max_duration_s is not None and not self.max_duration_s > 0:
-            raise ValueError(f"--max-duration-s must be > 0, got {self.max_duration_s}")
-        if self.client_processes < 1:
-            raise ValueError(f"--client-processes must be >= 1, got {self.client_processes}")
 
 
 @dataclass(frozen=True)
@@ -256,7 +185,7 @@ async def _send_all(clients: Sequence[AsyncClient], cfg: BenchConfig,
 
 
 async def send_shard(cfg: BenchConfig, shard: Shard, done: Any) -> list[RequestRecord]:
-    """A client process's part of one rate (``bench_shards``); ``done`` counts the requests
+    """A client process's part of one rate (``shards``); ``done`` counts the requests
     that finished, across processes."""
     def finished() -> None:
         with done.get_lock():
@@ -310,7 +239,7 @@ async def bench_async(cfg: BenchConfig) -> BenchResult:
             info = await clients[0].model_info(timeout=30)
             prompts = build_workload(cfg, info)
             order = sweep_order(cfg)
-            procs = (stack.enter_context(ClientProcesses(cfg, cfg.client_processes))
+            procs = (stack.enter_context(ClientProcesses(cfg, cfg.client_processes, send_shard))
                      if cfg.client_processes > 1 else None)
             reports: list[RunReport] = []
             records: list[list[RequestRecord]] = []

@@ -1,7 +1,7 @@
 """The decode worker's step at one batch size, phase by phase, against the graph replay
 alone measured in the same run.
 
-    python -P -m pdserve.decode_worker.bench_step [--preset llama-3.1-8b] [--batch 256] \
+    python -P -m pdserve.cluster.bench.worker_step [--preset llama-3.1-8b] [--batch 256] \
         [--context 768]
 
 A step is what the worker's loop does between two reports: the scheduler (admission, block
@@ -32,6 +32,7 @@ from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import Reservation, StepReport
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sequence import SamplingParams
+from pdserve.kernels.timing import median_ms
 
 PHASES = ("schedule", "forward + sample", "postprocess", "report")
 
@@ -83,16 +84,13 @@ def bench_worker_step(runner: ModelRunner, batch: int, context: int, steps: int
     out = {f"{p}_ms": statistics.median(v) for p, v in times.items()}
     graphs = runner.graphs
     if graphs is not None:
-        from triton.testing import do_bench
-
         graph = graphs.graphs[graphs.size_for(batch)]
-        out["replay_ms"] = float(do_bench(graph.replay, warmup=20, rep=300,
-                                          return_mode="median"))
+        out["replay_ms"] = median_ms(graph.replay, warmup=20, rep=300)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -P -m pdserve.decode_worker.bench_step",
+    parser = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench.worker_step",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))

@@ -1,7 +1,7 @@
 """KV transfer on two GPUs: layer-wise streaming against prefill alone, and channel
 bandwidth against raw NCCL send/recv of the same bytes over the same process group.
 
-    python -P -m pdserve.cluster.bench_kv --preset llama-3.1-8b --prompt-len 4096 --json out.json
+    python -P -m pdserve.cluster.bench.kv --preset llama-3.1-8b --prompt-len 4096 --json out.json
 
 Two processes (prefill on cuda:0, decode on cuda:1), the real ``KVChannel`` and the real
 prefill path (``OutgoingKV`` hooked into the forward pass). Printed, all from one run:
@@ -334,7 +334,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench_kv", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -P -m pdserve.cluster.bench.kv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
     p.add_argument("--prompt-len", type=int, default=4096)
