@@ -26,7 +26,14 @@ import torch
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
 from pdserve.engine.config import WorkerConfig, blocks_for
 from pdserve.engine.device import describe_device
-from pdserve.engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
+from pdserve.engine.kv import (
+    ChannelSpec,
+    KVReceiver,
+    TransferError,
+    TransferTimeout,
+    host_store,
+    open_receiver,
+)
 from pdserve.engine.messages import (
     FirstToken,
     Lease,
@@ -67,7 +74,7 @@ class DecodeWorker:
         self._failed: list[tuple[str, str]] = []
         # Prompts submitted for local prefill, by transfer id: (arrived, started) times.
         self._submitted: dict[int, tuple[float, float]] = {}
-        self._channels: dict[str, KVChannel] = {}
+        self._channels: dict[str, KVReceiver] = {}
         self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
 
     # -- control (Ray calls) ----------------------------------------------------------------
@@ -81,14 +88,14 @@ class DecodeWorker:
         (handshake, process group) on a thread once the prefill worker joins, and that
         thread then receives on it. Returns (host, port, channel name)."""
         timeout = self.cfg.transfer_timeout_s
-        store, port = KVChannel.host_store(self.cfg.host, 0, timeout)
+        store, port = host_store(self.cfg.host, 0, timeout)
         name = f"{prefill_name}@{self.name}.{uuid.uuid4().hex[:8]}"
         spec = ChannelSpec.from_configs(self.model_config, self.cfg.cache)
 
         def open_and_serve() -> None:
             try:
-                ch = KVChannel.open(
-                    store=store, name=name, rank=1, spec=spec, device=self.runner.device,
+                ch = open_receiver(
+                    store=store, name=name, spec=spec, device=self.runner.device,
                     timeout_s=timeout, owns_store=True,
                 )
             except Exception:
@@ -165,7 +172,7 @@ class DecodeWorker:
             log.warning("%s: still running after shutdown: %s", self.name, ", ".join(stuck))
 
     # -- KV receive -------------------------------------------------------------------------
-    def _receive_loop(self, ch: KVChannel) -> None:
+    def _receive_loop(self, ch: KVReceiver) -> None:
         # A stream of this thread's own: the channel orders its callers' streams after the
         # data it receives, and the decode steps on the default stream must not wait for a
         # transfer that is still arriving (verify() returns once every layer is in place).
@@ -174,7 +181,7 @@ class DecodeWorker:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             self._receive(ch)
 
-    def _receive(self, ch: KVChannel) -> None:
+    def _receive(self, ch: KVReceiver) -> None:
         pool = self.runner.kv_pool
         while not self._stop:
             rid = ""
