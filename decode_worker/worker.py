@@ -30,8 +30,10 @@ from pdserve.engine.kv import (
     ChannelSpec,
     KVReceiver,
     TransferError,
+    TransferHeader,
     TransferTimeout,
     host_store,
+    match_header,
     open_receiver,
 )
 from pdserve.engine.messages import (
@@ -195,8 +197,7 @@ class DecodeWorker:
                     if seq is not None:
                         rid = seq.request_id
                         self._busy.add(rid)
-                problem = _mismatch(seq, header.epoch, self.sched.epoch, header.num_tokens,
-                                    header.num_blocks, self.cfg.cache.block_size)
+                problem = _refusal(seq, header, self.sched.epoch, self.cfg.cache.block_size)
                 if problem:
                     ch.discard()
                     log.warning("refused transfer %d: %s", header.transfer_id, problem)
@@ -335,15 +336,15 @@ def decode_step(runner: ModelRunner, batch: list[DecodeSeq]) -> list[int]:
     return sample(logits, [s.sampling for s in batch], [s.num_generated for s in batch])
 
 
-def _mismatch(seq: DecodeSeq | None, epoch: int, my_epoch: int, num_tokens: int,
-              num_blocks: int, block_size: int) -> str:
-    """Why an arriving transfer does not match its reservation ('' if it does)."""
+def _refusal(seq: DecodeSeq | None, header: TransferHeader, epoch: int,
+             block_size: int) -> str:
+    """Why the arriving transfer ``header`` is refused ('' if it matches its reservation
+    ``seq``, held under this worker's ``epoch``)."""
     if seq is None:
         return "no reservation holds this transfer id (expired or aborted)"
-    if epoch != my_epoch:
-        return f"epoch {epoch} != this worker's {my_epoch}"
-    if num_tokens != seq.num_tokens - 1:
-        return f"KV of {num_tokens} tokens sent, {seq.num_tokens - 1} reserved"
-    if num_blocks != blocks_for(num_tokens, block_size):
-        return f"{num_blocks} blocks sent for {num_tokens} tokens"
+    tokens = seq.num_tokens - 1  # the prompt's KV; the last token is the first generated
+    try:
+        match_header(header, seq.transfer_id, epoch, blocks_for(tokens, block_size), tokens)
+    except TransferError as e:
+        return str(e)
     return ""

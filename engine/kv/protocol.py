@@ -326,19 +326,26 @@ class TransferHeader:
 
 
 def match_header(
-    header: TransferHeader, expected_transfer_id: int, expected_epoch: int, expected_blocks: int
+    header: TransferHeader,
+    expected_transfer_id: int,
+    expected_epoch: int,
+    expected_blocks: int,
+    expected_tokens: int | None = None,
 ) -> None:
-    """Fail closed unless ``header`` is exactly the transfer the caller reserved blocks for.
+    """Fail closed (:class:`TransferError` naming every field that differs) unless ``header``
+    is exactly the transfer the caller reserved blocks for; ``expected_tokens``, when given,
+    is checked too.
 
-    Pure check: a receiver drains the transfer it rejects."""
-    wrong = []
-    for name, got, want in (
+    The one check of an arriving header against a reservation: the decode worker calls it
+    before it receives a transfer, and drains the transfer it rejects."""
+    expected = [
         ("transfer_id", header.transfer_id, expected_transfer_id),
         ("epoch", header.epoch, expected_epoch),
         ("num_blocks", header.num_blocks, expected_blocks),
-    ):
-        if got != want:
-            wrong.append(f"{name}: got {got}, expected {want}")
+    ]
+    if expected_tokens is not None:
+        expected.append(("num_tokens", header.num_tokens, expected_tokens))
+    wrong = [f"{name}: got {got}, expected {want}" for name, got, want in expected if got != want]
     if wrong:
         raise TransferError(
             f"transfer {header.transfer_id} (epoch {header.epoch}) does not match the "

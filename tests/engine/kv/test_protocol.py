@@ -131,6 +131,13 @@ def test_match_header_fails_closed() -> None:
         match_header(h, 17, 2, 4)
 
 
+def test_match_header_checks_tokens_when_asked() -> None:
+    h = make_header(SPEC, tid=17, num_blocks=5, epoch=3)  # 19 tokens
+    match_header(h, 17, 3, 5, 19)
+    with pytest.raises(TransferError, match="num_tokens: got 19, expected 18"):
+        match_header(h, 17, 3, 5, 18)
+
+
 def test_trailer_round_trip_and_garbage() -> None:
     h = make_header(SPEC, tid=17, num_blocks=5, epoch=3)
     words = np.zeros(TRAILER_SLOTS, dtype=np.int64)
