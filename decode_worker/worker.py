@@ -27,7 +27,16 @@ from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillC
 from pdserve.engine.config import WorkerConfig, blocks_for
 from pdserve.engine.device import describe_device
 from pdserve.engine.first_token import FirstTokenReporter
-from pdserve.engine.kv_transfer import ChannelSpec, KVChannel, TransferError, TransferTimeout
+from pdserve.engine.kv import (
+    ChannelSpec,
+    KVReceiver,
+    TransferError,
+    TransferHeader,
+    TransferTimeout,
+    host_store,
+    match_header,
+    open_receiver,
+)
 from pdserve.engine.messages import (
     Lease,
     PrefillTask,
@@ -67,7 +76,7 @@ class DecodeWorker:
         self._failed: list[tuple[str, str]] = []
         # Prompts submitted for local prefill, by transfer id: (arrived, started) times.
         self._submitted: dict[int, tuple[float, float]] = {}
-        self._channels: dict[str, KVChannel] = {}
+        self._channels: dict[str, KVReceiver] = {}
         self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
 
     # -- control (Ray calls) ----------------------------------------------------------------
@@ -81,14 +90,14 @@ class DecodeWorker:
         (handshake, process group) on a thread once the prefill worker joins, and that
         thread then receives on it. Returns (host, port, channel name)."""
         timeout = self.cfg.transfer_timeout_s
-        store, port = KVChannel.host_store(self.cfg.host, 0, timeout)
+        store, port = host_store(self.cfg.host, 0, timeout)
         name = f"{prefill_name}@{self.name}.{uuid.uuid4().hex[:8]}"
         spec = ChannelSpec.from_configs(self.model_config, self.cfg.cache)
 
         def open_and_serve() -> None:
             try:
-                ch = KVChannel.open(
-                    store=store, name=name, rank=1, spec=spec, device=self.runner.device,
+                ch = open_receiver(
+                    store=store, name=name, spec=spec, device=self.runner.device,
                     timeout_s=timeout, owns_store=True,
                 )
             except Exception:
@@ -165,7 +174,7 @@ class DecodeWorker:
             log.warning("%s: still running after shutdown: %s", self.name, ", ".join(stuck))
 
     # -- KV receive -------------------------------------------------------------------------
-    def _receive_loop(self, ch: KVChannel) -> None:
+    def _receive_loop(self, ch: KVReceiver) -> None:
         # A stream of this thread's own: the channel orders its callers' streams after the
         # data it receives, and the decode steps on the default stream must not wait for a
         # transfer that is still arriving (verify() returns once every layer is in place).
@@ -174,7 +183,7 @@ class DecodeWorker:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             self._receive(ch)
 
-    def _receive(self, ch: KVChannel) -> None:
+    def _receive(self, ch: KVReceiver) -> None:
         pool = self.runner.kv_pool
         while not self._stop:
             rid = ""
@@ -188,8 +197,7 @@ class DecodeWorker:
                     if seq is not None:
                         rid = seq.request_id
                         self._busy.add(rid)
-                problem = _mismatch(seq, header.epoch, self.sched.epoch, header.num_tokens,
-                                    header.num_blocks, self.cfg.cache.block_size)
+                problem = _refusal(seq, header, self.sched.epoch, self.cfg.cache.block_size)
                 if problem:
                     ch.discard()
                     log.warning("refused transfer %d: %s", header.transfer_id, problem)
@@ -327,15 +335,15 @@ def decode_step(runner: ModelRunner, batch: list[DecodeSeq]) -> list[int]:
     return sample(logits, [s.sampling for s in batch], [s.num_generated for s in batch])
 
 
-def _mismatch(seq: DecodeSeq | None, epoch: int, my_epoch: int, num_tokens: int,
-              num_blocks: int, block_size: int) -> str:
-    """Why an arriving transfer does not match its reservation ('' if it does)."""
+def _refusal(seq: DecodeSeq | None, header: TransferHeader, epoch: int,
+             block_size: int) -> str:
+    """Why the arriving transfer ``header`` is refused ('' if it matches its reservation
+    ``seq``, held under this worker's ``epoch``)."""
     if seq is None:
         return "no reservation holds this transfer id (expired or aborted)"
-    if epoch != my_epoch:
-        return f"epoch {epoch} != this worker's {my_epoch}"
-    if num_tokens != seq.num_tokens - 1:
-        return f"KV of {num_tokens} tokens sent, {seq.num_tokens - 1} reserved"
-    if num_blocks != blocks_for(num_tokens, block_size):
-        return f"{num_blocks} blocks sent for {num_tokens} tokens"
+    tokens = seq.num_tokens - 1  # the prompt's KV; the last token is the first generated
+    try:
+        match_header(header, seq.transfer_id, epoch, blocks_for(tokens, block_size), tokens)
+    except TransferError as e:
+        return str(e)
     return ""

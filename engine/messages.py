@@ -1,7 +1,7 @@
 """Control messages between the router and the workers (carried by Ray calls).
 
 They hold plain ints, strings and floats; KV data never travels in them (it goes over the
-per-pair channel of ``engine.kv_transfer``).
+per-pair channel of ``engine.kv``).
 """
 
 from __future__ import annotations

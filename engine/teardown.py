@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from pdserve.engine.kv_transfer import KVChannel
+from pdserve.engine.kv import KVReceiver, KVSender
 
 SHUTDOWN_GRACE_S = 5.0  # a worker's shutdown() returns within about this
 
@@ -37,7 +37,7 @@ def join_threads(threads: Iterable[threading.Thread], deadline: float) -> list[s
     return alive
 
 
-def abort_channels(channels: Iterable[KVChannel], deadline: float) -> list[str]:
+def abort_channels(channels: Iterable[KVSender | KVReceiver], deadline: float) -> list[str]:
     """Abort every channel (``close(abort=True)``), all at once, and wait for them until
     ``deadline``; returns the names of the aborts still running then."""
     threads = [

@@ -13,22 +13,21 @@ import time
 
 import torch
 
-from pdserve.engine.kv_protocol import layers_per_message
-from pdserve.engine.kv_transfer import Departure, KVChannel, TransferHeader
+from pdserve.engine.kv import Departure, KVSender, TransferHeader, layers_per_message
 from pdserve.prefill_worker.scheduler import PrefillSeq
 
 
 class OutgoingKV:
     """Streams ``seq``'s blocks from ``pool`` [L, 2, N, bs, Hk, D] over ``channel``:
     ``layerwise`` one layer per message as the forward pass produces them, else in messages
-    of about :data:`engine.kv_protocol.MESSAGE_BYTES`.
+    of about :data:`engine.kv.protocol.MESSAGE_BYTES`.
 
     The caller holds ``lock`` (the channel's: one transfer being sent at a time per
     channel) from :meth:`start` until :meth:`finish` or :meth:`cancel` returns. A transfer
     finished with ``wait=False`` departs without it: the next one may start while it leaves.
     """
 
-    def __init__(self, seq: PrefillSeq, channel: KVChannel, lock: threading.Lock,
+    def __init__(self, seq: PrefillSeq, channel: KVSender, lock: threading.Lock,
                  pool: torch.Tensor, layerwise: bool) -> None:
         self.seq = seq
         self.channel = channel

@@ -21,7 +21,7 @@ from typing import Any
 from pdserve.engine.config import WorkerConfig
 from pdserve.engine.device import describe_device
 from pdserve.engine.first_token import FirstTokenReporter
-from pdserve.engine.kv_transfer import ChannelSpec, KVChannel
+from pdserve.engine.kv import ChannelSpec, KVSender, connect_store, open_sender
 from pdserve.engine.messages import PrefillTask, TransferDone, WorkerStats
 from pdserve.engine.runner import PrefillItem
 from pdserve.engine.sampler import sample
@@ -49,7 +49,7 @@ class PrefillWorker:
         self._stop = False
         self._in_step: set[str] = set()  # request ids whose blocks the running step uses
         self._orphans: list[PrefillSeq] = []  # aborted mid-step: free after the step
-        self._channels: dict[str, KVChannel] = {}
+        self._channels: dict[str, KVSender] = {}
         self._channel_locks: dict[str, threading.Lock] = {}  # one transfer at a time each
         self._sends: queue.Queue[PrefillSeq | None] = queue.Queue()
         # Transfers whose trailer is out, waiting to have left: the step loop and the send
@@ -77,10 +77,9 @@ class PrefillWorker:
         if decode_name in self._channels:
             return
         timeout = self.cfg.transfer_timeout_s
-        ch = KVChannel.open(
-            store=KVChannel.connect_store(host, port, timeout), name=channel, rank=0,
-            spec=self.channel_spec(), device=self.runner.device, timeout_s=timeout,
-            owns_store=True,
+        ch = open_sender(
+            store=connect_store(host, port, timeout), name=channel, spec=self.channel_spec(),
+            device=self.runner.device, timeout_s=timeout, owns_store=True,
         )
         with self._cv:  # shutdown() aborts the channels it finds here; a later one, we do
             if not self._stop:

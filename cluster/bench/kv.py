@@ -3,8 +3,8 @@ bandwidth against raw NCCL send/recv of the same bytes over the same process gro
 
     python -P -m pdserve.cluster.bench.kv --preset llama-3.1-8b --prompt-len 4096 --json out.json
 
-Two processes (prefill on cuda:0, decode on cuda:1), the real ``KVChannel`` and the real
-prefill path (``OutgoingKV`` hooked into the forward pass). Printed, all from one run:
+Two processes (prefill on cuda:0, decode on cuda:1), the real KV channel (``engine.kv``) and
+the real prefill path (``OutgoingKV`` hooked into the forward pass). Printed, all from one run:
 - TTFT overhead: (prefill with layer-wise sending, to first token) / (prefill alone) - 1;
 - time from the first token until the decode side has every layer unpacked and verified;
 - channel bandwidth of a whole request's KV (pack + checksum, send in messages of several
@@ -36,8 +36,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pdserve.engine.config import PRESETS, CacheConfig, ModelSpec, RunnerConfig, blocks_for
+from pdserve.engine.kv import (
+    STAGING_SLOTS,
+    ChannelSpec,
+    connect_store,
+    host_store,
+    make_nccl_group,
+    open_receiver,
+    open_sender,
+)
 from pdserve.engine.kv_cache import allocate_kv_pool
-from pdserve.engine.kv_transfer import STAGING_SLOTS, ChannelSpec, KVChannel, _make_nccl
 from pdserve.engine.messages import Lease, PrefillTask
 from pdserve.engine.runner import ModelRunner, PrefillItem
 from pdserve.engine.sequence import SamplingParams
@@ -56,7 +64,7 @@ def _cache(n_blocks: int) -> CacheConfig:
 def _raw_group(store: dist.Store, rank: int, dev: torch.device) -> Any:
     """The raw NCCL ceiling's own two-rank communicator between the same GPUs, built as the
     channel builds its own."""
-    return _make_nccl(dist.PrefixStore("bench-raw/", store), rank, dev, 120.0, "bench-raw")
+    return make_nccl_group(dist.PrefixStore("bench-raw/", store), rank, dev, 120.0, "bench-raw")
 
 
 class _GcPauses:
@@ -105,11 +113,11 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     cfg = PRESETS[args["preset"]]
     n = blocks_for(args["prompt_len"], BLOCK)
     pool = allocate_kv_pool(cfg, _cache(n + 8), dev)
-    store, port = KVChannel.host_store("127.0.0.1", 0, 120.0)
+    store, port = host_store("127.0.0.1", 0, 120.0)
     ports.put(port)
-    ch = KVChannel.open(store=store, name="bench-kv", rank=1,
-                        spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
-                        timeout_s=120.0, owns_store=True)
+    ch = open_receiver(store=store, name="bench-kv",
+                       spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
+                       timeout_s=120.0, owns_store=True)
     raw_pg = _raw_group(store, 1, dev)
     pauses = _GcPauses()
     ids = torch.arange(n, dtype=torch.int64, device=dev)
@@ -190,10 +198,10 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
     runner = ModelRunner(cfg, _cache(n + 8), ModelSpec("dummy", preset=args["preset"]),
                          RunnerConfig("cuda", DTYPE, "triton"), progress=False)
     port = ports.get(timeout=300)
-    store = KVChannel.connect_store("127.0.0.1", port, 120.0)
-    ch = KVChannel.open(store=store, name="bench-kv", rank=0,
-                        spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
-                        timeout_s=120.0, owns_store=True)
+    store = connect_store("127.0.0.1", port, 120.0)
+    ch = open_sender(store=store, name="bench-kv",
+                     spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
+                     timeout_s=120.0, owns_store=True)
     raw_pg = _raw_group(store, 0, dev)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(1000, cfg.vocab_size, (args["prompt_len"],), generator=gen).tolist()

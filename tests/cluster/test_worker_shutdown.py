@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from pdserve.decode_worker.worker import DecodeWorker
-from pdserve.engine.kv_transfer import KVChannel
+from pdserve.engine.kv import KVReceiver, KVSender
+from pdserve.engine.kv.channel import ChannelEnd
 from pdserve.engine.messages import Reservation
 from pdserve.engine.sequence import SamplingParams
 from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
@@ -57,19 +58,19 @@ def workers() -> Iterator[tuple[PrefillWorker, DecodeWorker]]:
 
 @pytest.fixture
 def closes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, bool]]:
-    """Every KVChannel.close() call: (channel name, rank, abort)."""
+    """Every close of a channel end (either role's): (channel name, rank, abort)."""
     calls: list[tuple[str, int, bool]] = []
-    close = KVChannel.close
+    close = ChannelEnd.close
 
-    def recording_close(self: KVChannel, abort: bool = False) -> None:
+    def recording_close(self: ChannelEnd, abort: bool = False) -> None:
         calls.append((self.name, self.rank, abort))
         close(self, abort=abort)
 
-    monkeypatch.setattr(KVChannel, "close", recording_close)
+    monkeypatch.setattr(ChannelEnd, "close", recording_close)
     return calls
 
 
-def connect(p: PrefillWorker, d: DecodeWorker) -> tuple[KVChannel, KVChannel]:
+def connect(p: PrefillWorker, d: DecodeWorker) -> tuple[KVSender, KVReceiver]:
     host, port, name = d.host_channel(p.name)
     p.connect(d.name, host, port, name)
     wait_for(lambda: p.name in d._channels)
@@ -86,9 +87,9 @@ def test_shutdown_aborts_channels_instead_of_waiting_for_the_peer(
     p, d = workers
     tx, rx = connect(p, d)
     tx_down, rx_down = threading.Event(), threading.Event()
-    tx_pg, rx_pg = PeerWaitingPG(tx._pg, tx_down, rx_down), PeerWaitingPG(rx._pg, rx_down,
-                                                                          tx_down)
-    tx._pg, rx._pg = tx_pg, rx_pg
+    tx_pg = PeerWaitingPG(tx._end.pg, tx_down, rx_down)
+    rx_pg = PeerWaitingPG(rx._end.pg, rx_down, tx_down)
+    tx._end.pg, rx._end.pg = tx_pg, rx_pg
     for w in (p, d):  # one after the other, the decode worker last
         t0 = time.monotonic()
         w.shutdown()

@@ -52,3 +52,24 @@ def test_local_prefill_reports_first_token_then_decodes() -> None:
         wait_for(lambda: d.stats().num_free_blocks == d.stats().num_blocks)
     finally:
         d.shutdown()
+
+
+def test_an_arriving_transfer_is_checked_against_its_reservation() -> None:
+    """The decode worker refuses a transfer unless its header matches the reservation
+    (``match_header``): epoch, the prompt's token count and the blocks for it."""
+    from pdserve.decode_worker.scheduler import DecodeSeq
+    from pdserve.decode_worker.worker import _refusal
+    from pdserve.engine.kv import TransferHeader
+
+    seq = DecodeSeq("r0", SamplingParams(), block_ids=[4, 5, 6], num_tokens=40,
+                    num_generated=0, transfer_id=9, deadline=0.0)  # 39 tokens of KV
+    ok = TransferHeader(transfer_id=9, epoch=2, num_blocks=3, num_layers=2,
+                        bytes_per_layer=64, num_tokens=39)
+    assert _refusal(seq, ok, epoch=2, block_size=16) == ""
+    assert "no reservation" in _refusal(None, ok, epoch=2, block_size=16)
+    assert "epoch: got 2, expected 3" in _refusal(seq, ok, epoch=3, block_size=16)
+    short = dataclasses.replace(ok, num_tokens=31, num_blocks=2)
+    assert "num_blocks: got 2, expected 3; num_tokens: got 31, expected 39" in _refusal(
+        seq, short, epoch=2, block_size=16)
+    wrong_blocks = dataclasses.replace(ok, num_blocks=4)
+    assert "num_blocks: got 4, expected 3" in _refusal(seq, wrong_blocks, epoch=2, block_size=16)

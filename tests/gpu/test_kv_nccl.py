@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 import torch
 
-from pdserve.engine.kv_transfer import ChannelClosed, KVChannel, TransferError, TransferTimeout
+from pdserve.engine.kv import (
+    ChannelClosed,
+    KVReceiver,
+    TransferError,
+    TransferTimeout,
+    host_store,
+    open_receiver,
+)
 from pdserve_testing.kv import (
     GPU_CORRUPT,
     GPU_PIPELINE_PLAN,
@@ -26,11 +33,13 @@ from pdserve_testing.kv import (
     channel_name,
     gpu_layers,
     gpu_pool,
+    match,
     nccl_abandoned_prefill,
     nccl_leaving_prefill,
     nccl_pipelined_prefill,
     nccl_pool_prefill,
     nccl_prefill,
+    recv_layer,
 )
 
 
@@ -40,11 +49,11 @@ def test_nccl_two_gpus_round_trip_corruption_dead_peer() -> None:
     with _gpu_receiver(nccl_prefill, "nccl", timeout_s=10) as (_store, rx, proc):
         for tid, n in GPU_PLAN:
             h = rx.recv_header()
-            rx.match(h, tid, 1, n)
+            match(rx, h, tid, 1, n)
             want = gpu_layers(GPU_SPEC, n, tid, "cuda:1")
             equal = []
             for layer in range(h.num_layers):
-                buf = rx.recv_layer()
+                buf = recv_layer(rx)
                 assert buf.device == torch.device("cuda:1")
                 equal.append(torch.equal(buf, want[layer]))
             if tid == GPU_CORRUPT:
@@ -54,14 +63,14 @@ def test_nccl_two_gpus_round_trip_corruption_dead_peer() -> None:
                 continue
             rx.verify()
             assert all(equal), (tid, equal)
-        gbps = rx.last_transfer_bytes / rx.last_transfer_seconds / 1e9
-        print(f"NCCL KV transfer: {rx.last_transfer_bytes / 2**20:.0f} MiB in "
-              f"{rx.last_transfer_seconds * 1e3:.2f} ms = {gbps:.1f} GB/s (incl. checksums)")
+        gbps = rx.stats.last_bytes / rx.stats.last_seconds / 1e9
+        print(f"NCCL KV transfer: {rx.stats.last_bytes / 2**20:.0f} MiB in "
+              f"{rx.stats.last_seconds * 1e3:.2f} ms = {gbps:.1f} GB/s (incl. checksums)")
         h = rx.recv_header()
         t0 = time.monotonic()
         with pytest.raises(ChannelClosed):  # the peer died mid-transfer: deadline, abort()
             for _ in range(h.num_layers):
-                rx.recv_layer()  # queued on CUDA; the stall surfaces in verify()
+                recv_layer(rx)  # queued on CUDA; the stall surfaces in verify()
             rx.verify()
         assert time.monotonic() - t0 < 30
         assert rx.closed
@@ -90,7 +99,7 @@ def test_nccl_pool_transfers_with_staging_slots() -> None:
                               GPU_SPEC.num_kv_heads, GPU_SPEC.head_dim), float("nan"),
                              dtype=GPU_SPEC.torch_dtype, device="cuda:1")
             h = rx.recv_header()
-            rx.match(h, tid, 1, 256)
+            match(rx, h, tid, 1, 256)
             got = rx.recv_pool_blocks(h, dst, dst_ids.to("cuda:1"))
             assert got.first_token == tid
             assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), (slots, _k)
@@ -114,7 +123,7 @@ def test_nccl_pipelined_transfers() -> None:
                               GPU_SPEC.num_kv_heads, GPU_SPEC.head_dim), float("nan"),
                              dtype=GPU_SPEC.torch_dtype, device="cuda:1")
             h = rx.recv_header()
-            rx.match(h, tid, 1, n)
+            match(rx, h, tid, 1, n)
             got = rx.recv_pool_blocks(h, dst, dst_ids.to("cuda:1"))
             assert got.first_token == tid
             assert torch.equal(dst[:, :, dst_ids.to("cuda:1")], want), tid
@@ -132,11 +141,11 @@ def test_nccl_sender_sees_the_receiver_break_the_channel() -> None:
     with _gpu_receiver(nccl_abandoned_prefill, "nccl-abandon", timeout_s=60) as (
             store, rx, proc):
         h = rx.recv_header()
-        rx.match(h, 1, 1, 256)
+        match(rx, h, 1, 1, 256)
         dst = gpu_pool(GPU_SPEC, 300, "cuda:1")
         first = h.message_layers(0)
         rx.recv_into_pool(dst[first.start:first.stop], torch.arange(256, device="cuda:1"))
-        rx._fail("test: the decode end gives up")  # aborts, closes the doorbell
+        rx._end.fail("test: the decode end gives up")  # aborts, closes the doorbell
         assert rx.closed
         store.wait(["result"], timedelta(seconds=120))
         result = store.get("result").decode()
@@ -153,7 +162,7 @@ def test_nccl_receiver_sees_the_sender_leave_midway() -> None:
     with _gpu_receiver(nccl_leaving_prefill, "nccl-leave", timeout_s=60) as (
             store, rx, proc):
         h = rx.recv_header()
-        rx.match(h, 1, 1, 256)
+        match(rx, h, 1, 1, 256)
         dst = gpu_pool(GPU_SPEC, 300, "cuda:1")
         ids = torch.arange(256, device="cuda:1")
         store.set("taken", "1")
@@ -170,17 +179,16 @@ def test_nccl_receiver_sees_the_sender_leave_midway() -> None:
 
 @contextmanager
 def _gpu_receiver(prefill: Callable[[int, str], None], tag: str,
-                  timeout_s: float) -> Iterator[tuple[Any, KVChannel, Any]]:
+                  timeout_s: float) -> Iterator[tuple[Any, KVReceiver, Any]]:
     """Start ``prefill(port, name)`` in a process of its own and open the decode end
     (cuda:1); yields the decode store, the channel and the process (joined on exit)."""
-    store, port = KVChannel.host_store(HOST, 0, timeout_s=120)
+    store, port = host_store(HOST, 0, timeout_s=120)
     name = channel_name(tag)
     proc = mp.get_context("spawn").Process(target=prefill, args=(port, name))
     proc.start()
     try:
-        yield store, KVChannel.open(store=store, name=name, rank=1, spec=GPU_SPEC,
-                                    device="cuda:1", timeout_s=timeout_s,
-                                    open_timeout_s=120), proc
+        yield store, open_receiver(store=store, name=name, spec=GPU_SPEC, device="cuda:1",
+                                   timeout_s=timeout_s, open_timeout_s=120), proc
     finally:
         proc.join(60)
         if proc.is_alive():

@@ -1,4 +1,4 @@
-"""The KV channel's doorbell connection (engine/kv_doorbell.py), on its own."""
+"""The KV channel's doorbell connection (engine/kv/doorbell.py), on its own."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch.distributed as dist
 
-from pdserve.engine.kv_doorbell import HEADER_BYTES, Doorbell, DoorbellError, PeerLeft
+from pdserve.engine.kv.doorbell import HEADER_BYTES, Doorbell, DoorbellError, PeerLeft
 
 HOST = "127.0.0.1"
 

@@ -1,6 +1,6 @@
-"""The KV transfer wire protocol (DESIGN.md section 5): what goes over a
-:class:`engine.kv_transfer.KVChannel`, and the pure pieces both ends share (spec, header,
-checksum, errors).
+"""The KV transfer wire protocol (DESIGN.md section 5): what goes over a KV channel
+(:mod:`engine.kv`), and the pure pieces both ends share (spec, header, trailer, checksum,
+errors, the header's match against a reservation).
 
 Wire protocol of one transfer (rank 0 -> rank 1, tensors only, never pickle)::
 
@@ -15,7 +15,7 @@ messages, so per-message costs (a kernel launch, an NCCL operation, host work) s
 against the bytes: 32 one-layer sends of a 4k-token prompt spent more time in fixed costs
 than on NVLink.
 
-The **doorbell** (:mod:`engine.kv_doorbell`, protocol 4) is a TCP connection of the
+The **doorbell** (:mod:`engine.kv.doorbell`, protocol 4) is a TCP connection of the
 channel's own, from the prefill end to the decode end, that carries each transfer's header
 before any data moves: the receiver learns the transfer's geometry and posts its first
 receives at once. An idle receiver waits on it for as long as it likes (a posted Gloo/NCCL
@@ -39,7 +39,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
 from pdserve.engine.config import CacheConfig, ModelConfig
@@ -60,15 +62,17 @@ _H_NUM_BLOCKS, _H_NUM_LAYERS, _H_BYTES_PER_LAYER, _H_CHECK = 4, 5, 6, 7
 _H_NUM_TOKENS, _H_FIRST_TOKEN, _H_LAYERS_PER_MESSAGE = 8, 9, 10
 _H_SPARE = range(11, HEADER_SLOTS)
 
-# Trailer slots.
-_T_MAGIC, _T_VERSION, _T_TRANSFER_ID, _T_EPOCH, _T_STATUS, _T_CHECKSUM = 0, 1, 2, 3, 4, 5
+# Trailer slots. The sender writes every slot on the host but the checksum, which it takes on
+# the device (TRAILER_CHECKSUM).
+_T_MAGIC, _T_VERSION, _T_TRANSFER_ID, _T_EPOCH, _T_STATUS = 0, 1, 2, 3, 4
+TRAILER_CHECKSUM = 5
 _T_FIRST_TOKEN = 6  # set when the header left before the first token existed (layer-wise)
 STATUS_OK = 0
 STATUS_CANCELLED = 1
 
 # Gloo tags (NCCL ignores them; there the order alone frames the stream).
-_TAG_TRAILER = 2
-_TAG_LAYER0 = 16
+TAG_TRAILER = 2
+TAG_LAYER0 = 16
 
 # The header's self-check: a Mersenne prime modulus keeps every product below 2**63.
 CHECKSUM_PRIME = 2_147_483_647  # 2**31 - 1
@@ -112,7 +116,7 @@ class ChannelClosed(TransferError):
 # --------------------------------------------------------------------------------------
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -147,7 +151,7 @@ class ChannelSpec:
     def from_configs(cls, model: ModelConfig, cache: CacheConfig) -> ChannelSpec:
         return cls(
             fingerprint=model.fingerprint(),
-            dtype=_dtype_name(cache.dtype),
+            dtype=dtype_name(cache.dtype),
             block_size=cache.block_size,
             num_layers=model.num_layers,
             num_kv_heads=model.num_kv_heads,
@@ -322,25 +326,69 @@ class TransferHeader:
 
 
 def match_header(
-    header: TransferHeader, expected_transfer_id: int, expected_epoch: int, expected_blocks: int
+    header: TransferHeader,
+    expected_transfer_id: int,
+    expected_epoch: int,
+    expected_blocks: int,
+    expected_tokens: int | None = None,
 ) -> None:
-    """Fail closed unless ``header`` is exactly the transfer the caller reserved blocks for.
+    """Fail closed (:class:`TransferError` naming every field that differs) unless ``header``
+    is exactly the transfer the caller reserved blocks for; ``expected_tokens``, when given,
+    is checked too.
 
-    Pure check; :meth:`KVChannel.match` also drains the rejected transfer."""
-    wrong = []
-    for name, got, want in (
+    The one check of an arriving header against a reservation: the decode worker calls it
+    before it receives a transfer, and drains the transfer it rejects."""
+    expected = [
         ("transfer_id", header.transfer_id, expected_transfer_id),
         ("epoch", header.epoch, expected_epoch),
         ("num_blocks", header.num_blocks, expected_blocks),
-    ):
-        if got != want:
-            wrong.append(f"{name}: got {got}, expected {want}")
+    ]
+    if expected_tokens is not None:
+        expected.append(("num_tokens", header.num_tokens, expected_tokens))
+    wrong = [f"{name}: got {got}, expected {want}" for name, got, want in expected if got != want]
     if wrong:
         raise TransferError(
             f"transfer {header.transfer_id} (epoch {header.epoch}) does not match the "
             f"reservation for transfer {expected_transfer_id} (epoch {expected_epoch}): "
             + "; ".join(wrong)
         )
+
+
+def message_name(h: TransferHeader, m: int) -> str:
+    """``"layer 3"`` or ``"layers 4-7"``: what message ``m`` carries, for errors."""
+    layers = h.message_layers(m)
+    if len(layers) == 1:
+        return f"layer {layers.start}"
+    return f"layers {layers.start}-{layers.stop - 1}"
+
+
+# --------------------------------------------------------------------------------------
+# Trailer
+# --------------------------------------------------------------------------------------
+
+
+def write_trailer(words: NDArray[np.int64], header: TransferHeader, status: int,
+                  first_token: int) -> None:
+    """Fill ``words`` (``int64[TRAILER_SLOTS]`` on the host) with ``header``'s trailer, all
+    but the checksum slot (:data:`TRAILER_CHECKSUM`, zero here), which the sender takes on
+    the device."""
+    words[:] = 0
+    words[_T_FIRST_TOKEN] = first_token
+    words[_T_MAGIC] = TRAILER_MAGIC
+    words[_T_VERSION] = PROTOCOL_VERSION
+    words[_T_TRANSFER_ID] = header.transfer_id
+    words[_T_EPOCH] = header.epoch
+    words[_T_STATUS] = status
+
+
+def read_trailer(words: Sequence[int], header: TransferHeader) -> tuple[int, int, int] | None:
+    """The status, payload checksum and first token in the trailer ``words``, or None unless
+    they are a well-formed trailer of ``header``'s transfer (garbled)."""
+    if (words[_T_MAGIC] != TRAILER_MAGIC or words[_T_VERSION] != PROTOCOL_VERSION
+            or words[_T_TRANSFER_ID] != header.transfer_id or words[_T_EPOCH] != header.epoch
+            or words[_T_STATUS] not in (STATUS_OK, STATUS_CANCELLED)):
+        return None
+    return words[_T_STATUS], words[TRAILER_CHECKSUM], words[_T_FIRST_TOKEN]
 
 
 # --------------------------------------------------------------------------------------
@@ -355,7 +403,7 @@ def layers_per_message(bytes_per_layer: int, num_layers: int,
     return max(1, min(num_layers, target // max(bytes_per_layer, 1)))
 
 
-def _checksum_tensor(t: Tensor, word_offset: int = 0) -> Tensor:
+def checksum_tensor(t: Tensor, word_offset: int = 0) -> Tensor:
     """:func:`kv_checksum` of ``t`` taken at ``word_offset`` as a 0-d int64 tensor on ``t``'s
     device (no host sync): one fused Triton pass on a GPU, the identical torch computation
     elsewhere."""
@@ -371,7 +419,7 @@ def kv_checksum(t: Tensor) -> int:
     ``sum_i word_i * weight(i) mod 2**64`` over 32-bit words, a distinct odd weight per
     position), computed on the tensor's device with no copy of the payload to the host.
     A transfer's checksum is this over its whole payload ``[L, 2, n, bs, Hk, D]``."""
-    return int(_checksum_tensor(t).item())
+    return int(checksum_tensor(t).item())
 
 
 __all__ = [
@@ -383,6 +431,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "STATUS_CANCELLED",
     "STATUS_OK",
+    "TAG_LAYER0",
+    "TAG_TRAILER",
+    "TRAILER_CHECKSUM",
     "TRAILER_MAGIC",
     "TRAILER_SLOTS",
     "ChannelClosed",
@@ -392,8 +443,13 @@ __all__ = [
     "TransferError",
     "TransferHeader",
     "TransferTimeout",
+    "checksum_tensor",
+    "dtype_name",
     "kv_checksum",
     "layers_per_message",
     "match_header",
+    "message_name",
+    "read_trailer",
     "spec_differences",
+    "write_trailer",
 ]

@@ -36,7 +36,7 @@ import time
 
 import torch.distributed as dist
 
-from pdserve.engine.kv_protocol import HEADER_SLOTS
+from pdserve.engine.kv.protocol import HEADER_SLOTS
 
 HEADER_BYTES = HEADER_SLOTS * 8
 # Sent in place of a header by an end that closes on purpose (shutdown), so the other end can
