@@ -145,8 +145,13 @@ def _pack_case(tokens: int, copy_bw: float) -> list[Row]:
     """One request's blocks of one layer, launched eagerly (what a layer-wise send pays,
     launch included) and as CUDA-graph replays (the kernel alone); and the KV channel's
     message, several layers packed with the checksum in the same pass (eagerly)."""
-    from pdserve.engine.kv.protocol import layers_per_message
-    from pdserve.kernels.kv_pack import pack_kv, pack_kv_checksum, unpack_kv, unpack_kv_checksum
+    from pdserve.kernels.kv_pack import (
+        layers_per_message,
+        pack_kv,
+        pack_kv_checksum,
+        unpack_kv,
+        unpack_kv_checksum,
+    )
 
     nbytes = _pack_bytes(tokens)
     layers = layers_per_message(nbytes, 32)  # a llama-3.1-8b request's message

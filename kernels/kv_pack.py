@@ -19,6 +19,17 @@ import torch
 from pdserve.kernels._triton import cdiv, check_launch, jit, tl
 from pdserve.kernels.kv_checksum import kv_checksum_ref
 
+# The size a whole-request transfer aims at per message (see layers_per_message()): the unit
+# this kernel packs. 8 layers of a 4k-token Llama-3-8B prompt (docs/decisions.md).
+MESSAGE_BYTES = 128 << 20
+
+
+def layers_per_message(bytes_per_layer: int, num_layers: int,
+                       target: int = MESSAGE_BYTES) -> int:
+    """How many layers a whole-request transfer puts in one message: about ``target``
+    bytes each (at least one layer, at most all)."""
+    return max(1, min(num_layers, target // max(bytes_per_layer, 1)))
+
 
 @jit
 def _move_blocks_kernel(

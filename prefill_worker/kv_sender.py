@@ -20,7 +20,7 @@ from pdserve.prefill_worker.scheduler import PrefillSeq
 class OutgoingKV:
     """Streams ``seq``'s blocks from ``pool`` [L, 2, N, bs, Hk, D] over ``channel``:
     ``layerwise`` one layer per message as the forward pass produces them, else in messages
-    of about :data:`engine.kv.protocol.MESSAGE_BYTES`.
+    of about :data:`kernels.kv_pack.MESSAGE_BYTES`.
 
     The caller holds ``lock`` (the channel's: one transfer being sent at a time per
     channel) from :meth:`start` until :meth:`finish` or :meth:`cancel` returns. A transfer

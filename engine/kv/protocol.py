@@ -46,6 +46,7 @@ from torch import Tensor
 
 from pdserve.engine.config import CacheConfig, ModelConfig
 from pdserve.kernels import kv_checksum as checksum_kernel
+from pdserve.kernels.kv_pack import MESSAGE_BYTES, layers_per_message
 
 PROTOCOL_VERSION = 4
 KV_LAYOUT = "L,2,N,bs,Hk,D"
@@ -78,8 +79,6 @@ TAG_LAYER0 = 16
 CHECKSUM_PRIME = 2_147_483_647  # 2**31 - 1
 _LAYER_MULT = 1_000_003
 
-# The size a whole-request transfer aims at per message (see layers_per_message()).
-MESSAGE_BYTES = 128 << 20  # 8 layers of a 4k-token 8B prompt (docs/benchmarks.md)
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -394,13 +393,6 @@ def read_trailer(words: Sequence[int], header: TransferHeader) -> tuple[int, int
 # --------------------------------------------------------------------------------------
 # Checksum
 # --------------------------------------------------------------------------------------
-
-
-def layers_per_message(bytes_per_layer: int, num_layers: int,
-                       target: int = MESSAGE_BYTES) -> int:
-    """How many layers a whole-request transfer puts in one message: about ``target``
-    bytes each (at least one layer, at most all)."""
-    return max(1, min(num_layers, target // max(bytes_per_layer, 1)))
 
 
 def checksum_tensor(t: Tensor, word_offset: int = 0) -> Tensor:
