@@ -65,9 +65,15 @@ def deployment(marks: Path, num_prefill: int, num_decode: int,
         return ray.remote(PeerWorker).options(num_cpus=0).remote(
             str(marks), name, peers, name in hang)
 
+    router = ray.remote(StubRouter).options(num_cpus=0).remote()
+    workers = {name: actor(name, decode if name in prefill else prefill)
+               for name in [*prefill, *decode]}
+    # Every actor up before the test times stop(): on a loaded machine an actor's start can
+    # take longer than the stop timeout, and that is not what these tests measure.
+    ray.get([h.__ray_ready__.remote() for h in [router, *workers.values()]])
     return Deployment(
-        ServeConfig(), ray.remote(StubRouter).options(num_cpus=0).remote(), [],
-        {p: actor(p, decode) for p in prefill}, {d: actor(d, prefill) for d in decode},
+        ServeConfig(), router, [],
+        {p: workers[p] for p in prefill}, {d: workers[d] for d in decode},
         port=0, metrics_port=0, started_ray=False,
     )
 
