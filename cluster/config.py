@@ -35,8 +35,15 @@ from pdserve.engine.config import (
     RunnerConfig,
     WorkerConfig,
 )
-from pdserve.router.config import MAX_ATTEMPTS, MAX_WAITING, RouterConfig, ServerConfig
+from pdserve.router.config import (
+    MAX_ATTEMPTS,
+    MAX_WAITING,
+    SCHEDULERS,
+    RouterConfig,
+    ServerConfig,
+)
 from pdserve.router.policy import LocalPrefillRule
+from pdserve.router.slo import SloClasses
 from pdserve.router.validation import (
     MAX_STOP_LEN,
     MAX_STOP_STRINGS,
@@ -92,8 +99,18 @@ class ServeConfig:
                              minimum=1)
     max_waiting: int = knob(MAX_WAITING, "requests queued for a decode lease before new ones "
                             "are refused (RESOURCE_EXHAUSTED)", SCHEDULING, minimum=1)
-    max_attempts: int = knob(MAX_ATTEMPTS, "prefill attempts of a request (after preemptions "
-                             "and worker failures) before it fails", SCHEDULING, minimum=1)
+    max_attempts: int = knob(MAX_ATTEMPTS, "prefill attempts of a request (after worker and "
+                             "transfer failures; preemptions do not count) before it fails",
+                             SCHEDULING, minimum=1)
+    scheduler: str = knob("slo", "slo: admission by predicted TTFT, priority then TTFT "
+                          "deadline order, placement by the cost model's headroom; fifo: "
+                          "arrival order, least-loaded placement (the baseline)", SCHEDULING,
+                          choices=SCHEDULERS)
+    slo_classes: str = knob("", "YAML or JSON file of named SLO classes (objectives, "
+                            "priority, best_effort; see docs/architecture.md); empty: one "
+                            "class 'default' without objectives", SCHEDULING, metavar="FILE")
+    default_slo_class: str = knob("", "the SLO class of a request that names none; empty: "
+                                  "the classes file's default", SCHEDULING, metavar="NAME")
     local_prefill_max_tokens: int = knob(
         0, "prefill prompts of at most N tokens on the decode worker (a short prompt costs "
         "less in place than its hop and KV transfer)", LOCAL, minimum=0, metavar="N")
@@ -147,12 +164,25 @@ class ServeConfig:
         if self.max_batch_tokens < self.block_size:
             raise ValueError(f"max_batch_tokens must be at least one block ({self.block_size} "
                              f"tokens), got {self.max_batch_tokens}")
+        self.slo_class_set()  # the classes file reads, and names the default class
         rule = self.local_prefill  # validates both thresholds (>= 0)
         if self.colocated:  # every prompt is prefilled locally there: a threshold means nothing
             for name in ("local_prefill_max_tokens", "prefill_queue_max_tokens"):
                 if getattr(rule, name):
                     raise ValueError(f"{name} applies to disaggregated mode only (colocated "
                                      f"workers prefill every prompt); got {getattr(rule, name)}")
+
+    def slo_class_set(self) -> SloClasses:
+        """The SLO classes requests may name, from ``slo_classes`` (built in without one)."""
+        classes = SloClasses()
+        if self.slo_classes:
+            path = Path(self.slo_classes)
+            try:
+                raw = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError) as e:
+                raise ValueError(f"slo_classes: cannot read {path}: {e}") from None
+            classes = SloClasses.from_mapping(raw or {}, f"slo_classes {path}")
+        return classes.with_default(self.default_slo_class)
 
     # -- resolution of "auto" ---------------------------------------------------------------
     def resolved_device(self) -> str:
@@ -228,11 +258,11 @@ class ServeConfig:
         return ServerConfig(
             model=self.model, model_config=model_config, limits=limits,
             router=RouterConfig(max_waiting=self.max_waiting, max_attempts=self.max_attempts,
-                                local_prefill=self.local_prefill),
+                                scheduler=self.scheduler, local_prefill=self.local_prefill),
             block_size=self.block_size,
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,
-            frontends=self.frontends,
+            frontends=self.frontends, slo_classes=self.slo_class_set(),
         )
 
     # -- YAML -------------------------------------------------------------------------------

@@ -62,12 +62,14 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: bool = ...) -> None: ...
 
 class Slo(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms")
+    __slots__ = ("ttft_ms", "tpot_ms", "class_name")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: float
     tpot_ms: float
-    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ...) -> None: ...
+    class_name: str
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., class_name: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "matched_stop_str", "matched_stop_token_id", "usage", "timing")
@@ -156,15 +158,35 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("num_prefill_workers", "num_decode_workers", "version", "mode", "uptime_s")
+    __slots__ = ("num_prefill_workers", "num_decode_workers", "version", "mode", "uptime_s", "slo_classes", "default_slo_class", "scheduler")
     NUM_PREFILL_WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    SLO_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     num_prefill_workers: int
     num_decode_workers: int
     version: str
     mode: str
     uptime_s: float
-    def __init__(self, num_prefill_workers: _Optional[int] = ..., num_decode_workers: _Optional[int] = ..., version: _Optional[str] = ..., mode: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    slo_classes: _containers.RepeatedCompositeFieldContainer[SloClass]
+    default_slo_class: str
+    scheduler: str
+    def __init__(self, num_prefill_workers: _Optional[int] = ..., num_decode_workers: _Optional[int] = ..., version: _Optional[str] = ..., mode: _Optional[str] = ..., uptime_s: _Optional[float] = ..., slo_classes: _Optional[_Iterable[_Union[SloClass, _Mapping]]] = ..., default_slo_class: _Optional[str] = ..., scheduler: _Optional[str] = ...) -> None: ...
+
+class SloClass(_message.Message):
+    __slots__ = ("name", "ttft_ms", "tpot_ms", "priority", "best_effort")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    BEST_EFFORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ttft_ms: float
+    tpot_ms: float
+    priority: int
+    best_effort: bool
+    def __init__(self, name: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., priority: _Optional[int] = ..., best_effort: bool = ...) -> None: ...

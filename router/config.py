@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import ModelConfig, ModelSpec
 from pdserve.router.policy import LocalPrefillRule
+from pdserve.router.slo import SloClasses
 from pdserve.router.validation import Limits
 
 MAX_WAITING = 256  # requests queued for a lease before RESOURCE_EXHAUSTED
-MAX_ATTEMPTS = 4  # prefill attempts per request (preemptions and failures)
+MAX_ATTEMPTS = 4  # prefill attempts per request (worker and transfer failures)
+SCHEDULERS = ("slo", "fifo")  # see RouterConfig.scheduler
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,18 @@ class RouterConfig:
 
     max_waiting: int = MAX_WAITING
     max_attempts: int = MAX_ATTEMPTS
+    # "slo": admission by predicted TTFT, priority + EDF order, placement by the cost
+    # model's headroom; "fifo": arrival order, least-loaded placement, no prediction.
+    scheduler: str = "slo"
     # Disaggregated mode: which prompts the decode worker prefills itself (off by default).
     local_prefill: LocalPrefillRule = field(default_factory=LocalPrefillRule)
 
     def __post_init__(self) -> None:
         if self.max_waiting < 1 or self.max_attempts < 1:
             raise ValueError("max_waiting and max_attempts must be >= 1")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, "
+                             f"got {self.scheduler!r}")
 
 
 @dataclass(frozen=True)
@@ -45,3 +53,4 @@ class ServerConfig:
     metrics_port: int  # 0 = any free port; -1 = no /metrics
     mode: str  # disaggregated or colocated
     frontends: int  # gRPC frontend processes sharing the port
+    slo_classes: SloClasses = field(default_factory=SloClasses)

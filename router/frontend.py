@@ -127,7 +127,7 @@ class Frontend:
         """Validate and tokenize; raises RequestError naming the field at fault."""
         assert self.tokenizer is not None
         limits = self.cfg.limits
-        v = validate_request(req, limits)
+        v = validate_request(req, limits, self.cfg.slo_classes)
         ids = self.prompt_ids(req, v)
         max_tokens = effective_max_tokens(len(ids), v.sampling, limits)
         validate_prompt_tokens(ids, max_tokens, limits)
@@ -139,9 +139,7 @@ class Frontend:
         )
         return Submission(
             request_id=v.request_id or uuid.uuid4().hex, prompt_ids=ids, sampling=sampling,
-            stop=s.stop,
-            ttft_slo_s=v.slo.ttft_ms / 1e3 if v.slo.ttft_ms else None,
-            tpot_slo_s=v.slo.tpot_ms / 1e3 if v.slo.tpot_ms else None,
+            stop=s.stop, slo=v.slo,
             waited_s=time.monotonic() - arrival, deadline_s=deadline_s,
         )
 
@@ -221,4 +219,10 @@ class _Servicer(pb_grpc.GenerationServicer):
         return pb.ServerInfo(
             num_prefill_workers=num_prefill, num_decode_workers=num_decode,
             version=VERSION, mode=self.fe.cfg.mode, uptime_s=uptime,
+            slo_classes=[pb.SloClass(name=c.name, ttft_ms=c.ttft_ms or 0.0,
+                                     tpot_ms=c.tpot_ms or 0.0, priority=c.priority,
+                                     best_effort=c.best_effort)
+                         for c in self.fe.cfg.slo_classes.classes],
+            default_slo_class=self.fe.cfg.slo_classes.default,
+            scheduler=self.fe.cfg.router.scheduler,
         )

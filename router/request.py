@@ -44,8 +44,7 @@ class Request:
     prompt_ids: list[int]
     sampling: SamplingParams
     stop: tuple[str, ...]
-    ttft_slo_s: float | None
-    tpot_slo_s: float | None
+    slo: ValidSlo
     arrival: float
     detok: IncrementalDetokenizer
     state: State = State.QUEUED
@@ -73,13 +72,12 @@ class Request:
         return self.state in (State.FINISHED, State.ABORTED, State.FAILED)
 
     @property
-    def slo(self) -> ValidSlo:
-        """The objectives to judge the request against (in milliseconds, as clients set
-        them)."""
-        return ValidSlo(
-            ttft_ms=self.ttft_slo_s * 1e3 if self.ttft_slo_s else None,
-            tpot_ms=self.tpot_slo_s * 1e3 if self.tpot_slo_s else None,
-        )
+    def ttft_slo_s(self) -> float | None:
+        return self.slo.ttft_ms / 1e3 if self.slo.ttft_ms else None
+
+    @property
+    def tpot_slo_s(self) -> float | None:
+        return self.slo.tpot_ms / 1e3 if self.slo.tpot_ms else None
 
     def add_tokens(self, ids: list[int]) -> tuple[str, str | None]:
         """Detokenize ``ids``; returns (text safe to stream now, stop string hit or None).

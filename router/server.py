@@ -119,7 +119,7 @@ class RouterService:
         now = time.monotonic()
         req = Request(
             request_id=sub.request_id, prompt_ids=sub.prompt_ids, sampling=sub.sampling,
-            stop=sub.stop, ttft_slo_s=sub.ttft_slo_s, tpot_slo_s=sub.tpot_slo_s,
+            stop=sub.stop, slo=sub.slo,
             arrival=now - sub.waited_s,
             detok=IncrementalDetokenizer(self.tokenizer, sub.prompt_ids), frontend=frontend,
         )

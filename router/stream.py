@@ -19,6 +19,7 @@ import msgpack
 
 from pdserve.engine.sequence import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.slo import ValidSlo
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,7 @@ class Submission:
     prompt_ids: list[int]
     sampling: SamplingParams
     stop: tuple[str, ...]
-    ttft_slo_s: float | None
-    tpot_slo_s: float | None
+    slo: ValidSlo
     waited_s: float  # on the frontend between the call's arrival and this message
     deadline_s: float | None  # the client's time remaining when sent; None: no deadline
 

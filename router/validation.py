@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.router.slo import ValidSlo
+from pdserve.router.slo import SloClasses, ValidSlo
 
 MAX_REQUEST_ID_LEN = 256
 MIN_TEMPERATURE = 0.01  # a smaller positive temperature is raised to this (0 stays greedy)
 MAX_STOP_STRINGS = 16  # stop strings in one request
 MAX_STOP_LEN = 256  # characters in one stop string
 MAX_STOP_TOKEN_IDS = 64  # stop token ids in one request
+BUILTIN_CLASSES = SloClasses()  # one class, no objectives
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,9 @@ def validate_sampling(s: pb.SamplingParams, limits: Limits) -> ValidSampling:
     )
 
 
-def validate_slo(slo: pb.Slo) -> ValidSlo:
-    """Objectives must be finite and >= 0; 0 means none."""
+def validate_slo(slo: pb.Slo, classes: SloClasses = BUILTIN_CLASSES) -> ValidSlo:
+    """Objectives must be finite and >= 0 (0: the class's); the class must be one of
+    ``classes`` ('' = the default)."""
     values: list[float | None] = []
     for name, v in (("ttft_ms", slo.ttft_ms), ("tpot_ms", slo.tpot_ms)):
         if not (math.isfinite(v) and v >= 0):
@@ -213,10 +215,16 @@ def validate_slo(slo: pb.Slo) -> ValidSlo:
                 f"slo.{name}", f"slo.{name} must be a finite number >= 0 (0: none), got {_fmt(v)}"
             )
         values.append(v if v > 0 else None)
-    return ValidSlo(ttft_ms=values[0], tpot_ms=values[1])
+    cls = classes.get(slo.class_name)
+    if cls is None:
+        raise RequestError(
+            "slo.class_name", f"slo.class_name {slo.class_name[:64]!r} is not an SLO class of "
+            f"this server (it has: {', '.join(classes.names)})")
+    return cls.objectives(values[0], values[1])
 
 
-def validate_request(req: pb.GenerateRequest, limits: Limits) -> ValidRequest:
+def validate_request(req: pb.GenerateRequest, limits: Limits,
+                     classes: SloClasses = BUILTIN_CLASSES) -> ValidRequest:
     """All checks that need no tokenizer, in the order a client would fix them."""
     validate_request_id(req.request_id)
     kind = input_kind(req)
@@ -224,7 +232,7 @@ def validate_request(req: pb.GenerateRequest, limits: Limits) -> ValidRequest:
         request_id=req.request_id,
         input_kind=kind,
         sampling=validate_sampling(req.sampling, limits),
-        slo=validate_slo(req.slo),
+        slo=validate_slo(req.slo, classes),
     )
 
 

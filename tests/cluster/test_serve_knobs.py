@@ -19,7 +19,11 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 # A value other than the default, for the knobs that neither take a choice nor are a flag.
 OTHER = {int: "3", float: "0.5", str: "10.0.0.7"}
-SPECIAL = {"block_size": "32", "max_batch_tokens": "32"}  # a power of two; one block
+SPECIAL = {"block_size": "32", "max_batch_tokens": "32",  # a power of two; one block
+           "slo_classes": str(DEPLOY / "slo-classes.yaml"), "default_slo_class": "batch"}
+# Knobs that only take a value together with another one: (flag, value, YAML line).
+NEEDS = {"default_slo_class": ("--slo-classes", SPECIAL["slo_classes"],
+                               f"slo_classes: {SPECIAL['slo_classes']}\n")}
 
 
 def _flag_args(name: str, kind: type, default: object, choices: tuple[object, ...]) -> list[str]:
@@ -34,11 +38,14 @@ def _flag_args(name: str, kind: type, default: object, choices: tuple[object, ..
 @pytest.mark.parametrize("name", [f.name for f, _ in knobs(ServeConfig)])
 def test_every_knob_is_a_flag_and_a_yaml_key(name: str, tmp_path: Path) -> None:
     f, kind = next((f, k) for f, k in knobs(ServeConfig) if f.name == name)
+    flag, other, line = NEEDS.get(name, (None, None, ""))
     argv = ["serve", *_flag_args(name, kind, f.default, f.metadata["choices"])]
+    if flag is not None:
+        argv += [flag, str(other)]
     value = getattr(serve_config(build_parser().parse_args(argv)), name)
     assert value != f.default
     path = tmp_path / "serve.yaml"
-    path.write_text(f"{name}: {str(value).lower() if kind is bool else value}\n")
+    path.write_text(f"{line}{name}: {str(value).lower() if kind is bool else value}\n")
     assert getattr(ServeConfig.from_yaml(path), name) == value
 
 

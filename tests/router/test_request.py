@@ -2,11 +2,13 @@
 
 from pdserve.engine.sequence import SamplingParams
 from pdserve.router.request import Request
+from pdserve.router.slo import ValidSlo
 from pdserve_testing.detok import CharDetok
 
 
 def make(stop: tuple[str, ...]) -> Request:
-    return Request("r", [1], SamplingParams(), stop, None, None, 0.0, CharDetok())  # type: ignore[arg-type]
+    return Request("r", [1], SamplingParams(), stop, ValidSlo(None, None), 0.0,
+                   CharDetok())  # type: ignore[arg-type]
 
 
 def feed(req: Request, text: str) -> tuple[str, str | None]:

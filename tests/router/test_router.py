@@ -17,6 +17,7 @@ from pdserve.router.metrics import Metrics
 from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.request import Chunk, Request, State
 from pdserve.router.router import Router, RouterConfig
+from pdserve.router.slo import ValidSlo
 from pdserve_testing.detok import CharDetok
 
 _tids = itertools.count(100)
@@ -74,8 +75,8 @@ class Setup:
         return v
 
     async def admit(self, rid: str, n: int) -> Request:
-        req = Request(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=8), (), None, None,
-                      time.monotonic(), CharDetok())  # type: ignore[arg-type]
+        req = Request(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=8), (),
+                      ValidSlo(None, None), time.monotonic(), CharDetok())  # type: ignore[arg-type]
         self.router.admit(req)
         await settle()
         assert req.state == State.PREFILLING and req.lease is not None
