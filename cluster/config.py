@@ -117,6 +117,10 @@ class ServeConfig:
     prefill_queue_max_tokens: int = knob(
         0, "prefill on the decode worker while the prefill worker has more than N prompt "
         "tokens queued (spill a backed-up prefill pool)", LOCAL, minimum=0, metavar="N")
+    local_prefill_by_model: bool = knob(
+        True, "scheduler slo: the decode worker prefills a prompt itself when the cost model "
+        "predicts it faster there and its running requests keep their TPOT objectives (the "
+        "two thresholds above, when set, decide instead)", LOCAL)
     default_max_tokens: int = knob(256, "max_tokens of a request that leaves it unset", LIMITS,
                                    minimum=1)
     max_tokens_limit: int = knob(4096, "largest max_tokens a request may ask for", LIMITS,
@@ -212,8 +216,9 @@ class ServeConfig:
     @property
     def decode_prefills(self) -> bool:
         """Decode workers prefill too: every prompt in colocated mode, some under conditional
-        disaggregation."""
-        return self.colocated or self.local_prefill.enabled
+        disaggregation (by the thresholds, or by the cost model under the slo scheduler)."""
+        return (self.colocated or self.local_prefill.enabled
+                or (self.scheduler == "slo" and self.local_prefill_by_model))
 
     @property
     def num_workers(self) -> int:
@@ -258,7 +263,11 @@ class ServeConfig:
         return ServerConfig(
             model=self.model, model_config=model_config, limits=limits,
             router=RouterConfig(max_waiting=self.max_waiting, max_attempts=self.max_attempts,
-                                scheduler=self.scheduler, local_prefill=self.local_prefill),
+                                scheduler=self.scheduler, max_num_seqs=self.max_num_seqs,
+                                max_batch_tokens=self.max_batch_tokens,
+                                block_size=self.block_size,
+                                decode_prefills=self.decode_prefills,
+                                local_prefill=self.local_prefill),
             block_size=self.block_size,
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,

@@ -76,6 +76,7 @@ def build_request(
     ignore_eos: bool = False,
     ttft_ms: float = 0,
     tpot_ms: float = 0,
+    slo_class: str = "",
     request_id: str = "",
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest from exactly one input (text, token_ids or messages).
@@ -100,7 +101,8 @@ def build_request(
         ignore_eos=ignore_eos,
     )
     req = pb.GenerateRequest(
-        request_id=request_id, sampling=sampling, slo=pb.Slo(ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+        request_id=request_id, sampling=sampling, slo=pb.Slo(ttft_ms=ttft_ms, tpot_ms=tpot_ms,
+                                                    class_name=slo_class)
     )
     if text is not None:
         req.text = text
@@ -227,6 +229,7 @@ class Client:
         ignore_eos: bool = False,
         ttft_ms: float = 0,
         tpot_ms: float = 0,
+        slo_class: str = "",
         request_id: str = "",
         timeout: float | None = None,
     ) -> GenerateStream:
@@ -236,7 +239,7 @@ class Client:
             text=text, token_ids=token_ids, messages=messages, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, ttft_ms=ttft_ms,
-            tpot_ms=tpot_ms, request_id=request_id,
+            tpot_ms=tpot_ms, slo_class=slo_class, request_id=request_id,
         )
         return self.send(req, timeout=timeout)
 
@@ -338,6 +341,7 @@ class AsyncClient:
         ignore_eos: bool = False,
         ttft_ms: float = 0,
         tpot_ms: float = 0,
+        slo_class: str = "",
         request_id: str = "",
         timeout: float | None = None,
     ) -> AsyncGenerateStream:
@@ -346,7 +350,7 @@ class AsyncClient:
             text=text, token_ids=token_ids, messages=messages, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, ttft_ms=ttft_ms,
-            tpot_ms=tpot_ms, request_id=request_id,
+            tpot_ms=tpot_ms, slo_class=slo_class, request_id=request_id,
         )
         return self.send(req, timeout=timeout)
 

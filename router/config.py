@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.engine.config import ModelConfig, ModelSpec
+from pdserve.engine.config import BLOCK_SIZE, MAX_BATCH_TOKENS, MAX_NUM_SEQS, ModelConfig, ModelSpec
+from pdserve.router.cost_model import Profile
 from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.slo import SloClasses
 from pdserve.router.validation import Limits
@@ -27,6 +28,12 @@ class RouterConfig:
     # "slo": admission by predicted TTFT, priority + EDF order, placement by the cost
     # model's headroom; "fifo": arrival order, least-loaded placement, no prediction.
     scheduler: str = "slo"
+    # What the placer must know of the workers (the same values the workers run with).
+    max_num_seqs: int = MAX_NUM_SEQS
+    max_batch_tokens: int = MAX_BATCH_TOKENS
+    block_size: int = BLOCK_SIZE
+    decode_prefills: bool = False  # decode workers can prefill prompts themselves
+    profile: Profile | None = None  # the cost model's calibration; None: learned online
     # Disaggregated mode: which prompts the decode worker prefills itself (off by default).
     local_prefill: LocalPrefillRule = field(default_factory=LocalPrefillRule)
 

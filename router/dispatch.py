@@ -1,14 +1,17 @@
 """Dispatch: where each attempt of a request runs, and the router's view of the worker pools.
 
-An attempt leases blocks on a decode worker (``policy.decode_order``: the first that grants
-a lease wins), then hands the prompt (after a preemption, prompt + generated tokens) to the
-prefill worker ``policy.pick_prefill`` chose, over the pair's KV channel (opened the first
-time the pair is used), or to the decode worker itself: always in colocated mode, and when
-``policy.prefill_locally`` says so under conditional disaggregation.
+An attempt leases blocks on a decode worker, then hands the prompt (after a preemption,
+prompt + generated tokens) to a prefill worker, over the pair's KV channel (opened the first
+time the pair is used), or to the decode worker itself: always in colocated mode, and under
+conditional disaggregation when the placement says so. Under the ``slo`` scheduler the
+router's placer (``router.placement``) names the decode worker and where to prefill
+(``dispatch_to``); under ``fifo`` the first decode worker in ``policy.decode_order`` that
+grants a lease wins, and ``policy.pick_prefill`` and ``policy.prefill_locally`` decide the
+rest (``dispatch``).
 
-The dispatcher keeps what that choice reads: per decode worker what it last reported, per
-prefill worker the prompt tokens handed to it and not prefilled yet. It runs on the router
-actor's event loop, like the ``Router`` that owns it.
+The dispatcher keeps what those choices read: per decode worker what it last reported plus
+the leases granted since, and per worker the prompt tokens handed to it to prefill and not
+prefilled yet. It runs on the router actor's event loop, like the ``Router`` that owns it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import logging
 import time
 from typing import Any
 
-from pdserve.engine.messages import PrefillTask, Reservation, StepReport
+from pdserve.engine.messages import Lease, PrefillTask, Reservation, StepReport
 from pdserve.router.metrics import Metrics
+from pdserve.router.placement import Placement
 from pdserve.router.policy import (
     DecodeLoad,
     LocalPrefillRule,
@@ -50,15 +54,44 @@ class Dispatcher:
         self.metrics = metrics
         self.p_load = {n: PrefillLoad(n) for n in prefill}
         self.d_load = {n: DecodeLoad(n) for n in decode}
-        # Prompt tokens handed to a prefill worker and not prefilled yet, per attempt (by
-        # lease transfer id): (request id, worker, tokens). PrefillLoad.queued_tokens is
-        # their sum per worker, kept by _enqueue and dequeue alone.
-        self._queued: dict[int, tuple[str, PrefillLoad, int]] = {}
+        # Prompt tokens handed to a worker (a prefill worker, or a decode worker that
+        # prefills them itself) and not prefilled yet, per attempt (by lease transfer id):
+        # (request id, worker load, tokens). The loads' queued_tokens and queued_attention
+        # are their sums per worker, kept by _enqueue and dequeue alone.
+        self._queued: dict[int, tuple[str, PrefillLoad | DecodeLoad, int]] = {}
         self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def dispatch(self, req: Request) -> bool:
-        """Lease blocks on a decode worker, then hand the prompt to a prefill worker.
-        False when no decode worker has room (the request stays queued)."""
+        """``fifo``: lease blocks on the first decode worker (``policy.decode_order``) that
+        grants them, then hand the prompt to a prefill worker (``policy.pick_prefill``) or
+        to that decode worker. False when no decode worker has room (the request stays
+        queued)."""
+        await self._release_old(req)
+        tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
+        for load in decode_order(self.d_load.values()):
+            lease = await self.decode[load.name].reserve.remote(self._reservation(req))
+            if lease is not None:
+                break
+        else:
+            return False
+        return await self._start(req, lease, self.prefill_worker_for(len(tokens)), None)
+
+    async def dispatch_to(self, req: Request, where: Placement) -> bool:
+        """``slo``: lease blocks on the decode worker the placer chose and prefill where it
+        said. False when that worker refuses the lease (the router's view of it was
+        stale); the request stays queued."""
+        await self._release_old(req)
+        lease = await self.decode[where.decode].reserve.remote(self._reservation(req))
+        if lease is None:
+            return False
+        p = self.p_load[where.prefill] if where.prefill is not None else None
+        return await self._start(req, lease, p, where)
+
+    def _reservation(self, req: Request) -> Reservation:
+        return Reservation(req.request_id, len(req.prompt_ids) + len(req.output_ids),
+                           len(req.output_ids), req.sampling)
+
+    async def _release_old(self, req: Request) -> None:
         if req.releasing is not None:
             # The failed attempt's lease goes first: a threaded decode actor runs calls
             # concurrently, and a reserve that overtook the abort would find the request
@@ -66,19 +99,17 @@ class Dispatcher:
             releasing, req.releasing = req.releasing, None
             with contextlib.suppress(Exception):  # a dead worker: nothing left to free
                 await releasing
-        tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
-        reservation = Reservation(req.request_id, len(tokens), len(req.output_ids),
-                                  req.sampling)
-        for load in decode_order(self.d_load.values()):
-            lease = await self.decode[load.name].reserve.remote(reservation)
-            if lease is not None:
-                break
-        else:
-            return False
+
+    async def _start(self, req: Request, lease: Lease, p: PrefillLoad | None,
+                     where: Placement | None) -> bool:
+        """Run the attempt under ``lease``: prefill on ``p``, or on the decode worker that
+        granted the lease when ``p`` is None. True: the request left the queue."""
+        tokens = req.prompt_ids + req.output_ids
+        d = self.d_load[lease.worker]
+        d.grant(lease.num_blocks, len(tokens))
         if req.done:  # aborted while we waited for the lease
             self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
             return True
-        p = self._prefill_worker_for(len(tokens))
         if p is not None:
             await self._ensure_channel(p.name, lease.worker)
         if req.done:
@@ -89,16 +120,19 @@ class Dispatcher:
         req.attempts += 1
         req.state = State.PREFILLING
         req.awaiting_first = True
+        if where is not None:
+            req.predicted_tpot_s = where.tpot_s
         if req.attempts == 1:
             req.queue_s = time.monotonic() - req.queued_at
         task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,
                            lease)
+        self._enqueue(req.request_id, p if p is not None else d, lease.transfer_id,
+                      len(tokens))
         if p is None:  # the decode worker prefills the prompt itself
             if self.prefill:  # by conditional disaggregation's choice, not colocated mode
                 self.metrics.observe_local_prefill()
             self.decode[lease.worker].submit.remote(task)
         else:
-            self._enqueue(req.request_id, p, lease.transfer_id, len(tokens))
             self.prefill[p.name].submit.remote(task)
         return True
 
@@ -106,31 +140,33 @@ class Dispatcher:
         """What a decode worker reported of itself with its step."""
         load = self.d_load.get(report.worker)
         if load is not None:
-            load.num_running = report.num_running
-            load.num_free_blocks = report.num_free_blocks
-            load.kv_usage = report.kv_usage
+            load.report(report.num_running, report.num_waiting, report.num_free_blocks,
+                        report.kv_usage, report.context_tokens)
             self.metrics.set_kv_usage(report.worker, report.kv_usage)
 
-    # -- prompt tokens queued on prefill workers ---------------------------------------------
-    def _enqueue(self, request_id: str, p: PrefillLoad, transfer_id: int, n: int) -> None:
-        p.queued_tokens += n
-        self._queued[transfer_id] = (request_id, p, n)
+    # -- prompt tokens queued on the workers that prefill them -------------------------------
+    def _enqueue(self, request_id: str, load: PrefillLoad | DecodeLoad, transfer_id: int,
+                 n: int) -> None:
+        load.queued_tokens += n
+        load.queued_attention += n * n
+        self._queued[transfer_id] = (request_id, load, n)
 
     def dequeue(self, transfer_id: int) -> None:
-        """That attempt's prompt left its prefill worker's queue (first token, abort, or a
+        """That attempt's prompt left its worker's prefill queue (first token, abort, or a
         failed step); once per attempt, whichever report comes first."""
         entry = self._queued.pop(transfer_id, None)
         if entry is not None:
-            _, p, n = entry
-            p.queued_tokens -= n
+            _, load, n = entry
+            load.queued_tokens -= n
+            load.queued_attention -= n * n
 
     def dequeue_request(self, request_id: str, worker: str) -> None:
         """Every attempt of ``request_id`` still queued on ``worker``."""
-        for tid, (rid, p, _) in list(self._queued.items()):
-            if rid == request_id and p.name == worker:
+        for tid, (rid, load, _) in list(self._queued.items()):
+            if rid == request_id and load.name == worker:
                 self.dequeue(tid)
 
-    def _prefill_worker_for(self, num_tokens: int) -> PrefillLoad | None:
+    def prefill_worker_for(self, num_tokens: int) -> PrefillLoad | None:
         """The prefill worker for ``num_tokens`` tokens to prefill, or None when the decode
         worker that leased them prefills them itself: always in colocated mode (there are
         no prefill workers), and in disaggregated mode when ``local_prefill`` says so."""

@@ -1,10 +1,12 @@
-"""Which workers a request goes to. Pure functions over the router's view of the pools.
+"""The router's view of the worker pools, and the ``fifo`` scheduler's placement rules
+(pure functions over that view; the ``slo`` scheduler places by ``router.placement``).
 
 The router tracks, per worker, what it last reported (decode: running sequences, free
-blocks) and what it has handed out since (prefill: prompt tokens queued). The order below is
-the order in which decode workers are asked for a lease: the first that grants one wins.
-Then ``prefill_locally`` decides whether the prompt goes to a prefill worker or is
-prefilled by that decode worker itself (conditional disaggregation).
+blocks) and what it has handed out since (leases; prompt tokens queued). Under ``fifo``
+``decode_order`` is the order in which decode workers are asked for a lease (the first that
+grants one wins), then ``prefill_locally`` decides whether the prompt goes to a prefill
+worker or is prefilled by that decode worker itself (conditional disaggregation by static
+thresholds; under ``slo`` the thresholds, when set, override the cost model's choice).
 """
 
 from __future__ import annotations
@@ -15,20 +17,58 @@ from dataclasses import dataclass
 
 @dataclass
 class PrefillLoad:
-    """The router's running estimate of one prefill worker's queue."""
+    """The router's running estimate of one prefill worker's queue: prompt tokens handed to
+    it and not prefilled yet, and their attention work (sum of n^2 per prompt, the cost
+    model's term)."""
 
     name: str
     queued_tokens: int = 0
+    queued_attention: int = 0
 
 
 @dataclass
 class DecodeLoad:
-    """What one decode worker last reported, plus leases granted since."""
+    """What one decode worker last reported, plus the leases granted since (counted the
+    moment they are granted, so a burst does not all land on one worker before it reports
+    a step), plus the prompts it prefills itself that have not produced a first token."""
 
     name: str
     num_running: int = 0
     num_free_blocks: int = 0
     kv_usage: float = 0.0
+    num_waiting: int = 0  # leases whose sequence is not running yet, as last reported
+    context_tokens: int = 0  # of the running batch, as last reported
+    granted: int = 0  # leases granted since the last report ...
+    granted_blocks: int = 0  # ... the blocks they hold ...
+    granted_tokens: int = 0  # ... and their context
+    queued_tokens: int = 0  # local prefill: prompt tokens handed to it, not prefilled yet
+    queued_attention: int = 0
+
+    @property
+    def batch(self) -> int:
+        """Sequences it runs or has promised a seat to."""
+        return self.num_running + self.num_waiting + self.granted
+
+    @property
+    def free_blocks(self) -> int:
+        return self.num_free_blocks - self.granted_blocks
+
+    @property
+    def context(self) -> int:
+        return self.context_tokens + self.granted_tokens
+
+    def grant(self, blocks: int, tokens: int) -> None:
+        self.granted += 1
+        self.granted_blocks += blocks
+        self.granted_tokens += tokens
+
+    def report(self, num_running: int, num_waiting: int, num_free_blocks: int,
+               kv_usage: float, context_tokens: int) -> None:
+        """A step report: it counts every lease granted before it was made."""
+        self.num_running, self.num_waiting = num_running, num_waiting
+        self.num_free_blocks, self.kv_usage = num_free_blocks, kv_usage
+        self.context_tokens = context_tokens
+        self.granted = self.granted_blocks = self.granted_tokens = 0
 
 
 def pick_prefill(workers: Iterable[PrefillLoad]) -> PrefillLoad:

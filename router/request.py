@@ -53,7 +53,11 @@ class Request:
     lease: Lease | None = None
     releasing: Any = None  # a failed attempt's lease abort (awaitable) still under way
     prefill_worker: str = ""
-    attempts: int = 0
+    attempts: int = 0  # dispatches; failures among them count against max_attempts
+    failures: int = 0
+    order: int = 0  # admission order (the router's counter): ties, and preemption victims
+    predicted_ttft_s: float | None = None  # at admission, from arrival (slo scheduler)
+    predicted_tpot_s: float | None = None  # at the last dispatch
     queued_at: float = 0.0
     # timing (router clock, monotonic)
     t_first: float = 0.0

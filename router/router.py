@@ -14,23 +14,30 @@ and are applied synchronously, so they never interleave mid-update.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pdserve.engine.messages import FirstToken, StepReport, TransferDone
+from pdserve.router.admission import FinishRate, judge, predict_ttft
 from pdserve.router.config import RouterConfig
+from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.metrics import Metrics
+from pdserve.router.placement import Ask, Placement, Placer
+from pdserve.router.policy import pick_prefill, prefill_locally
 from pdserve.router.request import Chunk, Request, State
+from pdserve.router.waiting import WaitQueue
 
 log = logging.getLogger("pdserve.router")
 
 
-class QueueFull(Exception):
-    """Admission refused: the bounded wait queue is full."""
+class Refused(Exception):
+    """Admission refused (RESOURCE_EXHAUSTED): the request's predicted TTFT misses its
+    objective, or the wait queue is at its cap."""
 
 
 class Router:
@@ -51,21 +58,37 @@ class Router:
         self.metrics = metrics
         self.out = out  # hands a request's next chunk to its client stream
         self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics)
+        self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
+        self.placer = Placer(self.model, cfg.max_num_seqs, cfg.block_size,
+                             cfg.decode_prefills)
+        self.finishes = FinishRate()
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitQueue(cfg.scheduler)
+        self._order = itertools.count(1)
         self._pumping = False
         self._repump = False
 
     # -- admission --------------------------------------------------------------------------
     def admit(self, req: Request) -> None:
-        """Queue a validated request; raises QueueFull when the wait queue is at its cap."""
+        """Queue a validated request; raises Refused when admission turns it away."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         if len(self.waiting) >= self.cfg.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests already waiting")
-        req.queued_at = time.monotonic()
+            raise Refused(f"queue full: {len(self.waiting)} requests already waiting")
+        now = time.monotonic()
+        if self.cfg.scheduler == "slo" and self.model.calibrated:
+            d = self.dispatcher
+            predicted = predict_ttft(self.placer, req, self.waiting.ahead_of(req, now),
+                                     d.p_load.values(), d.d_load.values(),
+                                     self.finishes.rate(now), now)
+            verdict = judge(req, predicted)
+            if verdict.refusal:
+                raise Refused(verdict.refusal)
+            req.predicted_ttft_s = predicted
+        req.order = next(self._order)
+        req.queued_at = now
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        self.waiting.push(req)
         self._update_queue_gauges()
         self._spawn(self._pump())
 
@@ -74,7 +97,7 @@ class Router:
         task.add_done_callback(_log_failure)
 
     async def _pump(self) -> None:
-        """Dispatch waiting requests in order while some decode worker grants a lease."""
+        """Dispatch waiting requests while the workers have room."""
         if self._pumping:
             self._repump = True
             return
@@ -82,26 +105,95 @@ class Router:
         try:
             while True:
                 self._repump = False
-                while self.waiting:
-                    req = self.waiting[0]
-                    if req.done:
-                        self.waiting.popleft()
-                        continue
-                    try:
-                        if not await self.dispatcher.dispatch(req):
-                            break
-                    except Exception as e:  # a worker or channel failed: this request fails
-                        log.exception("dispatch of %s failed", req.request_id)
-                        if not req.done:
-                            self._fail(req, "UNAVAILABLE", f"dispatch failed: {e}")
-                    # A preempted request may have been put in front meanwhile.
-                    if req in self.waiting:
-                        self.waiting.remove(req)
+                if self.cfg.scheduler == "fifo":
+                    await self._pump_fifo()
+                else:
+                    await self._pump_slo()
                 if not self._repump:
                     break
         finally:
             self._pumping = False
+            self.waiting.prune()
             self._update_queue_gauges()
+
+    async def _pump_fifo(self) -> None:
+        """In arrival order, stopping at the first request no decode worker has room for."""
+        while True:
+            self.waiting.prune()
+            order = self.waiting.ordered(time.monotonic())
+            if not order:
+                return
+            req = order[0]
+            if not await self._try(req, None):
+                return
+
+    async def _pump_slo(self) -> None:
+        """In the wait queue's order (priority, then TTFT deadline), each request to the
+        placement the cost model rates best; one that fits nowhere now does not hold back
+        the ones behind it."""
+        tight = self._tightest_tpot()
+        refused: set[str] = set()  # decode workers that refused a lease this round
+        for req in self.waiting.ordered(time.monotonic()):
+            if req.done:
+                continue
+            if all(d.batch >= self.cfg.max_num_seqs or d.name in refused
+                   for d in self.dispatcher.d_load.values()):
+                return  # no seat anywhere: the next step report or finish pumps again
+            where = self._place(req, tight, refused)
+            if where is None:
+                continue
+            if await self._try(req, where):
+                if req.tpot_slo_s and req.lease is not None:
+                    w = req.lease.worker
+                    tight[w] = min(tight.get(w, math.inf), req.tpot_slo_s)
+            else:
+                refused.add(where.decode)
+
+    async def _try(self, req: Request, where: Placement | None) -> bool:
+        """Dispatch ``req`` (to ``where``, or by the fifo rules); False when it stays
+        queued for want of a lease."""
+        try:
+            ok = await (self.dispatcher.dispatch(req) if where is None
+                        else self.dispatcher.dispatch_to(req, where))
+        except Exception as e:  # a worker or channel failed: this request fails
+            log.exception("dispatch of %s failed", req.request_id)
+            if not req.done:
+                self._fail(req, "UNAVAILABLE", f"dispatch failed: {e}")
+            ok = True
+        if ok:
+            self.waiting.remove(req)
+        return ok
+
+    def _place(self, req: Request, tight: dict[str, float],
+               refused: set[str]) -> Placement | None:
+        """Where ``req`` goes now, or None if no decode worker has room for it."""
+        d = self.dispatcher
+        n = len(req.prompt_ids) + len(req.output_ids)
+        decode = [w for w in d.d_load.values() if w.name not in refused]
+        if not self.model.calibrated:  # no predictions yet: least loaded, by the view
+            room = [w for w in decode if self.placer.has_room(w, n)]
+            if not room:
+                return None
+            w = min(room, key=lambda w: (w.batch, w.kv_usage))
+            p = d.prefill_worker_for(n)
+            return Placement(w.name, p.name if p else None, 0.0, 0.0, 0.0, True, 0.0)
+        options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, tight)
+        rule = self.cfg.local_prefill
+        if rule.enabled and d.p_load:  # the static thresholds, where set, decide
+            local = prefill_locally(n, pick_prefill(d.p_load.values()), rule)
+            options = [o for o in options if (o.prefill is None) == local]
+        # Never at the cost of the TPOT objectives of the requests already on a worker.
+        options = [o for o in options if o.tpot_s <= tight.get(o.decode, math.inf)]
+        return options[0] if options else None
+
+    def _tightest_tpot(self) -> dict[str, float]:
+        """Per decode worker, the tightest TPOT objective among the requests it holds."""
+        out: dict[str, float] = {}
+        for r in self.requests.values():
+            if r.lease is not None and r.tpot_slo_s and not r.done:
+                w = r.lease.worker
+                out[w] = min(out.get(w, math.inf), r.tpot_slo_s)
+        return out
 
     async def open_channels(self) -> None:
         """Open every (prefill, decode) KV channel now, so that no request pays for it."""
@@ -111,6 +203,9 @@ class Router:
     def on_first_token(self, msg: FirstToken) -> None:
         # Whether or not the request is still here (a local prefill was never queued).
         self.dispatcher.dequeue(msg.transfer_id)
+        if msg.step is not None:  # the prefill step that ended this prompt
+            self.model.observe_prefill_step(msg.worker, msg.step.tokens, msg.step.attention,
+                                            msg.step.seconds)
         req = self.requests.get(msg.request_id)
         if req is None or req.done or not req.awaiting_first or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:
@@ -140,6 +235,9 @@ class Router:
         req = self.requests.get(msg.request_id)
         if msg.ok:
             self.metrics.observe_transfer(msg.seconds, msg.nbytes)
+            if req is not None and req.lease is not None and msg.seconds > 0:
+                self.model.observe_transfer((msg.worker, req.lease.worker), msg.nbytes,
+                                            msg.seconds)
         else:  # a failed prefill step reports no first token, only this
             self.dispatcher.dequeue_request(msg.request_id, msg.worker)
         if req is None or req.done:
@@ -152,6 +250,10 @@ class Router:
 
     def on_step(self, report: StepReport) -> None:
         self.dispatcher.record_step(report)
+        if report.step_s > 0 and (report.tokens or report.prefill_tokens):
+            self.model.observe_decode_step(report.worker, len(report.tokens),
+                                           report.context_tokens, report.step_s,
+                                           report.prefill_tokens, report.prefill_attention)
         now = time.monotonic()
         for rid in report.joined:
             req = self.requests.get(rid)
@@ -197,12 +299,13 @@ class Router:
             return
         log.info("re-dispatching %s: %s", req.request_id, why)
         if req.lease is not None:
+            self.dispatcher.dequeue(req.lease.transfer_id)  # a local prefill left undone
             # The next reserve waits for this (see Dispatcher.dispatch).
             req.releasing = self.decode[req.lease.worker].abort.remote(
                 req.request_id, req.lease.transfer_id)
         req.lease = None
         req.state = State.QUEUED
-        self.waiting.appendleft(req)
+        self.waiting.push_retry(req)
         self._spawn(self._pump())
 
     # -- output -----------------------------------------------------------------------------
@@ -222,12 +325,14 @@ class Router:
     def _finish(self, req: Request, state: State, reason: str) -> None:
         req.state = state
         self.requests.pop(req.request_id, None)
+        now = time.monotonic()
+        if state == State.FINISHED:
+            self.finishes.observe(now)
         if req.lease is not None:
             # A stop string, a first token that ends the request, or an abort leave the
             # sequence (or its lease) on the decode worker; when the worker finished it
             # itself, this finds nothing there.
             self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
-        now = time.monotonic()
         n = len(req.output_ids)
         tpot = (req.t_last - req.t_first) / (n - 1) if n > 1 and req.t_first else 0.0
         ttft = req.t_first - req.arrival if req.t_first else None
@@ -258,6 +363,8 @@ class Router:
             self.prefill[req.prefill_worker].abort.remote(request_id)
             # What the prefill worker drops now never reports a first token.
             self.dispatcher.dequeue_request(request_id, req.prefill_worker)
+        if req.lease is not None:  # nor a prompt its decode worker prefills itself
+            self.dispatcher.dequeue(req.lease.transfer_id)
         if code is not None:
             self._fail(req, code, f"request {request_id}: {reason}")
         else:

@@ -24,7 +24,7 @@ from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tok
 from pdserve.router.config import ServerConfig
 from pdserve.router.metrics import Metrics
 from pdserve.router.request import Chunk, Request
-from pdserve.router.router import QueueFull, Router
+from pdserve.router.router import Refused, Router
 from pdserve.router.stream import StreamEnd, StreamItem, Submission, encode
 
 log = logging.getLogger("pdserve.server")
@@ -125,8 +125,8 @@ class RouterService:
         )
         try:
             router.admit(req)
-        except QueueFull as e:
-            return "RESOURCE_EXHAUSTED", f"queue full: {e}"
+        except Refused as e:
+            return "RESOURCE_EXHAUSTED", str(e)
         except ValueError as e:
             return "ALREADY_EXISTS", f"request_id: {e}"
         if sub.deadline_s is not None:

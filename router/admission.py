@@ -1,0 +1,91 @@
+"""Admission under the ``slo`` scheduler: a request whose predicted TTFT misses its
+objective even if it is scheduled now is refused at once (RESOURCE_EXHAUSTED, the message
+giving the predicted and the objective TTFT), unless its class is best-effort.
+
+The prediction, from the request's arrival: the time it already waited (on the frontend),
+then the longer of two waits, each followed by its own prefill:
+
+- the prefill queue: the prompt tokens queued on the best worker plus those of the waiting
+  requests the wait queue serves before it (``WaitQueue.ahead_of``);
+- a decode seat: when the requests ahead of it outnumber the free seats, the extra ones
+  wait for sequences to finish, at the rate they have been finishing (``FinishRate``).
+
+A refused request costs nothing; an admitted one that misses all the same is counted by the
+SLO metrics. Backpressure thus follows what the deployment can serve in time, and
+``max_waiting`` stays only as a bound on the router's memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pdserve.router.placement import Ask, Placer
+from pdserve.router.policy import DecodeLoad, PrefillLoad
+from pdserve.router.request import Request
+
+FINISH_WINDOW_S = 10.0  # the finish rate is measured over this much recent time
+
+
+class FinishRate:
+    """Requests finished per second over the last ``window_s`` seconds."""
+
+    def __init__(self, window_s: float = FINISH_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def observe(self, now: float) -> None:
+        self._times.append(now)
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        """0.0 until two requests finished within the window (no rate to speak of)."""
+        self._trim(now)
+        if len(self._times) < 2:
+            return 0.0
+        span = max(now - self._times[0], 1e-3)
+        return len(self._times) / max(span, self.window_s / 2)
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Admission's answer: the predicted TTFT (seconds from arrival) and, if refused, why."""
+
+    predicted_ttft_s: float
+    refusal: str = ""
+
+
+def predict_ttft(placer: Placer, req: Request, ahead: Sequence[Request],
+                 prefill: Iterable[PrefillLoad], decode: Iterable[DecodeLoad],
+                 finish_rate: float, now: float) -> float:
+    """``req``'s TTFT from its arrival if dispatched behind ``ahead`` (see the module
+    docstring)."""
+    prefill, decode = list(prefill), list(decode)
+    ask = Ask(len(req.prompt_ids) + len(req.output_ids), req.slo)
+    lengths = [len(r.prompt_ids) + len(r.output_ids) for r in ahead]
+    behind_queue = placer.best_ttft_s(ask, prefill, decode, sum(lengths),
+                                      sum(n * n for n in lengths))
+    own = placer.best_ttft_s(ask, prefill, decode)
+    free = sum(max(0, placer.max_num_seqs - d.batch) for d in decode)
+    short = len(ahead) + 1 - free
+    seat_wait = short / finish_rate if short > 0 and finish_rate > 0 else 0.0
+    return (now - req.arrival) + max(behind_queue, seat_wait + own)
+
+
+def judge(req: Request, predicted_ttft_s: float) -> Verdict:
+    """Refuse ``req`` if the prediction misses its TTFT objective and its class is not
+    best-effort."""
+    objective = req.ttft_slo_s
+    if objective is None or req.slo.best_effort or predicted_ttft_s <= objective \
+            or not math.isfinite(objective):
+        return Verdict(predicted_ttft_s)
+    return Verdict(predicted_ttft_s, (
+        f"predicted TTFT {predicted_ttft_s * 1e3:.0f} ms exceeds the objective "
+        f"{objective * 1e3:.0f} ms (SLO class {req.slo.class_name}); retry later or relax "
+        "slo.ttft_ms"))

@@ -1,0 +1,127 @@
+"""Placement and admission under the slo scheduler, on synthetic loads and a cost model
+calibrated from a synthetic profile (prefill step 10 ms + 1 ms a token; decode step 20 ms +
+1 ms a sequence; max_batch_tokens 100)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pdserve.engine.sequence import SamplingParams
+from pdserve.router.admission import FinishRate, judge, predict_ttft
+from pdserve.router.cost_model import CostModel, LinearFit, Profile, TransferFit
+from pdserve.router.placement import Ask, Placer
+from pdserve.router.policy import DecodeLoad, PrefillLoad
+from pdserve.router.request import Request
+from pdserve.router.slo import ValidSlo
+from pdserve_testing.detok import CharDetok
+
+PROFILE = Profile(
+    device="cpu", model="synthetic", dtype="float32", block_size=16, max_batch_tokens=100,
+    kv_bytes_per_token=1000, prefill=LinearFit(0.010, 0.001, 0.0),
+    decode=LinearFit(0.020, 0.001, 0.0), transfer=TransferFit(0.001, 1e6), samples={},
+)
+
+
+def placer(local: bool = True, seats: int = 8) -> Placer:
+    return Placer(CostModel(PROFILE), max_num_seqs=seats, block_size=16, local_prefill=local)
+
+
+def free(name: str, running: int = 0, blocks: int = 1000) -> DecodeLoad:
+    return DecodeLoad(name, num_running=running, num_free_blocks=blocks)
+
+
+def test_predictions_follow_the_cost_model() -> None:
+    pl = placer()
+    p = PrefillLoad("p0", queued_tokens=150)
+    # queue 150 + prompt 50 = 200 tokens: 2 steps of 100 -> 2 * 10 ms + 200 * 1 ms
+    assert pl.remote_ttft_s(p, 50) == pytest.approx(0.22)
+    d = free("d0", running=3)
+    # joining makes a batch of 4: 20 ms + 4 ms
+    assert pl.step_s(d, 50) == pytest.approx(0.024)
+
+
+def test_the_worker_with_most_headroom_wins() -> None:
+    pl = placer(local=False)
+    ps = [PrefillLoad("p0", queued_tokens=400), PrefillLoad("p1")]
+    ds = [free("d0", running=6), free("d1", running=1)]
+    best = pl.options(Ask(50, ValidSlo(500, 100)), ps, ds, {})[0]
+    assert (best.prefill, best.decode, best.feasible) == ("p1", "d1", True)
+
+
+def test_a_full_decode_worker_is_never_offered() -> None:
+    pl = placer(seats=2)
+    ds = [free("d0", running=2), free("d1", blocks=3)]  # no seat; too few blocks for 50
+    assert pl.options(Ask(50, ValidSlo(None, None)), [PrefillLoad("p0")], ds, {}) == []
+    assert pl.has_room(free("d2", blocks=4), 50)  # 51 tokens: 4 blocks of 16
+
+
+def test_tpot_objectives_of_running_requests_bound_the_batch() -> None:
+    pl = placer(local=False)
+    ds = [free("d0", running=5)]  # joining: 26 ms a step
+    opts = pl.options(Ask(10, ValidSlo(None, None)), [PrefillLoad("p0")], ds, {"d0": 0.025})
+    assert opts and not opts[0].feasible
+    opts = pl.options(Ask(10, ValidSlo(None, None)), [PrefillLoad("p0")], ds, {"d0": 0.030})
+    assert opts[0].feasible
+
+
+def test_local_prefill_wins_when_the_prefill_worker_is_backed_up() -> None:
+    pl = placer(local=True)
+    ask = Ask(20, ValidSlo(300, 100))
+    idle_p = [PrefillLoad("p0")]
+    busy_p = [PrefillLoad("p0", queued_tokens=2000)]  # 2 s of queue
+    ds = [free("d0", running=2)]
+    assert pl.options(ask, idle_p, ds, {})[0].prefill == "p0"
+    best = pl.options(ask, busy_p, ds, {})[0]
+    assert best.prefill is None and best.feasible
+
+
+def test_colocated_placement_is_local() -> None:
+    pl = placer(local=True)
+    opts = pl.options(Ask(20, ValidSlo(None, None)), [], [free("d0"), free("d1", 4)], {})
+    assert [o.prefill for o in opts] == [None, None] and opts[0].decode == "d0"
+
+
+def request(ttft_ms: float | None, n: int = 50, arrival: float = 0.0,
+            best_effort: bool = False) -> Request:
+    return Request("r", list(range(n)), SamplingParams(), (),
+                   ValidSlo(ttft_ms, None, "c", 0, best_effort), arrival,
+                   CharDetok())  # type: ignore[arg-type]
+
+
+def test_admission_counts_the_queue_ahead_and_the_time_waited() -> None:
+    pl = placer(local=False)
+    ps, ds = [PrefillLoad("p0")], [free("d0")]
+    alone = predict_ttft(pl, request(1000), [], ps, ds, 0.0, now=0.0)
+    assert alone == pytest.approx(0.010 + 0.050)
+    ahead = [request(1000, n=100), request(1000, n=50)]
+    # 200 tokens: 2 steps -> 20 ms + 200 ms, after 0.1 s already waited
+    assert predict_ttft(pl, request(1000, arrival=0.0), ahead, ps, ds, 0.0, now=0.1) == \
+        pytest.approx(0.1 + 0.22)
+
+
+def test_admission_waits_for_seats_at_the_finish_rate() -> None:
+    pl = placer(local=False, seats=2)
+    ds = [free("d0", running=2)]  # no seat free
+    ahead = [request(None, n=1), request(None, n=1), request(None, n=1)]
+    # 3 ahead + this one, 0 seats free: 4 finishes at 2 a second = 2 s, then its prefill
+    got = predict_ttft(pl, request(5000), ahead, [PrefillLoad("p0")], ds, 2.0, now=0.0)
+    assert got == pytest.approx(2.0 + 0.06)
+
+
+def test_judge_refuses_naming_prediction_and_objective() -> None:
+    v = judge(request(100), 0.25)
+    assert "predicted TTFT 250 ms exceeds the objective 100 ms (SLO class c)" in v.refusal
+    assert judge(request(300), 0.25).refusal == ""
+    assert judge(request(100, best_effort=True), 0.25).refusal == ""
+    assert judge(request(None), math.inf).refusal == ""
+
+
+def test_finish_rate_over_the_window() -> None:
+    fr = FinishRate(window_s=10.0)
+    assert fr.rate(0.0) == 0.0
+    for t in range(20):
+        fr.observe(t * 0.5)  # 2 a second
+    assert fr.rate(10.0) == pytest.approx(2.0, rel=0.1)
+    assert fr.rate(100.0) == 0.0  # all outside the window
