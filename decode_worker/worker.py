@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
+from pdserve.engine.chunking import attention_work
 from pdserve.engine.config import WorkerConfig, blocks_for
 from pdserve.engine.device import describe_device
 from pdserve.engine.first_token import FirstTokenReporter
@@ -268,6 +269,10 @@ class DecodeWorker:
                 if not batch and not plan.chunks and not plan.preempted and not failed:
                     self._cv.wait(timeout=0.05)
                     continue
+            # What the step runs, for the cost model (one pass over the batch and chunks).
+            context = sum(s.num_tokens for s in batch)
+            prompt_tokens = sum(c.length for c in plan.chunks)
+            prompt_attention = attention_work((c.start, c.length) for c in plan.chunks)
             t0 = time.monotonic()
             if plan.chunks:
                 tokens, firsts = self._mixed_step(batch, plan.chunks)
@@ -276,7 +281,7 @@ class DecodeWorker:
             step_s = time.monotonic() - t0
             if step_s > SLOW_STEP_S:
                 log.warning("slow decode step: %.3f s, batch %d, %d prompt tokens", step_s,
-                            len(batch), sum(len(c.token_ids) for c in plan.chunks))
+                            len(batch), prompt_tokens)
             with self._cv:
                 outs = self.sched.postprocess(batch, tokens)
                 if plan.chunks:
@@ -286,6 +291,9 @@ class DecodeWorker:
                     worker=self.name, tokens=outs, joined=joined, preempted=plan.preempted,
                     failed=failed, step_s=step_s, num_running=len(self.sched.running),
                     num_free_blocks=self.allocator.num_free, kv_usage=self.allocator.usage,
+                    context_tokens=context, prefill_tokens=prompt_tokens,
+                    prefill_attention=prompt_attention,
+                    num_waiting=len(self.sched.reserved) + len(self.sched.ready),
                 )
             self.router.on_step.remote(report)
 

@@ -9,11 +9,23 @@ again is a new prompt here.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 S = TypeVar("S", bound=Hashable)
+
+
+def attention_work(chunks: Iterable[tuple[int, int]]) -> int:
+    """A prefill step's attention work: for each ``(start, length)`` chunk (``length`` new
+    tokens after ``start`` cached ones), ``length * (start + length)`` query-key pairs, its
+    rows times the keys the last row sees. A prompt of n tokens from scratch is n**2.
+
+    The workers report it with each step's timing and the router's cost model
+    (``router.cost_model``, DistServe's prefill form) is fitted on it; one definition here
+    serves both, since the engine may not import the router.
+    """
+    return sum(length * (start + length) for start, length in chunks)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,17 @@ class PrefillTask:
 
 
 @dataclass(frozen=True)
+class StepTiming:
+    """One prefill step as the worker measured it, for the router's cost model: ``tokens``
+    new tokens in the step, its attention work (``engine.chunking.attention_work``) and its
+    wall seconds (forward pass and sampling)."""
+
+    tokens: int
+    attention: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class FirstToken:
     """Worker -> router, sent the moment the first token is sampled (TTFT ends): by the
     prefill worker, or by a decode worker that prefilled the prompt itself."""
@@ -61,6 +72,11 @@ class FirstToken:
     finish_reason: str | None
     queue_s: float
     prefill_s: float
+    # The prefill worker's step in which this prompt's last chunk ran. Only the first prompt
+    # reported from a step carries it (the others None), so the router observes each step
+    # once. A decode worker's local prefill leaves it None: its prompt chunks are in the
+    # mixed step's StepReport (prefill_tokens, prefill_attention).
+    step: StepTiming | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,14 @@ class StepReport:
     num_running: int = 0
     num_free_blocks: int = 0
     kv_usage: float = 0.0
+    # For the router's cost model: the step ran ``len(tokens)`` sequences (those aborted
+    # during it aside) holding ``context_tokens`` tokens of context in all (the new ones
+    # included), plus, with local prefill, ``prefill_tokens`` prompt tokens of attention
+    # work ``prefill_attention`` mixed into the same forward pass; ``step_s`` is its time.
+    context_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_attention: int = 0
+    num_waiting: int = 0  # leases not running yet: reserved (KV or prompt to come) + ready
 
 
 @dataclass(frozen=True)

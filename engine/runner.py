@@ -158,6 +158,13 @@ class ModelRunner:
         graphs.capture()
         self.graphs = graphs
 
+    def synchronize(self) -> None:
+        """Wait for the work queued so far on the compute stream (not on the KV channels'
+        streams); a no-op on the CPU. A step that samples nothing calls it, so that the
+        time it reports, and the next step's, are their own."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def _slots(self, block_ids: Sequence[int], start: int, n: int) -> list[int]:
         bs = self.block_size
         return [block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]

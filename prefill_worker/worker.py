@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pdserve.engine.chunking import attention_work
 from pdserve.engine.config import WorkerConfig
 from pdserve.engine.device import describe_device
 from pdserve.engine.first_token import FirstTokenReporter
 from pdserve.engine.kv import ChannelSpec, KVSender, connect_store, open_sender
-from pdserve.engine.messages import PrefillTask, TransferDone, WorkerStats
+from pdserve.engine.messages import PrefillTask, StepTiming, TransferDone, WorkerStats
 from pdserve.engine.runner import PrefillItem
 from pdserve.engine.sampler import sample
 from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
@@ -174,10 +175,14 @@ class PrefillWorker:
                 tokens = sample(
                     logits[last], [t.sampling for t in tasks], [t.num_generated for t in tasks]
                 )
+            else:  # sampling reads nothing back: wait for the GPU here, so the step is timed
+                self.runner.synchronize()
             now = time.monotonic()
-            if now - t_step > SLOW_STEP_S:
-                log.warning("slow prefill step: %.3f s, %d chunks, %d tokens", now - t_step,
-                            len(chunks), sum(c.length for c in chunks))
+            timing = StepTiming(sum(c.length for c in chunks),
+                                attention_work((c.start, c.length) for c in chunks), now - t_step)
+            if timing.seconds > SLOW_STEP_S:
+                log.warning("slow prefill step: %.3f s, %d chunks, %d tokens", timing.seconds,
+                            len(chunks), timing.tokens)
             with self._cv:
                 finished = self.sched.complete(chunks)
                 self._in_step = set()
@@ -186,13 +191,16 @@ class PrefillWorker:
                 self._orphans.clear()
             by_id = {chunks[i].seq.task.request_id: tok for i, tok in zip(last, tokens,
                                                                            strict=True)}
+            step: StepTiming | None = timing
             for seq in finished:
                 task = seq.task
                 tok = by_id[task.request_id]
                 reason = self._first_token.report(
                     task.request_id, task.lease.transfer_id, tok, task.sampling,
                     task.num_generated + 1, arrived=seq.arrived, started=seq.started, now=now,
+                    step=step,
                 )
+                step = None  # the step is reported once, with its first finished prompt
                 seq.first_token = tok
                 stream = streams.get(task.request_id)
                 if stream is not None:

@@ -47,8 +47,15 @@ def test_local_prefill_reports_first_token_then_decodes() -> None:
         assert len(firsts) == 1 and isinstance(firsts[0], FirstToken)
         assert (firsts[0].worker, firsts[0].transfer_id) == ("decode-0", lease.transfer_id)
         assert tokens() == [None, None, "length"]  # max_tokens 4, the first one included
+        assert firsts[0].step is None  # local prefill: its chunks are in the step reports
         reports = [args[0] for name, args in router.calls if name == "on_step"]
         assert all(isinstance(r, StepReport) and not r.failed for r in reports)
+        # The prompt's two chunks (64 from scratch, then 6 after 64 cached), and the decode
+        # steps' context: prompt + first token (71), then one more each step.
+        chunks = [(r.prefill_tokens, r.prefill_attention) for r in reports if r.prefill_tokens]
+        assert chunks == [(64, 64 * 64), (6, 6 * 70)]
+        assert [r.context_tokens for r in reports if r.tokens] == [71, 72, 73]
+        assert all(r.num_waiting == 0 for r in reports if r.tokens)
         wait_for(lambda: d.stats().num_free_blocks == d.stats().num_blocks)
     finally:
         d.shutdown()
