@@ -42,6 +42,7 @@ from pdserve.router.config import (
     RouterConfig,
     ServerConfig,
 )
+from pdserve.router.cost_model import Profile, shipped_profile
 from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.slo import SloClasses
 from pdserve.router.validation import (
@@ -111,6 +112,10 @@ class ServeConfig:
                             "class 'default' without objectives", SCHEDULING, metavar="FILE")
     default_slo_class: str = knob("", "the SLO class of a request that names none; empty: "
                                   "the classes file's default", SCHEDULING, metavar="NAME")
+    profile: str = knob("", "the cost model's calibration, a JSON from `pdserve profile`; "
+                        "empty: the profile shipped for this device and model if there is "
+                        "one, else the model learns from the workers' reports", SCHEDULING,
+                        metavar="FILE")
     local_prefill_max_tokens: int = knob(
         0, "prefill prompts of at most N tokens on the decode worker (a short prompt costs "
         "less in place than its hop and KV transfer)", LOCAL, minimum=0, metavar="N")
@@ -169,6 +174,8 @@ class ServeConfig:
             raise ValueError(f"max_batch_tokens must be at least one block ({self.block_size} "
                              f"tokens), got {self.max_batch_tokens}")
         self.slo_class_set()  # the classes file reads, and names the default class
+        if self.profile and not Path(self.profile).is_file():
+            raise ValueError(f"profile: no such file {self.profile}")
         rule = self.local_prefill  # validates both thresholds (>= 0)
         if self.colocated:  # every prompt is prefilled locally there: a threshold means nothing
             for name in ("local_prefill_max_tokens", "prefill_queue_max_tokens"):
@@ -187,6 +194,16 @@ class ServeConfig:
                 raise ValueError(f"slo_classes: cannot read {path}: {e}") from None
             classes = SloClasses.from_mapping(raw or {}, f"slo_classes {path}")
         return classes.with_default(self.default_slo_class)
+
+    def cost_profile(self, model_config: ModelConfig) -> Profile | None:
+        """The cost model's profile: ``profile``'s file, else the shipped one for this
+        device and model, else None (learned online)."""
+        if self.profile:
+            return Profile.load(self.profile)
+        device = "cpu"
+        if self.resolved_device() == "cuda":
+            device = torch.cuda.get_device_name(0)
+        return shipped_profile(device, model_config.name)
 
     # -- resolution of "auto" ---------------------------------------------------------------
     def resolved_device(self) -> str:
@@ -267,6 +284,7 @@ class ServeConfig:
                                 max_batch_tokens=self.max_batch_tokens,
                                 block_size=self.block_size,
                                 decode_prefills=self.decode_prefills,
+                                profile=self.cost_profile(model_config),
                                 local_prefill=self.local_prefill),
             block_size=self.block_size,
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,

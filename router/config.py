@@ -32,7 +32,7 @@ class RouterConfig:
     max_num_seqs: int = MAX_NUM_SEQS
     max_batch_tokens: int = MAX_BATCH_TOKENS
     block_size: int = BLOCK_SIZE
-    decode_prefills: bool = False  # decode workers can prefill prompts themselves
+    decode_prefills: bool = True  # decode workers can prefill prompts themselves
     profile: Profile | None = None  # the cost model's calibration; None: learned online
     # Disaggregated mode: which prompts the decode worker prefills itself (off by default).
     local_prefill: LocalPrefillRule = field(default_factory=LocalPrefillRule)

@@ -189,9 +189,16 @@ class Dispatcher:
             raise
 
     async def open_channels(self) -> None:
-        """Open every (prefill, decode) channel now, so that no request pays for it."""
+        """Open every (prefill, decode) channel now, so that no request pays for it, and
+        read each decode worker's free blocks for the view."""
         await asyncio.gather(*(self._ensure_channel(p, d) for p in self.prefill
                                for d in self.decode))
+        for name, stats in zip(self.decode, await asyncio.gather(
+                *(h.stats.remote() for h in self.decode.values())), strict=True):
+            load = self.d_load[name]
+            if stats is not None and not load.known:
+                load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
+                            stats.kv_usage, 0)
 
     async def _open_channel(self, p: str, d: str) -> None:
         host, port, name = await self.decode[d].host_channel.remote(p)

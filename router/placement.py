@@ -72,9 +72,10 @@ class Placer:
 
     def has_room(self, d: DecodeLoad, num_tokens: int) -> bool:
         """Whether the router's view of ``d`` has a seat and the blocks for the prompt's KV
-        plus the first generated token."""
-        return (d.batch < self.max_num_seqs
-                and d.free_blocks >= blocks_for(num_tokens + 1, self.block_size))
+        plus the first generated token (blocks unknown until ``d`` reports: the worker's
+        reserve decides)."""
+        return d.batch < self.max_num_seqs and (
+            not d.known or d.free_blocks >= blocks_for(num_tokens + 1, self.block_size))
 
     def remote_ttft_s(self, p: PrefillLoad, num_tokens: int, extra_tokens: int = 0,
                       extra_attention: int = 0) -> float:

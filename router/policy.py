@@ -43,6 +43,7 @@ class DecodeLoad:
     granted_tokens: int = 0  # ... and their context
     queued_tokens: int = 0  # local prefill: prompt tokens handed to it, not prefilled yet
     queued_attention: int = 0
+    known: bool = False  # its free blocks were reported (or read from its stats) at least once
 
     @property
     def batch(self) -> int:
@@ -69,6 +70,7 @@ class DecodeLoad:
         self.num_free_blocks, self.kv_usage = num_free_blocks, kv_usage
         self.context_tokens = context_tokens
         self.granted = self.granted_blocks = self.granted_tokens = 0
+        self.known = True
 
 
 def pick_prefill(workers: Iterable[PrefillLoad]) -> PrefillLoad:

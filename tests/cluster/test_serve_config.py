@@ -16,11 +16,15 @@ from pdserve.router.policy import LocalPrefillRule
 FIELDS = ("local_prefill_max_tokens", "prefill_queue_max_tokens")
 
 
-def test_off_by_default() -> None:
+def test_thresholds_off_by_default_and_the_cost_model_decides() -> None:
     cfg = ServeConfig()
-    assert cfg.local_prefill == LocalPrefillRule() and not cfg.decode_prefills
-    assert not cfg.worker_config("decode", 2).local_prefill
-    assert cfg.server_config(PRESETS["tiny"]).router.local_prefill == LocalPrefillRule()
+    assert cfg.local_prefill == LocalPrefillRule() and cfg.decode_prefills
+    assert cfg.worker_config("decode", 2).local_prefill
+    router = cfg.server_config(PRESETS["tiny"]).router
+    assert router.local_prefill == LocalPrefillRule() and router.decode_prefills
+    for off in (ServeConfig(scheduler="fifo"), ServeConfig(local_prefill_by_model=False)):
+        assert not off.decode_prefills and not off.worker_config("decode", 2).local_prefill
+        assert not off.server_config(PRESETS["tiny"]).router.decode_prefills
 
 
 @pytest.mark.parametrize("field", FIELDS)

@@ -16,11 +16,13 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.validation import Limits
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+PROFILES = sorted((Path(__file__).resolve().parents[2] / "router" / "profiles").glob("*.json"))
 
 # A value other than the default, for the knobs that neither take a choice nor are a flag.
 OTHER = {int: "3", float: "0.5", str: "10.0.0.7"}
 SPECIAL = {"block_size": "32", "max_batch_tokens": "32",  # a power of two; one block
-           "slo_classes": str(DEPLOY / "slo-classes.yaml"), "default_slo_class": "batch"}
+           "slo_classes": str(DEPLOY / "slo-classes.yaml"), "default_slo_class": "batch",
+           "profile": str(PROFILES[0])}
 # Knobs that only take a value together with another one: (flag, value, YAML line).
 NEEDS = {"default_slo_class": ("--slo-classes", SPECIAL["slo_classes"],
                                f"slo_classes: {SPECIAL['slo_classes']}\n")}

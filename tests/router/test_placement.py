@@ -29,7 +29,7 @@ def placer(local: bool = True, seats: int = 8) -> Placer:
 
 
 def free(name: str, running: int = 0, blocks: int = 1000) -> DecodeLoad:
-    return DecodeLoad(name, num_running=running, num_free_blocks=blocks)
+    return DecodeLoad(name, num_running=running, num_free_blocks=blocks, known=True)
 
 
 def test_predictions_follow_the_cost_model() -> None:
@@ -55,6 +55,7 @@ def test_a_full_decode_worker_is_never_offered() -> None:
     ds = [free("d0", running=2), free("d1", blocks=3)]  # no seat; too few blocks for 50
     assert pl.options(Ask(50, ValidSlo(None, None)), [PrefillLoad("p0")], ds, {}) == []
     assert pl.has_room(free("d2", blocks=4), 50)  # 51 tokens: 4 blocks of 16
+    assert pl.has_room(DecodeLoad("d3"), 50)  # not reported yet: its reserve decides
 
 
 def test_tpot_objectives_of_running_requests_bound_the_batch() -> None:

@@ -152,7 +152,7 @@ def test_preempted_request_is_redispatched_by_the_same_rule() -> None:
         assert s.queued == 11
         assert req.lease is not None
         old = req.lease.transfer_id
-        s.router.on_step(StepReport("decode-0", preempted=["r"]))
+        s.router.on_step(StepReport("decode-0", preempted=["r"], num_free_blocks=100))
         await settle()
         # Prompt + the token generated before, prefilled on the decode worker this time.
         assert req.state == State.PREFILLING and req.prefill_worker == ""
