@@ -76,6 +76,7 @@ class Router:
         if len(self.waiting) >= self.cfg.max_waiting:
             raise Refused(f"queue full: {len(self.waiting)} requests already waiting")
         now = time.monotonic()
+        req.order = next(self._order)
         if self.cfg.scheduler == "slo" and self.model.calibrated:
             d = self.dispatcher
             predicted = predict_ttft(self.placer, req, self.waiting.ahead_of(req, now),
@@ -85,7 +86,6 @@ class Router:
             if verdict.refusal:
                 raise Refused(verdict.refusal)
             req.predicted_ttft_s = predicted
-        req.order = next(self._order)
         req.queued_at = now
         self.requests[req.request_id] = req
         self.waiting.push(req)
