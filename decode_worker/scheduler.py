@@ -145,14 +145,15 @@ class DecodeScheduler:
         first token is sampled by the caller and passed to :meth:`activate`)."""
         return self.prefilling.complete(chunks)
 
-    def expire(self) -> list[str]:
-        """Free leases whose KV did not arrive in time; returns their request ids."""
+    def expire(self) -> list[tuple[str, int]]:
+        """Free leases whose KV did not arrive in time; returns their (request id, transfer
+        id) pairs."""
         now = self.clock()
         gone = [s for s in self.reserved.values() if s.deadline <= now]
         for s in gone:
             del self.reserved[s.transfer_id]
             self.allocator.free(s.block_ids)
-        return [s.request_id for s in gone]
+        return [(s.request_id, s.transfer_id) for s in gone]
 
     def find(self, request_id: str) -> DecodeSeq | None:
         for s in itertools.chain(self.reserved.values(), self.ready, self.running):

@@ -69,6 +69,7 @@ class TransferDone:
 
     worker: str
     request_id: str
+    transfer_id: int  # the lease it was prefilled for: tells attempts apart
     ok: bool
     seconds: float
     nbytes: int
@@ -91,14 +92,15 @@ class StepReport:
 
     ``joined`` lists requests whose KV arrived and verified since the last report (their
     first decode step is in ``tokens``); ``preempted`` must be re-prefilled; ``failed``
-    carries (request_id, reason) for leases that expired or transfers that failed.
+    carries (request_id, transfer_id, reason) for leases that expired or transfers that
+    failed (the transfer id tells the attempt apart from the request's later ones).
     """
 
     worker: str
     tokens: list[TokenOut] = field(default_factory=list)
     joined: list[str] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, int, str]] = field(default_factory=list)
     step_s: float = 0.0
     num_running: int = 0
     num_free_blocks: int = 0

@@ -299,8 +299,8 @@ class PrefillWorker:
     def _report_transfer(self, seq: PrefillSeq, seconds: float, nbytes: int,
                          error: str) -> None:
         self.router.on_transfer_done.remote(TransferDone(
-            self.name, seq.task.request_id, ok=not error, seconds=seconds, nbytes=nbytes,
-            error=error,
+            self.name, seq.task.request_id, seq.task.lease.transfer_id, ok=not error,
+            seconds=seconds, nbytes=nbytes, error=error,
         ))
 
     def _send_loop(self) -> None:

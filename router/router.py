@@ -141,9 +141,10 @@ class Router:
         if msg.ok:
             self.metrics.observe_transfer(msg.seconds, msg.nbytes)
         else:  # a failed prefill step reports no first token, only this
-            self.dispatcher.dequeue_request(msg.request_id, msg.worker)
-        if req is None or req.done:
-            return
+            self.dispatcher.dequeue(msg.transfer_id)
+        if req is None or req.done or req.lease is None \
+                or req.lease.transfer_id != msg.transfer_id:
+            return  # a report from an earlier attempt (retried since)
         if msg.ok:
             req.transfer_s += msg.seconds
         else:
@@ -176,10 +177,12 @@ class Router:
             if req is not None and not req.done:
                 self.metrics.observe_preemption()
                 self._retry(req, "preempted")
-        for rid, why in report.failed:
+        for rid, tid, why in report.failed:
             req = self.requests.get(rid)
+            # The prefill worker may have reported the same broken transfer (and the
+            # request been re-dispatched) already: only the current attempt's counts.
             if req is not None and not req.done and req.lease is not None \
-                    and req.lease.worker == report.worker:
+                    and req.lease.worker == report.worker and req.lease.transfer_id == tid:
                 self.metrics.observe_retry()
                 self._retry(req, why)
         if report.preempted or report.failed or any(t.finish_reason for t in report.tokens):

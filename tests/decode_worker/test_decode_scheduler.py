@@ -49,11 +49,12 @@ def test_reserve_refuses_when_full_and_on_duplicates() -> None:
 
 def test_lease_expiry_frees_blocks() -> None:
     s, clock = make()
-    assert s.reserve(res("a", 8)) is not None
+    lease = s.reserve(res("a", 8))
+    assert lease is not None
     clock.t = 4.0
     assert s.expire() == []
     clock.t = 5.0
-    assert s.expire() == ["a"]
+    assert s.expire() == [("a", lease.transfer_id)]
     assert s.allocator.num_free == 16
 
 
@@ -195,6 +196,6 @@ def test_local_prefill_next_to_leases_awaiting_kv() -> None:
     chunks = s.schedule_prefill(budget=64)
     assert [(c.seq.request_id, c.start, len(c.token_ids)) for c in chunks] == [("local", 0, 5)]
     clock.t = 100.0
-    assert s.expire() == ["remote"]
+    assert s.expire() == [("remote", remote.transfer_id)]
     assert [q.request_id for q in s.prefilled(chunks)] == ["local"]
     assert s.activate(local.transfer_id, 7) and not s.activate(remote.transfer_id, 7)

@@ -9,6 +9,7 @@ import itertools
 import time
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from pdserve.engine.messages import FirstToken, Lease, Reservation, StepReport, TransferDone
@@ -191,7 +192,9 @@ def test_queued_tokens_released_on_abort_and_failed_prefill_step() -> None:
         assert s.queued == 0
         failed = await s.admit("failed", 11)
         assert failed.prefill_worker == "prefill-0" and s.queued == 11
-        s.router.on_transfer_done(TransferDone("prefill-0", "failed", False, 0.0, 0, "boom"))
+        assert failed.lease is not None
+        s.router.on_transfer_done(TransferDone("prefill-0", "failed", failed.lease.transfer_id,
+                                               False, 0.0, 0, "boom"))
         assert s.queued == 0
         await settle()  # re-dispatched, to the empty prefill queue
         assert failed.prefill_worker == "prefill-0" and s.queued == 11
@@ -245,13 +248,47 @@ def test_a_retry_reserves_only_once_the_failed_attempts_lease_is_gone() -> None:
         s.router.decode["decode-0"] = s.d
         req = await s.admit("r", 9)
         assert req.lease is not None
-        s.router.on_transfer_done(TransferDone("prefill-0", "r", ok=False, seconds=0.0,
-                                               nbytes=0, error="channel broke"))
+        s.router.on_transfer_done(TransferDone("prefill-0", "r", req.lease.transfer_id,
+                                               ok=False, seconds=0.0, nbytes=0,
+                                               error="channel broke"))
         await settle()
         assert len(s.d.called("reserve")) == 1 and req.state == State.QUEUED
         s.d.finish_aborts()
         await settle()
         assert len(s.d.called("reserve")) == 2
         assert req.state == State.PREFILLING and req.attempts == 2 and req.lease is not None
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("decode_first", [False, True])
+@pytest.mark.parametrize("settle_between", [False, True])
+def test_a_broken_transfer_reported_by_both_ends_is_retried_once(
+    decode_first: bool, settle_between: bool
+) -> None:
+    """The prefill worker's TransferDone(ok=False) and the decode worker's failed entry tell
+    of the same attempt: the second one, whenever it lands, must not re-queue the request."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        req = await s.admit("r", 9)
+        assert req.lease is not None
+        old = req.lease.transfer_id
+        reports = [
+            lambda: s.router.on_transfer_done(TransferDone(
+                "prefill-0", "r", old, ok=False, seconds=0.0, nbytes=0, error="broke")),
+            lambda: s.router.on_step(StepReport(
+                "decode-0", failed=[("r", old, "KV transfer failed: broke")])),
+        ]
+        if decode_first:
+            reports.reverse()
+        reports[0]()
+        if settle_between:
+            await settle()
+        reports[1]()
+        await settle()
+        assert req.state == State.PREFILLING and req.attempts == 2
+        assert req.lease is not None and req.lease.transfer_id != old
+        assert len(s.d.called("reserve")) == 2 and len(s.p.called("submit")) == 2
+        assert not s.router.waiting and s.queued == 9
 
     asyncio.run(main())
