@@ -194,7 +194,15 @@ class Router:
         self._emit(req, [tok], reason)
 
     def _retry(self, req: Request, why: str) -> None:
-        """Re-prefill prompt + generated tokens elsewhere (recompute), or fail."""
+        """Re-prefill prompt + generated tokens elsewhere (recompute), or fail. Either way
+        the attempt that ends here is aborted on both of its workers."""
+        if req.lease is not None and req.prefill_worker:
+            # It may still be queued or prefilling there (a lease that expired, the decode
+            # end of a transfer that broke): stop it, by its transfer id so that the abort
+            # cannot hit the next attempt, and count its prompt out of that worker's queue.
+            tid = req.lease.transfer_id
+            self.prefill[req.prefill_worker].abort.remote(req.request_id, tid)
+            self.dispatcher.dequeue(tid)
         if req.attempts >= self.cfg.max_attempts:
             self._fail(req, "UNAVAILABLE", f"request failed after {req.attempts} attempts: {why}")
             return

@@ -292,3 +292,22 @@ def test_a_broken_transfer_reported_by_both_ends_is_retried_once(
         assert not s.router.waiting and s.queued == 9
 
     asyncio.run(main())
+
+
+def test_a_retry_aborts_the_old_attempt_on_its_prefill_worker() -> None:
+    """A lease that expired while its prompt still waited on the prefill worker: the retry
+    drops that attempt there (by its transfer id) and from the queued-token count."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        req = await s.admit("r", 9)
+        assert req.lease is not None and s.queued == 9
+        old = req.lease.transfer_id
+        s.router.on_step(StepReport("decode-0", failed=[("r", old, "lease expired")]))
+        await settle()
+        assert ("r", old) in s.p.called("abort")
+        assert req.attempts == 2 and req.lease is not None and req.lease.transfer_id != old
+        assert s.queued == 9  # the new attempt's prompt only
+        s.first_token("prefill-0", req)
+        assert s.queued == 0
+
+    asyncio.run(main())
