@@ -3,6 +3,7 @@ detokenization and stop strings (which never leak into the streamed text)."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ class Request:
     frontend: int = 0  # the gRPC frontend whose client stream this request answers
     lease: Lease | None = None
     releasing: Any = None  # a failed attempt's lease abort (awaitable) still under way
+    deadline_timer: asyncio.TimerHandle | None = None  # cancelled when the request ends
     prefill_worker: str = ""
     attempts: int = 0
     queued_at: float = 0.0

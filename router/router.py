@@ -233,6 +233,7 @@ class Router:
     def _finish(self, req: Request, state: State, reason: str) -> None:
         req.state = state
         self.requests.pop(req.request_id, None)
+        _cancel_deadline(req)
         if req.lease is not None:
             # A stop string, a first token that ends the request, or an abort leave the
             # sequence (or its lease) on the decode worker; when the worker finished it
@@ -254,6 +255,7 @@ class Router:
         self.out(req, Chunk([], req.flush(), error=(code, message)))
         req.state = State.FAILED
         self.requests.pop(req.request_id, None)
+        _cancel_deadline(req)
         if req.lease is not None:
             self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
         self.metrics.observe_failure(code)
@@ -284,11 +286,26 @@ class Router:
         waiting = sum(1 for r in self.waiting if not r.done)
         self.metrics.set_queue(running=len(self.requests) - waiting, waiting=waiting)
 
-    def deadline_callback(self, request_id: str) -> Callable[[], None]:
+    def set_deadline(self, req: Request, seconds: float) -> None:
+        """End ``req`` with DEADLINE_EXCEEDED in ``seconds`` unless it ends before (its
+        timer is cancelled then, however it ends)."""
+        req.deadline_timer = asyncio.get_running_loop().call_later(
+            max(0.0, seconds), self.deadline_callback(req))
+
+    def deadline_callback(self, req: Request) -> Callable[[], None]:
+        """What ``req``'s deadline timer runs: a no-op unless ``req`` itself (not a later
+        request with the same id) is still in flight."""
         def expire() -> None:
-            self.abort(request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
+            if self.requests.get(req.request_id) is req:
+                self.abort(req.request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
 
         return expire
+
+
+def _cancel_deadline(req: Request) -> None:
+    if req.deadline_timer is not None:
+        req.deadline_timer.cancel()
+        req.deadline_timer = None
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

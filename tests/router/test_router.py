@@ -311,3 +311,46 @@ def test_a_retry_aborts_the_old_attempt_on_its_prefill_worker() -> None:
         assert s.queued == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("end", ["finish", "abort", "fail"])
+def test_a_deadline_timer_is_cancelled_however_its_request_ends(end: str) -> None:
+    """A timer left running would kill a later request that reuses the id."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        req = await s.admit("r", 4)
+        s.router.set_deadline(req, 3600.0)
+        timer = req.deadline_timer
+        assert timer is not None and not timer.cancelled()
+        assert req.lease is not None
+        if end == "finish":
+            s.router.on_first_token(FirstToken("prefill-0", "r", req.lease.transfer_id, 65,
+                                               "length", 0.0, 0.0))
+        elif end == "abort":
+            assert s.router.abort("r")
+        else:
+            s.router.abort_all("shutting down")
+        assert req.done and timer.cancelled()
+
+    asyncio.run(main())
+
+
+def test_an_old_deadline_does_not_end_a_new_request_with_the_same_id() -> None:
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        old = await s.admit("r", 4)
+        expire_old = s.router.deadline_callback(old)
+        assert s.router.abort("r")
+        new = await s.admit("r", 4)
+        expire_old()
+        assert not new.done and s.router.requests["r"] is new
+        s.router.set_deadline(new, 0.0)
+        for _ in range(1000):  # until the timer ran
+            if new.done:
+                break
+            await asyncio.sleep(0.001)
+        assert new.state == State.FAILED
+        req, chunk = s.out[-1]
+        assert req is new and chunk.error is not None and chunk.error[0] == "DEADLINE_EXCEEDED"
+
+    asyncio.run(main())
