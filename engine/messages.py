@@ -17,13 +17,16 @@ class Reservation:
 
     ``num_tokens`` is the number of tokens whose KV the prefill worker will send (the prompt
     plus, after a preemption, the tokens generated before it); ``num_generated`` counts
-    output tokens already streamed to the client before this attempt.
+    output tokens already streamed to the client before this attempt. ``order`` is the
+    request's admission number on the router, the same for every attempt: the decode
+    worker preempts the youngest request (largest order) first.
     """
 
     request_id: str
     num_tokens: int
     num_generated: int
     sampling: SamplingParams
+    order: int
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class Dispatcher:
                 await releasing
         tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
         reservation = Reservation(req.request_id, len(tokens), len(req.output_ids),
-                                  req.sampling)
+                                  req.sampling, req.order)
         for load in decode_order(self.d_load.values()):
             lease = await self.decode[load.name].reserve.remote(reservation)
             if lease is not None:

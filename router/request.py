@@ -55,7 +55,9 @@ class Request:
     releasing: Any = None  # a failed attempt's lease abort (awaitable) still under way
     deadline_timer: asyncio.TimerHandle | None = None  # cancelled when the request ends
     prefill_worker: str = ""
-    attempts: int = 0
+    attempts: int = 0  # dispatches so far
+    failures: int = 0  # attempts that failed (a preemption is not a failure)
+    order: int = 0  # admission number (Router.admit): the decode workers preempt by it
     queued_at: float = 0.0
     # timing (router clock, monotonic)
     t_first: float = 0.0

@@ -14,6 +14,7 @@ and are applied synchronously, so they never interleave mid-update.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -55,6 +56,7 @@ class Router:
         self.waiting: deque[Request] = deque()
         self._pumping = False
         self._repump = False
+        self._orders = itertools.count()  # admission numbers (Request.order)
 
     # -- admission --------------------------------------------------------------------------
     def admit(self, req: Request) -> None:
@@ -64,6 +66,7 @@ class Router:
         if len(self.waiting) >= self.cfg.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests already waiting")
         req.queued_at = time.monotonic()
+        req.order = next(self._orders)
         self.requests[req.request_id] = req
         self.waiting.append(req)
         self._update_queue_gauges()
@@ -176,7 +179,7 @@ class Router:
             req = self.requests.get(rid)
             if req is not None and not req.done:
                 self.metrics.observe_preemption()
-                self._retry(req, "preempted")
+                self._retry(req, "preempted", failed=False)
         for rid, tid, why in report.failed:
             req = self.requests.get(rid)
             # The prefill worker may have reported the same broken transfer (and the
@@ -193,9 +196,10 @@ class Router:
         req.t_last = now
         self._emit(req, [tok], reason)
 
-    def _retry(self, req: Request, why: str) -> None:
-        """Re-prefill prompt + generated tokens elsewhere (recompute), or fail. Either way
-        the attempt that ends here is aborted on both of its workers."""
+    def _retry(self, req: Request, why: str, failed: bool = True) -> None:
+        """Re-prefill prompt + generated tokens elsewhere (recompute), or fail once
+        ``max_attempts`` attempts failed (a preemption, ``failed=False``, is not counted).
+        Either way the attempt that ends here is aborted on both of its workers."""
         if req.lease is not None and req.prefill_worker:
             # It may still be queued or prefilling there (a lease that expired, the decode
             # end of a transfer that broke): stop it, by its transfer id so that the abort
@@ -203,8 +207,11 @@ class Router:
             tid = req.lease.transfer_id
             self.prefill[req.prefill_worker].abort.remote(req.request_id, tid)
             self.dispatcher.dequeue(tid)
-        if req.attempts >= self.cfg.max_attempts:
-            self._fail(req, "UNAVAILABLE", f"request failed after {req.attempts} attempts: {why}")
+        if failed:
+            req.failures += 1
+        if req.failures >= self.cfg.max_attempts:
+            self._fail(req, "UNAVAILABLE",
+                       f"request failed after {req.failures} failed attempts: {why}")
             return
         log.info("re-dispatching %s: %s", req.request_id, why)
         if req.lease is not None:

@@ -57,12 +57,13 @@ class FakeWorker:
 
 
 class Setup:
-    def __init__(self, rule: LocalPrefillRule) -> None:
+    def __init__(self, rule: LocalPrefillRule, max_attempts: int = 4) -> None:
         self.p, self.d = FakeWorker("prefill-0"), FakeWorker("decode-0")
         self.metrics = Metrics(CollectorRegistry())
         self.out: list[tuple[Request, Chunk]] = []
         self.router = Router({"prefill-0": self.p}, {"decode-0": self.d},
-                             RouterConfig(local_prefill=rule), self.metrics,
+                             RouterConfig(local_prefill=rule, max_attempts=max_attempts),
+                             self.metrics,
                              lambda req, chunk: self.out.append((req, chunk)))
 
     @property
@@ -352,5 +353,39 @@ def test_an_old_deadline_does_not_end_a_new_request_with_the_same_id() -> None:
         assert new.state == State.FAILED
         req, chunk = s.out[-1]
         assert req is new and chunk.error is not None and chunk.error[0] == "DEADLINE_EXCEEDED"
+
+    asyncio.run(main())
+
+
+def test_preemptions_do_not_count_against_max_attempts() -> None:
+    """The decode worker may preempt a request more often than max_attempts (each time it
+    rejoins, a younger request may take its blocks): the request still completes, with the
+    admission order it got once; only failed attempts count."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule(), max_attempts=2)
+        req = await s.admit("r", 4)
+        other = await s.admit("other", 4)
+        for _ in range(3):
+            s.first_token("prefill-0", req)
+            s.router.on_step(StepReport("decode-0", preempted=["r"]))
+            await settle()
+            assert req.state == State.PREFILLING, s.out[-1][1].error
+        assert req.attempts == 4
+        orders = [r[0].order for r in s.d.called("reserve") if r[0].request_id == "r"]
+        assert orders == [req.order] * 4 and other.order > req.order
+        assert req.lease is not None
+        s.router.on_first_token(FirstToken("prefill-0", "r", req.lease.transfer_id, 66,
+                                           "length", 0.0, 0.0))
+        assert req.state == State.FINISHED and req.output_ids == [65, 65, 65, 66]
+        # Failures still count: two of them end the other request.
+        for _ in range(2):
+            assert other.lease is not None
+            s.router.on_transfer_done(TransferDone("prefill-0", "other", other.lease.transfer_id,
+                                                   ok=False, seconds=0.0, nbytes=0, error="x"))
+            await settle()
+        assert other.state == State.FAILED
+        assert s.out[-1][1].error == ("UNAVAILABLE",
+                                      "request failed after 2 failed attempts: "
+                                      "KV transfer failed: x")
 
     asyncio.run(main())
