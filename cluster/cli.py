@@ -26,7 +26,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", choices=("gguf", "hf", "dummy"),
                    help="how to read --model (default: gguf for a file, hf for a folder)")
     g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="model shape for --load-format dummy (seeded random weights)")
+                   help="model shape with seeded random weights (implies --load-format dummy; "
+                        "not with --model)")
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -42,20 +43,38 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
-    """ServeConfig from --config plus the knobs given as flags."""
+    """ServeConfig from --config plus the knobs given as flags. --preset means dummy
+    weights; with --model or another --load-format it raises ValueError."""
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     over = given_flags(args, ServeConfig)
-    if args.model or args.load_format or args.preset:
+    if args.preset:
+        if args.model:
+            raise ValueError("--preset (a shape with dummy weights) and --model exclude "
+                             "each other")
+        if args.load_format not in (None, "dummy"):
+            raise ValueError(f"--preset means --load-format dummy, not --load-format "
+                             f"{args.load_format}")
+        over["model"] = ModelSpec(source="dummy", preset=args.preset)
+    elif args.model or args.load_format:
         fmt = args.load_format or ("hf" if args.model and not args.model.endswith(".gguf")
                                    else "gguf")
-        over["model"] = ModelSpec(source=fmt, path=args.model, preset=args.preset)
+        over["model"] = ModelSpec(source=fmt, path=args.model)
     return dataclasses.replace(cfg, **over)
+
+
+def _serve_config_or_exit(args: argparse.Namespace) -> ServeConfig:
+    """serve_config, or exit 2 with its error (a bad flag or config value)."""
+    try:
+        return serve_config(args)
+    except ValueError as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.cluster.launch import launch
 
-    cfg = serve_config(args)
+    cfg = _serve_config_or_exit(args)
     pools = (f"{cfg.num_decode} colocated replicas" if cfg.colocated
              else f"{cfg.num_prefill} prefill + {cfg.num_decode} decode workers")
     rule = cfg.local_prefill
@@ -123,7 +142,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pdserve.cluster.demo import run_demo
 
-    return run_demo(serve_config(args), args.max_tokens)
+    return run_demo(_serve_config_or_exit(args), args.max_tokens)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

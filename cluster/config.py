@@ -305,6 +305,8 @@ class ServeConfig:
             mk = {f.name for f in dataclasses.fields(ModelSpec)}
             if set(model) - mk:
                 raise ValueError(f"unknown model keys: {sorted(set(model) - mk)}")
+            if model.get("preset") is not None and "source" not in model:
+                model = {**model, "source": "dummy"}  # a preset means dummy weights
             values["model"] = ModelSpec(**model)
         elif model is not None:
             raise ValueError("model must be a mapping (source, path, preset, seed)")

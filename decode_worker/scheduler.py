@@ -42,8 +42,8 @@ class DecodeSeq:
     num_generated: int
     transfer_id: int
     deadline: float
+    order: int = 0  # the request's admission number (Reservation.order): larger is younger
     last_token: int = -1
-    joined_at: float = 0.0
 
 
 PrefillChunk = PromptChunk[DecodeSeq]  # local prefill: a chunk of a reserved sequence
@@ -102,7 +102,7 @@ class DecodeScheduler:
         self.reserved[tid] = DecodeSeq(
             request_id=r.request_id, sampling=r.sampling, block_ids=self.allocator.allocate(n),
             num_tokens=r.num_tokens + 1, num_generated=r.num_generated + 1, transfer_id=tid,
-            deadline=self.clock() + self.lease_timeout_s,
+            deadline=self.clock() + self.lease_timeout_s, order=r.order,
         )
         return Lease(self.worker, r.request_id, tid, self.epoch, n, self.lease_timeout_s)
 
@@ -117,7 +117,6 @@ class DecodeScheduler:
         if seq is None:
             return False
         seq.last_token = first_token
-        seq.joined_at = self.clock()
         self.ready.append(seq)
         return True
 
@@ -145,14 +144,15 @@ class DecodeScheduler:
         first token is sampled by the caller and passed to :meth:`activate`)."""
         return self.prefilling.complete(chunks)
 
-    def expire(self) -> list[str]:
-        """Free leases whose KV did not arrive in time; returns their request ids."""
+    def expire(self) -> list[tuple[str, int]]:
+        """Free leases whose KV did not arrive in time; returns their (request id, transfer
+        id) pairs."""
         now = self.clock()
         gone = [s for s in self.reserved.values() if s.deadline <= now]
         for s in gone:
             del self.reserved[s.transfer_id]
             self.allocator.free(s.block_ids)
-        return [s.request_id for s in gone]
+        return [(s.request_id, s.transfer_id) for s in gone]
 
     def find(self, request_id: str) -> DecodeSeq | None:
         for s in itertools.chain(self.reserved.values(), self.ready, self.running):
@@ -176,8 +176,9 @@ class DecodeScheduler:
     # -- steps ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Admit ready sequences, then give every running sequence a slot for its next
-        token; when blocks run out, preempt the youngest sequence (it goes back to the
-        router, which re-prefills prompt + generated tokens)."""
+        token; when blocks run out, preempt the youngest request, by admission order (it
+        goes back to the router, which re-prefills prompt + generated tokens, and keeps its
+        order: when it rejoins, it is not the youngest again)."""
         self.running.extend(self.ready)
         self.ready.clear()
         plan = StepPlan()
@@ -188,7 +189,7 @@ class DecodeScheduler:
             need = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_ids)
             while need > 0 and not self.allocator.can_allocate(need):
                 victim = max((s for s in self.running if s not in out),
-                             key=lambda s: s.joined_at)
+                             key=lambda s: s.order)
                 out.add(victim)
                 self.allocator.free(victim.block_ids)
                 plan.preempted.append(victim.request_id)

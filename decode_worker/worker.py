@@ -74,7 +74,7 @@ class DecodeWorker:
         self._busy: set[str] = set()  # in the running step or being received
         self._pending_abort: set[str] = set()
         self._joined: list[str] = []
-        self._failed: list[tuple[str, str]] = []
+        self._failed: list[tuple[str, int, str]] = []  # (request id, transfer id, why)
         # Prompts submitted for local prefill, by transfer id: (arrived, started) times.
         self._submitted: dict[int, tuple[float, float]] = {}
         self._channels: dict[str, KVReceiver] = {}
@@ -187,7 +187,7 @@ class DecodeWorker:
     def _receive(self, ch: KVReceiver) -> None:
         pool = self.runner.kv_pool
         while not self._stop:
-            rid = ""
+            rid, tid = "", 0  # the request and lease the arriving transfer claims
             try:
                 try:
                     header = ch.recv_header(timeout_s=2.0)
@@ -196,7 +196,7 @@ class DecodeWorker:
                 with self._cv:
                     seq = self.sched.lease(header.transfer_id)
                     if seq is not None:
-                        rid = seq.request_id
+                        rid, tid = seq.request_id, seq.transfer_id
                         self._busy.add(rid)
                 problem = _refusal(seq, header, self.sched.epoch, self.cfg.cache.block_size)
                 if problem:
@@ -205,7 +205,7 @@ class DecodeWorker:
                     with self._cv:
                         self._busy.discard(rid)
                         if rid and self.sched.release(rid):
-                            self._failed.append((rid, f"KV transfer refused: {problem}"))
+                            self._failed.append((rid, tid, f"KV transfer refused: {problem}"))
                     continue
                 assert seq is not None
                 # The lease also holds the slot of the first generated token, which may
@@ -232,7 +232,7 @@ class DecodeWorker:
                     self._busy.discard(rid)
                     self._pending_abort.discard(rid)
                     if rid and self.sched.release(rid):
-                        self._failed.append((rid, f"KV transfer failed: {e}"))
+                        self._failed.append((rid, tid, f"KV transfer failed: {e}"))
                 if ch.closed:
                     return
             except Exception:
@@ -255,8 +255,8 @@ class DecodeWorker:
                     if rid not in self._busy:
                         self._pending_abort.discard(rid)
                         self.sched.release(rid)
-                for rid in self.sched.expire():
-                    self._failed.append((rid, "KV did not arrive before the lease expired"))
+                for rid, tid in self.sched.expire():
+                    self._failed.append((rid, tid, "KV did not arrive before the lease expired"))
                 plan = self.sched.schedule()
                 if self.cfg.local_prefill:  # prompt chunks share the step's token budget
                     plan.chunks = self.sched.schedule_prefill(

@@ -145,7 +145,8 @@ class ModelSpec:
 
     ``source`` is ``gguf`` (a GGUF file: ``path`` is the file, or None for the embedded
     default SmolLM2-135M-Instruct), ``hf`` (an HF folder with config.json and *.safetensors)
-    or ``dummy`` (seeded random weights at the shape of ``preset``).
+    or ``dummy`` (seeded random weights at the shape of ``preset``). A ``preset`` goes with
+    ``dummy`` only, and ``dummy`` reads no ``path``.
     """
 
     source: str = "gguf"
@@ -165,6 +166,11 @@ class ModelSpec:
             raise ValueError(
                 f"dummy model needs a preset, one of {sorted(PRESETS)}; got {self.preset!r}"
             )
+        if self.preset is not None and self.source != "dummy":
+            raise ValueError(f"model preset {self.preset!r} is a shape for dummy weights: "
+                             f"source must be dummy, not {self.source!r}")
+        if self.source == "dummy" and self.path:
+            raise ValueError(f"a dummy model reads no path, got {self.path!r}")
 
 
 @dataclass(frozen=True)

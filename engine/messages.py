@@ -17,13 +17,16 @@ class Reservation:
 
     ``num_tokens`` is the number of tokens whose KV the prefill worker will send (the prompt
     plus, after a preemption, the tokens generated before it); ``num_generated`` counts
-    output tokens already streamed to the client before this attempt.
+    output tokens already streamed to the client before this attempt. ``order`` is the
+    request's admission number on the router, the same for every attempt: the decode
+    worker preempts the youngest request (largest order) first.
     """
 
     request_id: str
     num_tokens: int
     num_generated: int
     sampling: SamplingParams
+    order: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class TransferDone:
 
     worker: str
     request_id: str
+    transfer_id: int  # the lease it was prefilled for: tells attempts apart
     ok: bool
     seconds: float
     nbytes: int
@@ -107,14 +111,15 @@ class StepReport:
 
     ``joined`` lists requests whose KV arrived and verified since the last report (their
     first decode step is in ``tokens``); ``preempted`` must be re-prefilled; ``failed``
-    carries (request_id, reason) for leases that expired or transfers that failed.
+    carries (request_id, transfer_id, reason) for leases that expired or transfers that
+    failed (the transfer id tells the attempt apart from the request's later ones).
     """
 
     worker: str
     tokens: list[TokenOut] = field(default_factory=list)
     joined: list[str] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, int, str]] = field(default_factory=list)
     step_s: float = 0.0
     num_running: int = 0
     num_free_blocks: int = 0

@@ -74,15 +74,20 @@ class PrefillScheduler:
     def queued_tokens(self) -> int:
         return sum(len(s.task.token_ids) for s in self.waiting) + self.chunker.queued_tokens
 
-    def abort(self, request_id: str) -> PrefillSeq | None:
-        """Drop a task that has not finished prefill; the caller frees its blocks once no
-        step that uses them is in flight."""
+    def abort(self, request_id: str, transfer_id: int | None = None) -> PrefillSeq | None:
+        """Drop a task that has not finished prefill (with ``transfer_id``, only the attempt
+        prefilled for that lease); the caller frees its blocks once no step that uses them
+        is in flight."""
+        def match(s: PrefillSeq) -> bool:
+            return s.task.request_id == request_id and (
+                transfer_id is None or s.task.lease.transfer_id == transfer_id)
+
         for s in self.waiting:
-            if s.task.request_id == request_id:
+            if match(s):
                 self.waiting.remove(s)
                 return s
         for s in self.chunker:
-            if s.task.request_id == request_id:
+            if match(s):
                 self.chunker.discard(s)
                 return s
         return None

@@ -94,10 +94,13 @@ class PrefillWorker:
             self.sched.add(task)
             self._cv.notify()
 
-    def abort(self, request_id: str) -> bool:
-        """Drop a request that has not finished prefill; True if it was here."""
+    def abort(self, request_id: str, transfer_id: int | None = None) -> bool:
+        """Drop a request that has not finished prefill; True if it was here. With
+        ``transfer_id``, only that attempt: an abort of an old attempt that arrives after
+        the request's next one (Ray runs a threaded actor's calls concurrently) must not
+        drop the new one."""
         with self._cv:
-            seq = self.sched.abort(request_id)
+            seq = self.sched.abort(request_id, transfer_id)
             if seq is None:
                 return False
             if request_id in self._in_step:
@@ -307,8 +310,8 @@ class PrefillWorker:
     def _report_transfer(self, seq: PrefillSeq, seconds: float, nbytes: int,
                          error: str) -> None:
         self.router.on_transfer_done.remote(TransferDone(
-            self.name, seq.task.request_id, ok=not error, seconds=seconds, nbytes=nbytes,
-            error=error,
+            self.name, seq.task.request_id, seq.task.lease.transfer_id, ok=not error,
+            seconds=seconds, nbytes=nbytes, error=error,
         ))
 
     def _send_loop(self) -> None:

@@ -15,7 +15,7 @@ from pdserve.router.slo import SloClasses
 from pdserve.router.validation import Limits
 
 MAX_WAITING = 256  # requests queued for a lease before RESOURCE_EXHAUSTED
-MAX_ATTEMPTS = 4  # prefill attempts per request (worker and transfer failures)
+MAX_ATTEMPTS = 4  # failed attempts of a request before it fails (preemptions do not count)
 SCHEDULERS = ("slo", "fifo")  # see RouterConfig.scheduler
 
 

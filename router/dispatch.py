@@ -89,7 +89,7 @@ class Dispatcher:
 
     def _reservation(self, req: Request) -> Reservation:
         return Reservation(req.request_id, len(req.prompt_ids) + len(req.output_ids),
-                           len(req.output_ids), req.sampling)
+                           len(req.output_ids), req.sampling, req.order)
 
     async def _release_old(self, req: Request) -> None:
         if req.releasing is not None:

@@ -3,6 +3,7 @@ detokenization and stop strings (which never leak into the streamed text)."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,10 +53,12 @@ class Request:
     frontend: int = 0  # the gRPC frontend whose client stream this request answers
     lease: Lease | None = None
     releasing: Any = None  # a failed attempt's lease abort (awaitable) still under way
+    deadline_timer: asyncio.TimerHandle | None = None  # cancelled when the request ends
     prefill_worker: str = ""
-    attempts: int = 0  # dispatches; failures among them count against max_attempts
-    failures: int = 0
-    order: int = 0  # admission order (the router's counter): ties, and preemption victims
+    attempts: int = 0  # dispatches so far
+    failures: int = 0  # attempts that failed (a preemption is not a failure)
+    order: int = 0  # admission number (Router.admit): wait-queue ties; the decode workers
+    # preempt by it
     predicted_ttft_s: float | None = None  # at admission, from arrival (slo scheduler)
     predicted_tpot_s: float | None = None  # at the last dispatch
     queued_at: float = 0.0

@@ -64,7 +64,7 @@ class Router:
         self.finishes = FinishRate()
         self.requests: dict[str, Request] = {}
         self.waiting = WaitQueue(cfg.scheduler)
-        self._order = itertools.count(1)
+        self._order = itertools.count(1)  # admission numbers (Request.order)
         self._pumping = False
         self._repump = False
 
@@ -239,9 +239,10 @@ class Router:
                 self.model.observe_transfer((msg.worker, req.lease.worker), msg.nbytes,
                                             msg.seconds)
         else:  # a failed prefill step reports no first token, only this
-            self.dispatcher.dequeue_request(msg.request_id, msg.worker)
-        if req is None or req.done:
-            return
+            self.dispatcher.dequeue(msg.transfer_id)
+        if req is None or req.done or req.lease is None \
+                or req.lease.transfer_id != msg.transfer_id:
+            return  # a report from an earlier attempt (retried since)
         if msg.ok:
             req.transfer_s += msg.seconds
         else:
@@ -277,11 +278,13 @@ class Router:
             req = self.requests.get(rid)
             if req is not None and not req.done:
                 self.metrics.observe_preemption()
-                self._retry(req, "preempted")
-        for rid, why in report.failed:
+                self._retry(req, "preempted", failed=False)
+        for rid, tid, why in report.failed:
             req = self.requests.get(rid)
+            # The prefill worker may have reported the same broken transfer (and the
+            # request been re-dispatched) already: only the current attempt's counts.
             if req is not None and not req.done and req.lease is not None \
-                    and req.lease.worker == report.worker:
+                    and req.lease.worker == report.worker and req.lease.transfer_id == tid:
                 self.metrics.observe_retry()
                 self._retry(req, why)
         if report.preempted or report.failed or any(t.finish_reason for t in report.tokens):
@@ -292,10 +295,22 @@ class Router:
         req.t_last = now
         self._emit(req, [tok], reason)
 
-    def _retry(self, req: Request, why: str) -> None:
-        """Re-prefill prompt + generated tokens elsewhere (recompute), or fail."""
-        if req.attempts >= self.cfg.max_attempts:
-            self._fail(req, "UNAVAILABLE", f"request failed after {req.attempts} attempts: {why}")
+    def _retry(self, req: Request, why: str, failed: bool = True) -> None:
+        """Re-prefill prompt + generated tokens elsewhere (recompute), or fail once
+        ``max_attempts`` attempts failed (a preemption, ``failed=False``, is not counted).
+        Either way the attempt that ends here is aborted on both of its workers."""
+        if req.lease is not None and req.prefill_worker:
+            # It may still be queued or prefilling there (a lease that expired, the decode
+            # end of a transfer that broke): stop it, by its transfer id so that the abort
+            # cannot hit the next attempt, and count its prompt out of that worker's queue.
+            tid = req.lease.transfer_id
+            self.prefill[req.prefill_worker].abort.remote(req.request_id, tid)
+            self.dispatcher.dequeue(tid)
+        if failed:
+            req.failures += 1
+        if req.failures >= self.cfg.max_attempts:
+            self._fail(req, "UNAVAILABLE",
+                       f"request failed after {req.failures} failed attempts: {why}")
             return
         log.info("re-dispatching %s: %s", req.request_id, why)
         if req.lease is not None:
@@ -328,6 +343,7 @@ class Router:
         now = time.monotonic()
         if state == State.FINISHED:
             self.finishes.observe(now)
+        _cancel_deadline(req)
         if req.lease is not None:
             # A stop string, a first token that ends the request, or an abort leave the
             # sequence (or its lease) on the decode worker; when the worker finished it
@@ -348,6 +364,7 @@ class Router:
         self.out(req, Chunk([], req.flush(), error=(code, message)))
         req.state = State.FAILED
         self.requests.pop(req.request_id, None)
+        _cancel_deadline(req)
         if req.lease is not None:
             self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
         self.metrics.observe_failure(code)
@@ -380,11 +397,26 @@ class Router:
         waiting = sum(1 for r in self.waiting if not r.done)
         self.metrics.set_queue(running=len(self.requests) - waiting, waiting=waiting)
 
-    def deadline_callback(self, request_id: str) -> Callable[[], None]:
+    def set_deadline(self, req: Request, seconds: float) -> None:
+        """End ``req`` with DEADLINE_EXCEEDED in ``seconds`` unless it ends before (its
+        timer is cancelled then, however it ends)."""
+        req.deadline_timer = asyncio.get_running_loop().call_later(
+            max(0.0, seconds), self.deadline_callback(req))
+
+    def deadline_callback(self, req: Request) -> Callable[[], None]:
+        """What ``req``'s deadline timer runs: a no-op unless ``req`` itself (not a later
+        request with the same id) is still in flight."""
         def expire() -> None:
-            self.abort(request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
+            if self.requests.get(req.request_id) is req:
+                self.abort(req.request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
 
         return expire
+
+
+def _cancel_deadline(req: Request) -> None:
+    if req.deadline_timer is not None:
+        req.deadline_timer.cancel()
+        req.deadline_timer = None
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

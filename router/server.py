@@ -130,8 +130,7 @@ class RouterService:
         except ValueError as e:
             return "ALREADY_EXISTS", f"request_id: {e}"
         if sub.deadline_s is not None:
-            asyncio.get_running_loop().call_later(
-                max(0.0, sub.deadline_s), router.deadline_callback(req.request_id))
+            router.set_deadline(req, sub.deadline_s)
         return None
 
     async def cancel(self, request_id: str) -> bool:

@@ -56,7 +56,7 @@ def bench_worker_step(runner: ModelRunner, batch: int, context: int, steps: int
     greedy = SamplingParams(max_tokens=1 << 30, temperature=0.0, ignore_eos=True)
     rng = random.Random(0)
     for i in range(batch):
-        lease = sched.reserve(Reservation(f"bench-{i:05d}", context - 1, 0, greedy))
+        lease = sched.reserve(Reservation(f"bench-{i:05d}", context - 1, 0, greedy, i))
         if lease is None:
             raise SystemExit(f"the pool ({runner.num_blocks} blocks) cannot hold {batch} "
                              f"sequences of {context + steps} tokens")

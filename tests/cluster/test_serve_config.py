@@ -10,7 +10,7 @@ import pytest
 
 from pdserve.cluster.cli import build_parser, serve_config
 from pdserve.cluster.config import ServeConfig
-from pdserve.engine.config import PRESETS
+from pdserve.engine.config import PRESETS, ModelSpec
 from pdserve.router.policy import LocalPrefillRule
 
 FIELDS = ("local_prefill_max_tokens", "prefill_queue_max_tokens")
@@ -64,3 +64,32 @@ def test_flags_and_yaml(tmp_path: Path) -> None:
     args = build_parser().parse_args(["serve", "--config", str(path),
                                       "--local-prefill-max-tokens", "0"])
     assert serve_config(args).local_prefill == LocalPrefillRule(0, 4096)
+
+
+def test_a_preset_means_dummy_weights() -> None:
+    """--preset without --load-format dummy served the default SmolLM2 instead."""
+    dummy = ModelSpec(source="dummy", preset="tiny")
+    for argv in (["--preset", "tiny"], ["--preset", "tiny", "--load-format", "dummy"]):
+        assert serve_config(build_parser().parse_args(["serve", *argv])).model == dummy
+
+
+@pytest.mark.parametrize(("argv", "names"), [
+    (["--preset", "tiny", "--model", "/models/x.gguf"], "--preset .*--model"),
+    (["--preset", "tiny", "--load-format", "gguf"], "--preset .*--load-format gguf"),
+    (["--preset", "tiny", "--load-format", "hf"], "--preset .*--load-format hf"),
+])
+def test_a_preset_with_real_weights_is_an_error(argv: list[str], names: str) -> None:
+    with pytest.raises(ValueError, match=names):
+        serve_config(build_parser().parse_args(["serve", *argv]))
+
+
+def test_a_yaml_preset_means_dummy_weights(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text("model:\n  preset: tiny\n")
+    assert ServeConfig.from_yaml(path).model == ModelSpec(source="dummy", preset="tiny")
+    path.write_text("model:\n  source: gguf\n  preset: tiny\n")
+    with pytest.raises(ValueError, match=r"preset 'tiny'.*source must be dummy"):
+        ServeConfig.from_yaml(path)
+    path.write_text("model:\n  preset: tiny\n  path: /models/x.gguf\n")
+    with pytest.raises(ValueError, match="dummy model reads no path"):
+        ServeConfig.from_yaml(path)

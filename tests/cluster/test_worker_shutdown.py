@@ -116,7 +116,7 @@ def test_decode_loop_stops_with_sequences_running(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(d.runner, "decode", slow_decode)
     for i in range(2):
         lease = d.reserve(Reservation(f"r{i}", 8, 0,
-                                      SamplingParams(max_tokens=1000, ignore_eos=True)))
+                                      SamplingParams(max_tokens=1000, ignore_eos=True), i))
         assert lease is not None
         with d._cv:
             assert d.sched.activate(lease.transfer_id, 5)

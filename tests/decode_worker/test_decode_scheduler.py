@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq
@@ -21,12 +23,18 @@ def make(blocks: int = 16, bs: int = 4, max_seqs: int = 8) -> tuple[DecodeSchedu
     return s, clock
 
 
-def res(rid: str, n: int, max_tokens: int = 100) -> Reservation:
-    return Reservation(rid, n, 0, SamplingParams(max_tokens=max_tokens, eos_token_ids=(2,)))
+_orders = itertools.count()  # the router's admission numbers
 
 
-def join(s: DecodeScheduler, clock: Clock, rid: str, n: int, max_tokens: int = 100) -> None:
-    lease = s.reserve(res(rid, n, max_tokens))
+def res(rid: str, n: int, max_tokens: int = 100, order: int | None = None) -> Reservation:
+    """A reservation of a request admitted after every earlier one, unless ``order``."""
+    return Reservation(rid, n, 0, SamplingParams(max_tokens=max_tokens, eos_token_ids=(2,)),
+                       next(_orders) if order is None else order)
+
+
+def join(s: DecodeScheduler, clock: Clock, rid: str, n: int, max_tokens: int = 100,
+         order: int | None = None) -> None:
+    lease = s.reserve(res(rid, n, max_tokens, order))
     assert lease is not None
     clock.t += 0.001
     assert s.activate(lease.transfer_id, 5)
@@ -49,11 +57,12 @@ def test_reserve_refuses_when_full_and_on_duplicates() -> None:
 
 def test_lease_expiry_frees_blocks() -> None:
     s, clock = make()
-    assert s.reserve(res("a", 8)) is not None
+    lease = s.reserve(res("a", 8))
+    assert lease is not None
     clock.t = 4.0
     assert s.expire() == []
     clock.t = 5.0
-    assert s.expire() == ["a"]
+    assert s.expire() == [("a", lease.transfer_id)]
     assert s.allocator.num_free == 16
 
 
@@ -127,6 +136,21 @@ def test_the_youngest_preempts_itself_when_only_it_needs_a_block() -> None:
     assert s.allocator.num_free == 4
 
 
+def test_a_rejoined_request_is_not_preempted_again_while_a_younger_one_runs() -> None:
+    """The victim is the youngest request by admission order, not the sequence that joined
+    last: a preempted request rejoins with its order, and must not be the victim again
+    (each preemption re-prefills its prompt + generated tokens) while a younger one runs."""
+    s, clock = make(blocks=4, bs=4)
+    join(s, clock, "young", 3, order=2)  # 4 tokens: 1 block
+    # Admitted before "young", preempted, re-prefilled: it joins last.
+    join(s, clock, "old", 11, order=1)  # 12 tokens: 3 blocks; pool now full
+    plan = s.schedule()
+    s.postprocess(plan.batch, [9, 9])  # both need a new block now
+    plan = s.schedule()
+    assert plan.preempted == ["young"]
+    assert [q.request_id for q in plan.batch] == ["old"]
+
+
 def test_a_step_never_compares_two_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequences are entities: the scheduler tells them apart by identity. Comparing them by
     value made every step quadratic in the batch (15 ms a step at 256 sequences)."""
@@ -195,6 +219,6 @@ def test_local_prefill_next_to_leases_awaiting_kv() -> None:
     chunks = s.schedule_prefill(budget=64)
     assert [(c.seq.request_id, c.start, len(c.token_ids)) for c in chunks] == [("local", 0, 5)]
     clock.t = 100.0
-    assert s.expire() == ["remote"]
+    assert s.expire() == [("remote", remote.transfer_id)]
     assert [q.request_id for q in s.prefilled(chunks)] == ["local"]
     assert s.activate(local.transfer_id, 7) and not s.activate(remote.transfer_id, 7)

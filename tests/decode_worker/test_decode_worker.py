@@ -16,7 +16,7 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 
 def lease_and_task(d: DecodeWorker, rid: str, prompt: list[int]) -> tuple[Lease, PrefillTask]:
-    lease = d.reserve(Reservation(rid, len(prompt), 0, GREEDY))
+    lease = d.reserve(Reservation(rid, len(prompt), 0, GREEDY, 0))
     assert lease is not None
     return lease, PrefillTask(rid, tuple(prompt), 0, GREEDY, lease)
 

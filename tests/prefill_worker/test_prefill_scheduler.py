@@ -62,3 +62,22 @@ def test_abort_and_bad_prompts() -> None:
     s.add(task("a", 3))
     assert s.abort("a") is not None and s.abort("a") is None
     assert s.schedule() == []
+
+
+@pytest.mark.parametrize("admitted", [False, True])
+def test_abort_by_transfer_id_spares_the_requests_other_attempt(admitted: bool) -> None:
+    """A retried request can have its old and its new attempt on one worker: the abort of
+    the old one (its lease's transfer id) must leave the new one alone."""
+    s = PrefillScheduler(BlockAllocator(16), 4, max_batch_tokens=64)
+    old = PrefillTask("r", (1, 2, 3), 0, SamplingParams(), Lease("d0", "r", 7, 0, 1, 30.0))
+    new = PrefillTask("r", (1, 2, 3), 0, SamplingParams(), Lease("d0", "r", 8, 0, 1, 30.0))
+    s.add(old)
+    s.add(new)
+    if admitted:  # both prefilling (in the chunker), not waiting
+        s.schedule()
+    gone = s.abort("r", 7)
+    assert gone is not None and gone.task is old
+    assert s.abort("r", 7) is None
+    left = [q.task for q in (s.active if admitted else s.waiting)]
+    assert left == [new]
+    assert s.abort("r") is not None and s.abort("r") is None  # no id: any attempt

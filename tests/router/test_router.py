@@ -9,6 +9,7 @@ import itertools
 import time
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from pdserve.engine.messages import FirstToken, Lease, Reservation, StepReport, TransferDone
@@ -56,12 +57,13 @@ class FakeWorker:
 
 
 class Setup:
-    def __init__(self, rule: LocalPrefillRule) -> None:
+    def __init__(self, rule: LocalPrefillRule, max_attempts: int = 4) -> None:
         self.p, self.d = FakeWorker("prefill-0"), FakeWorker("decode-0")
         self.metrics = Metrics(CollectorRegistry())
         self.out: list[tuple[Request, Chunk]] = []
         self.router = Router({"prefill-0": self.p}, {"decode-0": self.d},
-                             RouterConfig(local_prefill=rule), self.metrics,
+                             RouterConfig(local_prefill=rule, max_attempts=max_attempts),
+                             self.metrics,
                              lambda req, chunk: self.out.append((req, chunk)))
 
     @property
@@ -191,7 +193,9 @@ def test_queued_tokens_released_on_abort_and_failed_prefill_step() -> None:
         assert s.queued == 0
         failed = await s.admit("failed", 11)
         assert failed.prefill_worker == "prefill-0" and s.queued == 11
-        s.router.on_transfer_done(TransferDone("prefill-0", "failed", False, 0.0, 0, "boom"))
+        assert failed.lease is not None
+        s.router.on_transfer_done(TransferDone("prefill-0", "failed", failed.lease.transfer_id,
+                                               False, 0.0, 0, "boom"))
         assert s.queued == 0
         await settle()  # re-dispatched, to the empty prefill queue
         assert failed.prefill_worker == "prefill-0" and s.queued == 11
@@ -245,13 +249,143 @@ def test_a_retry_reserves_only_once_the_failed_attempts_lease_is_gone() -> None:
         s.router.decode["decode-0"] = s.d
         req = await s.admit("r", 9)
         assert req.lease is not None
-        s.router.on_transfer_done(TransferDone("prefill-0", "r", ok=False, seconds=0.0,
-                                               nbytes=0, error="channel broke"))
+        s.router.on_transfer_done(TransferDone("prefill-0", "r", req.lease.transfer_id,
+                                               ok=False, seconds=0.0, nbytes=0,
+                                               error="channel broke"))
         await settle()
         assert len(s.d.called("reserve")) == 1 and req.state == State.QUEUED
         s.d.finish_aborts()
         await settle()
         assert len(s.d.called("reserve")) == 2
         assert req.state == State.PREFILLING and req.attempts == 2 and req.lease is not None
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("decode_first", [False, True])
+@pytest.mark.parametrize("settle_between", [False, True])
+def test_a_broken_transfer_reported_by_both_ends_is_retried_once(
+    decode_first: bool, settle_between: bool
+) -> None:
+    """The prefill worker's TransferDone(ok=False) and the decode worker's failed entry tell
+    of the same attempt: the second one, whenever it lands, must not re-queue the request."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        req = await s.admit("r", 9)
+        assert req.lease is not None
+        old = req.lease.transfer_id
+        reports = [
+            lambda: s.router.on_transfer_done(TransferDone(
+                "prefill-0", "r", old, ok=False, seconds=0.0, nbytes=0, error="broke")),
+            lambda: s.router.on_step(StepReport(
+                "decode-0", failed=[("r", old, "KV transfer failed: broke")])),
+        ]
+        if decode_first:
+            reports.reverse()
+        reports[0]()
+        if settle_between:
+            await settle()
+        reports[1]()
+        await settle()
+        assert req.state == State.PREFILLING and req.attempts == 2
+        assert req.lease is not None and req.lease.transfer_id != old
+        assert len(s.d.called("reserve")) == 2 and len(s.p.called("submit")) == 2
+        assert not s.router.waiting and s.queued == 9
+
+    asyncio.run(main())
+
+
+def test_a_retry_aborts_the_old_attempt_on_its_prefill_worker() -> None:
+    """A lease that expired while its prompt still waited on the prefill worker: the retry
+    drops that attempt there (by its transfer id) and from the queued-token count."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        req = await s.admit("r", 9)
+        assert req.lease is not None and s.queued == 9
+        old = req.lease.transfer_id
+        s.router.on_step(StepReport("decode-0", failed=[("r", old, "lease expired")]))
+        await settle()
+        assert ("r", old) in s.p.called("abort")
+        assert req.attempts == 2 and req.lease is not None and req.lease.transfer_id != old
+        assert s.queued == 9  # the new attempt's prompt only
+        s.first_token("prefill-0", req)
+        assert s.queued == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("end", ["finish", "abort", "fail"])
+def test_a_deadline_timer_is_cancelled_however_its_request_ends(end: str) -> None:
+    """A timer left running would kill a later request that reuses the id."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        req = await s.admit("r", 4)
+        s.router.set_deadline(req, 3600.0)
+        timer = req.deadline_timer
+        assert timer is not None and not timer.cancelled()
+        assert req.lease is not None
+        if end == "finish":
+            s.router.on_first_token(FirstToken("prefill-0", "r", req.lease.transfer_id, 65,
+                                               "length", 0.0, 0.0))
+        elif end == "abort":
+            assert s.router.abort("r")
+        else:
+            s.router.abort_all("shutting down")
+        assert req.done and timer.cancelled()
+
+    asyncio.run(main())
+
+
+def test_an_old_deadline_does_not_end_a_new_request_with_the_same_id() -> None:
+    async def main() -> None:
+        s = Setup(LocalPrefillRule())
+        old = await s.admit("r", 4)
+        expire_old = s.router.deadline_callback(old)
+        assert s.router.abort("r")
+        new = await s.admit("r", 4)
+        expire_old()
+        assert not new.done and s.router.requests["r"] is new
+        s.router.set_deadline(new, 0.0)
+        for _ in range(1000):  # until the timer ran
+            if new.done:
+                break
+            await asyncio.sleep(0.001)
+        assert new.state == State.FAILED
+        req, chunk = s.out[-1]
+        assert req is new and chunk.error is not None and chunk.error[0] == "DEADLINE_EXCEEDED"
+
+    asyncio.run(main())
+
+
+def test_preemptions_do_not_count_against_max_attempts() -> None:
+    """The decode worker may preempt a request more often than max_attempts (each time it
+    rejoins, a younger request may take its blocks): the request still completes, with the
+    admission order it got once; only failed attempts count."""
+    async def main() -> None:
+        s = Setup(LocalPrefillRule(), max_attempts=2)
+        req = await s.admit("r", 4)
+        other = await s.admit("other", 4)
+        for _ in range(3):
+            s.first_token("prefill-0", req)
+            s.router.on_step(StepReport("decode-0", preempted=["r"]))
+            await settle()
+            assert req.state == State.PREFILLING, s.out[-1][1].error
+        assert req.attempts == 4
+        orders = [r[0].order for r in s.d.called("reserve") if r[0].request_id == "r"]
+        assert orders == [req.order] * 4 and other.order > req.order
+        assert req.lease is not None
+        s.router.on_first_token(FirstToken("prefill-0", "r", req.lease.transfer_id, 66,
+                                           "length", 0.0, 0.0))
+        assert req.state == State.FINISHED and req.output_ids == [65, 65, 65, 66]
+        # Failures still count: two of them end the other request.
+        for _ in range(2):
+            assert other.lease is not None
+            s.router.on_transfer_done(TransferDone("prefill-0", "other", other.lease.transfer_id,
+                                                   ok=False, seconds=0.0, nbytes=0, error="x"))
+            await settle()
+        assert other.state == State.FAILED
+        assert s.out[-1][1].error == ("UNAVAILABLE",
+                                      "request failed after 2 failed attempts: "
+                                      "KV transfer failed: x")
 
     asyncio.run(main())
