@@ -63,10 +63,11 @@ def add_flags(
     group its ``group`` names; ``groups`` lists each group's title (in the order of the
     help) and description. Flags default to None, so that ``given_flags`` sees only the
     ones on the command line."""
-    made = {title: parser.add_argument_group(title, text) for title, text in groups.items()}
-    for f, kind in knobs(cls):
-        if only is not None and f.name not in only:
-            continue
+    chosen = [(f, kind) for f, kind in knobs(cls) if only is None or f.name in only]
+    used = {f.metadata["group"] for f, _ in chosen}
+    made = {title: parser.add_argument_group(title, text) for title, text in groups.items()
+            if title in used}
+    for f, kind in chosen:
         meta = f.metadata
         text = f"{meta['help']} (default {_shown(f.default)})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
