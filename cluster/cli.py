@@ -1,9 +1,10 @@
-"""The ``pdserve`` command: serve, generate, info, demo, bench."""
+"""The ``pdserve`` command: serve, generate, info, demo, bench, profile."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import signal
 import sys
 import threading
@@ -40,6 +41,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="join this Ray cluster (default: start a local Ray instance)")
     add_flags(p, ServeConfig, FLAG_GROUPS)
     _add_model_flags(p)
+
+
+# The serve knobs that decide what `pdserve profile` measures: the decode worker's runner.
+PROFILE_KNOBS = ("device", "dtype", "backend", "torch_threads", "enforce_eager",
+                 "cuda_graph_max_batch", "gpu_memory_utilization", "block_size",
+                 "decode_blocks", "max_batch_tokens", "max_num_seqs", "max_context")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -203,6 +210,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """`pdserve profile`: fit the cost model on this device and write its JSON."""
+    from pdserve.cluster.bench.profile import ProfileOptions, run_profile
+
+    try:
+        cfg = serve_config(args)
+    except ValueError as e:
+        print(f"pdserve profile: error: {e}", file=sys.stderr)
+        return 2
+    run_profile(cfg, ProfileOptions(out=args.out, quick=args.quick,
+                                    transfer=not args.no_transfer, command=args.command_line))
+    return 0
+
+
 def _fraction(s: str) -> float:
     """An argparse type: a float in (0, 1]."""
     try:
@@ -333,11 +354,32 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--attainment-target", type=float,
                     help="the target line (default: from the first result)")
     p.set_defaults(func=cmd_bench, attainment_target=None, usage_error=p.error)
+
+    p = sub.add_parser(
+        "profile", help="measure the router's cost model on this device (JSON profile)",
+        description="Time prefill steps (prompts, chunks after a cached prefix, batches), "
+                    "decode steps (batch x context) and KV transfers (the real channel "
+                    "between two processes) with the serving runner, fit the cost model's "
+                    "forms (a + b*tokens + c*attention; a + b*batch + c*context; latency + "
+                    "bytes/bandwidth), print each fit and its error, and write the profile.")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML ServeConfig: the settings serve would use; flags override it")
+    add_flags(p, ServeConfig, FLAG_GROUPS, only=PROFILE_KNOBS)
+    _add_model_flags(p)
+    g = p.add_argument_group("profile")
+    g.add_argument("--out", metavar="PATH",
+                   help="where the JSON goes (default: ./<device>-<model>.json)")
+    g.add_argument("--quick", action="store_true",
+                   help="a few points only, fewer runs each (tests, a first look)")
+    g.add_argument("--no-transfer", action="store_true",
+                   help="no channel measurement: a documented prior for the transfer fit")
+    p.set_defaults(func=cmd_profile)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["pdserve", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args))
 
 

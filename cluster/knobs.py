@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
 
 T = TypeVar("T")
@@ -56,13 +56,18 @@ def _shown(value: object) -> str:
 
 
 def add_flags(
-    parser: argparse.ArgumentParser, cls: type, groups: Mapping[str, str | None]
+    parser: argparse.ArgumentParser, cls: type, groups: Mapping[str, str | None],
+    only: Collection[str] | None = None,
 ) -> None:
-    """A flag for every knob of ``cls``, under the argument group its ``group`` names;
-    ``groups`` lists each group's title (in the order of the help) and description. Flags
-    default to None, so that ``given_flags`` sees only the ones on the command line."""
-    made = {title: parser.add_argument_group(title, text) for title, text in groups.items()}
-    for f, kind in knobs(cls):
+    """A flag for every knob of ``cls`` (or for those named in ``only``), under the argument
+    group its ``group`` names; ``groups`` lists each group's title (in the order of the
+    help) and description. Flags default to None, so that ``given_flags`` sees only the
+    ones on the command line."""
+    chosen = [(f, kind) for f, kind in knobs(cls) if only is None or f.name in only]
+    used = {f.metadata["group"] for f, _ in chosen}
+    made = {title: parser.add_argument_group(title, text) for title, text in groups.items()
+            if title in used}
+    for f, kind in chosen:
         meta = f.metadata
         text = f"{meta['help']} (default {_shown(f.default)})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")

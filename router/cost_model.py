@@ -141,7 +141,11 @@ class Profile:
             raise ValueError(f"{path}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        """Indented JSON with each sample row on one line (a profile is read by people too)."""
+        text = json.dumps(self.to_json(), indent=1)
+        text = re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]",
+                      lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+        Path(path).write_text(text + "\n")
 
 
 def _slug(text: str) -> str:
@@ -270,11 +274,10 @@ class CostModel:
     def mixed_step_s(self, batch: int, context: int, prefill_tokens: int,
                      prefill_attention: int, worker: str | None = None) -> float:
         """A decode step with ``prefill_tokens`` prompt tokens mixed in (local prefill)."""
-        if not self.calibrated:
+        p, d = self.prefill_fit, self.decode_fit
+        if p is None or d is None:
             return 0.0
-        assert self.prefill_fit is not None and self.decode_fit is not None
-        p = self.prefill_fit
-        base = self.decode_fit(batch, context) + p.b * prefill_tokens + p.c * prefill_attention
+        base = d(batch, context) + p.b * prefill_tokens + p.c * prefill_attention
         return base * self._scale(worker)
 
     def transfer_s(self, num_tokens: int, pair: tuple[str, str] | None = None) -> float:
@@ -303,14 +306,13 @@ class CostModel:
         """The same on a decode worker that mixes prompt chunks into its decode steps: each
         step runs max(1, B - batch) prompt tokens with the decode batch as it is now
         (``batch`` sequences, ``context`` tokens)."""
-        if not self.calibrated:
+        p, d = self.prefill_fit, self.decode_fit
+        if p is None or d is None:
             return 0.0
-        assert self.prefill_fit is not None and self.decode_fit is not None
-        p = self.prefill_fit
         total = queued_tokens + num_tokens
         steps = math.ceil(total / max(1, self._max_batch_tokens - batch))
         work = queued_attention + num_tokens * num_tokens
-        base = steps * self.decode_fit(batch, context) + p.b * total + p.c * work
+        base = steps * d(batch, context) + p.b * total + p.c * work
         return base * self._scale(worker)
 
     # -- observations -----------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pdserve.router.cost_model import (
     fit_transfer,
     median_relative_error,
     profile_filename,
+    shipped_profile,
 )
 from pdserve.router.fitting import MAX_BYTES_PER_S
 
@@ -154,6 +155,19 @@ def test_profile_filename_and_devices() -> None:
     assert not _same_device("NVIDIA H200", "NVIDIA H100 80GB HBM3")
 
 
+def test_shipped_cpu_profile_of_the_demo_model() -> None:
+    # The name the router knows: the GGUF's general.name (ModelConfig.name).
+    demo = "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    p = shipped_profile("cpu", demo)
+    assert p is not None and p.device == "cpu" and p.model == demo and p.dtype == "float32"
+    assert p.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4  # layers, K+V, kv heads, head dim, fp32
+    assert p.prefill(2048, 2048**2) > p.prefill(16, 256) > 0
+    assert p.decode(64, 64 * 256) > p.decode(1, 16) > 0
+    assert len(p.samples["prefill"]) >= 10 and len(p.samples["decode"]) >= 10
+    assert shipped_profile("cpu", "no such model") is None
+    assert shipped_profile("NVIDIA H100 80GB HBM3", demo) is None
+
+
 def test_cost_model_imports_no_torch() -> None:
     code = ("import sys, pdserve.router.cost_model; "
             "bad = {'torch', 'ray', 'grpc', 'google.protobuf'} & set(sys.modules); "
@@ -201,9 +215,9 @@ def test_local_prefill_by_hand() -> None:
     # 12 decoding sequences leave 500 of the 512-token budget: 1 step for 100 tokens ...
     assert m.local_prefill_s(0, 0, 100, 12, 3000) == pytest.approx(
         decode + 0.001 * 100 + 1e-6 * 100**2)
-    # ... 3 steps for 200 queued + 1000 new
-    assert m.local_prefill_s(200, 40_000, 1000, 12, 3000) == pytest.approx(
-        3 * decode + 0.001 * 1200 + 1e-6 * (40_000 + 1000**2))
+    # ... 3 steps for 200 queued + 810 new (2 would do without the decode batch)
+    assert m.local_prefill_s(200, 40_000, 810, 12, 3000) == pytest.approx(
+        3 * decode + 0.001 * 1010 + 1e-6 * (40_000 + 810**2))
     # a batch that fills the budget still takes one prompt token a step
     full = 0.005 + 0.0002 * 600 + 1e-6 * 6000
     assert m.local_prefill_s(0, 0, 4, 600, 6000) == pytest.approx(
