@@ -278,7 +278,8 @@ def test_a_broken_transfer_reported_by_both_ends_is_retried_once(
             lambda: s.router.on_transfer_done(TransferDone(
                 "prefill-0", "r", old, ok=False, seconds=0.0, nbytes=0, error="broke")),
             lambda: s.router.on_step(StepReport(
-                "decode-0", failed=[("r", old, "KV transfer failed: broke")])),
+                "decode-0", failed=[("r", old, "KV transfer failed: broke")],
+                num_free_blocks=100)),
         ]
         if decode_first:
             reports.reverse()
@@ -303,7 +304,8 @@ def test_a_retry_aborts_the_old_attempt_on_its_prefill_worker() -> None:
         req = await s.admit("r", 9)
         assert req.lease is not None and s.queued == 9
         old = req.lease.transfer_id
-        s.router.on_step(StepReport("decode-0", failed=[("r", old, "lease expired")]))
+        s.router.on_step(StepReport("decode-0", failed=[("r", old, "lease expired")],
+                                       num_free_blocks=100))
         await settle()
         assert ("r", old) in s.p.called("abort")
         assert req.attempts == 2 and req.lease is not None and req.lease.transfer_id != old
@@ -367,7 +369,7 @@ def test_preemptions_do_not_count_against_max_attempts() -> None:
         other = await s.admit("other", 4)
         for _ in range(3):
             s.first_token("prefill-0", req)
-            s.router.on_step(StepReport("decode-0", preempted=["r"]))
+            s.router.on_step(StepReport("decode-0", preempted=["r"], num_free_blocks=100))
             await settle()
             assert req.state == State.PREFILLING, s.out[-1][1].error
         assert req.attempts == 4
