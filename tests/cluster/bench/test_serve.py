@@ -166,7 +166,9 @@ def test_jsonl_dataset(server: str, tmp_path: Path) -> None:
 
 
 def test_sweep_stops_below_attainment(server: str, tmp_path: Path) -> None:
-    """A TTFT objective no request can meet: the ascending sweep runs its lowest rate only."""
+    """A TTFT objective no request can meet: the ascending sweep runs its lowest rate only.
+    The server's SLO admission refuses each request at once (its predicted TTFT misses the
+    objective): refusals count as missed objectives."""
     out = tmp_path / "stop.json"
     rc = main([
         "bench", "--server", server, "--label", "stop", "--num-prompts", "3",
@@ -179,7 +181,9 @@ def test_sweep_stops_below_attainment(server: str, tmp_path: Path) -> None:
     (run,) = data["runs"]
     assert run["report"]["request_rate"] == 4.0 and run["report"]["attainment"] == 0.0
     assert run["report"]["num_requests"] == len(run["requests"]) == 3  # the floor: all 3
-    assert run["report"]["completed"] == 3
+    assert run["report"]["completed"] == 0
+    assert [r["status"] for r in run["requests"]] == ["RESOURCE_EXHAUSTED"] * 3
+    assert all("predicted TTFT" in r["error"] for r in run["requests"])
     assert data["skipped_rates"] == [8.0, 16.0]
     assert "0.0% at 4 req/s" in data["stopped_early"]
     assert data["goodput"]["rate"] is None
