@@ -30,6 +30,7 @@ from pdserve.router.metrics import Metrics
 from pdserve.router.placement import Ask, Placement, Placer
 from pdserve.router.policy import pick_prefill, prefill_locally
 from pdserve.router.request import Chunk, Request, State
+from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.waiting import WaitQueue
 
 log = logging.getLogger("pdserve.router")
@@ -56,6 +57,7 @@ class Router:
         self.decode = decode
         self.cfg = cfg
         self.metrics = metrics
+        self.observe = RequestMetrics(metrics)  # a request's end and its KV transfer
         self.out = out  # hands a request's next chunk to its client stream
         self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics)
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
@@ -217,9 +219,7 @@ class Router:
         if first_ever:
             req.t_first = now
             req.queue_s += msg.queue_s
-            self.metrics.observe_first_token(
-                now - req.arrival, req.queue_s, msg.prefill_s, 0.0
-            )
+            self.metrics.observe_first_token(now - req.arrival, req.queue_s, msg.prefill_s)
         else:
             self.metrics.observe_tokens([now - req.t_last])
         req.t_last = now
@@ -240,6 +240,7 @@ class Router:
                                             msg.seconds)
         else:  # a failed prefill step reports no first token, only this
             self.dispatcher.dequeue(msg.transfer_id)
+        self.observe.transfer_done(req, msg)
         if req is None or req.done or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:
             return  # a report from an earlier attempt (retried since)
@@ -325,6 +326,8 @@ class Router:
 
     # -- output -----------------------------------------------------------------------------
     def _emit(self, req: Request, ids: list[int], reason: str | None) -> None:
+        if len(req.output_ids) == 1:  # the second token (t_last: now, as it arrived)
+            self.metrics.observe_first_decode_step(req.t_last - req.t_first)
         text, stop = req.add_tokens(ids)
         matched: str | int | None = None
         if stop is not None:
@@ -349,15 +352,7 @@ class Router:
             # sequence (or its lease) on the decode worker; when the worker finished it
             # itself, this finds nothing there.
             self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
-        n = len(req.output_ids)
-        tpot = (req.t_last - req.t_first) / (n - 1) if n > 1 and req.t_first else 0.0
-        ttft = req.t_first - req.arrival if req.t_first else None
-        self.metrics.observe_finished(
-            reason=reason, e2e_s=now - req.arrival,
-            decode_s=(req.t_last - req.t_first) if req.t_first else 0.0, mean_tpot_s=tpot,
-            prompt_tokens=len(req.prompt_ids), completion_tokens=n,
-            slo=req.slo, ttft_s=ttft,
-        )
+        self.observe.finished(req, reason, now)
         self._update_queue_gauges()
 
     def _fail(self, req: Request, code: str, message: str) -> None:
@@ -367,7 +362,7 @@ class Router:
         _cancel_deadline(req)
         if req.lease is not None:
             self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
-        self.metrics.observe_failure(code)
+        self.observe.failed(req, code)
         self._update_queue_gauges()
 
     def abort(self, request_id: str, reason: str = "abort", code: str | None = None) -> bool:

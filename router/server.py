@@ -39,7 +39,7 @@ class RouterService:
         self.cfg = cfg
         self.started = time.monotonic()
         self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, slo_classes=cfg.slo_classes.names)
         self.tokenizer: Tokenizer | None = None
         self.router: Router | None = None
         self.frontends: list[Any] = []
