@@ -340,7 +340,10 @@ class Router:
         self.out(req, Chunk(ids, text + req.flush(), reason, matched))
         self._finish(req, State.FINISHED, reason)
 
-    def _finish(self, req: Request, state: State, reason: str) -> None:
+    def _finish(self, req: Request, state: State, reason: str,
+                failure: str | None = None) -> None:
+        """End ``req`` with finish reason ``reason``; counted as a failure with the gRPC
+        status ``failure`` instead if given (its client went away)."""
         req.state = state
         self.requests.pop(req.request_id, None)
         now = time.monotonic()
@@ -352,7 +355,10 @@ class Router:
             # sequence (or its lease) on the decode worker; when the worker finished it
             # itself, this finds nothing there.
             self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
-        self.observe.finished(req, reason, now)
+        if failure is None:
+            self.observe.finished(req, reason, now)
+        else:
+            self.observe.failed(req, failure)
         self._update_queue_gauges()
 
     def _fail(self, req: Request, code: str, message: str) -> None:
@@ -368,21 +374,40 @@ class Router:
     def abort(self, request_id: str, reason: str = "abort", code: str | None = None) -> bool:
         """End a request now: free its work on both workers. With ``code`` the stream ends
         with that gRPC status (deadline), otherwise with finish_reason ``reason``."""
-        req = self.requests.get(request_id)
+        req = self._stop_prefill(request_id)
         if req is None:
             return False
-        if req.prefill_worker:
-            self.prefill[req.prefill_worker].abort.remote(request_id)
-            # What the prefill worker drops now never reports a first token.
-            self.dispatcher.dequeue_request(request_id, req.prefill_worker)
-        if req.lease is not None:  # nor a prompt its decode worker prefills itself
-            self.dispatcher.dequeue(req.lease.transfer_id)
         if code is not None:
             self._fail(req, code, f"request {request_id}: {reason}")
         else:
             self.out(req, Chunk([], req.flush(), "abort"))
             self._finish(req, State.ABORTED, "abort")
         return True
+
+    def client_gone(self, request_id: str, code: str) -> bool:
+        """The client's call ended on its frontend before the request did (``code``:
+        CANCELLED, or DEADLINE_EXCEEDED once its deadline passed): free its work as
+        ``abort`` does; nothing is sent (its stream is closed), and it counts as a failure
+        with ``code``, not as finished."""
+        req = self._stop_prefill(request_id)
+        if req is None:
+            return False
+        self._finish(req, State.ABORTED, "abort", failure=code)
+        return True
+
+    def _stop_prefill(self, request_id: str) -> Request | None:
+        """The request in flight as ``request_id`` (None if none), its prompt dropped from
+        its prefill worker and from the queue counts (``_finish`` frees its decode side)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.prefill_worker:
+            self.prefill[req.prefill_worker].abort.remote(request_id)
+            # What the prefill worker drops now never reports a first token.
+            self.dispatcher.dequeue_request(request_id, req.prefill_worker)
+        if req.lease is not None:  # nor a prompt its decode worker prefills itself
+            self.dispatcher.dequeue(req.lease.transfer_id)
+        return req
 
     def abort_all(self, reason: str) -> None:
         for rid in list(self.requests):

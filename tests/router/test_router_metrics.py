@@ -119,7 +119,7 @@ def test_a_missing_phase_counts_as_met_and_no_objective_is_not_goodput() -> None
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("end", ["abort", "deadline"])
+@pytest.mark.parametrize("end", ["abort", "client_gone", "deadline"])
 def test_a_request_that_did_not_finish_is_never_attained(end: str) -> None:
     """Its first token came well within the objective, but it did not finish: judged in
     neither attained nor violated, not goodput."""
@@ -131,6 +131,10 @@ def test_a_request_that_did_not_finish_is_never_attained(end: str) -> None:
         if end == "abort":
             assert s.router.abort("r")
             assert s.value("pdserve:request_success_total", finished_reason="abort") == 1
+        elif end == "client_gone":
+            assert s.router.client_gone("r", "CANCELLED")
+            assert s.value("pdserve:request_failure_total", code="CANCELLED") == 1
+            assert not s.out[-1][1].finish_reason  # nothing sent: the stream is gone
         else:
             s.router.deadline_callback(req)()
             assert s.value("pdserve:request_failure_total", code="DEADLINE_EXCEEDED") == 1
@@ -272,5 +276,35 @@ def test_no_prediction_no_observation() -> None:
         for phase in ("ttft", "tpot"):
             assert s.value(f"pdserve:{phase}_prediction_ratio_count") == 0
             assert s.value(f"pdserve:{phase}_prediction_relative_error_count") == 0
+
+    asyncio.run(main())
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+def test_failures_are_counted_once_by_code() -> None:
+    async def main() -> None:
+        s = RouterSetup(max_attempts=1)
+        broken = await s.admit("broken", 4)
+        transfer_done(s, broken, 0.0, ok=False)  # the only attempt failed
+        assert broken.state == State.FAILED
+        gone = await s.admit("gone", 4)
+        assert gone.lease is not None
+        assert s.router.client_gone("gone", "CANCELLED")
+        assert not s.router.client_gone("gone", "CANCELLED")  # ended already: not again
+        assert not s.router.abort("gone")
+        assert ("gone", gone.lease.transfer_id) in s.d.called("abort")  # its work freed
+        late = await s.admit("late", 4)
+        s.router.deadline_callback(late)()
+        assert not s.router.client_gone("late", "DEADLINE_EXCEEDED")  # the frontend's view
+        await s.admit("shutdown", 4)
+        s.router.abort_all("the server is shutting down")
+        assert s.value("pdserve:request_failure_total", code="UNAVAILABLE") == 2
+        assert s.value("pdserve:request_failure_total", code="CANCELLED") == 1
+        assert s.value("pdserve:request_failure_total", code="DEADLINE_EXCEEDED") == 1
+        # Failures are not finishes: no latency or token counts for them.
+        assert s.value("pdserve:e2e_request_latency_seconds_count") == 0
+        assert s.metrics.registry.get_sample_value(
+            "pdserve:request_success_total", {"finished_reason": "abort"}) is None
 
     asyncio.run(main())
