@@ -120,8 +120,8 @@ class Dispatcher:
         req.attempts += 1
         req.state = State.PREFILLING
         req.awaiting_first = True
-        if where is not None:
-            req.predicted_tpot_s = where.tpot_s
+        if where is not None:  # an uncalibrated cost model's placement predicts nothing (0)
+            req.predicted_tpot_s = where.tpot_s if where.tpot_s > 0 else None
         if req.attempts == 1:
             req.queue_s = time.monotonic() - req.queued_at
         task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,

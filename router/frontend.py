@@ -7,6 +7,10 @@ streams what the router delivers for it. Several frontends listen on one port
 all the streams multiplexed on it, stays with one frontend), so the per-message gRPC work,
 which bounds how many tokens a second one process streams, is spread over processes as
 vLLM's API servers spread HTTP (``--api-server-count``).
+
+A frontend keeps no metrics: a call it refuses before submitting it is counted by the
+router actor (``count_failure``), and a call whose client goes away mid-stream is reported
+to it with the status the call ended with (``client_gone``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -38,6 +42,7 @@ from pdserve.router.validation import (
 )
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+DEADLINE_SLACK_S = 0.05  # a client gone this close to its deadline is counted as past it
 
 
 class Frontend:
@@ -103,6 +108,12 @@ class Frontend:
     def num_served(self) -> int:
         return self.served
 
+    async def refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                     message: str) -> NoReturn:
+        """End a call before it reaches the router: the router counts the failure."""
+        self.router.count_failure.remote(code.name)
+        await context.abort(code, message)
+
     def deliver(self, items: list[StreamItem]) -> None:
         """The router's items for this frontend's streams, from its feed (a stream that
         ended here already drops its late items)."""
@@ -144,6 +155,15 @@ class Frontend:
         )
 
 
+def _gone(context: grpc.aio.ServicerContext) -> str:
+    """The status a call ended with when its client went away mid-stream: its deadline
+    passed, or it cancelled or disconnected. A client cancels the call itself at its
+    deadline, which may reach us a moment before ours (set when the call arrived) passes."""
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= DEADLINE_SLACK_S \
+        else "CANCELLED"
+
+
 class _Servicer(pb_grpc.GenerationServicer):
     def __init__(self, fe: Frontend) -> None:
         self.fe = fe
@@ -154,15 +174,15 @@ class _Servicer(pb_grpc.GenerationServicer):
         arrival = time.monotonic()
         fe = self.fe
         if fe.tokenizer is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting")
+            await fe.refuse(context, grpc.StatusCode.UNAVAILABLE, "the server is starting")
         try:
             sub = fe.submission(request, arrival, context.time_remaining())
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await fe.refuse(context, e.code, e.message)
         rid = sub.request_id
         if rid in fe.streams:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"request_id: {rid!r} is already in flight")
+            await fe.refuse(context, grpc.StatusCode.ALREADY_EXISTS,
+                            f"request_id: {rid!r} is already in flight")
         # Registered before the router hears of it: its first items may come back before
         # the answer to submit does.
         q: asyncio.Queue[StreamItem] = asyncio.Queue()
@@ -190,7 +210,7 @@ class _Servicer(pb_grpc.GenerationServicer):
         finally:
             fe.streams.pop(rid, None)
             if not ended:  # the client went away (cancel, deadline, disconnect)
-                fe.router.cancel.remote(rid)
+                fe.router.client_gone.remote(rid, _gone(context))
 
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext

@@ -20,9 +20,11 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server as _start_http_server
 
-from pdserve.router.slo import ValidSlo
+from pdserve.router.slo import DEFAULT_CLASS, ValidSlo
+from pdserve.router.slo_metrics import SloMetrics
 
 PREFIX = "pdserve:"
+ABORT = "abort"  # the finish reason of an aborted request: never judged against its SLO
 
 # vLLM's buckets.
 TTFT_BUCKETS = (
@@ -44,14 +46,14 @@ KV_TRANSFER_BUCKETS = (
     5.0, 10.0,
 )
 
-SLO_PHASES = ("ttft", "tpot")
-
 
 class Metrics:
     """The router's metrics, registered on `registry` (never the global default one, so that
-    tests and several routers in one process each have their own)."""
+    tests and several routers in one process each have their own). `slo_classes`: the SLO
+    class names whose per-class series exist from the start (see `router.slo_metrics`)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry,
+                 slo_classes: Sequence[str] = (DEFAULT_CLASS,)) -> None:
         self.registry = registry
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -65,8 +67,9 @@ class Metrics:
         def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
             return Gauge(PREFIX + name, doc, labelnames=labels, registry=registry)
 
-        # Latency histograms. TTFT = queue + prefill (+ KV transfer when it precedes the first
-        # token) + the rest (routing, streaming); queue and prefill share TTFT's buckets.
+        # Latency histograms. TTFT = queue + prefill + the rest (routing, streaming); the KV
+        # transfer ends after the first token on pdserve's path (the prefill worker streams
+        # the token first), inside the first decode step. The split shares TTFT's buckets.
         self.ttft = hist("time_to_first_token_seconds",
                          "Time from request arrival to its first token.", TTFT_BUCKETS)
         self.itl = hist("inter_token_latency_seconds",
@@ -84,9 +87,15 @@ class Metrics:
                                 REQUEST_LATENCY_BUCKETS)
         self.request_transfer_time = hist(
             "request_kv_transfer_time_seconds",
-            "KV transfer time counted inside a request's time to first token.",
+            "Time a request's KV cache took to leave its prefill worker for its decode "
+            "worker, once per request (a decode worker's own prefill has no transfer).",
             KV_TRANSFER_BUCKETS,
         )
+        self.first_decode_step = hist(
+            "request_first_decode_step_seconds",
+            "Time from a request's first token to its second, as the router receives them "
+            "(the KV transfer's end, the decode worker taking the request in, its first "
+            "decode step).", TTFT_BUCKETS)
         self.kv_transfer_time = hist("kv_transfer_seconds",
                                      "Duration of one KV cache transfer, prefill to decode.",
                                      KV_TRANSFER_BUCKETS)
@@ -111,11 +120,6 @@ class Metrics:
                                "Requests that ended with a gRPC error status.", ("code",))
         self.kv_transfer_bytes = counter("kv_transfer_bytes",
                                          "KV cache bytes moved from prefill to decode workers.")
-        self.slo_attained = counter("slo_attained",
-                                    "Requests that met their objective for a phase.", ("phase",))
-        self.slo_violated = counter("slo_violated",
-                                    "Requests that missed their objective for a phase.",
-                                    ("phase",))
         self.preemptions = counter("num_preemptions",
                                    "Sequences a decode worker handed back for recompute.")
         self.retries = counter("request_retries",
@@ -125,24 +129,27 @@ class Metrics:
             "local_prefills",
             "Prompts the router had their decode worker prefill instead of a prefill worker "
             "(conditional disaggregation; re-dispatches included, colocated mode not counted).")
-        # Show zeros for the SLO phases from the start, so rate() works before the first miss.
-        for phase in SLO_PHASES:
-            self.slo_attained.labels(phase=phase)
-            self.slo_violated.labels(phase=phase)
+        # Goodput, attainment per class and phase, prediction error.
+        self.slo = SloMetrics(registry, PREFIX, slo_classes)
 
     # ------------------------------------------------------------------ events
 
-    def observe_first_token(
-        self, ttft_s: float, queue_s: float, prefill_s: float, transfer_s: float | None = None
-    ) -> None:
-        """A request's first token reached the router. `transfer_s`: the KV transfer time
-        inside this TTFT, if any; None or 0 when the first token streams before the KV moves,
-        as on pdserve's path (every transfer is counted by observe_transfer either way)."""
+    def observe_first_token(self, ttft_s: float, queue_s: float, prefill_s: float) -> None:
+        """A request's first token reached the router, `ttft_s` after its arrival, having
+        waited `queue_s` for admission and a worker and taken `prefill_s` to prefill."""
         self.ttft.observe(ttft_s)
         self.queue_time.observe(queue_s)
         self.prefill_time.observe(prefill_s)
-        if transfer_s:
-            self.request_transfer_time.observe(transfer_s)
+
+    def observe_first_decode_step(self, seconds: float) -> None:
+        """A request's second token reached the router, `seconds` after its first."""
+        self.first_decode_step.observe(seconds)
+
+    def observe_request_transfer(self, seconds: float) -> None:
+        """The KV transfer of a request, as its prefill worker timed it (from the header to
+        the last byte leaving; layer-wise streaming overlaps it with the prompt's forward
+        pass). Once per request: see `RequestMetrics.transfer_done`."""
+        self.request_transfer_time.observe(seconds)
 
     def observe_tokens(self, itl_values: Sequence[float]) -> None:
         """Inter-token latencies of the tokens in one decode-step message (any requests)."""
@@ -160,11 +167,15 @@ class Metrics:
         completion_tokens: int,
         slo: ValidSlo,
         ttft_s: float | None,
+        predicted_ttft_s: float | None = None,
+        predicted_tpot_s: float | None = None,
     ) -> None:
         """A request ended with a finish reason ("stop", "length", "abort").
 
         SLOs are judged on what was measured: TTFT if a first token came (`ttft_s` not None),
-        TPOT if there were at least two tokens; a phase with no objective is not counted.
+        TPOT if there were at least two tokens; a phase with no objective is not counted; an
+        aborted request is not judged at all (`router.slo_metrics`). The predictions (None:
+        none made) are compared with the same measurements.
         """
         self.e2e.observe(e2e_s)
         self.decode_time.observe(decode_s)
@@ -173,16 +184,16 @@ class Metrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.success.labels(finished_reason=reason).inc()
-        if slo.ttft_ms is not None and ttft_s is not None:
-            self._slo("ttft", ttft_s * 1000.0 <= slo.ttft_ms)
-        if slo.tpot_ms is not None and completion_tokens > 1:
-            self._slo("tpot", mean_tpot_s * 1000.0 <= slo.tpot_ms)
-
-    def _slo(self, phase: str, met: bool) -> None:
-        (self.slo_attained if met else self.slo_violated).labels(phase=phase).inc()
+        tpot_s = mean_tpot_s if completion_tokens > 1 else None
+        if reason != ABORT:
+            self.slo.judge(slo, ttft_s, tpot_s)
+        self.slo.observe_prediction("ttft", predicted_ttft_s, ttft_s)
+        self.slo.observe_prediction("tpot", predicted_tpot_s, tpot_s)
 
     def observe_failure(self, code: grpc.StatusCode | str) -> None:
-        """A request ended with an error status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...)."""
+        """A request ended with an error status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
+        DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE, ...), refused or after admission; counted
+        once per request, by whichever process ended it (see `router.server`)."""
         name = code.name if isinstance(code, grpc.StatusCode) else code
         self.failure.labels(code=name).inc()
 

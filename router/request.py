@@ -67,7 +67,8 @@ class Request:
     t_last: float = 0.0
     queue_s: float = 0.0
     prefill_s: float = 0.0
-    transfer_s: float = 0.0
+    transfer_s: float = 0.0  # KV transfer seconds of every attempt, in the final timing
+    transfer_observed: bool = False  # in the per-request transfer histogram (RequestMetrics)
     early: list[tuple[int, str | None]] = field(default_factory=list)
     awaiting_first: bool = True
     # text

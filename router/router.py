@@ -30,6 +30,7 @@ from pdserve.router.metrics import Metrics
 from pdserve.router.placement import Ask, Placement, Placer
 from pdserve.router.policy import pick_prefill, prefill_locally
 from pdserve.router.request import Chunk, Request, State
+from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.waiting import WaitQueue
 
 log = logging.getLogger("pdserve.router")
@@ -56,6 +57,7 @@ class Router:
         self.decode = decode
         self.cfg = cfg
         self.metrics = metrics
+        self.observe = RequestMetrics(metrics)  # a request's end and its KV transfer
         self.out = out  # hands a request's next chunk to its client stream
         self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics)
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
@@ -217,9 +219,7 @@ class Router:
         if first_ever:
             req.t_first = now
             req.queue_s += msg.queue_s
-            self.metrics.observe_first_token(
-                now - req.arrival, req.queue_s, msg.prefill_s, 0.0
-            )
+            self.metrics.observe_first_token(now - req.arrival, req.queue_s, msg.prefill_s)
         else:
             self.metrics.observe_tokens([now - req.t_last])
         req.t_last = now
@@ -240,6 +240,7 @@ class Router:
                                             msg.seconds)
         else:  # a failed prefill step reports no first token, only this
             self.dispatcher.dequeue(msg.transfer_id)
+        self.observe.transfer_done(req, msg)
         if req is None or req.done or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:
             return  # a report from an earlier attempt (retried since)
@@ -325,6 +326,8 @@ class Router:
 
     # -- output -----------------------------------------------------------------------------
     def _emit(self, req: Request, ids: list[int], reason: str | None) -> None:
+        if len(req.output_ids) == 1:  # the second token (t_last: now, as it arrived)
+            self.metrics.observe_first_decode_step(req.t_last - req.t_first)
         text, stop = req.add_tokens(ids)
         matched: str | int | None = None
         if stop is not None:
@@ -337,7 +340,10 @@ class Router:
         self.out(req, Chunk(ids, text + req.flush(), reason, matched))
         self._finish(req, State.FINISHED, reason)
 
-    def _finish(self, req: Request, state: State, reason: str) -> None:
+    def _finish(self, req: Request, state: State, reason: str,
+                failure: str | None = None) -> None:
+        """End ``req`` with finish reason ``reason``; counted as a failure with the gRPC
+        status ``failure`` instead if given (its client went away)."""
         req.state = state
         self.requests.pop(req.request_id, None)
         now = time.monotonic()
@@ -349,15 +355,10 @@ class Router:
             # sequence (or its lease) on the decode worker; when the worker finished it
             # itself, this finds nothing there.
             self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
-        n = len(req.output_ids)
-        tpot = (req.t_last - req.t_first) / (n - 1) if n > 1 and req.t_first else 0.0
-        ttft = req.t_first - req.arrival if req.t_first else None
-        self.metrics.observe_finished(
-            reason=reason, e2e_s=now - req.arrival,
-            decode_s=(req.t_last - req.t_first) if req.t_first else 0.0, mean_tpot_s=tpot,
-            prompt_tokens=len(req.prompt_ids), completion_tokens=n,
-            slo=req.slo, ttft_s=ttft,
-        )
+        if failure is None:
+            self.observe.finished(req, reason, now)
+        else:
+            self.observe.failed(req, failure)
         self._update_queue_gauges()
 
     def _fail(self, req: Request, code: str, message: str) -> None:
@@ -367,27 +368,46 @@ class Router:
         _cancel_deadline(req)
         if req.lease is not None:
             self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
-        self.metrics.observe_failure(code)
+        self.observe.failed(req, code)
         self._update_queue_gauges()
 
     def abort(self, request_id: str, reason: str = "abort", code: str | None = None) -> bool:
         """End a request now: free its work on both workers. With ``code`` the stream ends
         with that gRPC status (deadline), otherwise with finish_reason ``reason``."""
-        req = self.requests.get(request_id)
+        req = self._stop_prefill(request_id)
         if req is None:
             return False
-        if req.prefill_worker:
-            self.prefill[req.prefill_worker].abort.remote(request_id)
-            # What the prefill worker drops now never reports a first token.
-            self.dispatcher.dequeue_request(request_id, req.prefill_worker)
-        if req.lease is not None:  # nor a prompt its decode worker prefills itself
-            self.dispatcher.dequeue(req.lease.transfer_id)
         if code is not None:
             self._fail(req, code, f"request {request_id}: {reason}")
         else:
             self.out(req, Chunk([], req.flush(), "abort"))
             self._finish(req, State.ABORTED, "abort")
         return True
+
+    def client_gone(self, request_id: str, code: str) -> bool:
+        """The client's call ended on its frontend before the request did (``code``:
+        CANCELLED, or DEADLINE_EXCEEDED once its deadline passed): free its work as
+        ``abort`` does; nothing is sent (its stream is closed), and it counts as a failure
+        with ``code``, not as finished."""
+        req = self._stop_prefill(request_id)
+        if req is None:
+            return False
+        self._finish(req, State.ABORTED, "abort", failure=code)
+        return True
+
+    def _stop_prefill(self, request_id: str) -> Request | None:
+        """The request in flight as ``request_id`` (None if none), its prompt dropped from
+        its prefill worker and from the queue counts (``_finish`` frees its decode side)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.prefill_worker:
+            self.prefill[req.prefill_worker].abort.remote(request_id)
+            # What the prefill worker drops now never reports a first token.
+            self.dispatcher.dequeue_request(request_id, req.prefill_worker)
+        if req.lease is not None:  # nor a prompt its decode worker prefills itself
+            self.dispatcher.dequeue(req.lease.transfer_id)
+        return req
 
     def abort_all(self, reason: str) -> None:
         for rid in list(self.requests):

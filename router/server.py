@@ -7,6 +7,14 @@ and written as one frame per frontend on its feed connection (``router.stream``)
 per-message gRPC work (one response per request per step) runs in the frontends, so more of
 them stream more tokens a second; the router keeps the per-token work of the state machine
 and the detokenizer.
+
+Every request that ends with an error status is counted once in
+``request_failure_total{code}``, by the process that ends it: the router for what it refuses
+at submission (RESOURCE_EXHAUSTED, ALREADY_EXISTS, UNAVAILABLE) or ends later (UNAVAILABLE,
+DEADLINE_EXCEEDED), and for a client that went away (``client_gone``: CANCELLED or
+DEADLINE_EXCEEDED); a frontend, which has no metrics of its own, reports what it refuses
+before submitting (INVALID_ARGUMENT and the other validation codes, ALREADY_EXISTS) through
+``count_failure``.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ class RouterService:
         self.cfg = cfg
         self.started = time.monotonic()
         self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, slo_classes=cfg.slo_classes.names)
         self.tokenizer: Tokenizer | None = None
         self.router: Router | None = None
         self.frontends: list[Any] = []
@@ -112,7 +120,13 @@ class RouterService:
     # -- frontend calls ---------------------------------------------------------------------
     async def submit(self, sub: Submission, frontend: int) -> tuple[str, str] | None:
         """Admit a request whose stream is on ``frontend``; None, or the (gRPC status name,
-        message) the stream ends with at once."""
+        message) the stream ends with at once (counted as a failure here)."""
+        refused = self._admit(sub, frontend)
+        if refused is not None:
+            self.metrics.observe_failure(refused[0])
+        return refused
+
+    def _admit(self, sub: Submission, frontend: int) -> tuple[str, str] | None:
         router = self.router
         if router is None or self.tokenizer is None:
             return "UNAVAILABLE", "the server is starting"
@@ -134,8 +148,19 @@ class RouterService:
         return None
 
     async def cancel(self, request_id: str) -> bool:
-        """The client went away (cancel, deadline, disconnect): free its work."""
+        """The Abort RPC: end the request now; its stream ends with finish_reason
+        ``abort``."""
         return self.router is not None and self.router.abort(request_id)
+
+    async def client_gone(self, request_id: str, code: str) -> bool:
+        """The client's call ended (``code``: CANCELLED on a cancel or disconnect,
+        DEADLINE_EXCEEDED after its deadline) while the request ran: free its work, count
+        the failure (unless the request had ended already: it was counted then)."""
+        return self.router is not None and self.router.client_gone(request_id, code)
+
+    async def count_failure(self, code: str) -> None:
+        """A frontend refused a call before submitting it (validation, a duplicate id)."""
+        self.metrics.observe_failure(code)
 
     async def server_info(self) -> tuple[int, int, float]:
         """(prefill workers, decode workers, uptime in s)."""

@@ -13,7 +13,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from pdserve.cluster.launch import Deployment
 from pdserve.proto.client import Client, collect
-from pdserve_testing.e2e import HFReference, all_blocks_free, run_concurrently, wait_for
+from pdserve_testing.e2e import (
+    HFReference,
+    all_blocks_free,
+    failure_counts,
+    metric_values,
+    run_concurrently,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -201,6 +208,42 @@ def test_metrics_histograms_count_requests(client: Client, deployment: Deploymen
         assert counts and float(counts[0].split()[-1]) >= 1, name
     assert "pdserve:num_requests_running" in body
     assert 'pdserve:kv_cache_usage_perc{worker="decode-0"}' in body
+    # Disaggregated: the request's KV moved (its report may come after the answer), and
+    # its second token came after a first decode step.
+    for name in ("request_kv_transfer_time_seconds_count",
+                 "request_first_decode_step_seconds_count"):
+        wait_for(lambda name=name: metric_values(deployment, f"pdserve:{name}")[()] >= 1,
+                 what=name)
+
+
+def test_every_error_status_is_counted_once_by_code(
+    client: Client, deployment: Deployment
+) -> None:
+    """Refused by a frontend (validation), cut by the client's deadline, cancelled by the
+    client: each counted once, by the router actor, whichever process ended it."""
+    before = failure_counts(deployment)
+    with pytest.raises(grpc.RpcError) as err:
+        collect(client.generate(text="hi", temperature=-1.0))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        collect(client.generate(text="Go on forever.", max_tokens=2000, temperature=0.0,
+                                ignore_eos=True, timeout=1.0))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stream = client.generate(text="Write a very long essay about rivers.", max_tokens=400,
+                             temperature=0.0, ignore_eos=True)
+    for resp in stream:
+        if resp.token_ids:
+            break
+    stream.cancel()
+    want = {"INVALID_ARGUMENT": 1.0, "DEADLINE_EXCEEDED": 1.0, "CANCELLED": 1.0}
+
+    def added() -> dict[str, float]:
+        now = failure_counts(deployment)
+        return {c: v - before.get(c, 0.0) for c, v in now.items() if v != before.get(c, 0.0)}
+
+    wait_for(lambda: all(added().get(c, 0.0) >= 1 for c in want), what=f"{want} counted")
+    wait_for(lambda: all_blocks_free(deployment), what="blocks freed")
+    assert added() == want  # once each, and not again as the last reports land
 
 
 def test_prompts_filling_whole_blocks(client: Client, hf_reference: HFReference,

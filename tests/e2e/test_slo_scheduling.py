@@ -16,7 +16,7 @@ import pytest
 
 from pdserve.cluster.launch import Deployment, launch
 from pdserve.proto.client import Client, collect
-from pdserve_testing.e2e import serve_config, wait_for
+from pdserve_testing.e2e import failure_counts, metric_values, serve_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -57,6 +57,14 @@ def test_an_impossible_ttft_is_refused_naming_the_prediction(one_seat: Deploymen
         assert "exceeds the objective 1 ms" in (e.value.details() or "")
         done = collect(ok)
         assert done.finish_reason == "length" and len(done.token_ids) == 4
+    # The refusal is counted; the one that finished within its objective is goodput.
+    assert failure_counts(one_seat).get("RESOURCE_EXHAUSTED", 0) >= 1
+    goodput = metric_values(one_seat, "pdserve:goodput_requests_total")
+    assert goodput[(("slo_class", "default"),)] >= 1
+    attained = metric_values(one_seat, "pdserve:slo_attained_total")
+    assert attained[(("phase", "ttft"), ("slo_class", "default"))] >= 1
+    # The calibrated cost model predicted its TTFT: the error is on record.
+    assert metric_values(one_seat, "pdserve:ttft_prediction_ratio_count")[()] >= 1
 
 
 def test_waiting_requests_are_served_by_ttft_deadline(one_seat: Deployment) -> None:

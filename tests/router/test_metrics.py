@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.router.metrics import ITL_BUCKETS, TTFT_BUCKETS, Metrics
 from pdserve.router.slo import ValidSlo
+from pdserve.router.slo_metrics import ERROR_BUCKETS, RATIO_BUCKETS
 
 
 @pytest.fixture()
@@ -32,12 +33,16 @@ def test_exposed_names(metrics: Metrics) -> None:
     for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds",
                  "e2e_request_latency_seconds", "request_queue_time_seconds",
                  "request_prefill_time_seconds", "request_decode_time_seconds",
-                 "kv_transfer_seconds", "time_per_output_token_seconds"):
+                 "kv_transfer_seconds", "time_per_output_token_seconds",
+                 "request_kv_transfer_time_seconds", "request_first_decode_step_seconds",
+                 "ttft_prediction_ratio", "tpot_prediction_ratio",
+                 "ttft_prediction_relative_error", "tpot_prediction_relative_error"):
         for suffix in ("_bucket", "_count", "_sum"):
             assert f"pdserve:{hist}{suffix}" in names
     for name in ("num_requests_running", "num_requests_waiting", "prompt_tokens_total",
                  "generation_tokens_total", "kv_transfer_bytes_total", "slo_attained_total",
-                 "slo_violated_total", "num_preemptions_total", "local_prefills_total"):
+                 "slo_violated_total", "num_preemptions_total", "local_prefills_total",
+                 "goodput_requests_total"):
         assert f"pdserve:{name}" in names, name
     assert not any(n.endswith("_total_total") for n in names)
 
@@ -55,13 +60,19 @@ def test_buckets(metrics: Metrics) -> None:
 
 def test_events(metrics: Metrics) -> None:
     m = metrics
-    m.observe_first_token(0.05, 0.01, 0.03, None)
-    m.observe_first_token(0.5, 0.2, 0.1, 0.0)  # 0: no transfer inside TTFT, not observed
-    m.observe_first_token(0.5, 0.2, 0.1, 0.002)
+    m.observe_first_token(0.05, 0.01, 0.03)
+    m.observe_first_token(0.5, 0.2, 0.1)
+    m.observe_first_token(0.5, 0.2, 0.1)
     assert value(m, "pdserve:time_to_first_token_seconds_count") == 3
     assert value(m, "pdserve:time_to_first_token_seconds_bucket", le="0.06") == 1
     assert value(m, "pdserve:request_queue_time_seconds_sum") == pytest.approx(0.41)
+    assert value(m, "pdserve:request_kv_transfer_time_seconds_count") == 0
+    m.observe_request_transfer(0.002)
     assert value(m, "pdserve:request_kv_transfer_time_seconds_count") == 1
+    m.observe_first_decode_step(0.03)
+    assert value(m, "pdserve:request_first_decode_step_seconds_count") == 1
+    assert value(m, "pdserve:request_first_decode_step_seconds_bucket", le="0.02") == 0
+    assert value(m, "pdserve:request_first_decode_step_seconds_bucket", le="0.04") == 1
 
     m.observe_tokens([0.02, 0.03, 0.2])
     m.observe_tokens([])
@@ -73,6 +84,7 @@ def test_events(metrics: Metrics) -> None:
     m.observe_finished("length", 2.0, 1.5, 0.025, 20, 61, slo, 0.5)  # both missed
     m.observe_finished("abort", 0.3, 0.0, 0.0, 30, 0, slo, None)  # nothing to judge
     m.observe_finished("stop", 0.1, 0.0, 0.0, 5, 1, ValidSlo(None, None), 0.1)
+    c = "default"
     assert value(m, "pdserve:e2e_request_latency_seconds_count") == 4
     assert value(m, "pdserve:time_per_output_token_seconds_count") == 2  # only with >1 token
     assert value(m, "pdserve:prompt_tokens_total") == 65
@@ -81,8 +93,9 @@ def test_events(metrics: Metrics) -> None:
     assert value(m, "pdserve:request_success_total", finished_reason="length") == 1
     assert value(m, "pdserve:request_success_total", finished_reason="abort") == 1
     for phase in ("ttft", "tpot"):
-        assert value(m, "pdserve:slo_attained_total", phase=phase) == 1
-        assert value(m, "pdserve:slo_violated_total", phase=phase) == 1
+        assert value(m, "pdserve:slo_attained_total", slo_class=c, phase=phase) == 1
+        assert value(m, "pdserve:slo_violated_total", slo_class=c, phase=phase) == 1
+    assert value(m, "pdserve:goodput_requests_total", slo_class=c) == 1
 
     m.observe_failure(grpc.StatusCode.RESOURCE_EXHAUSTED)
     m.observe_failure("INVALID_ARGUMENT")
@@ -117,6 +130,60 @@ def test_events(metrics: Metrics) -> None:
     assert value(m, "pdserve:local_prefills_total") == 2
 
 
+def test_slo_series_per_class_and_the_prediction_buckets() -> None:
+    m = Metrics(CollectorRegistry(), slo_classes=("interactive", "batch"))
+    names = {(s.name, tuple(sorted(s.labels.items())))
+             for f in m.registry.collect() for s in f.samples}
+    for cls in ("interactive", "batch"):
+        assert ("pdserve:goodput_requests_total", (("slo_class", cls),)) in names
+        for phase in ("ttft", "tpot"):
+            for counter in ("slo_attained_total", "slo_violated_total"):
+                assert (f"pdserve:{counter}", (("phase", phase), ("slo_class", cls))) in names
+    assert not any(dict(labels).get("slo_class") == "default" for _, labels in names)
+
+    def bounds(name: str) -> list[float]:
+        fam = next(f for f in m.registry.collect() if f.name == name)
+        return [float(s.labels["le"]) for s in fam.samples if s.name.endswith("_bucket")]
+
+    for phase in ("ttft", "tpot"):
+        assert bounds(f"pdserve:{phase}_prediction_ratio") == [*RATIO_BUCKETS, float("inf")]
+        assert bounds(f"pdserve:{phase}_prediction_relative_error") == \
+            [*ERROR_BUCKETS, float("inf")]
+    assert RATIO_BUCKETS[0] == 0.25 and RATIO_BUCKETS[-1] == 4.0 and 1.0 in RATIO_BUCKETS
+    assert ERROR_BUCKETS[0] == 0.01 and ERROR_BUCKETS[-1] == 2.0
+
+
+def test_goodput_attainment_and_prediction_error() -> None:
+    m = Metrics(CollectorRegistry(), slo_classes=("interactive",))
+    fast = ValidSlo(ttft_ms=100.0, tpot_ms=20.0, class_name="interactive")
+    # TTFT 50 ms predicted 100 ms (ratio 0.5, error 1.0); TPOT 10 ms predicted 10 ms.
+    m.observe_finished("stop", 1.0, 0.9, 0.010, 10, 5, fast, 0.05,
+                       predicted_ttft_s=0.1, predicted_tpot_s=0.010)
+    # An abort is never judged, but its measurements still audit the predictions.
+    m.observe_finished("abort", 1.0, 0.9, 0.010, 10, 5, fast, 0.05,
+                       predicted_ttft_s=0.025, predicted_tpot_s=None)
+    # Predictions of 0 or infinity are none; one-token answers have no TPOT.
+    m.observe_finished("length", 1.0, 0.0, 0.0, 10, 1, fast, 0.2,
+                       predicted_ttft_s=float("inf"), predicted_tpot_s=0.01)
+    m.observe_finished("length", 1.0, 0.0, 0.0, 10, 1, fast, 0.2, predicted_ttft_s=0.0)
+    assert value(m, "pdserve:goodput_requests_total", slo_class="interactive") == 1
+    assert value(m, "pdserve:slo_attained_total", slo_class="interactive", phase="ttft") == 1
+    assert value(m, "pdserve:slo_violated_total", slo_class="interactive", phase="ttft") == 2
+    assert value(m, "pdserve:slo_attained_total", slo_class="interactive", phase="tpot") == 1
+    assert value(m, "pdserve:slo_violated_total", slo_class="interactive", phase="tpot") == 0
+    assert value(m, "pdserve:ttft_prediction_ratio_count") == 2
+    assert value(m, "pdserve:ttft_prediction_ratio_sum") == pytest.approx(0.5 + 2.0)
+    assert value(m, "pdserve:ttft_prediction_ratio_bucket", le="0.5") == 1
+    assert value(m, "pdserve:ttft_prediction_relative_error_sum") == pytest.approx(1.0 + 0.5)
+    assert value(m, "pdserve:tpot_prediction_ratio_count") == 1
+    assert value(m, "pdserve:tpot_prediction_ratio_bucket", le="0.9") == 0
+    assert value(m, "pdserve:tpot_prediction_ratio_bucket", le="1.0") == 1
+    assert value(m, "pdserve:tpot_prediction_relative_error_bucket", le="0.01") == 1
+    # A class the metrics were not told of gets its series when first used.
+    m.observe_finished("stop", 1.0, 0.9, 0.010, 10, 5, ValidSlo(100.0, None, "other"), 0.05)
+    assert value(m, "pdserve:goodput_requests_total", slo_class="other") == 1
+
+
 def test_registries_are_independent() -> None:
     a, b = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
     a.observe_preemption()
@@ -130,8 +197,8 @@ def test_http_endpoint(metrics: Metrics) -> None:
     assert port > 0
     with pytest.raises(RuntimeError, match="already running"):
         m.start_http_server(0, "127.0.0.1")
-    m.observe_first_token(0.05, 0.01, 0.03, None)
-    m.observe_first_token(3.0, 1.0, 1.5, None)
+    m.observe_first_token(0.05, 0.01, 0.03)
+    m.observe_first_token(3.0, 1.0, 1.5)
     m.observe_tokens([0.02] * 5)
     m.observe_finished("stop", 1.0, 0.9, 0.02, 10, 6, ValidSlo(None, 50.0), 0.05)
 
@@ -149,8 +216,10 @@ def test_http_endpoint(metrics: Metrics) -> None:
     assert samples[("pdserve:request_decode_time_seconds_count", ())] == 1
     assert samples[("pdserve:time_per_output_token_seconds_count", ())] == 1
     assert samples[("pdserve:request_success_total", (("finished_reason", "stop"),))] == 1
-    assert samples[("pdserve:slo_attained_total", (("phase", "tpot"),))] == 1
-    assert samples[("pdserve:slo_violated_total", (("phase", "ttft"),))] == 0
+    default = ("slo_class", "default")
+    assert samples[("pdserve:slo_attained_total", (("phase", "tpot"), default))] == 1
+    assert samples[("pdserve:slo_violated_total", (("phase", "ttft"), default))] == 0
+    assert samples[("pdserve:goodput_requests_total", (default,))] == 1
 
     m.stop_http_server()
     m.stop_http_server()  # idempotent

@@ -5,100 +5,19 @@ tokens, aborts, re-dispatch after preemption)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
-import time
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from pdserve.engine.messages import FirstToken, Lease, Reservation, StepReport, TransferDone
-from pdserve.engine.sequence import SamplingParams
-from pdserve.router.metrics import Metrics
+from pdserve.engine.messages import FirstToken, StepReport, TransferDone
 from pdserve.router.policy import LocalPrefillRule
-from pdserve.router.request import Chunk, Request, State
-from pdserve.router.router import Router, RouterConfig
-from pdserve.router.slo import ValidSlo
-from pdserve_testing.detok import CharDetok
-
-_tids = itertools.count(100)
-
-
-class FakeWorker:
-    """A worker actor handle: ``handle.method.remote(*args)`` records the call and returns
-    a resolved future (decode workers grant every lease)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-
-    def reply(self, method: str, args: tuple[Any, ...]) -> Any:
-        if method == "reserve":
-            r: Reservation = args[0]
-            return Lease(self.name, r.request_id, next(_tids), 0, 4, 30.0)
-        if method == "host_channel":
-            return "127.0.0.1", 1, f"{args[0]}@{self.name}"
-        return None
-
-    def __getattr__(self, method: str) -> Any:
-        worker = self
-
-        class Method:
-            def remote(self, *args: Any) -> asyncio.Future[Any]:
-                worker.calls.append((method, args))
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_result(worker.reply(method, args))
-                return fut
-
-        return Method()
-
-    def called(self, method: str) -> list[tuple[Any, ...]]:
-        return [args for name, args in self.calls if name == method]
-
-
-class Setup:
-    def __init__(self, rule: LocalPrefillRule, max_attempts: int = 4) -> None:
-        self.p, self.d = FakeWorker("prefill-0"), FakeWorker("decode-0")
-        self.metrics = Metrics(CollectorRegistry())
-        self.out: list[tuple[Request, Chunk]] = []
-        self.router = Router({"prefill-0": self.p}, {"decode-0": self.d},
-                             RouterConfig(local_prefill=rule, max_attempts=max_attempts),
-                             self.metrics,
-                             lambda req, chunk: self.out.append((req, chunk)))
-
-    @property
-    def queued(self) -> int:
-        return self.router.dispatcher.p_load["prefill-0"].queued_tokens
-
-    @property
-    def local_prefills(self) -> float:
-        v = self.metrics.registry.get_sample_value("pdserve:local_prefills_total")
-        assert v is not None
-        return v
-
-    async def admit(self, rid: str, n: int) -> Request:
-        req = Request(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=8), (),
-                      ValidSlo(None, None), time.monotonic(), CharDetok())  # type: ignore[arg-type]
-        self.router.admit(req)
-        await settle()
-        assert req.state == State.PREFILLING and req.lease is not None
-        return req
-
-    def first_token(self, worker: str, req: Request) -> None:
-        assert req.lease is not None
-        self.router.on_first_token(FirstToken(worker, req.request_id, req.lease.transfer_id,
-                                              65, None, 0.0, 0.0))
-
-
-async def settle() -> None:
-    """Let the spawned dispatch tasks run (every fake call is already resolved)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
+from pdserve.router.request import State
+from pdserve_testing.router import FakeWorker, RouterSetup, settle
 
 
 def test_short_prompts_prefill_on_their_decode_worker() -> None:
     async def main() -> None:
-        s = Setup(LocalPrefillRule(local_prefill_max_tokens=8))
+        s = RouterSetup(LocalPrefillRule(local_prefill_max_tokens=8))
         short = await s.admit("short", 8)
         assert short.prefill_worker == "" and s.queued == 0
         assert [t[0].request_id for t in s.d.called("submit")] == ["short"]
@@ -120,7 +39,7 @@ def test_short_prompts_prefill_on_their_decode_worker() -> None:
 
 def test_a_backed_up_prefill_worker_spills_onto_the_decode_worker() -> None:
     async def main() -> None:
-        s = Setup(LocalPrefillRule(prefill_queue_max_tokens=10))
+        s = RouterSetup(LocalPrefillRule(prefill_queue_max_tokens=10))
         first = await s.admit("first", 11)  # the queue is empty: remote
         assert first.prefill_worker == "prefill-0" and s.queued == 11
         second = await s.admit("second", 11)  # 11 queued > 10: local
@@ -135,7 +54,7 @@ def test_a_backed_up_prefill_worker_spills_onto_the_decode_worker() -> None:
 
 def test_plain_disaggregation_never_prefills_locally() -> None:
     async def main() -> None:
-        s = Setup(LocalPrefillRule())
+        s = RouterSetup(LocalPrefillRule())
         for i, n in enumerate((1, 100, 1000)):
             req = await s.admit(f"r{i}", n)
             assert req.prefill_worker == "prefill-0"
@@ -146,7 +65,7 @@ def test_plain_disaggregation_never_prefills_locally() -> None:
 
 def test_preempted_request_is_redispatched_by_the_same_rule() -> None:
     async def main() -> None:
-        s = Setup(LocalPrefillRule(prefill_queue_max_tokens=10))
+        s = RouterSetup(LocalPrefillRule(prefill_queue_max_tokens=10))
         req = await s.admit("r", 11)
         assert req.prefill_worker == "prefill-0"
         s.first_token("prefill-0", req)
@@ -169,7 +88,7 @@ def test_preempted_request_is_redispatched_by_the_same_rule() -> None:
 
 def test_abort_of_a_local_prefill_goes_to_the_decode_worker_only() -> None:
     async def main() -> None:
-        s = Setup(LocalPrefillRule(local_prefill_max_tokens=8))
+        s = RouterSetup(LocalPrefillRule(local_prefill_max_tokens=8))
         req = await s.admit("r", 4)
         assert req.lease is not None
         assert s.router.abort("r")
@@ -184,7 +103,7 @@ def test_queued_tokens_released_on_abort_and_failed_prefill_step() -> None:
     """A prompt that leaves the prefill queue without a first token must not stay counted:
     the backed-up rule would send prompts local for good."""
     async def main() -> None:
-        s = Setup(LocalPrefillRule(prefill_queue_max_tokens=10))
+        s = RouterSetup(LocalPrefillRule(prefill_queue_max_tokens=10))
         req = await s.admit("r", 11)
         assert s.queued == 11
         assert s.router.abort("r")
@@ -244,7 +163,7 @@ def test_a_retry_reserves_only_once_the_failed_attempts_lease_is_gone() -> None:
     """A failed transfer re-dispatches the request; its new reserve waits for the abort of
     the old lease (a concurrent decode actor could run the reserve first and refuse it)."""
     async def main() -> None:
-        s = Setup(LocalPrefillRule())
+        s = RouterSetup(LocalPrefillRule())
         s.d = SlowAbortDecode("decode-0")
         s.router.decode["decode-0"] = s.d
         req = await s.admit("r", 9)
@@ -270,7 +189,7 @@ def test_a_broken_transfer_reported_by_both_ends_is_retried_once(
     """The prefill worker's TransferDone(ok=False) and the decode worker's failed entry tell
     of the same attempt: the second one, whenever it lands, must not re-queue the request."""
     async def main() -> None:
-        s = Setup(LocalPrefillRule())
+        s = RouterSetup(LocalPrefillRule())
         req = await s.admit("r", 9)
         assert req.lease is not None
         old = req.lease.transfer_id
@@ -300,7 +219,7 @@ def test_a_retry_aborts_the_old_attempt_on_its_prefill_worker() -> None:
     """A lease that expired while its prompt still waited on the prefill worker: the retry
     drops that attempt there (by its transfer id) and from the queued-token count."""
     async def main() -> None:
-        s = Setup(LocalPrefillRule())
+        s = RouterSetup(LocalPrefillRule())
         req = await s.admit("r", 9)
         assert req.lease is not None and s.queued == 9
         old = req.lease.transfer_id
@@ -320,7 +239,7 @@ def test_a_retry_aborts_the_old_attempt_on_its_prefill_worker() -> None:
 def test_a_deadline_timer_is_cancelled_however_its_request_ends(end: str) -> None:
     """A timer left running would kill a later request that reuses the id."""
     async def main() -> None:
-        s = Setup(LocalPrefillRule())
+        s = RouterSetup(LocalPrefillRule())
         req = await s.admit("r", 4)
         s.router.set_deadline(req, 3600.0)
         timer = req.deadline_timer
@@ -340,7 +259,7 @@ def test_a_deadline_timer_is_cancelled_however_its_request_ends(end: str) -> Non
 
 def test_an_old_deadline_does_not_end_a_new_request_with_the_same_id() -> None:
     async def main() -> None:
-        s = Setup(LocalPrefillRule())
+        s = RouterSetup(LocalPrefillRule())
         old = await s.admit("r", 4)
         expire_old = s.router.deadline_callback(old)
         assert s.router.abort("r")
@@ -364,7 +283,7 @@ def test_preemptions_do_not_count_against_max_attempts() -> None:
     rejoins, a younger request may take its blocks): the request still completes, with the
     admission order it got once; only failed attempts count."""
     async def main() -> None:
-        s = Setup(LocalPrefillRule(), max_attempts=2)
+        s = RouterSetup(LocalPrefillRule(), max_attempts=2)
         req = await s.admit("r", 4)
         other = await s.admit("other", 4)
         for _ in range(3):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.cluster.config import ServeConfig
 from pdserve.cluster.launch import Deployment
@@ -86,3 +88,19 @@ def greedy_concurrently(client: Client, ids: list[list[int]], max_tokens: int) -
 
 def all_blocks_free(dep: Deployment) -> bool:
     return all(s.num_free_blocks == s.num_blocks for s in dep.worker_stats())
+
+
+def metric_values(dep: Deployment, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The router's samples named ``name`` (e.g. ``pdserve:request_failure_total``) from its
+    /metrics, by their sorted labels."""
+    body = urllib.request.urlopen(
+        f"http://127.0.0.1:{dep.metrics_port}/metrics", timeout=5).read().decode()
+    return {tuple(sorted(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(body) for s in fam.samples
+            if s.name == name}
+
+
+def failure_counts(dep: Deployment) -> dict[str, float]:
+    """``request_failure_total`` by status code."""
+    return {dict(labels)["code"]: v
+            for labels, v in metric_values(dep, "pdserve:request_failure_total").items()}
