@@ -162,7 +162,8 @@ REPLACED_BENCH_FLAGS = {
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """`pdserve bench`: a load test of a running server, or `bench plot` of saved results."""
+    """`pdserve bench`: a load test of a running server, `bench plot` of saved results, or
+    `bench compare` of two saved results."""
     from pdserve.cluster.bench.classes import parse_class_mix
     from pdserve.cluster.bench.config import BenchConfig
     from pdserve.cluster.bench.data import DatasetError
@@ -170,6 +171,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pdserve.cluster.bench.records import Slo
     from pdserve.cluster.bench.serve import parse_rates, run_bench
 
+    if args.bench_command == "compare":
+        from pdserve.cluster.bench.compare import compare_results
+
+        try:
+            print(compare_results(*load_results([args.a, args.b])))
+        except ValueError as e:
+            print(f"pdserve bench compare: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.bench_command == "plot" or args.plot_from:
         plot = args.bench_command == "plot"
         out = args.out if plot else args.plot_dir
@@ -321,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "attainment per SLO class, a steadiness check per rate, and goodput (the "
                     "highest steady rate at which --goodput-attainment of requests meet both "
                     "SLOs). `pdserve bench plot A.json B.json --out DIR` overlays saved "
-                    "results.")
+                    "results; `pdserve bench compare A.json B.json` prints their goodput "
+                    "throughput per rate and class.")
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
     p.add_argument("--label", default="pdserve", help="name of this configuration in plots")
     g = p.add_argument_group("workload")
@@ -400,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--client-processes", type=int, default=1, metavar="K",
                    help="send from K processes on one clock, for rates where one client "
                         "process would fall behind the server (default 1)")
-    bsub = p.add_subparsers(dest="bench_command", metavar="{plot}")
+    bsub = p.add_subparsers(dest="bench_command", metavar="{plot,compare}")
     pp = bsub.add_parser("plot", help="overlay saved results as PNG plots",
                          description="SLO attainment vs request rate, one line per result "
                                      "file (label), and TTFT/TPOT CDFs at one rate.")
@@ -409,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--rate", type=float, help="rate of the CDFs (default: highest shared)")
     pp.add_argument("--attainment-target", type=float,
                     help="the target line (default: from the first result)")
+    pc = bsub.add_parser("compare", help="goodput throughput of two saved results, per rate",
+                         description="Per offered rate both results ran (matched by rate): "
+                                     "SLO goodput throughput of A and of B and the ratio B/A, "
+                                     "per SLO class and in total (e.g. FIFO as A, SLO "
+                                     "scheduling as B).")
+    pc.add_argument("a", metavar="A.json")
+    pc.add_argument("b", metavar="B.json")
     p.set_defaults(func=cmd_bench, attainment_target=None, usage_error=p.error)
 
     p = sub.add_parser(
