@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-duration-s", type=_positive, default=60.0, metavar="S",
                    help="least seconds of arrivals per rate (default 60)")
     g.add_argument("--duration-factor", type=_non_negative, default=10.0, metavar="K",
-                   help="at least K x the previous steady rate's median E2E of arrivals "
-                        "(default 10)")
+                   help="and arrivals over at least K x the previous steady rate's median "
+                        "E2E (default 10)")
     g.add_argument("--min-requests", type=int, default=500, metavar="N",
                    help="least requests per rate; all of them at once at inf (default 500)")
     g.add_argument("--warmup-fraction", type=float, default=0.2, metavar="F",
