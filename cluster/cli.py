@@ -152,14 +152,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_serve_config_or_exit(args), args.max_tokens)
 
 
+# `pdserve bench` flags that steady-state windows replaced, and what to use instead.
+REPLACED_BENCH_FLAGS = {
+    "--num-prompts": "each rate sends max(--min-requests, ceil(rate * window)) requests "
+                     "(--min-requests N, with --smoke below 500)",
+    "--max-duration-s": "windows are at least --min-duration-s (60) and --duration-factor "
+                        "(10) x the previous median E2E; --smoke allows shorter",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """`pdserve bench`: a load test of a running server, or `bench plot` of saved results."""
+    """`pdserve bench`: a load test of a running server, `bench plot` of saved results, or
+    `bench compare` of two saved results."""
+    from pdserve.cluster.bench.classes import parse_class_mix
     from pdserve.cluster.bench.config import BenchConfig
     from pdserve.cluster.bench.data import DatasetError
     from pdserve.cluster.bench.plot import load_results, plot_results
     from pdserve.cluster.bench.records import Slo
     from pdserve.cluster.bench.serve import parse_rates, run_bench
 
+    if args.bench_command == "compare":
+        from pdserve.cluster.bench.compare import compare_results
+
+        try:
+            print(compare_results(*load_results([args.a, args.b])))
+        except ValueError as e:
+            print(f"pdserve bench compare: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.bench_command == "plot" or args.plot_from:
         plot = args.bench_command == "plot"
         out = args.out if plot else args.plot_dir
@@ -174,15 +194,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 args.attainment_target):
             print(png)
         return 0
+    for old, new in REPLACED_BENCH_FLAGS.items():
+        if getattr(args, old.lstrip("-").replace("-", "_")) is not None:
+            args.usage_error(f"{old} was replaced: {new}")
     if args.stop_below_attainment is not None and args.slo_ttft_ms is None \
-            and args.slo_tpot_ms is None:
+            and args.slo_tpot_ms is None and args.slo_class is None and args.class_mix is None:
         # attainment without an objective only counts completed requests: nothing to stop on
         args.usage_error("--stop-below-attainment needs an SLO: give --slo-ttft-ms and/or "
-                         "--slo-tpot-ms")
+                         "--slo-tpot-ms, or an SLO class (--slo-class, --class-mix)")
     try:
         cfg = BenchConfig(
             server=args.server, label=args.label, dataset=args.dataset,
-            dataset_path=args.dataset_path, num_prompts=args.num_prompts,
+            dataset_path=args.dataset_path,
             input_len=args.input_len, output_len=args.output_len,
             input_len_dist=args.input_len_dist, output_len_dist=args.output_len_dist,
             range_ratio=args.range_ratio, request_rates=parse_rates(args.request_rate),
@@ -194,14 +217,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             plot_dir=args.plot_dir, plot_rate=args.plot_rate, progress=not args.no_progress,
             client_processes=args.client_processes,
             stop_below_attainment=args.stop_below_attainment,
-            max_duration_s=args.max_duration_s,
+            min_duration_s=args.min_duration_s, duration_factor=args.duration_factor,
+            min_requests=args.min_requests, warmup_fraction=args.warmup_fraction,
+            smoke=args.smoke, slo_class=args.slo_class,
+            class_mix=parse_class_mix(args.class_mix) if args.class_mix is not None else (),
         )
     except ValueError as e:
         print(f"pdserve bench: error: {e}", file=sys.stderr)
         return 2
     try:
         run_bench(cfg)
-    except (DatasetError, TimeoutError) as e:
+    except (DatasetError, TimeoutError, ValueError) as e:  # ValueError: an unknown SLO class
         print(f"pdserve bench: error: {e}", file=sys.stderr)
         return 1
     except grpc.RpcError as e:  # GetModelInfo failed; per-request errors are in the report
@@ -232,6 +258,17 @@ def _fraction(s: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def _non_negative(s: str) -> float:
+    """An argparse type: a float >= 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
     return v
 
 
@@ -289,10 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", allow_abbrev=False,
         help="load-test a running server: TTFT/TPOT/ITL, SLO attainment, goodput",
         description="Drive a running server over gRPC (like `vllm bench serve`): Poisson or "
-                    "gamma arrivals at each --request-rate of a sweep, report latency "
-                    "percentiles, throughput, SLO attainment and goodput (the highest rate at "
-                    "which --goodput-attainment of requests meet both SLOs). "
-                    "`pdserve bench plot A.json B.json --out DIR` overlays saved results.")
+                    "gamma arrivals at each --request-rate of a sweep, each long enough to "
+                    "reach steady state; report latency percentiles, throughput, SLO "
+                    "attainment per SLO class, a steadiness check per rate, and goodput (the "
+                    "highest steady rate at which --goodput-attainment of requests meet both "
+                    "SLOs). `pdserve bench plot A.json B.json --out DIR` overlays saved "
+                    "results; `pdserve bench compare A.json B.json` prints their goodput "
+                    "throughput per rate and class.")
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
     p.add_argument("--label", default="pdserve", help="name of this configuration in plots")
     g = p.add_argument_group("workload")
@@ -300,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random token prompts; a ShareGPT-like length mix; or a JSONL file")
     g.add_argument("--dataset-path", metavar="FILE.jsonl",
                    help='JSONL: {"prompt": str} or {"messages": [...]}, optional "max_tokens"')
-    g.add_argument("--num-prompts", type=int, default=100)
+    for old in REPLACED_BENCH_FLAGS:  # refused with a pointer to their replacement
+        g.add_argument(old, help=argparse.SUPPRESS)
     g.add_argument("--input-len", type=int, default=512, help="random: mean prompt tokens")
     g.add_argument("--output-len", type=int, default=128,
                    help="random: mean output tokens; jsonl: when a line gives none")
@@ -326,12 +367,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-below-attainment", type=_fraction, metavar="X",
                    help="run the rates in ascending order and skip the rest after the first "
                         "whose SLO attainment is below X (needs --slo-ttft-ms/--slo-tpot-ms)")
-    g.add_argument("--max-duration-s", type=_positive, metavar="D",
-                   help="per rate, send min(--num-prompts, ceil(rate * D)) prompts, but at "
-                        "least 20 (or --num-prompts if fewer)")
+    g = p.add_argument_group(
+        "steady state", "Each rate sends max(--min-requests, ceil(rate * W)) requests, W = "
+        "max(--min-duration-s, --duration-factor x the median E2E of the previous steady "
+        "rate) seconds of arrivals (inf: --min-requests at once); the defaults are the least "
+        "a steady-state run takes. A rate is not steady (and misses goodput) when its answers "
+        "fall below 90% of its arrivals or TTFT p50 of its last third of arrivals exceeds 2x "
+        "the first third's (docs: pdserve.cluster.bench.steady).")
+    g.add_argument("--min-duration-s", type=_positive, default=60.0, metavar="S",
+                   help="least seconds of arrivals per rate (default 60)")
+    g.add_argument("--duration-factor", type=_non_negative, default=10.0, metavar="K",
+                   help="and arrivals over at least K x the previous steady rate's median "
+                        "E2E (default 10)")
+    g.add_argument("--min-requests", type=int, default=500, metavar="N",
+                   help="least requests per rate; all of them at once at inf (default 500)")
+    g.add_argument("--warmup-fraction", type=float, default=0.2, metavar="F",
+                   help="requests arriving in the first F of a rate's arrival window are not "
+                        "counted in attainment, latency and goodput (default 0.2)")
+    g.add_argument("--smoke", action="store_true",
+                   help="allow windows below the defaults (a quick check of the machinery); "
+                        "the report and JSON say steady_state: false")
     g = p.add_argument_group("SLOs and output")
-    g.add_argument("--slo-ttft-ms", type=float, help="TTFT objective (also sent per request)")
-    g.add_argument("--slo-tpot-ms", type=float, help="TPOT objective (also sent per request)")
+    g.add_argument("--slo-ttft-ms", type=float,
+                   help="TTFT objective (sent per request; overrides its class's)")
+    g.add_argument("--slo-tpot-ms", type=float,
+                   help="TPOT objective (sent per request; overrides its class's)")
+    g.add_argument("--slo-class", metavar="NAME",
+                   help="send every request in this SLO class of the server (default: the "
+                        "server's default class); scored by its objectives (GetServerInfo)")
+    g.add_argument("--class-mix", metavar="NAME=SHARE[,...]",
+                   help="a seeded random SLO class per request, e.g. interactive=0.3,"
+                        "batch=0.7 (shares sum to 1); the report gives each class's "
+                        "attainment and goodput throughput")
     g.add_argument("--goodput-attainment", type=float, default=0.9,
                    help="fraction of requests that must meet both SLOs (DistServe: 0.9)")
     g.add_argument("--result-json", metavar="PATH",
@@ -344,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--client-processes", type=int, default=1, metavar="K",
                    help="send from K processes on one clock, for rates where one client "
                         "process would fall behind the server (default 1)")
-    bsub = p.add_subparsers(dest="bench_command", metavar="{plot}")
+    bsub = p.add_subparsers(dest="bench_command", metavar="{plot,compare}")
     pp = bsub.add_parser("plot", help="overlay saved results as PNG plots",
                          description="SLO attainment vs request rate, one line per result "
                                      "file (label), and TTFT/TPOT CDFs at one rate.")
@@ -353,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--rate", type=float, help="rate of the CDFs (default: highest shared)")
     pp.add_argument("--attainment-target", type=float,
                     help="the target line (default: from the first result)")
+    pc = bsub.add_parser("compare", help="goodput throughput of two saved results, per rate",
+                         description="Per offered rate both results ran (matched by rate): "
+                                     "SLO goodput throughput of A and of B and the ratio B/A, "
+                                     "per SLO class and in total (e.g. FIFO as A, SLO "
+                                     "scheduling as B).")
+    pc.add_argument("a", metavar="A.json")
+    pc.add_argument("b", metavar="B.json")
     p.set_defaults(func=cmd_bench, attainment_target=None, usage_error=p.error)
 
     p = sub.add_parser(

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The headline comparison (issue 4): disaggregated (1 prefill + 1 decode worker) against
 # colocated (2 replicas) on the same two GPUs, same workloads, one run. Goodput as
-# DistServe defines it: the highest rate at which >= 90% of requests meet TTFT and TPOT.
-# Each sweep runs its rates in ascending order and stops after the first rate below 90%
-# attainment (the rates above it are skipped, and listed in the JSON), and each rate sends
-# min(N, ceil(rate * MAX_DUR)) requests, at least 20: so a sweep that reaches well past
-# saturation costs little device time beyond the knee.
+# DistServe defines it: the highest rate at which >= 90% of requests meet TTFT and TPOT,
+# and that the deployment sustains (steady state, see `pdserve bench --help`).
+# Each rate runs to steady state: arrivals over at least max(MIN_DUR, DUR_FACTOR x the
+# median E2E of the previous steady rate) seconds and at least MIN_REQ requests; the first
+# WARMUP_FRAC of each rate's arrivals is not counted. Each sweep runs its rates in ascending
+# order and stops after the first rate below 90% attainment or not steady (its queue grew;
+# the rates above it are skipped, and listed in the JSON), so a sweep that reaches past
+# saturation costs little device time beyond the knee. SMOKE=1 allows windows below the
+# steady-state floors (the JSON and the summary then say: not steady state).
 #
 #   deploy/headline.sh                       # nvidia-h200-x2, dummy llama-3.1-8b (defaults)
-#   MODEL_ARGS="--device cpu" RATES_A=1,2 RATES_B=1,2 N=4 IN_A=32 OUT_A=8 IN_B=16 OUT_B=8 \
-#     deploy/headline.sh                     # a smoke run of the same machinery on a CPU
+#   MODEL_ARGS="--device cpu" SMOKE=1 MIN_REQ=4 MIN_DUR=1 RATES_A=1,2 RATES_B=1,2 \
+#     IN_A=32 OUT_A=8 IN_B=16 OUT_B=8 deploy/headline.sh   # a smoke run of the machinery on a CPU
 #
 # Writes OUT_DIR/{disagg,coloc}-{a,b}.json, the plots OUT_DIR/{a,b}/*.png, and the goodput
 # table OUT_DIR/summary.md (also printed). CONFIGS=disagg or CONFIGS=coloc runs one
@@ -29,8 +33,13 @@ PYTHON=${PYTHON:-.venv/bin/python}
 MODEL_ARGS=${MODEL_ARGS:---device cuda --load-format dummy --preset llama-3.1-8b \
   --max-batch-tokens 8192 --max-num-seqs 256}
 OUT_DIR=${OUT_DIR:-out/headline}
-N=${N:-120}
-MAX_DUR=${MAX_DUR:-60}  # seconds of arrivals per rate (at least 20 requests)
+MIN_DUR=${MIN_DUR:-60}  # least seconds of arrivals per rate
+DUR_FACTOR=${DUR_FACTOR:-10}  # ... and at least this many median E2Es of the last steady rate
+MIN_REQ=${MIN_REQ:-500}  # least requests per rate
+WARMUP_FRAC=${WARMUP_FRAC:-0.2}  # share of each rate's arrivals not counted
+SMOKE=${SMOKE:-}  # 1: windows below the steady-state floors allowed (not steady state)
+SMOKE_FLAG=()
+if [ -n "$SMOKE" ]; then SMOKE_FLAG=(--smoke); fi
 # ascending, reaching well past saturation of 8B llama on one H200 per worker
 IN_A=${IN_A:-4096}; OUT_A=${OUT_A:-256}; RATES_A=${RATES_A:-1,2,3,4,5,6,8}
 IN_B=${IN_B:-512}; OUT_B=${OUT_B:-512}; RATES_B=${RATES_B:-2,4,6,8,12,16,24,32}
@@ -62,15 +71,16 @@ run_config() {  # label, serve flags...
     # prompt first): first-seen batch shapes are kept out of the sweep. Logged separately.
     if [ "$WARMUP_N" -gt 0 ]; then
       $PDSERVE bench --server "127.0.0.1:$PORT" --ready-timeout 900 --label "$label-warmup" \
-        --dataset random --input-len "${!in}" --output-len 8 --num-prompts "$WARMUP_N" \
-        --request-rate inf --no-progress --result-json "$OUT_DIR/warmup-$label-$w.json" \
+        --dataset random --input-len "${!in}" --output-len 8 --request-rate inf \
+        --smoke --min-requests "$WARMUP_N" --no-progress --result-json "$OUT_DIR/warmup-$label-$w.json" \
         > "$OUT_DIR/warmup-$label-$w.txt"
     fi
     $PDSERVE bench --server "127.0.0.1:$PORT" --ready-timeout 900 --label "$label" \
-      --dataset random --input-len "${!in}" --output-len "${!out}" --num-prompts "$N" \
+      --dataset random --input-len "${!in}" --output-len "${!out}" \
       --request-rate "${!rates}" "${SLO[@]}" --stop-below-attainment 0.9 \
-      --max-duration-s "$MAX_DUR" --client-processes "$CLIENT_PROCS" --no-progress \
-      --result-json "$OUT_DIR/$label-$w.json"
+      --min-duration-s "$MIN_DUR" --duration-factor "$DUR_FACTOR" --min-requests "$MIN_REQ" \
+      --warmup-fraction "$WARMUP_FRAC" ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} \
+      --client-processes "$CLIENT_PROCS" --no-progress --result-json "$OUT_DIR/$label-$w.json"
   done
   kill -INT "$pid"
   wait "$pid" || true
@@ -109,6 +119,14 @@ for w in ("a", "b"):
     for label in ("disagg", "coloc"):
         res = json.load(open(f"{out}/{label}-{w}.json"))
         g[label] = res.get("goodput", {})
+        if not res.get("steady_state", False):
+            notes.append(f"{label}-{w}: short windows (SMOKE, or written before steady-state "
+                         "windows): not steady state")
+        for run in res["runs"]:
+            st = run["report"].get("steadiness") or {}
+            if st and not st.get("steady"):
+                notes.append(f"{label}-{w} at {fmt(run['report']['request_rate'])} req/s not "
+                             f"steady: {st.get('reason')}")
         if res.get("stopped_early"):
             skipped = ", ".join(fmt(r) for r in res["skipped_rates"])
             notes.append(f"{label}-{w} stopped early: {res['stopped_early']}; "
@@ -127,9 +145,9 @@ for w in ("a", "b"):
             ratio_cell += " *"
         print(f"| {w} ({shapes[w]} tok in/out) | {label} | {cell} | {ratio_cell} |")
 print()
-print("Goodput: the highest swept rate at which >= 90% of requests meet both SLOs; ratio: "
-      "disaggregated over colocated (* a goodput the sweep did not bracket: not a measured "
-      "ratio).")
+print("Goodput: the highest swept rate that was steady and at which >= 90% of the counted "
+      "requests meet both SLOs; ratio: disaggregated over colocated (* a goodput the sweep did "
+      "not bracket: not a measured ratio).")
 for n in notes:
     print(f"- {n}")
 

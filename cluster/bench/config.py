@@ -1,13 +1,22 @@
-"""What one `pdserve bench` invocation runs: the workload, the sweep of request rates, the
-objectives and where the results go, validated once."""
+"""What one `pdserve bench` invocation runs: the workload, the sweep of request rates, each
+rate's window (``steady``), the objectives and SLO classes, and where the results go,
+validated once."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from pdserve.cluster.bench.classes import check_class_mix
 from pdserve.cluster.bench.data import DATASETS, LENGTH_DISTS
 from pdserve.cluster.bench.records import Slo
+from pdserve.cluster.bench.steady import (
+    MAX_WARMUP_FRACTION,
+    STEADY_DURATION_FACTOR,
+    STEADY_MIN_DURATION_S,
+    STEADY_MIN_REQUESTS,
+    STEADY_WARMUP_FRACTION,
+)
 
 
 @dataclass(frozen=True)
@@ -18,7 +27,6 @@ class BenchConfig:
     label: str = "pdserve"
     dataset: str = "random"
     dataset_path: str | None = None
-    num_prompts: int = 100
     input_len: int = 512
     output_len: int = 128
     input_len_dist: str = "fixed"
@@ -39,8 +47,16 @@ class BenchConfig:
     plot_rate: float | None = None
     progress: bool = True
     stop_below_attainment: float | None = None  # stop the (ascending) sweep below this
-    max_duration_s: float | None = None  # per rate: about this long at the rate, see below
     client_processes: int = 1  # processes the requests are sent from (shards)
+    # each rate's window (steady): max(min_requests, ceil(rate * window)) requests, window =
+    # max(min_duration_s, duration_factor * the previous steady rate's median E2E)
+    min_duration_s: float = STEADY_MIN_DURATION_S
+    duration_factor: float = STEADY_DURATION_FACTOR
+    min_requests: int = STEADY_MIN_REQUESTS
+    warmup_fraction: float = STEADY_WARMUP_FRACTION  # of the arrival window, not counted
+    smoke: bool = False  # windows below the steady-state floors allowed; not steady state
+    slo_class: str | None = None  # every request's SLO class (None: the server's default)
+    class_mix: tuple[tuple[str, float], ...] = ()  # (class, share): seeded random classes
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -50,7 +66,7 @@ class BenchConfig:
         for dist in (self.input_len_dist, self.output_len_dist):
             if dist not in LENGTH_DISTS:
                 raise ValueError(f"length distribution must be one of {LENGTH_DISTS}: {dist!r}")
-        for name in ("num_prompts", "input_len", "output_len"):
+        for name in ("min_requests", "input_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 <= self.range_ratio < 1:
@@ -69,10 +85,41 @@ class BenchConfig:
             if not 0 < self.stop_below_attainment <= 1:
                 raise ValueError("--stop-below-attainment must be in (0, 1], got "
                                  f"{self.stop_below_attainment}")
-            if self.slo.ttft_ms is None and self.slo.tpot_ms is None:
-                raise ValueError("--stop-below-attainment needs an SLO: --slo-ttft-ms or "
-                                 "--slo-tpot-ms")
-        if self.max_duration_s is not None and not self.max_duration_s > 0:
-            raise ValueError(f"--max-duration-s must be > 0, got {self.max_duration_s}")
+            if (self.slo.ttft_ms is None and self.slo.tpot_ms is None
+                    and self.slo_class is None and not self.class_mix):
+                raise ValueError("--stop-below-attainment needs an SLO: --slo-ttft-ms, "
+                                 "--slo-tpot-ms, or an SLO class (--slo-class, --class-mix)")
         if self.client_processes < 1:
             raise ValueError(f"--client-processes must be >= 1, got {self.client_processes}")
+        self._check_window()
+        if self.slo_class is not None and self.class_mix:
+            raise ValueError("give --slo-class or --class-mix, not both")
+        if self.slo_class is not None and not self.slo_class:
+            raise ValueError("--slo-class must name a class")
+        if self.class_mix:
+            check_class_mix(self.class_mix)
+
+    def _check_window(self) -> None:
+        """Positive window settings; below the steady-state floors only with --smoke."""
+        if not self.min_duration_s > 0:
+            raise ValueError(f"--min-duration-s must be > 0, got {self.min_duration_s}")
+        if not self.duration_factor >= 0:
+            raise ValueError(f"--duration-factor must be >= 0, got {self.duration_factor}")
+        if not 0 <= self.warmup_fraction <= MAX_WARMUP_FRACTION:
+            raise ValueError(f"--warmup-fraction must be in [0, {MAX_WARMUP_FRACTION}], got "
+                             f"{self.warmup_fraction}")
+        if self.smoke:
+            return
+        short = [f"{flag} {v:g} < {floor:g}" for flag, v, floor in (
+            ("--min-duration-s", self.min_duration_s, STEADY_MIN_DURATION_S),
+            ("--duration-factor", self.duration_factor, STEADY_DURATION_FACTOR),
+            ("--min-requests", self.min_requests, STEADY_MIN_REQUESTS),
+            ("--warmup-fraction", self.warmup_fraction, STEADY_WARMUP_FRACTION)) if v < floor]
+        if short:
+            raise ValueError(f"{', '.join(short)}: shorter than a steady-state window "
+                             "(pdserve.cluster.bench.steady); pass --smoke for a short run, "
+                             "reported as not steady state")
+
+    @property
+    def steady_state(self) -> bool:
+        return not self.smoke

@@ -44,6 +44,7 @@ class Prompt:
     token_ids: tuple[int, ...] | None = None
     text: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None
+    slo_class: str = ""  # the SLO class it is sent with ("": none named)
 
 
 def sample_lengths(rng: np.random.Generator, mean: int, dist: str, range_ratio: float,
@@ -126,9 +127,10 @@ def parse_jsonl_line(line: str, default_output_len: int) -> Prompt:
     return Prompt(out, messages=tuple(turns))
 
 
-def load_jsonl(path: str | Path, n: int, default_output_len: int) -> list[Prompt]:
-    """The first n records of a JSONL file (repeated in order if it has fewer); blank lines
-    are skipped. DatasetError names the file and the line at fault."""
+def load_jsonl(path: str | Path, n: int | None, default_output_len: int) -> list[Prompt]:
+    """The first n records of a JSONL file (repeated in order if it has fewer; None: every
+    record once); blank lines are skipped. DatasetError names the file and the line at
+    fault."""
     records: list[Prompt] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -145,7 +147,7 @@ def load_jsonl(path: str | Path, n: int, default_output_len: int) -> list[Prompt
             break
     if not records:
         raise DatasetError(f"{path}: no records")
-    return [records[i % len(records)] for i in range(n)]
+    return records if n is None else [records[i % len(records)] for i in range(n)]
 
 
 def arrival_offsets(n: int, rate: float, burstiness: float, seed: int) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""How `pdserve bench` results look: the printed tables, and PNG figures that overlay several
-configurations (one result JSON each): SLO attainment against request rate, and TTFT/TPOT CDFs
-at one rate. `pdserve bench plot A.json B.json --out DIR` draws them from saved results."""
+"""PNG figures of `pdserve bench` results that overlay several configurations (one result
+JSON each): SLO attainment against request rate, and TTFT/TPOT CDFs at one rate.
+`pdserve bench plot A.json B.json --out DIR` draws them from saved results (the printed
+tables are ``tables``)."""
 
 from __future__ import annotations
 
@@ -13,63 +14,10 @@ from typing import Any
 import numpy as np
 
 from pdserve.cluster.bench.records import RequestRecord
-from pdserve.cluster.bench.report import Goodput, RunReport, fmt_rate
+from pdserve.cluster.bench.report import fmt_rate
 
 ATTAINMENT_PNG = "slo_attainment.png"
 CDF_PNG = "latency_cdf.png"
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def format_report(r: RunReport) -> str:
-    """A vLLM-style block for one run."""
-    title = f" {r.label}: request rate {fmt_rate(r.request_rate)} req/s "
-    if r.max_concurrency is not None:
-        title += f"(max concurrency {r.max_concurrency}) "
-    lines = [title.center(60, "="),
-             f"{'Successful requests:':<40}{r.completed:>20}",
-             f"{'Failed requests:':<40}{r.failed:>20}"]
-    if r.failed:
-        lines.append(f"{'  by status:':<40}{', '.join(f'{k} {v}' for k, v in r.failures.items())}")
-        lines.append(f"  first error: {r.first_error[:200]}")
-    lines += [
-        f"{'Benchmark duration (s):':<40}{r.duration_s:>20.2f}",
-        f"{'Total input tokens:':<40}{r.total_input_tokens:>20}",
-        f"{'Total generated tokens:':<40}{r.total_output_tokens:>20}",
-        f"{'Request throughput (req/s):':<40}{r.request_throughput:>20.2f}",
-        f"{'Output token throughput (tok/s):':<40}{r.output_throughput:>20.2f}",
-        f"{'Total token throughput (tok/s):':<40}{r.total_token_throughput:>20.2f}",
-    ]
-    for name, s in (("TTFT", r.ttft), ("TPOT", r.tpot), ("ITL", r.itl), ("E2E latency", r.e2e)):
-        lines.append(f" {name} (ms) ".center(60, "-"))
-        for stat, v in (("Mean", s.mean_ms), ("P50", s.p50_ms), ("P90", s.p90_ms),
-                        ("P99", s.p99_ms)):
-            lines.append(f"{stat + ' ' + name + ' (ms):':<40}{_ms(v):>20}")
-    slo = f"TTFT<={_ms(r.slo_ttft_ms)} ms, TPOT<={_ms(r.slo_tpot_ms)} ms"
-    lines += [f" SLO ({slo}) ".center(60, "-"),
-              f"{'Attainment (both, all requests):':<40}{r.attainment:>20.1%}",
-              f"{'Attainment TTFT / TPOT:':<40}"
-              f"{f'{r.attainment_ttft:.1%} / {r.attainment_tpot:.1%}':>20}",
-              f"{'Request goodput (req/s):':<40}{r.request_goodput:>20.2f}", "=" * 60]
-    return "\n".join(lines)
-
-
-def format_sweep(reports: Sequence[RunReport], goodput: Goodput) -> str:
-    """One line per rate, then the goodput."""
-    head = (f"{'rate':>7} {'ok':>5} {'fail':>5} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} "
-            f"{'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'ITL p99':>8} {'attain':>7}")
-    lines = [head, "-" * len(head)]
-    for r in reports:
-        lines.append(
-            f"{fmt_rate(r.request_rate):>7} {r.completed:>5} {r.failed:>5} "
-            f"{r.request_throughput:>7.2f} {r.output_throughput:>10.1f} {_ms(r.ttft.p50_ms):>9} "
-            f"{_ms(r.ttft.p99_ms):>9} {_ms(r.tpot.p50_ms):>9} {_ms(r.tpot.p99_ms):>9} "
-            f"{_ms(r.itl.p99_ms):>8} {r.attainment:>7.1%}")
-    rate = "none" if goodput.rate is None else f"{fmt_rate(goodput.rate)} req/s"
-    lines.append(f"Goodput (>= {goodput.target:.0%} meet the SLOs): {rate} ({goodput.note})")
-    return "\n".join(lines)
 
 
 def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:

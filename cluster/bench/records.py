@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 TIMING_FIELDS = ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s", "mean_tpot_s", "e2e_s")
+# The status of a request the server refused at admission (its predicted TTFT misses the
+# objective, or its queue is full): a miss in attainment and goodput, never left out.
+REFUSED = "RESOURCE_EXHAUSTED"
 
 
 @dataclass(frozen=True)
@@ -21,10 +24,11 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     ok: bool = False
-    status: str = "OK"  # "OK", a gRPC status code name, or "INCOMPLETE"
+    status: str = "OK"  # "OK", a gRPC status code name, "INCOMPLETE" or "ABORTED"
     error: str = ""
     finish_reason: str = ""
     server_timing: dict[str, float] = field(default_factory=dict)  # Timing of the last response
+    slo_class: str = ""  # the SLO class it was sent with ("": none named, a server without any)
 
     @property
     def first_token_s(self) -> float | None:
@@ -80,6 +84,7 @@ class RequestRecord:
             ok=bool(d["ok"]), status=str(d["status"]), error=str(d["error"]),
             finish_reason=str(d["finish_reason"]),
             server_timing={k: float(v) for k, v in d["server_timing"].items()},
+            slo_class=str(d.get("slo_class", "")),  # absent in results before SLO classes
         )
 
 

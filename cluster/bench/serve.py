@@ -1,12 +1,13 @@
 """`pdserve bench`: a load generator for a running pdserve server, like `vllm bench serve`.
 
 It builds a workload (random token prompts of chosen length distributions, a built-in chat-like
-length mix, or a JSONL file), sends it over gRPC at Poisson or gamma arrivals for each request
-rate of a sweep (optionally capped by a concurrency limit), records every response's arrival,
-and reports latency percentiles, throughput, SLO attainment and goodput (see report).
-A sweep can stop at the first rate whose attainment falls below a threshold (rates then run in
-ascending order), and can cap each rate's run near a duration, so a sweep that reaches well
-past saturation fits a short device budget.
+length mix, or a JSONL file; ``workload``), sends it over gRPC at Poisson or gamma arrivals
+for each request rate of a sweep (optionally capped by a concurrency limit), records every
+response's arrival, and reports latency percentiles, throughput, SLO attainment and goodput
+(see report). Each rate runs long enough to reach steady state, and its report says whether
+it did (``steady``). Requests carry an SLO class (``classes``), scored against the objectives
+the server lists for it. A sweep can stop at the first rate that misses its attainment
+threshold or is not steady (rates then run in ascending order).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,18 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc.aio
-import numpy as np
 
+from pdserve.cluster.bench.classes import Objectives, ServerSlo
 from pdserve.cluster.bench.config import BenchConfig
-from pdserve.cluster.bench.data import (
-    Prompt,
-    arrival_offsets,
-    chat_lengths,
-    load_jsonl,
-    sample_lengths,
-    token_prompts,
-)
-from pdserve.cluster.bench.plot import format_report, format_sweep, plot_results
+from pdserve.cluster.bench.data import Prompt, arrival_offsets
+from pdserve.cluster.bench.plot import plot_results
 from pdserve.cluster.bench.records import TIMING_FIELDS, RequestRecord
 from pdserve.cluster.bench.report import (
     BenchResult,
@@ -42,15 +35,15 @@ from pdserve.cluster.bench.report import (
     fmt_rate,
     jsonable,
     make_report,
-    sweep_goodput,
+    report_goodput,
 )
 from pdserve.cluster.bench.shards import ClientProcesses, Shard
+from pdserve.cluster.bench.steady import arrival_window_s, requests_for_rate
+from pdserve.cluster.bench.tables import format_report, format_sweep
+from pdserve.cluster.bench.workload import Workload
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.client import AsyncClient, build_request
 
-# --max-duration-s never cuts a rate's run below this many prompts (or --num-prompts if fewer):
-# a handful of requests says little about a percentile or an attainment.
-MIN_PROMPTS_PER_RATE = 20
 # Connections each client process spreads its requests over (see `connections`).
 CONNECTIONS = 4
 
@@ -72,31 +65,21 @@ def sweep_order(cfg: BenchConfig) -> tuple[float, ...]:
 
 
 def sweep_stop(order: Sequence[float], attainments: Sequence[float],
-               threshold: float | None) -> SweepStop | None:
+               threshold: float | None, unsteady: Sequence[str] = ()) -> SweepStop | None:
     """After the first len(attainments) rates of `order` ran with these attainments: whether
-    the sweep stops here. It stops after the first rate below `threshold` (None: never) when
-    rates remain; the last rate missing skips nothing, so that is no early stop."""
+    the sweep stops here. It stops after the first rate below `threshold` (None: never), or
+    not steady (``unsteady``: the reason per rate run, "" when steady), when rates remain;
+    the last rate missing skips nothing, so that is no early stop."""
     if threshold is None or not attainments or len(attainments) >= len(order):
         return None
     att = attainments[-1]
-    if att >= threshold:
+    why = unsteady[len(attainments) - 1] if len(unsteady) >= len(attainments) else ""
+    if att >= threshold and not why:
         return None
     rate = order[len(attainments) - 1]
-    return SweepStop(
-        f"SLO attainment {att:.1%} at {fmt_rate(rate)} req/s < {threshold:.0%} "
-        "(--stop-below-attainment)",
-        tuple(order[len(attainments):]))
-
-
-def prompts_for_rate(num_prompts: int, rate: float, max_duration_s: float | None) -> int:
-    """How many of the workload's prompts a run at `rate` sends: all of them, or with a
-    duration cap about rate * max_duration_s (rounded up), but never fewer than
-    MIN_PROMPTS_PER_RATE (or num_prompts if that is fewer)."""
-    if max_duration_s is None or math.isinf(rate):
-        return num_prompts
-    # the epsilon keeps a product like 0.55 * 100 = 55.00000000000001 at 55
-    at_rate = math.ceil(rate * max_duration_s - 1e-9)
-    return min(num_prompts, max(at_rate, MIN_PROMPTS_PER_RATE))
+    reason = (f"SLO attainment {att:.1%} at {fmt_rate(rate)} req/s < {threshold:.0%}"
+              if att < threshold else f"{fmt_rate(rate)} req/s not steady ({why})")
+    return SweepStop(f"{reason} (--stop-below-attainment)", tuple(order[len(attainments):]))
 
 
 def parse_rates(s: str) -> tuple[float, ...]:
@@ -107,27 +90,12 @@ def parse_rates(s: str) -> tuple[float, ...]:
         raise ValueError(f"--request-rate takes numbers or inf, comma-separated: {s!r}") from None
 
 
-def build_workload(cfg: BenchConfig, info: pb.ModelInfo) -> list[Prompt]:
-    """The prompts of every run (the same for each rate of a sweep)."""
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.dataset == "jsonl":
-        assert cfg.dataset_path is not None
-        return load_jsonl(cfg.dataset_path, cfg.num_prompts, cfg.output_len)
-    if cfg.dataset == "chat":
-        inp, out = chat_lengths(rng, cfg.num_prompts)
-    else:
-        r = cfg.range_ratio
-        inp = sample_lengths(rng, cfg.input_len, cfg.input_len_dist, r, cfg.num_prompts)
-        out = sample_lengths(rng, cfg.output_len, cfg.output_len_dist, r, cfg.num_prompts)
-    return token_prompts(rng, inp, out, info)
-
-
 def _request(cfg: BenchConfig, p: Prompt, i: int) -> pb.GenerateRequest:
     return build_request(
         token_ids=p.token_ids, text=p.text, messages=p.messages, max_tokens=p.output_len,
         temperature=cfg.temperature, seed=cfg.seed + i if cfg.temperature > 0 else None,
         ignore_eos=cfg.ignore_eos or cfg.dataset == "random",
-        ttft_ms=cfg.slo.ttft_ms or 0.0, tpot_ms=cfg.slo.tpot_ms or 0.0,
+        ttft_ms=cfg.slo.ttft_ms or 0.0, tpot_ms=cfg.slo.tpot_ms or 0.0, slo_class=p.slo_class,
     )
 
 
@@ -156,6 +124,7 @@ async def _one(client: AsyncClient, req: pb.GenerateRequest, i: int, t0: float,
         output_tokens=sum(n for _, n in chunks),
         finish_reason=last.finish_reason if last else "",
         server_timing={k: getattr(last.timing, k) for k in TIMING_FIELDS} if ok and last else {},
+        slo_class=req.slo.class_name,
     )
 
 
@@ -233,39 +202,62 @@ async def run_rate(clients: Sequence[AsyncClient], cfg: BenchConfig, prompts: li
     return records
 
 
+async def server_slo(client: AsyncClient) -> ServerSlo:
+    """The server's SLO classes, scheduler and mode (none from a server without
+    GetServerInfo)."""
+    try:
+        return ServerSlo.from_info(await client.server_info(timeout=30))
+    except grpc.aio.AioRpcError as e:
+        if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        return ServerSlo()
+
+
 async def bench_async(cfg: BenchConfig) -> BenchResult:
     with contextlib.ExitStack() as stack:
         async with connections(cfg.server, cfg.ready_timeout_s) as clients:
             info = await clients[0].model_info(timeout=30)
-            prompts = build_workload(cfg, info)
+            server = await server_slo(clients[0])
+            objectives = Objectives.from_server(server, cfg.slo)
+            workload = Workload(cfg, info, server)
             order = sweep_order(cfg)
             procs = (stack.enter_context(ClientProcesses(cfg, cfg.client_processes, send_shard))
                      if cfg.client_processes > 1 else None)
             reports: list[RunReport] = []
             records: list[list[RequestRecord]] = []
+            windows: list[float] = []
+            lifetime: float | None = None  # the median E2E of the last steady rate, s
             for rate in order:
-                n = prompts_for_rate(len(prompts), rate, cfg.max_duration_s)
-                recs = await run_rate(clients, cfg, prompts[:n], rate, procs)
+                window = arrival_window_s(cfg.min_duration_s, cfg.duration_factor, lifetime)
+                n = requests_for_rate(rate, window, cfg.min_requests)
+                recs = await run_rate(clients, cfg, workload.take(n), rate, procs)
+                rep = make_report(cfg.label, rate, cfg.burstiness, cfg.max_concurrency, recs,
+                                  objectives, cfg.warmup_fraction)
                 records.append(recs)
-                reports.append(make_report(cfg.label, rate, cfg.burstiness,
-                                           cfg.max_concurrency, recs, cfg.slo))
-                if sweep_stop(order, [r.attainment for r in reports],
-                              cfg.stop_below_attainment):
+                reports.append(rep)
+                windows.append(window)
+                if rep.steady and rep.e2e.p50_ms is not None:
+                    lifetime = rep.e2e.p50_ms / 1e3
+                if _stop(cfg, order, reports):
                     break
     model = {"model_name": info.model_name, "vocab_size": info.vocab_size,
              "max_context_length": info.max_context_length, "dtype": info.dtype}
     # DistServe goodput over the rates that ran; skipped ones lie above one below the stop line
-    goodput = sweep_goodput([(r.request_rate, r.attainment) for r in reports],
-                            cfg.goodput_attainment)
+    goodput = report_goodput(reports, cfg.goodput_attainment)
     # the result keeps its records in the order of its config's rates: the swept order
-    return BenchResult(replace(cfg, request_rates=order), model, reports, records, goodput)
+    return BenchResult(replace(cfg, request_rates=order), model, reports, records, goodput,
+                       dict(server.info), objectives, windows)
+
+
+def _stop(cfg: BenchConfig, order: Sequence[float], reports: Sequence[RunReport]
+          ) -> SweepStop | None:
+    return sweep_stop(order, [r.attainment for r in reports], cfg.stop_below_attainment,
+                      [r.steadiness.reason if r.steadiness else "" for r in reports])
 
 
 def result_stop(result: BenchResult) -> SweepStop | None:
     """The early stop of a finished sweep (None: every rate ran)."""
-    cfg = result.config
-    return sweep_stop(cfg.request_rates, [r.attainment for r in result.reports],
-                      cfg.stop_below_attainment)
+    return _stop(result.config, result.config.request_rates, result.reports)
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -273,13 +265,12 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     result = asyncio.run(bench_async(cfg))
     for rep in result.reports:
         print(format_report(rep))
-    print(format_sweep(result.reports, result.goodput))
+    print(format_sweep(result.reports, result.goodput, result.server, result.steady_state))
     stop = result_stop(result)
     if stop is not None:
         skipped = ", ".join(fmt_rate(r) for r in stop.skipped_rates)
         print(f"Stopped early: {stop.reason}; skipped {skipped} req/s")
     data = result.to_json()
-    # each run's report.num_requests is the number of prompts sent at its rate
     data["skipped_rates"] = jsonable(list(stop.skipped_rates) if stop else [])
     data["stopped_early"] = stop.reason if stop else None
     if cfg.result_json:

@@ -19,7 +19,7 @@ from pdserve.cluster.bench.data import (
     sample_lengths,
     token_prompts,
 )
-from pdserve.cluster.bench.plot import format_report, format_sweep, plot_results
+from pdserve.cluster.bench.plot import plot_results
 from pdserve.cluster.bench.records import RequestRecord, Slo
 from pdserve.cluster.bench.report import (
     jsonable,
@@ -30,6 +30,7 @@ from pdserve.cluster.bench.report import (
     sweep_goodput,
 )
 from pdserve.cluster.bench.serve import parse_rates
+from pdserve.cluster.bench.tables import format_report, format_sweep
 from pdserve.cluster.cli import main
 from pdserve.proto import pdserve_pb2 as pb
 
@@ -129,23 +130,42 @@ def test_report_counts_throughput_and_attainment() -> None:
     assert "Failed requests:" in text and "40.0%" in text
 
 
+def steady_records(n: int, ttft: float, tpot: float, ok: bool = True,
+                   status: str = "OK") -> list[RequestRecord]:
+    """n requests one a second, each with the same latencies (3 tokens): a steady run."""
+    return [rec(i, float(i), [(i + ttft, 1), (i + ttft + tpot, 1), (i + ttft + 2 * tpot, 1)])
+            if ok else rec(i, float(i), [], ok=False, status=status) for i in range(n)]
+
+
 def test_rescore_goodput_under_other_slos() -> None:
-    """A saved sweep rescored: rate 1 has TPOT 100 ms, rate 2 TPOT 300 ms, rate 4 a failure;
+    """A saved sweep rescored: rate 1 has TPOT 100 ms, rate 2 TPOT 300 ms, rate 4 failures;
     under a 200 ms TPOT goodput is 1 req/s, under 400 ms it is 2, and without TPOT objective
     (TTFT 200 ms only) still 2 (rate 4 fails)."""
     def run(rate: float, records: list[RequestRecord]) -> dict[str, object]:
         return {"report": {"request_rate": rate}, "requests": [r.to_json() for r in records]}
 
     result = json.loads(json.dumps({"runs": [
-        run(1.0, [rec(0, 0.0, [(0.1, 1), (0.2, 1), (0.3, 1)])]),
-        run(2.0, [rec(0, 0.0, [(0.1, 1), (0.4, 1), (0.7, 1)])]),
-        run(4.0, [rec(0, 0.0, [], ok=False, status="UNAVAILABLE")]),
+        run(1.0, steady_records(30, 0.1, 0.1)),
+        run(2.0, steady_records(30, 0.1, 0.3)),
+        run(4.0, steady_records(30, 0, 0, ok=False, status="UNAVAILABLE")),
     ]}))
     assert rescore_goodput(result, Slo(ttft_ms=200, tpot_ms=200)).rate == 1.0
     tight = rescore_goodput(result, Slo(ttft_ms=200, tpot_ms=400))
     assert tight.rate == 2.0 and tight.bracketed
     assert rescore_goodput(result, Slo(ttft_ms=200)).rate == 2.0
     assert rescore_goodput(result, Slo(ttft_ms=50)).rate is None
+
+
+def test_rescore_counts_an_unsteady_rate_as_missed() -> None:
+    """The same records, but rate 2's queue grows (TTFT rises with arrival time): missed
+    whatever its attainment under a loose objective."""
+    growing = [rec(i, float(i), [(i + 0.1 + 0.2 * i, 1), (i + 0.2 + 0.2 * i, 1)])
+               for i in range(30)]
+    result = {"runs": [
+        {"report": {"request_rate": r}, "requests": [x.to_json() for x in recs]}
+        for r, recs in ((1.0, steady_records(30, 0.1, 0.1)), (2.0, growing))]}
+    g = rescore_goodput(result, Slo(ttft_ms=60_000))
+    assert g.rate == 1.0 and g.bracketed and "not steady" in g.note
 
 
 def test_no_slo_means_completed_requests_attain() -> None:

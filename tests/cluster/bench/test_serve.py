@@ -1,6 +1,7 @@
-"""`pdserve bench` against a real local deployment (Ray actors, gRPC server, the default model):
-a short sweep through the CLI, whose JSON report is checked against its own per-request
-records, and a JSONL run."""
+"""`pdserve bench` against a real local deployment (Ray actors, gRPC server, the default model,
+the SLO classes of deploy/slo-classes.yaml): a short sweep through the CLI (--smoke: windows
+far below steady state), whose JSON report is checked against its own per-request records,
+a class mix scored by the server's objectives, and a JSONL run."""
 
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ from pdserve_testing.e2e import serve_config
 
 pytestmark = pytest.mark.e2e
 
+CLASSES = Path(__file__).resolve().parents[3] / "deploy" / "slo-classes.yaml"
 RATES = (2.0, 8.0)
 NUM_PROMPTS = 6
+# smoke windows of exactly NUM_PROMPTS requests a rate, every one counted
+SMOKE = ["--smoke", "--min-requests", str(NUM_PROMPTS), "--min-duration-s", "0.5",
+         "--duration-factor", "0", "--warmup-fraction", "0"]
 OUTPUT_LEN = 8
 SLO_TTFT_MS, SLO_TPOT_MS = 2000.0, 300.0
 
@@ -40,7 +45,7 @@ def server(default_gguf: Path) -> Iterator[str]:
                  object_store_memory=200 * 1024 * 1024, log_to_driver=True,
                  runtime_env=job_runtime_env())
     try:
-        dep = launch(serve_config(default_gguf, "bench-test"))
+        dep = launch(serve_config(default_gguf, "bench-test", slo_classes=str(CLASSES)))
         try:
             yield dep.address
         finally:
@@ -81,8 +86,8 @@ def test_rate_sweep_report_matches_records(server: str, tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
     plots = tmp_path / "plots"
     rc = main([
-        "bench", "--server", server, "--label", "cpu", "--dataset", "random",
-        "--num-prompts", str(NUM_PROMPTS), "--input-len", "24", "--input-len-dist", "uniform",
+        "bench", "--server", server, "--label", "cpu", "--dataset", "random", *SMOKE,
+        "--input-len", "24", "--input-len-dist", "uniform",
         "--range-ratio", "0.3", "--output-len", str(OUTPUT_LEN),
         "--request-rate", ",".join(f"{r:g}" for r in RATES), "--seed", "3",
         "--slo-ttft-ms", str(SLO_TTFT_MS), "--slo-tpot-ms", str(SLO_TPOT_MS),
@@ -93,13 +98,21 @@ def test_rate_sweep_report_matches_records(server: str, tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["label"] == "cpu" and data["config"]["request_rates"] == list(RATES)
     assert data["config"]["slo"] == {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS}
+    assert data["steady_state"] is False and data["config"]["smoke"] is True
+    assert data["server"]["scheduler"] == "slo" and data["server"]["mode"] == "disaggregated"
+    # the explicit objectives override every class's, as on the server
+    assert data["objectives"]["by_class"]["interactive"] == {"ttft_ms": SLO_TTFT_MS,
+                                                             "tpot_ms": SLO_TPOT_MS}
     assert len(data["runs"]) == len(RATES)
     prompts_per_rate = []
     for run, rate in zip(data["runs"], RATES, strict=True):
         rep = run["report"]
         recs = [RequestRecord.from_json(d) for d in run["requests"]]
         assert rep["request_rate"] == rate and len(recs) == NUM_PROMPTS
+        assert rep["counted_requests"] == NUM_PROMPTS  # --warmup-fraction 0
         assert [r.index for r in recs] == list(range(NUM_PROMPTS))
+        assert {r.slo_class for r in recs} == {"standard"}  # the server's default class
+        assert set(rep["steadiness"]) >= {"steady", "reason", "completion_ratio"}
         ok = [r for r in recs if r.ok]
         # the tiny workload fits easily: everything completes, with exactly OUTPUT_LEN tokens
         assert rep["completed"] == len(ok) == NUM_PROMPTS and rep["failed"] == 0
@@ -129,12 +142,14 @@ def test_rate_sweep_report_matches_records(server: str, tmp_path: Path) -> None:
         assert rep["attainment_ttft"] == pytest.approx(
             sum(a <= SLO_TTFT_MS for a in ttfts) / NUM_PROMPTS)
         assert rep["request_goodput"] == pytest.approx(sum(met) / duration)
+        window = max(r.send_s for r in recs) - min(r.send_s for r in recs)
+        assert rep["slo_goodput_throughput"] == pytest.approx(sum(met) / window)
         # the requests arrive at the configured rate's schedule, not all at once
         sends = sorted(r.send_s for r in recs)
         assert sends[-1] > 0.5 / rate
     assert prompts_per_rate[0] == prompts_per_rate[1]  # the same workload at every rate
     passing = [rate for run, rate in zip(data["runs"], RATES, strict=True)
-               if run["report"]["attainment"] >= 0.9]
+               if run["report"]["attainment"] >= 0.9 and run["report"]["steadiness"]["steady"]]
     assert data["goodput"]["rate"] == (max(passing) if passing else None)
     for name in ("slo_attainment.png", "latency_cdf.png"):
         png = plots / name
@@ -152,7 +167,7 @@ def test_jsonl_dataset(server: str, tmp_path: Path) -> None:
     ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     cfg = BenchConfig(server=server, label="jsonl", dataset="jsonl", dataset_path=str(path),
-                      num_prompts=3, output_len=5, request_rates=(math.inf,),
+                      min_requests=3, smoke=True, output_len=5, request_rates=(math.inf,),
                       max_concurrency=2, ignore_eos=True, slo=Slo(ttft_ms=5000),
                       progress=False, request_timeout_s=120)
     result = run_bench(cfg)
@@ -167,13 +182,14 @@ def test_jsonl_dataset(server: str, tmp_path: Path) -> None:
 
 def test_sweep_stops_below_attainment(server: str, tmp_path: Path) -> None:
     """A TTFT objective no request can meet: the ascending sweep runs its lowest rate only.
-    The server's SLO admission refuses each request at once (its predicted TTFT misses the
-    objective): refusals count as missed objectives."""
+    The requests are of a best-effort class, so the server's SLO admission never refuses
+    them: they complete, late."""
     out = tmp_path / "stop.json"
     rc = main([
-        "bench", "--server", server, "--label", "stop", "--num-prompts", "3",
-        "--input-len", "8", "--output-len", "2", "--request-rate", "16,4,8",
-        "--slo-ttft-ms", "0.001", "--stop-below-attainment", "0.9", "--max-duration-s", "1",
+        "bench", "--server", server, "--label", "stop", "--smoke", "--min-requests", "3",
+        "--min-duration-s", "0.1", "--input-len", "8", "--output-len", "2",
+        "--request-rate", "16,4,8", "--slo-class", "batch",
+        "--slo-ttft-ms", "0.001", "--stop-below-attainment", "0.9",
         "--timeout", "120", "--result-json", str(out), "--no-progress",
     ])
     assert rc == 0
@@ -181,9 +197,7 @@ def test_sweep_stops_below_attainment(server: str, tmp_path: Path) -> None:
     (run,) = data["runs"]
     assert run["report"]["request_rate"] == 4.0 and run["report"]["attainment"] == 0.0
     assert run["report"]["num_requests"] == len(run["requests"]) == 3  # the floor: all 3
-    assert run["report"]["completed"] == 0
-    assert [r["status"] for r in run["requests"]] == ["RESOURCE_EXHAUSTED"] * 3
-    assert all("predicted TTFT" in r["error"] for r in run["requests"])
+    assert run["report"]["completed"] == 3  # batch is best effort: never refused
     assert data["skipped_rates"] == [8.0, 16.0]
     assert "0.0% at 4 req/s" in data["stopped_early"]
     assert data["goodput"]["rate"] is None
@@ -196,7 +210,8 @@ def test_client_processes_share_one_schedule(server: str) -> None:
     from pdserve.cluster.bench.data import arrival_offsets
 
     rates = (4.0, 8.0)
-    cfg = BenchConfig(server=server, label="shards", num_prompts=7, input_len=8,
+    cfg = BenchConfig(server=server, label="shards", smoke=True, min_requests=7,
+                      min_duration_s=0.1, duration_factor=0, warmup_fraction=0, input_len=8,
                       output_len=3, request_rates=rates, seed=5, client_processes=3,
                       max_concurrency=6, slo=Slo(ttft_ms=60000), progress=False,
                       request_timeout_s=120)
@@ -210,3 +225,35 @@ def test_client_processes_share_one_schedule(server: str) -> None:
         assert all(r.send_s >= at - 1e-3 for r, at in zip(recs, offsets, strict=True))
         assert rep.total_output_tokens == 21 and rep.ttft.count == 7
         check_stats(dataclasses.asdict(rep.ttft), [ttft_ms(r) for r in recs])
+
+
+def test_class_mix_scored_by_the_servers_objectives(server: str, tmp_path: Path) -> None:
+    """A seeded mix of two of the server's classes: each request carries its class, the
+    report scores each class by the objectives GetServerInfo lists, and the classes' goodput
+    throughputs add up to the total."""
+    from pdserve.cluster.bench.classes import assign_classes
+
+    out = tmp_path / "mix.json"
+    mix = (("standard", 0.5), ("batch", 0.5))
+    rc = main(["bench", "--server", server, "--label", "mix", "--smoke", "--min-requests", "8",
+               "--min-duration-s", "0.1", "--warmup-fraction", "0", "--input-len", "8",
+               "--output-len", "3", "--request-rate", "8", "--seed", "4",
+               "--class-mix", "standard=0.5,batch=0.5", "--timeout", "120",
+               "--result-json", str(out), "--no-progress"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["objectives"]["by_class"]["standard"] == {"ttft_ms": 2000.0, "tpot_ms": 100.0}
+    assert data["objectives"]["by_class"]["batch"] == {"ttft_ms": None, "tpot_ms": None}
+    assert [c["name"] for c in data["server"]["slo_classes"]] == ["interactive", "standard",
+                                                                 "batch"]
+    (run,) = data["runs"]
+    recs = [RequestRecord.from_json(d) for d in run["requests"]]
+    assert [r.slo_class for r in recs] == assign_classes(8, mix, 4)
+    classes = run["report"]["classes"]
+    assert set(classes) == {r.slo_class for r in recs}
+    assert sum(c["requests"] for c in classes.values()) == 8
+    assert sum(c["goodput_throughput"] for c in classes.values()) == pytest.approx(
+        run["report"]["slo_goodput_throughput"])
+    if "batch" in classes:  # best effort, no objectives: every completed request meets them
+        assert classes["batch"]["attainment"] == pytest.approx(
+            classes["batch"]["completed"] / classes["batch"]["requests"])

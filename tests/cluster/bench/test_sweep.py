@@ -1,6 +1,7 @@
 """Unit tests of how `pdserve bench` walks a sweep (no server): the ascending order and early
-stop of --stop-below-attainment, the prompt count per rate of --max-duration-s, and the sweep
-loop itself driven through a fake client, down to the JSON it writes."""
+stop of --stop-below-attainment (also at a rate that is not steady), and the sweep loop itself
+driven through a fake client, its windows sized from the previous steady rate, down to the
+JSON it writes."""
 
 from __future__ import annotations
 
@@ -16,13 +17,7 @@ import pdserve.cluster.bench.serve as bench
 from pdserve.cluster.bench.config import BenchConfig
 from pdserve.cluster.bench.data import Prompt
 from pdserve.cluster.bench.records import RequestRecord, Slo
-from pdserve.cluster.bench.serve import (
-    MIN_PROMPTS_PER_RATE,
-    prompts_for_rate,
-    run_bench,
-    sweep_order,
-    sweep_stop,
-)
+from pdserve.cluster.bench.serve import run_bench, sweep_order, sweep_stop
 from pdserve.cluster.cli import main
 from pdserve.proto import pdserve_pb2 as pb
 
@@ -70,22 +65,16 @@ def test_first_rate_missing_skips_all_others_including_inf() -> None:
     assert ran == [0.5] and skipped == (1.0, math.inf) and reason is not None
 
 
-# ---------------------------------------------------------------- prompts per rate
-
-
-@pytest.mark.parametrize(("num", "rate", "dur", "want"), [
-    (100, 4.0, None, 100),  # no cap
-    (100, 1.0, 60.0, 60),  # rate * D
-    (100, 4.0, 60.0, 100),  # capped by --num-prompts
-    (100, 0.5, 10.0, MIN_PROMPTS_PER_RATE),  # 5, raised to the floor
-    (12, 0.5, 10.0, 12),  # the floor never exceeds --num-prompts
-    (100, 0.55, 100.0, 55),  # 55.00000000000001 is 55, not 56
-    (200, 1.1, 90.0, 99),  # 99.00000000000001 is 99
-    (100, 2.5, 9.0, 23),  # 22.5 rounds up
-    (100, math.inf, 5.0, 100),  # all at once: every prompt
-])
-def test_prompts_for_rate(num: int, rate: float, dur: float | None, want: int) -> None:
-    assert prompts_for_rate(num, rate, dur) == want
+def test_a_rate_that_is_not_steady_stops_the_sweep() -> None:
+    order = (1.0, 2.0, 4.0)
+    assert sweep_stop(order, [1.0], 0.9, [""]) is None
+    stop = sweep_stop(order, [1.0, 0.97], 0.9, ["", "answers 1.5/s < 90% of arrivals 2/s"])
+    assert stop is not None and stop.skipped_rates == (4.0,)
+    assert "2 req/s not steady (answers 1.5/s" in stop.reason
+    # below the threshold and not steady: the attainment is the reason given
+    stop = sweep_stop(order, [0.5], 0.9, ["the queue grows"])
+    assert stop is not None and "50.0% at 1 req/s" in stop.reason
+    assert sweep_stop(order, [1.0], None, ["the queue grows"]) is None  # no threshold: no stop
 
 
 def test_config_validation_of_the_new_flags() -> None:
@@ -95,8 +84,7 @@ def test_config_validation_of_the_new_flags() -> None:
         with pytest.raises(ValueError, match="stop-below-attainment"):
             BenchConfig(stop_below_attainment=bad, slo=SLO)
     BenchConfig(stop_below_attainment=1.0, slo=Slo(tpot_ms=40))  # one objective is enough
-    with pytest.raises(ValueError, match="max-duration-s"):
-        BenchConfig(max_duration_s=0)
+    BenchConfig(stop_below_attainment=0.9, slo_class="interactive")  # or a class's
 
 
 def test_cli_rejects_stop_flag_without_slo(capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,7 +93,7 @@ def test_cli_rejects_stop_flag_without_slo(capsys: pytest.CaptureFixture[str]) -
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--stop-below-attainment" in err and "--slo-ttft-ms" in err
-    for flags in (["--stop-below-attainment", "0"], ["--max-duration-s", "-1"]):
+    for flags in (["--stop-below-attainment", "0"], ["--min-duration-s", "-1"]):
         with pytest.raises(SystemExit):
             main(["bench", "--slo-ttft-ms", "100", *flags])
         assert flags[0] in capsys.readouterr().err
@@ -135,18 +123,27 @@ class FakeClient:
     async def model_info(self, timeout: float) -> pb.ModelInfo:
         return pb.ModelInfo(model_name="fake", vocab_size=100, max_context_length=64)
 
+    async def server_info(self, timeout: float) -> pb.ServerInfo:
+        return pb.ServerInfo(mode="colocated", scheduler="fifo", version="test")
+
+
+def spread(i: int, share: float) -> bool:
+    """Whether request i is one of a `share` of requests spread evenly over the run."""
+    return math.floor((i + 1) * share + 1e-9) > math.floor(i * share + 1e-9)
+
 
 def fake_records(n: int, attainment: float) -> list[RequestRecord]:
-    """n completed requests of which round(n * attainment) meet SLO (TTFT 50 vs 500 ms)."""
-    meet = round(n * attainment)
-    return [RequestRecord(index=i, max_tokens=2, send_s=0.1 * i, end_s=0.1 * i + 0.6,
-                          chunks=((0.1 * i + (0.05 if i < meet else 0.5), 1),
-                                  (0.1 * i + 0.6, 1)),
+    """n completed requests, 1 s apart, E2E 0.6 s, of which about n * attainment, spread
+    evenly over the run (so TTFT p50 is alike in every third), meet the SLO (TTFT 50 vs
+    500 ms)."""
+    return [RequestRecord(index=i, max_tokens=2, send_s=float(i), end_s=i + 0.6,
+                          chunks=((i + (0.05 if spread(i, attainment) else 0.5), 1),
+                                  (i + 0.6, 1)),
                           prompt_tokens=4, output_tokens=2, ok=True, finish_reason="length")
             for i in range(n)]
 
 
-def test_sweep_loop_stops_caps_prompts_and_records_skips(
+def test_sweep_loop_sizes_windows_stops_and_records_skips(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     attainment = {1.0: 1.0, 2.0: 0.95, 4.0: 0.5, 8.0: 1.0}
@@ -156,32 +153,43 @@ def test_sweep_loop_stops_caps_prompts_and_records_skips(
                             rate: float, procs: Any = None) -> list[RequestRecord]:
         assert procs is None  # one client process unless asked for more
         sent.append((rate, len(prompts)))
+        assert [p.slo_class for p in prompts] == [""] * len(prompts)  # no classes served
         return fake_records(len(prompts), attainment[rate])
 
     monkeypatch.setattr(bench, "AsyncClient", FakeClient)
     monkeypatch.setattr(bench, "run_rate", fake_run_rate)
     out = tmp_path / "r.json"
-    cfg = BenchConfig(num_prompts=40, input_len=4, output_len=2, request_rates=(8, 2, 4, 1),
-                      slo=SLO, stop_below_attainment=0.9, max_duration_s=15.0,
+    cfg = BenchConfig(input_len=4, output_len=2, request_rates=(8, 2, 4, 1), slo=SLO,
+                      stop_below_attainment=0.9, smoke=True, min_requests=20,
+                      min_duration_s=15.0, duration_factor=40.0, warmup_fraction=0.0,
                       result_json=str(out), progress=False)
     result = run_bench(cfg)
-    # ascending; 1 req/s * 15 s is raised to the floor of 20, 2 * 15 = 30, 4 * 15 = 60 > 40
-    assert sent == [(1.0, 20), (2.0, 30), (4.0, 40)]
+    # ascending; 1 req/s * 15 s is raised to the floor of 20; then the window is 40 x the
+    # previous median E2E of 0.6 s = 24 s: 2 * 24 = 48, 4 * 24 = 96
+    assert sent == [(1.0, 20), (2.0, 48), (4.0, 96)]
     assert result.config.request_rates == (1.0, 2.0, 4.0, 8.0)
-    assert [r.attainment for r in result.reports] == pytest.approx([1.0, 28 / 30, 0.5])
+    assert [r.attainment for r in result.reports] == pytest.approx([1.0, 45 / 48, 0.5])
+    assert all(r.steady for r in result.reports[:2])
     # goodput over the rates that ran: 2 passed, 4 missed, so bracketed despite 8 skipped
     assert result.goodput.rate == 2.0 and result.goodput.bracketed
     printed = capsys.readouterr().out
     stop_lines = [line for line in printed.splitlines() if line.startswith("Stopped early")]
     assert len(stop_lines) == 1 and "skipped 8 req/s" in stop_lines[0]
+    assert "scheduler fifo, mode colocated" in printed and "NOT steady state" in printed
     data = json.loads(out.read_text())
     assert data["skipped_rates"] == [8.0]
     assert "50.0% at 4 req/s" in data["stopped_early"]
-    assert [run["report"]["num_requests"] for run in data["runs"]] == [20, 30, 40]
-    assert [len(run["requests"]) for run in data["runs"]] == [20, 30, 40]
+    assert [run["report"]["num_requests"] for run in data["runs"]] == [20, 48, 96]
+    assert [len(run["requests"]) for run in data["runs"]] == [20, 48, 96]
+    assert [run["arrival_window_s"] for run in data["runs"]] == pytest.approx([15, 24, 24])
     assert data["config"]["stop_below_attainment"] == 0.9
-    assert data["config"]["max_duration_s"] == 15.0
+    assert data["config"]["min_duration_s"] == 15.0 and data["config"]["smoke"] is True
+    assert data["steady_state"] is False
+    assert data["server"]["scheduler"] == "fifo" and data["server"]["mode"] == "colocated"
     assert data["goodput"]["rate"] == 2.0
+    steadiness = data["runs"][0]["report"]["steadiness"]
+    assert steadiness["steady"] is True and steadiness["reason"] == ""
+    assert steadiness["completion_ratio"] == pytest.approx(1.0, abs=0.1)
 
     # every rate passing: nothing skipped, no stop recorded
     sent.clear()
@@ -192,3 +200,28 @@ def test_sweep_loop_stops_caps_prompts_and_records_skips(
     assert data["skipped_rates"] == [] and data["stopped_early"] is None
     assert "Stopped early" not in capsys.readouterr().out
     assert result.goodput.rate == 8.0 and not result.goodput.bracketed
+
+
+def test_a_window_follows_the_last_steady_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rate that is not steady leaves the next window sized by the last steady one."""
+    sent: list[tuple[float, int]] = []
+
+    def growing(n: int) -> list[RequestRecord]:  # each answer later than the one before
+        return [RequestRecord(index=i, max_tokens=2, send_s=float(i), end_s=1.5 * i + 3,
+                              chunks=((1.5 * i + 2, 1), (1.5 * i + 3, 1)), prompt_tokens=4,
+                              output_tokens=2, ok=True) for i in range(n)]
+
+    async def fake_run_rate(client: Any, cfg: BenchConfig, prompts: list[Prompt],
+                            rate: float, procs: Any = None) -> list[RequestRecord]:
+        sent.append((rate, len(prompts)))
+        return fake_records(len(prompts), 1.0) if rate == 1 else growing(len(prompts))
+
+    monkeypatch.setattr(bench, "AsyncClient", FakeClient)
+    monkeypatch.setattr(bench, "run_rate", fake_run_rate)
+    cfg = BenchConfig(request_rates=(1, 2, 3), slo=SLO, smoke=True, min_requests=20,
+                      min_duration_s=1.0, duration_factor=50.0, progress=False)
+    result = run_bench(cfg)
+    assert [r.steady for r in result.reports] == [True, False, False]
+    # 50 x 0.6 s after rate 1; rate 2's median E2E (its queue) does not size rate 3's
+    assert sent == [(1.0, 20), (2.0, 60), (3.0, 90)]
+    assert result.goodput.rate == 1.0 and result.goodput.bracketed
