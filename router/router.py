@@ -14,31 +14,22 @@ and are applied synchronously, so they never interleave mid-update.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pdserve.engine.messages import FirstToken, StepReport, TransferDone
-from pdserve.router.admission import FinishRate, judge, predict_ttft
 from pdserve.router.config import RouterConfig
 from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.metrics import Metrics
-from pdserve.router.placement import Ask, Placement, Placer
-from pdserve.router.policy import pick_prefill, prefill_locally
 from pdserve.router.request import Chunk, Request, State
 from pdserve.router.request_metrics import RequestMetrics
+from pdserve.router.scheduler import Scheduler
 from pdserve.router.waiting import WaitQueue
 
 log = logging.getLogger("pdserve.router")
-
-
-class Refused(Exception):
-    """Admission refused (RESOURCE_EXHAUSTED): the request's predicted TTFT misses its
-    objective, or the wait queue is at its cap."""
 
 
 class Router:
@@ -61,141 +52,27 @@ class Router:
         self.out = out  # hands a request's next chunk to its client stream
         self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics)
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
-        self.placer = Placer(self.model, cfg.max_num_seqs, cfg.block_size,
-                             cfg.decode_prefills)
-        self.finishes = FinishRate()
         self.requests: dict[str, Request] = {}
-        self.waiting = WaitQueue(cfg.scheduler)
-        self._order = itertools.count(1)  # admission numbers (Request.order)
-        self._pumping = False
-        self._repump = False
+        self.scheduler = Scheduler(cfg, self.dispatcher, self.model, self.requests,
+                                   self._fail, self._update_queue_gauges)
+
+    @property
+    def waiting(self) -> WaitQueue:
+        return self.scheduler.waiting
 
     # -- admission --------------------------------------------------------------------------
     def admit(self, req: Request) -> None:
         """Queue a validated request; raises Refused when admission turns it away."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
-        if len(self.waiting) >= self.cfg.max_waiting:
-            raise Refused(f"queue full: {len(self.waiting)} requests already waiting")
-        now = time.monotonic()
-        req.order = next(self._order)
-        if self.cfg.scheduler == "slo" and self.model.calibrated:
-            d = self.dispatcher
-            predicted = predict_ttft(self.placer, req, self.waiting.ahead_of(req, now),
-                                     d.p_load.values(), d.d_load.values(),
-                                     self.finishes.rate(now), now)
-            verdict = judge(req, predicted)
-            if verdict.refusal:
-                raise Refused(verdict.refusal)
-            req.predicted_ttft_s = predicted
-        req.queued_at = now
+        self.scheduler.admit(req)
         self.requests[req.request_id] = req
-        self.waiting.push(req)
         self._update_queue_gauges()
-        self._spawn(self._pump())
+        self._spawn(self.scheduler.pump())
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         task.add_done_callback(_log_failure)
-
-    async def _pump(self) -> None:
-        """Dispatch waiting requests while the workers have room."""
-        if self._pumping:
-            self._repump = True
-            return
-        self._pumping = True
-        try:
-            while True:
-                self._repump = False
-                if self.cfg.scheduler == "fifo":
-                    await self._pump_fifo()
-                else:
-                    await self._pump_slo()
-                if not self._repump:
-                    break
-        finally:
-            self._pumping = False
-            self.waiting.prune()
-            self._update_queue_gauges()
-
-    async def _pump_fifo(self) -> None:
-        """In arrival order, stopping at the first request no decode worker has room for."""
-        while True:
-            self.waiting.prune()
-            order = self.waiting.ordered(time.monotonic())
-            if not order:
-                return
-            req = order[0]
-            if not await self._try(req, None):
-                return
-
-    async def _pump_slo(self) -> None:
-        """In the wait queue's order (priority, then TTFT deadline), each request to the
-        placement the cost model rates best; one that fits nowhere now does not hold back
-        the ones behind it."""
-        tight = self._tightest_tpot()
-        refused: set[str] = set()  # decode workers that refused a lease this round
-        for req in self.waiting.ordered(time.monotonic()):
-            if req.done:
-                continue
-            if all(d.batch >= self.cfg.max_num_seqs or d.name in refused
-                   for d in self.dispatcher.d_load.values()):
-                return  # no seat anywhere: the next step report or finish pumps again
-            where = self._place(req, tight, refused)
-            if where is None:
-                continue
-            if await self._try(req, where):
-                if req.tpot_slo_s and req.lease is not None:
-                    w = req.lease.worker
-                    tight[w] = min(tight.get(w, math.inf), req.tpot_slo_s)
-            else:
-                refused.add(where.decode)
-
-    async def _try(self, req: Request, where: Placement | None) -> bool:
-        """Dispatch ``req`` (to ``where``, or by the fifo rules); False when it stays
-        queued for want of a lease."""
-        try:
-            ok = await (self.dispatcher.dispatch(req) if where is None
-                        else self.dispatcher.dispatch_to(req, where))
-        except Exception as e:  # a worker or channel failed: this request fails
-            log.exception("dispatch of %s failed", req.request_id)
-            if not req.done:
-                self._fail(req, "UNAVAILABLE", f"dispatch failed: {e}")
-            ok = True
-        if ok:
-            self.waiting.remove(req)
-        return ok
-
-    def _place(self, req: Request, tight: dict[str, float],
-               refused: set[str]) -> Placement | None:
-        """Where ``req`` goes now, or None if no decode worker has room for it."""
-        d = self.dispatcher
-        n = len(req.prompt_ids) + len(req.output_ids)
-        decode = [w for w in d.d_load.values() if w.name not in refused]
-        if not self.model.calibrated:  # no predictions yet: least loaded, by the view
-            room = [w for w in decode if self.placer.has_room(w, n)]
-            if not room:
-                return None
-            w = min(room, key=lambda w: (w.batch, w.kv_usage))
-            p = d.prefill_worker_for(n)
-            return Placement(w.name, p.name if p else None, 0.0, 0.0, 0.0, True, 0.0)
-        options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, tight)
-        rule = self.cfg.local_prefill
-        if rule.enabled and d.p_load:  # the static thresholds, where set, decide
-            local = prefill_locally(n, pick_prefill(d.p_load.values()), rule)
-            options = [o for o in options if (o.prefill is None) == local]
-        # Never at the cost of the TPOT objectives of the requests already on a worker.
-        options = [o for o in options if o.tpot_s <= tight.get(o.decode, math.inf)]
-        return options[0] if options else None
-
-    def _tightest_tpot(self) -> dict[str, float]:
-        """Per decode worker, the tightest TPOT objective among the requests it holds."""
-        out: dict[str, float] = {}
-        for r in self.requests.values():
-            if r.lease is not None and r.tpot_slo_s and not r.done:
-                w = r.lease.worker
-                out[w] = min(out.get(w, math.inf), r.tpot_slo_s)
-        return out
 
     async def open_channels(self) -> None:
         """Open every (prefill, decode) KV channel now, so that no request pays for it."""
@@ -289,7 +166,7 @@ class Router:
                 self.metrics.observe_retry()
                 self._retry(req, why)
         if report.preempted or report.failed or any(t.finish_reason for t in report.tokens):
-            self._spawn(self._pump())
+            self._spawn(self.scheduler.pump())
 
     def _decode_token(self, req: Request, tok: int, reason: str | None, now: float) -> None:
         req.state = State.DECODING
@@ -321,8 +198,8 @@ class Router:
                 req.request_id, req.lease.transfer_id)
         req.lease = None
         req.state = State.QUEUED
-        self.waiting.push_retry(req)
-        self._spawn(self._pump())
+        self.scheduler.requeue(req)
+        self._spawn(self.scheduler.pump())
 
     # -- output -----------------------------------------------------------------------------
     def _emit(self, req: Request, ids: list[int], reason: str | None) -> None:
@@ -348,7 +225,7 @@ class Router:
         self.requests.pop(req.request_id, None)
         now = time.monotonic()
         if state == State.FINISHED:
-            self.finishes.observe(now)
+            self.scheduler.finishes.observe(now)
         _cancel_deadline(req)
         if req.lease is not None:
             # A stop string, a first token that ends the request, or an abort leave the
@@ -414,7 +291,7 @@ class Router:
             self.abort(rid, reason, "UNAVAILABLE")
 
     def _update_queue_gauges(self) -> None:
-        waiting = sum(1 for r in self.waiting if not r.done)
+        waiting = self.scheduler.num_waiting()
         self.metrics.set_queue(running=len(self.requests) - waiting, waiting=waiting)
 
     def set_deadline(self, req: Request, seconds: float) -> None:

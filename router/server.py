@@ -32,7 +32,8 @@ from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tok
 from pdserve.router.config import ServerConfig
 from pdserve.router.metrics import Metrics
 from pdserve.router.request import Chunk, Request
-from pdserve.router.router import Refused, Router
+from pdserve.router.router import Router
+from pdserve.router.scheduler import Refused
 from pdserve.router.stream import StreamEnd, StreamItem, Submission, encode
 
 log = logging.getLogger("pdserve.server")

@@ -1,0 +1,190 @@
+"""The router's scheduler: admission (the predicted-TTFT check and the queue cap), the wait
+queue, and the pump that hands waiting requests to the dispatcher in the order and to the
+placement the configured policy gives.
+
+- ``slo``: priority, then TTFT deadline (``router.waiting``); each request to the placement
+  the cost model rates best (``router.placement``); a request that fits nowhere now does
+  not hold back the ones behind it.
+- ``fifo``: arrival order, the fifo placement rules (``router.policy``), stopping at the
+  first request no decode worker grants a lease: today's baseline.
+
+It runs on the router actor's event loop, beside the ``Router`` that owns it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+
+from pdserve.router.admission import FinishRate, judge, predict_ttft
+from pdserve.router.config import RouterConfig
+from pdserve.router.cost_model import CostModel
+from pdserve.router.dispatch import Dispatcher
+from pdserve.router.placement import Ask, Placement, Placer
+from pdserve.router.policy import pick_prefill, prefill_locally
+from pdserve.router.request import Request
+from pdserve.router.waiting import WaitQueue
+
+log = logging.getLogger("pdserve.router")
+
+
+class Refused(Exception):
+    """Admission refused (RESOURCE_EXHAUSTED): the request's predicted TTFT misses its
+    objective, or the wait queue is at its cap."""
+
+
+class Scheduler:
+    """Admits requests into the wait queue and pumps them out to the dispatcher."""
+
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        dispatcher: Dispatcher,
+        model: CostModel,
+        requests: Mapping[str, Request],
+        fail: Callable[[Request, str, str], None],
+        queue_changed: Callable[[], None],
+    ) -> None:
+        self.cfg = cfg
+        self.dispatcher = dispatcher
+        self.model = model
+        self.requests = requests  # the router's in-flight requests (read only here)
+        self._fail = fail  # ends a request whose dispatch raised
+        self._queue_changed = queue_changed  # after each pump: the queue gauges
+        self.placer = Placer(model, cfg.max_num_seqs, cfg.block_size, cfg.decode_prefills)
+        self.finishes = FinishRate()
+        self.waiting = WaitQueue(cfg.scheduler)
+        self._order = itertools.count(1)  # admission numbers (Request.order)
+        self._pumping = False
+        self._repump = False
+
+    # -- admission --------------------------------------------------------------------------
+    def admit(self, req: Request) -> None:
+        """Number ``req``, predict its TTFT (``slo``, once calibrated) and queue it; raises
+        Refused when the queue is full or the prediction misses the objective."""
+        self.waiting.prune()  # requests ended while waiting hold no place in the queue
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise Refused(f"queue full: {len(self.waiting)} requests already waiting")
+        now = time.monotonic()
+        req.order = next(self._order)
+        if self.cfg.scheduler == "slo" and self.model.calibrated:
+            d = self.dispatcher
+            predicted = predict_ttft(self.placer, req, self.waiting.ahead_of(req, now),
+                                     d.p_load.values(), d.d_load.values(),
+                                     self.finishes.rate(now), now)
+            verdict = judge(req, predicted)
+            if verdict.refusal:
+                raise Refused(verdict.refusal)
+            req.predicted_ttft_s = predicted
+        req.queued_at = now
+        self.waiting.push(req)
+
+    def requeue(self, req: Request) -> None:
+        """A retried or preempted request, back in the queue (ahead of new ones in fifo)."""
+        self.waiting.push_retry(req)
+
+    def num_waiting(self) -> int:
+        return sum(1 for r in self.waiting if not r.done)
+
+    # -- the pump ---------------------------------------------------------------------------
+    async def pump(self) -> None:
+        """Dispatch waiting requests while the workers have room (one pump at a time; a
+        call during a pump makes it run another round)."""
+        if self._pumping:
+            self._repump = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._repump = False
+                if self.cfg.scheduler == "fifo":
+                    await self._pump_fifo()
+                else:
+                    await self._pump_slo()
+                if not self._repump:
+                    break
+        finally:
+            self._pumping = False
+            self.waiting.prune()
+            self._queue_changed()
+
+    async def _pump_fifo(self) -> None:
+        """In arrival order, stopping at the first request no decode worker has room for."""
+        while True:
+            self.waiting.prune()
+            order = self.waiting.ordered(time.monotonic())
+            if not order:
+                return
+            if not await self._try(order[0], None):
+                return
+
+    async def _pump_slo(self) -> None:
+        """In the wait queue's order (priority, then TTFT deadline), each request to the
+        placement the cost model rates best; one that fits nowhere now does not hold back
+        the ones behind it."""
+        tight = self._tightest_tpot()
+        refused: set[str] = set()  # decode workers that refused a lease this round
+        for req in self.waiting.ordered(time.monotonic()):
+            if req.done:
+                continue
+            if all(d.batch >= self.cfg.max_num_seqs or d.name in refused
+                   for d in self.dispatcher.d_load.values()):
+                return  # no seat anywhere: the next step report or finish pumps again
+            where = self._place(req, tight, refused)
+            if where is None:
+                continue
+            if await self._try(req, where):
+                if req.tpot_slo_s and req.lease is not None:
+                    w = req.lease.worker
+                    tight[w] = min(tight.get(w, math.inf), req.tpot_slo_s)
+            else:
+                refused.add(where.decode)
+
+    async def _try(self, req: Request, where: Placement | None) -> bool:
+        """Dispatch ``req`` (to ``where``, or by the fifo rules); False when it stays
+        queued for want of a lease."""
+        try:
+            ok = await (self.dispatcher.dispatch(req) if where is None
+                        else self.dispatcher.dispatch_to(req, where))
+        except Exception as e:  # a worker or channel failed: this request fails
+            log.exception("dispatch of %s failed", req.request_id)
+            if not req.done:
+                self._fail(req, "UNAVAILABLE", f"dispatch failed: {e}")
+            ok = True
+        if ok:
+            self.waiting.remove(req)
+        return ok
+
+    def _place(self, req: Request, tight: dict[str, float],
+               refused: set[str]) -> Placement | None:
+        """Where ``req`` goes now, or None if no decode worker has room for it."""
+        d = self.dispatcher
+        n = len(req.prompt_ids) + len(req.output_ids)
+        decode = [w for w in d.d_load.values() if w.name not in refused]
+        if not self.model.calibrated:  # no predictions yet: least loaded, by the view
+            room = [w for w in decode if self.placer.has_room(w, n)]
+            if not room:
+                return None
+            w = min(room, key=lambda w: (w.batch, w.kv_usage))
+            p = d.prefill_worker_for(n)
+            return Placement(w.name, p.name if p else None, 0.0, 0.0, 0.0, True, 0.0)
+        options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, tight)
+        rule = self.cfg.local_prefill
+        if rule.enabled and d.p_load:  # the static thresholds, where set, decide
+            local = prefill_locally(n, pick_prefill(d.p_load.values()), rule)
+            options = [o for o in options if (o.prefill is None) == local]
+        # Never at the cost of the TPOT objectives of the requests already on a worker.
+        options = [o for o in options if o.tpot_s <= tight.get(o.decode, math.inf)]
+        return options[0] if options else None
+
+    def _tightest_tpot(self) -> dict[str, float]:
+        """Per decode worker, the tightest TPOT objective among the requests it holds."""
+        out: dict[str, float] = {}
+        for r in self.requests.values():
+            if r.lease is not None and r.tpot_slo_s and not r.done:
+                w = r.lease.worker
+                out[w] = min(out.get(w, math.inf), r.tpot_slo_s)
+        return out
