@@ -51,13 +51,17 @@ class Router:
         cfg: RouterConfig,
         metrics: Metrics,
         out: Callable[[Request, Chunk], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.prefill = prefill  # actor handles by name, shared with the dispatcher
         self.decode = decode
         self.cfg = cfg
         self.metrics = metrics
         self.out = out  # hands a request's next chunk to its client stream
-        self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics)
+        # Where every time the router reads comes from; ``pdserve tune`` passes the clock of
+        # its simulated event loop (the loop that also runs the deadline timers).
+        self.clock = clock
+        self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics, clock)
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
         self.placer = Placer(self.model, cfg.max_num_seqs, cfg.block_size,
                              cfg.decode_prefills)
@@ -75,7 +79,7 @@ class Router:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         if len(self.waiting) >= self.cfg.max_waiting:
             raise Refused(f"queue full: {len(self.waiting)} requests already waiting")
-        now = time.monotonic()
+        now = self.clock()
         req.order = next(self._order)
         if self.cfg.scheduler == "slo" and self.model.calibrated:
             d = self.dispatcher
@@ -120,7 +124,7 @@ class Router:
         """In arrival order, stopping at the first request no decode worker has room for."""
         while True:
             self.waiting.prune()
-            order = self.waiting.ordered(time.monotonic())
+            order = self.waiting.ordered(self.clock())
             if not order:
                 return
             req = order[0]
@@ -133,7 +137,7 @@ class Router:
         the ones behind it."""
         tight = self._tightest_tpot()
         refused: set[str] = set()  # decode workers that refused a lease this round
-        for req in self.waiting.ordered(time.monotonic()):
+        for req in self.waiting.ordered(self.clock()):
             if req.done:
                 continue
             if all(d.batch >= self.cfg.max_num_seqs or d.name in refused
@@ -210,7 +214,7 @@ class Router:
         if req is None or req.done or not req.awaiting_first or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:
             return  # a report from an earlier attempt (preempted or failed since)
-        now = time.monotonic()
+        now = self.clock()
         req.awaiting_first = False
         req.prefill_s += msg.prefill_s
         first_ever = not req.output_ids
@@ -255,7 +259,7 @@ class Router:
             self.model.observe_decode_step(report.worker, len(report.tokens),
                                            report.context_tokens, report.step_s,
                                            report.prefill_tokens, report.prefill_attention)
-        now = time.monotonic()
+        now = self.clock()
         for rid in report.joined:
             req = self.requests.get(rid)
             if req is not None and not req.done and req.state == State.TRANSFERRING:
@@ -340,7 +344,7 @@ class Router:
     def _finish(self, req: Request, state: State, reason: str) -> None:
         req.state = state
         self.requests.pop(req.request_id, None)
-        now = time.monotonic()
+        now = self.clock()
         if state == State.FINISHED:
             self.finishes.observe(now)
         _cancel_deadline(req)
