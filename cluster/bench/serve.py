@@ -107,18 +107,26 @@ def parse_rates(s: str) -> tuple[float, ...]:
         raise ValueError(f"--request-rate takes numbers or inf, comma-separated: {s!r}") from None
 
 
+def workload_lengths(cfg: BenchConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(input, output) token lengths of the ``random`` or ``chat`` dataset's
+    ``cfg.num_prompts`` prompts, drawn from ``rng`` (``pdserve tune`` simulates the same)."""
+    if cfg.dataset == "chat":
+        return chat_lengths(rng, cfg.num_prompts)
+    if cfg.dataset != "random":
+        raise ValueError(f"dataset {cfg.dataset!r} has no length distribution")
+    r = cfg.range_ratio
+    inp = sample_lengths(rng, cfg.input_len, cfg.input_len_dist, r, cfg.num_prompts)
+    out = sample_lengths(rng, cfg.output_len, cfg.output_len_dist, r, cfg.num_prompts)
+    return inp, out
+
+
 def build_workload(cfg: BenchConfig, info: pb.ModelInfo) -> list[Prompt]:
     """The prompts of every run (the same for each rate of a sweep)."""
     rng = np.random.default_rng(cfg.seed)
     if cfg.dataset == "jsonl":
         assert cfg.dataset_path is not None
         return load_jsonl(cfg.dataset_path, cfg.num_prompts, cfg.output_len)
-    if cfg.dataset == "chat":
-        inp, out = chat_lengths(rng, cfg.num_prompts)
-    else:
-        r = cfg.range_ratio
-        inp = sample_lengths(rng, cfg.input_len, cfg.input_len_dist, r, cfg.num_prompts)
-        out = sample_lengths(rng, cfg.output_len, cfg.output_len_dist, r, cfg.num_prompts)
+    inp, out = workload_lengths(cfg, rng)
     return token_prompts(rng, inp, out, info)
 
 
