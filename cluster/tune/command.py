@@ -20,12 +20,13 @@ from pdserve.cluster.tune.goodput import Point
 from pdserve.cluster.tune.report import (
     format_sweep_line,
     format_table,
+    label,
     outcome_json,
     plot_sweeps,
     serve_command,
     sweep_result,
 )
-from pdserve.cluster.tune.search import Job, Outcome, Runner, Space, search, split_of
+from pdserve.cluster.tune.search import Job, Outcome, Runner, Space, search
 from pdserve.cluster.tune.settings import AUTO_RULE, PLOT_RATES
 from pdserve.cluster.tune.workload import Workload
 from pdserve.engine.config import CPU_DECODE_BLOCKS, CPU_PREFILL_BLOCKS
@@ -109,12 +110,13 @@ def run(args: argparse.Namespace) -> int:
           f"{job.target:.0%} attainment")
     print(format_table(outcomes, space.gpus))
     if best.goodput > 0:
-        print(f"best: {format_table([best], space.gpus).splitlines()[2]}")
+        print(f"best: {label(best.serve)}: {best.goodput:.3g} req/s, "
+              f"{best.goodput / space.gpus:.3g} per GPU")
         print(f"  {serve_command(best.serve)}")
     else:
         print("best: none: no deployment meets the objectives at any rate searched")
     for o, pts in sweeps:
-        print(format_sweep_line(f"attainment of {split_of(o.serve)}", pts))
+        print(format_sweep_line(f"attainment of {label(o.serve)}", pts))
     print(f"searched {len(outcomes)} deployments in {wall:.1f} s ({runner.jobs} processes)")
     if args.json:
         out = {"pdserve_tune": 1, "gpus": space.gpus, "profile": str(args.profile),
@@ -123,12 +125,12 @@ def run(args: argparse.Namespace) -> int:
                "workload": jsonable(dataclasses.asdict(job.workload.bench)), "wall_s": wall,
                "best": outcome_json(best, space.gpus) if best.goodput > 0 else None,
                "deployments": [outcome_json(o, space.gpus) for o in outcomes],
-               "sweeps": [sweep_result(split_of(o.serve), pts, slo, job.target)
+               "sweeps": [sweep_result(label(o.serve), pts, slo, job.target)
                           for o, pts in sweeps]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     if sweeps:
-        png = plot_sweeps([sweep_result(split_of(o.serve), pts, slo, job.target)
+        png = plot_sweeps([sweep_result(label(o.serve), pts, slo, job.target)
                            for o, pts in sweeps], args.plot, job.target)
         print(f"plot: {png}", file=sys.stderr)
     return 0

@@ -8,8 +8,8 @@ a miss. A rate counts as met only in steady state: besides the attainment, the n
 requests in flight on the router must not grow over the counted window (by more than the
 share of requests allowed to miss: a growing backlog is one whose later requests would miss,
 however long the window ran). A run stops as soon as more counted requests missed than the
-target allows (the rate is missed whatever the rest do); its attainment is then an upper
-bound and the point is marked partial.
+target allows (the rate is missed whatever the rest do); the point is then marked partial,
+and its attainment counts the requests that had not ended as misses (a lower bound).
 
 The search brackets the goodput from the cost model's estimate (``capacity_estimate``),
 stepping up while the rate is met and down while it is not (by ``BRACKET_STEP``, squared at
@@ -45,9 +45,9 @@ class Point:
     """One simulated rate: SLO attainment of the counted requests and their latencies."""
 
     rate: float
-    attainment: float  # both objectives, all counted requests (an upper bound if partial)
+    attainment: float  # both objectives, over all counted requests (partial: a lower bound)
     stable: bool  # the backlog did not grow over the window
-    partial: bool  # stopped once the target could no longer be met
+    partial: bool  # stopped once the target could no longer be met (or stalled)
     counted: int
     refused: int
     preemptions: int
@@ -92,6 +92,7 @@ class Search:
     goodput: float  # req/s; 0.0 when even MIN_RATE is missed
     bracketed: bool  # a missed rate lies within the tolerance above the goodput
     points: tuple[Point, ...]  # in the order simulated
+    error: str = ""  # the deployment cannot serve the workload at all (SimulationError)
 
     @property
     def at_goodput(self) -> Point | None:

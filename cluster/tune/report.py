@@ -42,26 +42,39 @@ def _ms(s: LatencyStats, q: str) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
-def format_table(outcomes: Sequence[Outcome], gpus: int) -> str:
-    """One line per deployment, best first: goodput, per GPU, latencies at the goodput."""
-    head = (f"{'deployment':<14} {'seqs':>5} {'tokens':>6} {'rule':>6} {'goodput':>8} "
-            f"{'/GPU':>7} {'TTFT p50':>8} {'p90':>6} {'p99':>6} {'TPOT p50':>8} {'p90':>5} "
-            f"{'p99':>5} {'att':>5} {'pts':>4}")
-    lines = [head, "-" * len(head)]
-    for o in outcomes:
-        s = o.serve
-        at = o.search.at_goodput
+HEADER = (f"{'deployment':<14} {'seqs':>5} {'tokens':>6} {'rule':>6} {'goodput':>8} "
+          f"{'/GPU':>7} {'TTFT p50':>8} {'p90':>6} {'p99':>6} {'TPOT p50':>8} {'p90':>5} "
+          f"{'p99':>5} {'att':>5} {'pts':>4}")
+
+
+def label(serve: ServeConfig) -> str:
+    """A deployment in a few words: split, caps and rule."""
+    rule = "" if serve.colocated else f", rule {rule_of(serve)}"
+    return (f"{split_of(serve)} (seqs {serve.max_num_seqs}, tokens "
+            f"{serve.max_batch_tokens}{rule})")
+
+
+def format_row(o: Outcome, gpus: int) -> str:
+    s = o.serve
+    at = o.search.at_goodput
+    if at is not None:
         cells = (f"{_ms(at.ttft, 'p50'):>8} {_ms(at.ttft, 'p90'):>6} {_ms(at.ttft, 'p99'):>6} "
                  f"{_ms(at.tpot, 'p50'):>8} {_ms(at.tpot, 'p90'):>5} {_ms(at.tpot, 'p99'):>5} "
-                 f"{at.attainment:>5.0%}") if at is not None else f"{'(no rate met)':>53}"
-        mark = "" if o.search.bracketed or not o.goodput else "+"
-        lines.append(
-            f"{split_of(s):<14} {s.max_num_seqs:>5} {s.max_batch_tokens:>6} {rule_of(s):>6} "
-            f"{o.goodput:>7.3g}{mark or ' '} {o.goodput / gpus:>7.3g} {cells} "
+                 f"{at.attainment:>5.0%}")
+    else:
+        cells = f"  {o.search.error or 'no rate met'}"[:53].ljust(53)
+    mark = "+" if o.goodput and not o.search.bracketed else " "
+    return (f"{split_of(s):<14} {s.max_num_seqs:>5} {s.max_batch_tokens:>6} {rule_of(s):>6} "
+            f"{o.goodput:>7.3g}{mark} {o.goodput / gpus:>7.3g} {cells} "
             f"{len(o.search.points):>4}")
+
+
+def format_table(outcomes: Sequence[Outcome], gpus: int) -> str:
+    """One line per deployment, best first: goodput, per GPU, latencies at the goodput."""
+    lines = [HEADER, "-" * len(HEADER), *(format_row(o, gpus) for o in outcomes)]
     lines.append("goodput in req/s; latencies in ms at the goodput rate; rule: conditional "
                  "disaggregation (off, model, or prompts <= N tokens prefilled on the decode "
-                 "worker); + : not bracketed")
+                 "worker); + : not bracketed; pts: rates simulated")
     return "\n".join(lines)
 
 
@@ -78,7 +91,8 @@ def outcome_json(o: Outcome, gpus: int) -> dict[str, Any]:
         "num_decode": o.serve.num_decode, "max_num_seqs": o.serve.max_num_seqs,
         "max_batch_tokens": o.serve.max_batch_tokens, "rule": rule_of(o.serve),
         "goodput": o.goodput, "goodput_per_gpu": o.goodput / gpus,
-        "bracketed": o.search.bracketed, "serve_command": serve_command(o.serve),
+        "bracketed": o.search.bracketed, "error": o.search.error,
+        "serve_command": serve_command(o.serve),
         "at_goodput": point_json(at) if at is not None else None,
         "points": [point_json(p) for p in o.search.points],
     }

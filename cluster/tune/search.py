@@ -29,6 +29,7 @@ from pdserve.cluster.bench.records import Slo
 from pdserve.cluster.config import ServeConfig
 from pdserve.cluster.tune.goodput import Point, Search, capacity_estimate, find_goodput, measure
 from pdserve.cluster.tune.settings import FINALISTS, RULE_MODEL, RULE_OFF, TARGET, TOLERANCE
+from pdserve.cluster.tune.sim import SimulationError
 from pdserve.cluster.tune.workload import Workload
 from pdserve.router.cost_model import Profile
 
@@ -131,9 +132,12 @@ def _search(task: tuple[ServeConfig, float | None]) -> Search:
     job = _job()
     if start is None:
         start = capacity_estimate(serve, job.profile, job.workload, job.slo)
-    return find_goodput(
-        lambda rate: measure(serve, job.profile, job.workload, rate, job.slo, job.target),
-        start, job.target, job.tolerance)
+    try:
+        return find_goodput(
+            lambda rate: measure(serve, job.profile, job.workload, rate, job.slo, job.target),
+            start, job.target, job.tolerance)
+    except SimulationError as e:  # e.g. a prompt larger than a worker's KV pool
+        return Search(0.0, False, (), error=str(e))
 
 
 def _measure(task: tuple[ServeConfig, float]) -> Point:

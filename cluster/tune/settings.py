@@ -19,6 +19,7 @@ WARMUP_SHARE = 0.25
 MIN_WINDOW_S = 60.0
 E2E_LIFETIMES = 10
 NUM_PROMPTS = 100  # counted requests per rate at least (`pdserve bench`'s default)
+MAX_COUNTED = 20_000  # and at most, however high the rate
 
 GPUS = 8
 FINALISTS = 2  # disaggregated deployments carried into the caps and rules stages

@@ -28,7 +28,7 @@ from pdserve.cluster.bench.records import RequestRecord, Slo
 from pdserve.cluster.config import ServeConfig
 from pdserve.cluster.tune.calls import Network
 from pdserve.cluster.tune.decode import SimDecodeWorker
-from pdserve.cluster.tune.loop import SimLoop
+from pdserve.cluster.tune.loop import SimLoop, Stalled
 from pdserve.cluster.tune.prefill import SimPrefillWorker
 from pdserve.cluster.tune.settings import CALL_LATENCY_S
 from pdserve.cluster.tune.steps import DUMMY_TOKEN, StepTimes
@@ -74,7 +74,8 @@ class SimResult:
     """What a run saw of its watched requests."""
 
     records: list[RequestRecord]  # the watched requests that ended, by index
-    stopped_early: bool  # max_misses was exceeded before they all ended
+    stopped_early: bool  # max_misses was exceeded (or it stalled) before they all ended
+    stalled: bool  # requests were left waiting on what no event would bring
     backlog: list[int]  # requests in flight on the router as each watched one arrived
     preemptions: int
     duration_s: float  # simulated
@@ -187,7 +188,9 @@ class Simulation:
     # -- a run ------------------------------------------------------------------------------
     def run(self, requests: Sequence[SimRequest], slo: Slo, watch: Watch) -> SimResult:
         """Serve ``requests`` (arrival times from the start) and return the watched ones'
-        records. One run per Simulation."""
+        records. One run per Simulation. A run that stalls (nothing left to happen while
+        watched requests wait, as a request no worker can ever seat waits in the real
+        router) ends there, its waiting requests unrecorded."""
         self._slo, self._watch = slo, watch
         self._left = sum(1 for r in requests if watch.first <= r.index < watch.last)
 
@@ -201,8 +204,11 @@ class Simulation:
                 return False
             return await self._done
 
+        stalled = False
         try:
             stopped = self.loop.run_until_complete(main())
+        except Stalled:  # requests wait for what never comes (e.g. a seat too small)
+            stopped = stalled = True
         except RuntimeError as e:  # the network stopped the loop
             if self.net.error is None:
                 raise
@@ -211,7 +217,7 @@ class Simulation:
             self._close()
         records = sorted((t.record for t in self._tracks.values()
                           if t.watched and t.record is not None), key=lambda r: r.index)
-        return SimResult(records, stopped, self._backlog,
+        return SimResult(records, stopped, stalled, self._backlog,
                          sum(w.preemptions for w in self.decode.values()), self.loop.time())
 
     def _close(self) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from pdserve.cluster.bench.config import BenchConfig
 from pdserve.cluster.bench.data import arrival_offsets
 from pdserve.cluster.bench.serve import workload_lengths
-from pdserve.cluster.tune.settings import E2E_LIFETIMES, MIN_WINDOW_S, WARMUP_SHARE
+from pdserve.cluster.tune.settings import E2E_LIFETIMES, MAX_COUNTED, MIN_WINDOW_S, WARMUP_SHARE
 from pdserve.cluster.tune.sim import SimRequest, Watch
 
 
@@ -66,9 +66,11 @@ class Workload:
 
     def window(self, rate: float, e2e_s: float = 0.0) -> Window:
         """The window at ``rate``: ``bench.num_prompts`` counted requests, or as many as
-        arrive in ``min_window_s`` or in ten request lifetimes (``e2e_s``), if more."""
+        arrive in ``min_window_s`` or in ten request lifetimes (``e2e_s``), if more (up to
+        ``MAX_COUNTED``)."""
         span = max(self.min_window_s, E2E_LIFETIMES * e2e_s)
-        counted = max(self.bench.num_prompts, math.ceil(rate * span - 1e-9))
+        counted = max(self.bench.num_prompts,
+                      min(MAX_COUNTED, math.ceil(rate * span - 1e-9)))
         return Window(counted, math.ceil(counted * self.warmup_share))
 
     def lengths(self, n: int) -> tuple[list[int], list[int]]:

@@ -12,7 +12,7 @@ import pytest
 
 from pdserve.cluster.bench.records import Slo
 from pdserve.cluster.tune.calls import CALL_LATENCY_S
-from pdserve.cluster.tune.sim import SimRequest, Simulation, Watch
+from pdserve.cluster.tune.sim import SimRequest, Simulation, SimulationError, Watch
 from pdserve.router.cost_model import CostModel
 from pdserve_testing.tune import cpu_profile, deployment, synthetic_profile
 
@@ -121,3 +121,17 @@ def test_a_run_stops_once_the_target_is_out_of_reach(tmp_path: Path) -> None:
                                                 Watch(0, 60, max_misses=5))
     assert res.stopped_early
     assert len(res.records) < 60
+
+
+def test_a_prompt_no_worker_can_hold_raises_or_stalls(tmp_path: Path) -> None:
+    # larger than the prefill worker's pool: its submit raises, and so does the run
+    serve = deployment(cpu_profile(), tmp_path, mode="disaggregated", num_prefill=1,
+                       num_decode=1, prefill_blocks=4, local_prefill_by_model=False)
+    with pytest.raises(SimulationError, match="blocks"):
+        Simulation(serve, cpu_profile()).run([SimRequest(0, 0.0, 200, 4)], Slo(), Watch(0, 1))
+    # larger than the decode worker's pool: no lease ever comes, the request waits (as in
+    # the real router) and the run ends there
+    serve = deployment(cpu_profile(), tmp_path, mode="colocated", num_decode=1,
+                       decode_blocks=4)
+    res = Simulation(serve, cpu_profile()).run([SimRequest(0, 0.0, 200, 4)], Slo(), Watch(0, 1))
+    assert res.stalled and res.stopped_early and res.records == []
