@@ -80,6 +80,7 @@ class SimPrefillWorker:
             self._orphans.append(seq)
         elif seq.block_ids:
             self.allocator.free(seq.block_ids)
+            self._kick()  # the queue may wait for those blocks (the real loop polls)
         return True
 
     def stats(self) -> WorkerStats:

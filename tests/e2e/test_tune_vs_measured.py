@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pdserve.cluster.bench.config import BenchConfig
 from pdserve.cluster.bench.records import Slo
@@ -42,9 +43,13 @@ TOLERANCE = 0.25
 def measured_profile(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A quick profile of this machine, with the worker settings the deployment runs."""
     path = tmp_path_factory.mktemp("tune") / "cpu.json"
-    assert main(["profile", "--quick", "--no-transfer", "--model", str(default_gguf),
-                 "--torch-threads", "1", "--max-batch-tokens", "64", "--decode-blocks", "256",
-                 "--out", str(path)]) == 0
+    threads = torch.get_num_threads()  # the profile's runner sets this process's
+    try:
+        assert main(["profile", "--quick", "--no-transfer", "--model", str(default_gguf),
+                     "--torch-threads", "1", "--max-batch-tokens", "64", "--decode-blocks",
+                     "256", "--out", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return path
 
 
