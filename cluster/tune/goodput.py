@@ -76,7 +76,7 @@ def measure(serve: ServeConfig, profile: Profile, workload: Workload, rate: floa
     res = Simulation(serve, profile).run(workload.requests(rate, win.total), slo, watch)
     rep = make_report("tune", rate, workload.bench.burstiness, None, res.records, slo)
     # Attainment over every counted request: those a partial run never saw end missed.
-    met = rep.attainment * rep.num_requests
+    met = sum(1 for r in res.records if all(slo.meets(r)))
     growth = backlog_growth(res.backlog)
     return Point(
         rate=rate, attainment=met / win.counted, stable=growth <= allowed,

@@ -132,19 +132,24 @@ class _Unrecorded(Metrics):
 
 class _Reports:
     """The router actor's report methods (``RouterService.on_*``): a worker's report is
-    applied to the router when its call arrives."""
+    applied to the router when its call arrives. The workers hold it before the router
+    exists (the router is built over the workers' handles)."""
 
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    def __init__(self) -> None:
+        self.router: Router | None = None
+
+    def _router(self) -> Router:
+        assert self.router is not None, "a report before the router was attached"
+        return self.router
 
     def on_first_token(self, msg: FirstToken) -> None:
-        self.router.on_first_token(msg)
+        self._router().on_first_token(msg)
 
     def on_step(self, report: StepReport) -> None:
-        self.router.on_step(report)
+        self._router().on_step(report)
 
     def on_transfer_done(self, msg: TransferDone) -> None:
-        self.router.on_transfer_done(msg)
+        self._router().on_transfer_done(msg)
 
 
 class Simulation:
@@ -156,7 +161,7 @@ class Simulation:
         self.loop = SimLoop()
         self.net = Network(self.loop, latency_s)
         times = StepTimes(profile, serve.block_size)
-        self._reports = _Reports(cast(Router, None))
+        self._reports = _Reports()
         to_router = self.net.handle
         decode_cfg = serve.worker_config("decode", 1)
         self.decode = {
