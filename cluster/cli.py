@@ -1,4 +1,4 @@
-"""The ``pdserve`` command: serve, generate, info, demo, bench, profile."""
+"""The ``pdserve`` command: serve, generate, info, demo, bench, profile, tune."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import grpc
 
 from pdserve.cluster.config import FLAG_GROUPS, ServeConfig
 from pdserve.cluster.knobs import add_flags, given_flags
+from pdserve.cluster.tune import cli as tune_parser
 from pdserve.engine.config import PRESETS, ModelSpec
 
 # Where `generate`, `info` and `bench` find a server started with the defaults.
@@ -448,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-transfer", action="store_true",
                    help="no channel measurement: a documented prior for the transfer fit")
     p.set_defaults(func=cmd_profile)
+
+    tune_parser.add_parser(sub)
     return parser
 
 

@@ -268,6 +268,15 @@ class ServeConfig:
             layerwise_transfer=self.layerwise_transfer,
         )
 
+    def router_config(self, profile: Profile | None) -> RouterConfig:
+        """The router's part, calibrated by ``profile`` (``cost_profile``'s, when serving;
+        ``pdserve tune`` passes the one it simulates with)."""
+        return RouterConfig(max_waiting=self.max_waiting, max_attempts=self.max_attempts,
+                            scheduler=self.scheduler, max_num_seqs=self.max_num_seqs,
+                            max_batch_tokens=self.max_batch_tokens, block_size=self.block_size,
+                            decode_prefills=self.decode_prefills, profile=profile,
+                            local_prefill=self.local_prefill)
+
     def server_config(self, model_config: ModelConfig) -> ServerConfig:
         context = self.max_context or model_config.max_position
         limits = Limits(
@@ -279,13 +288,7 @@ class ServeConfig:
         )
         return ServerConfig(
             model=self.model, model_config=model_config, limits=limits,
-            router=RouterConfig(max_waiting=self.max_waiting, max_attempts=self.max_attempts,
-                                scheduler=self.scheduler, max_num_seqs=self.max_num_seqs,
-                                max_batch_tokens=self.max_batch_tokens,
-                                block_size=self.block_size,
-                                decode_prefills=self.decode_prefills,
-                                profile=self.cost_profile(model_config),
-                                local_prefill=self.local_prefill),
+            router=self.router_config(self.cost_profile(model_config)),
             block_size=self.block_size,
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pdserve.engine.messages import Lease, PrefillTask, Reservation, StepReport
@@ -47,11 +48,13 @@ class Dispatcher:
         decode: dict[str, Any],
         local_prefill: LocalPrefillRule,
         metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.prefill = prefill
         self.decode = decode
         self.local_prefill = local_prefill
         self.metrics = metrics
+        self.clock = clock  # the router's
         self.p_load = {n: PrefillLoad(n) for n in prefill}
         self.d_load = {n: DecodeLoad(n) for n in decode}
         # Prompt tokens handed to a worker (a prefill worker, or a decode worker that
@@ -123,7 +126,7 @@ class Dispatcher:
         if where is not None:  # an uncalibrated cost model's placement predicts nothing (0)
             req.predicted_tpot_s = where.tpot_s if where.tpot_s > 0 else None
         if req.attempts == 1:
-            req.queue_s = time.monotonic() - req.queued_at
+            req.queue_s = self.clock() - req.queued_at
         task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,
                            lease)
         self._enqueue(req.request_id, p if p is not None else d, lease.transfer_id,

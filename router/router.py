@@ -43,6 +43,7 @@ class Router:
         cfg: RouterConfig,
         metrics: Metrics,
         out: Callable[[Request, Chunk], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.prefill = prefill  # actor handles by name, shared with the dispatcher
         self.decode = decode
@@ -50,11 +51,14 @@ class Router:
         self.metrics = metrics
         self.observe = RequestMetrics(metrics)  # a request's end and its KV transfer
         self.out = out  # hands a request's next chunk to its client stream
-        self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics)
+        # Where every time the router reads comes from; ``pdserve tune`` passes the clock of
+        # its simulated event loop (the loop that also runs the deadline timers).
+        self.clock = clock
+        self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics, clock)
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
         self.requests: dict[str, Request] = {}
         self.scheduler = Scheduler(cfg, self.dispatcher, self.model, self.requests,
-                                   self._fail, self._update_queue_gauges)
+                                   self._fail, self._update_queue_gauges, clock)
 
     @property
     def waiting(self) -> WaitQueue:
@@ -89,7 +93,7 @@ class Router:
         if req is None or req.done or not req.awaiting_first or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:
             return  # a report from an earlier attempt (preempted or failed since)
-        now = time.monotonic()
+        now = self.clock()
         req.awaiting_first = False
         req.prefill_s += msg.prefill_s
         first_ever = not req.output_ids
@@ -133,7 +137,7 @@ class Router:
             self.model.observe_decode_step(report.worker, len(report.tokens),
                                            report.context_tokens, report.step_s,
                                            report.prefill_tokens, report.prefill_attention)
-        now = time.monotonic()
+        now = self.clock()
         for rid in report.joined:
             req = self.requests.get(rid)
             if req is not None and not req.done and req.state == State.TRANSFERRING:
@@ -223,7 +227,7 @@ class Router:
         status ``failure`` instead if given (its client went away)."""
         req.state = state
         self.requests.pop(req.request_id, None)
-        now = time.monotonic()
+        now = self.clock()
         if state == State.FINISHED:
             self.scheduler.finishes.observe(now)
         _cancel_deadline(req)

@@ -47,6 +47,7 @@ class Scheduler:
         requests: Mapping[str, Request],
         fail: Callable[[Request, str, str], None],
         queue_changed: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.dispatcher = dispatcher
@@ -54,6 +55,7 @@ class Scheduler:
         self.requests = requests  # the router's in-flight requests (read only here)
         self._fail = fail  # ends a request whose dispatch raised
         self._queue_changed = queue_changed  # after each pump: the queue gauges
+        self.clock = clock  # the router's (``pdserve tune``: its simulated loop's)
         self.placer = Placer(model, cfg.max_num_seqs, cfg.block_size, cfg.decode_prefills)
         self.finishes = FinishRate()
         self.waiting = WaitQueue(cfg.scheduler)
@@ -68,7 +70,7 @@ class Scheduler:
         self.waiting.prune()  # requests ended while waiting hold no place in the queue
         if len(self.waiting) >= self.cfg.max_waiting:
             raise Refused(f"queue full: {len(self.waiting)} requests already waiting")
-        now = time.monotonic()
+        now = self.clock()
         req.order = next(self._order)
         if self.cfg.scheduler == "slo" and self.model.calibrated:
             d = self.dispatcher
@@ -115,7 +117,7 @@ class Scheduler:
         """In arrival order, stopping at the first request no decode worker has room for."""
         while True:
             self.waiting.prune()
-            order = self.waiting.ordered(time.monotonic())
+            order = self.waiting.ordered(self.clock())
             if not order:
                 return
             if not await self._try(order[0], None):
@@ -127,7 +129,7 @@ class Scheduler:
         the ones behind it."""
         tight = self._tightest_tpot()
         refused: set[str] = set()  # decode workers that refused a lease this round
-        for req in self.waiting.ordered(time.monotonic()):
+        for req in self.waiting.ordered(self.clock()):
             if req.done:
                 continue
             if all(d.batch >= self.cfg.max_num_seqs or d.name in refused

@@ -57,10 +57,19 @@ class Workload:
         cfg = self.cfg
         if self._file:
             return [self._file[(start + i) % len(self._file)] for i in range(CHUNK)]
-        if cfg.dataset == "chat":
-            inp, out = chat_lengths(self._rng, CHUNK)
-        else:
-            r = cfg.range_ratio
-            inp = sample_lengths(self._rng, cfg.input_len, cfg.input_len_dist, r, CHUNK)
-            out = sample_lengths(self._rng, cfg.output_len, cfg.output_len_dist, r, CHUNK)
+        inp, out = workload_lengths(cfg, self._rng, CHUNK)
         return token_prompts(self._rng, inp, out, self.info)
+
+
+def workload_lengths(cfg: BenchConfig, rng: np.random.Generator,
+                     n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input, output) token lengths of ``n`` prompts of the ``random`` or ``chat`` dataset,
+    drawn from ``rng`` (``pdserve tune`` simulates the same distributions)."""
+    if cfg.dataset == "chat":
+        return chat_lengths(rng, n)
+    if cfg.dataset != "random":
+        raise ValueError(f"dataset {cfg.dataset!r} has no length distribution")
+    r = cfg.range_ratio
+    inp = sample_lengths(rng, cfg.input_len, cfg.input_len_dist, r, n)
+    out = sample_lengths(rng, cfg.output_len, cfg.output_len_dist, r, n)
+    return inp, out
