@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pdserve.engine.chunking import PromptChunk, PromptChunker
 from pdserve.engine.config import LEASE_TIMEOUT_S, MAX_NUM_SEQS, blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
-from pdserve.engine.messages import Lease, Reservation, TokenOut
+from pdserve.engine.messages import Lease, Reservation, TokenOut, WorkerStats
 from pdserve.engine.sequence import SamplingParams, finish_reason
 
 
@@ -154,11 +154,21 @@ class DecodeScheduler:
             self.allocator.free(s.block_ids)
         return [(s.request_id, s.transfer_id) for s in gone]
 
-    def find(self, request_id: str) -> DecodeSeq | None:
+    def find(self, request_id: str, transfer_id: int | None = None) -> DecodeSeq | None:
+        """``request_id``'s sequence here; with ``transfer_id``, only that attempt's (an
+        abort of an old attempt that arrives after the request's next lease must not find
+        the new one)."""
         for s in itertools.chain(self.reserved.values(), self.ready, self.running):
             if s.request_id == request_id:
-                return s
+                return s if transfer_id is None or s.transfer_id == transfer_id else None
         return None
+
+    def stats(self, device: str) -> WorkerStats:
+        return WorkerStats(
+            worker=self.worker, role="decode", num_blocks=self.allocator.num_blocks,
+            num_free_blocks=self.allocator.num_free, num_running=len(self.running),
+            num_waiting=len(self.reserved) + len(self.ready), kv_usage=self.allocator.usage,
+            device=device)
 
     def release(self, request_id: str) -> bool:
         """Abort/finish from outside: free the request's blocks in whatever state it is."""

@@ -137,8 +137,7 @@ class DecodeWorker:
         the request's next lease (Ray runs a threaded actor's calls concurrently) must not
         free the new one."""
         with self._cv:
-            seq = self.sched.find(request_id)
-            if seq is None or (transfer_id is not None and seq.transfer_id != transfer_id):
+            if self.sched.find(request_id, transfer_id) is None:
                 return False
             if request_id in self._busy:
                 self._pending_abort.add(request_id)
@@ -148,13 +147,7 @@ class DecodeWorker:
 
     def stats(self) -> WorkerStats:
         with self._cv:
-            return WorkerStats(
-                worker=self.name, role="decode", num_blocks=self.allocator.num_blocks,
-                num_free_blocks=self.allocator.num_free, num_running=len(self.sched.running),
-                num_waiting=len(self.sched.reserved) + len(self.sched.ready),
-                kv_usage=self.allocator.usage,
-                device=describe_device(self.runner.device),
-            )
+            return self.sched.stats(describe_device(self.runner.device))
 
     def shutdown(self) -> None:
         """Stop the threads and abort the KV channels; returns within about

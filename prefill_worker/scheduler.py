@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pdserve.engine.chunking import PromptChunk, PromptChunker
 from pdserve.engine.config import MAX_BATCH_TOKENS, MAX_NUM_SEQS, blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
-from pdserve.engine.messages import PrefillTask
+from pdserve.engine.messages import PrefillTask, WorkerStats
 
 
 @dataclass(eq=False)
@@ -73,6 +73,12 @@ class PrefillScheduler:
     @property
     def queued_tokens(self) -> int:
         return sum(len(s.task.token_ids) for s in self.waiting) + self.chunker.queued_tokens
+
+    def stats(self, worker: str, device: str) -> WorkerStats:
+        return WorkerStats(
+            worker=worker, role="prefill", num_blocks=self.allocator.num_blocks,
+            num_free_blocks=self.allocator.num_free, num_running=len(self.chunker),
+            num_waiting=len(self.waiting), kv_usage=self.allocator.usage, device=device)
 
     def abort(self, request_id: str, transfer_id: int | None = None) -> PrefillSeq | None:
         """Drop a task that has not finished prefill (with ``transfer_id``, only the attempt

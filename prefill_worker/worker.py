@@ -111,12 +111,7 @@ class PrefillWorker:
 
     def stats(self) -> WorkerStats:
         with self._cv:
-            return WorkerStats(
-                worker=self.name, role="prefill", num_blocks=self.allocator.num_blocks,
-                num_free_blocks=self.allocator.num_free, num_running=len(self.sched.active),
-                num_waiting=len(self.sched.waiting), kv_usage=self.allocator.usage,
-                device=describe_device(self.runner.device),
-            )
+            return self.sched.stats(self.name, describe_device(self.runner.device))
 
     def shutdown(self) -> None:
         """Stop the threads and abort the KV channels; returns within about

@@ -74,8 +74,7 @@ class SimDecodeWorker:
         return lease
 
     def abort(self, request_id: str, transfer_id: int | None = None) -> bool:
-        seq = self.sched.find(request_id)
-        if seq is None or (transfer_id is not None and seq.transfer_id != transfer_id):
+        if self.sched.find(request_id, transfer_id) is None:
             return False
         if request_id in self._busy:
             self._pending_abort.add(request_id)
@@ -84,12 +83,7 @@ class SimDecodeWorker:
         return True
 
     def stats(self) -> WorkerStats:
-        s = self.sched
-        return WorkerStats(
-            worker=self.name, role="decode", num_blocks=self.allocator.num_blocks,
-            num_free_blocks=self.allocator.num_free, num_running=len(s.running),
-            num_waiting=len(s.reserved) + len(s.ready), kv_usage=self.allocator.usage,
-            device="simulated")
+        return self.sched.stats("simulated")
 
     # -- KV receive (the prefill worker's transfer) -----------------------------------------
     def receive_begin(self, transfer_id: int) -> None:

@@ -84,11 +84,7 @@ class SimPrefillWorker:
         return True
 
     def stats(self) -> WorkerStats:
-        return WorkerStats(
-            worker=self.name, role="prefill", num_blocks=self.allocator.num_blocks,
-            num_free_blocks=self.allocator.num_free, num_running=len(self.sched.active),
-            num_waiting=len(self.sched.waiting), kv_usage=self.allocator.usage,
-            device="simulated")
+        return self.sched.stats(self.name, "simulated")
 
     # -- step loop --------------------------------------------------------------------------
     def _kick(self) -> None:
