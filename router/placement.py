@@ -12,17 +12,20 @@ pools (``router.policy``'s loads):
 - TPOT on D: D's step at the batch it would join (the sequences it runs or has promised a
   seat to, plus this one), mixed with the prompt chunks D still has to prefill locally.
 
-A choice is feasible when both predictions meet the request's objectives and D's step stays
-within the tightest TPOT objective of the requests already on D (a request must not break
-the ones it joins). Feasible choices come first, by headroom: the smaller of 1 - predicted /
+A choice is feasible when both predictions meet the request's own objectives. Its harm is
+the number of requests already on D whose TPOT objective the choice would break: objectives
+that D's step meets now and would not once the request joins (``Placement.harm``). Choices
+come feasible first, then by harm, then by headroom: the smaller of 1 - predicted /
 objective over the phases with an objective, so load spreads to the workers with the most
-slack; without objectives, by the predicted time to the second token.
+slack; without objectives, by the predicted time to the second token. Harm is a cost, not a
+bar: the scheduler (``router.scheduler``) holds a request back for it only while the
+request can afford the wait.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pdserve.engine.config import blocks_for
@@ -40,8 +43,9 @@ class Placement:
     ttft_s: float  # from dispatch to the first token
     tpot_s: float
     second_token_s: float  # ttft + the KV transfer (remote prefill) + one decode step
-    feasible: bool
+    feasible: bool  # both predictions meet the request's own objectives
     score: float  # larger is better
+    harm: int = 0  # requests on the decode worker whose TPOT objective this would break
 
 
 @dataclass(frozen=True)
@@ -91,36 +95,49 @@ class Placer:
     def step_s(self, d: DecodeLoad, num_tokens: int, local_tokens: int = 0) -> float:
         """D's step once the request joins, with ``local_tokens`` more prompt tokens for D
         to prefill itself (its own prompt, under local prefill)."""
-        batch, context = d.batch + 1, d.context + num_tokens
-        queued = d.queued_tokens + local_tokens
+        return self._step_s(d, d.batch + 1, d.context + num_tokens,
+                            d.queued_tokens + local_tokens,
+                            d.queued_attention + local_tokens * local_tokens)
+
+    def current_step_s(self, d: DecodeLoad) -> float:
+        """D's step as its batch stands (0.0 while it holds nothing)."""
+        if d.batch <= 0 and d.queued_tokens <= 0:
+            return 0.0
+        return self._step_s(d, d.batch, d.context, d.queued_tokens, d.queued_attention)
+
+    def _step_s(self, d: DecodeLoad, batch: int, context: int, queued: int,
+                attention: int) -> float:
         if queued <= 0:
             return self.model.decode_step_s(batch, context, d.name)
         chunk = min(queued, max(1, self.model.max_batch_tokens - batch))
-        attention = d.queued_attention + local_tokens * local_tokens
         return self.model.mixed_step_s(batch, context, chunk,
                                        int(attention * chunk / queued), d.name)
 
     def options(self, ask: Ask, prefill: Iterable[PrefillLoad], decode: Iterable[DecodeLoad],
-                tightest_tpot_s: Mapping[str, float]) -> list[Placement]:
-        """Every placement on a decode worker with room, best first."""
+                held_tpot_s: Mapping[str, Sequence[float]]) -> list[Placement]:
+        """Every placement on a decode worker with room, best first. ``held_tpot_s``: per
+        decode worker, the TPOT objectives (seconds) of the requests it holds."""
         pools = list(prefill)
         n = ask.num_tokens
         out = []
         for d in decode:
             if not self.has_room(d, n):
                 continue
-            tpot_cap = min(ask.tpot_obj_s, tightest_tpot_s.get(d.name, math.inf))
+            held = held_tpot_s.get(d.name, ())
+            now_s = self.current_step_s(d)
             if pools:
                 step = self.step_s(d, n)
+                harm = breaks(held, now_s, step)
                 for p in pools:
                     ttft = self.remote_ttft_s(p, n)
                     second = ttft + self.model.transfer_s(n, (p.name, d.name)) + step
-                    out.append(self._rate(ask, d.name, p.name, ttft, step, second, tpot_cap))
+                    out.append(self._rate(ask, d.name, p.name, ttft, step, second, harm))
             if self.local_prefill or not pools:
                 ttft = self.local_ttft_s(d, n)
                 step = self.step_s(d, n, n)
-                out.append(self._rate(ask, d.name, None, ttft, step, ttft + step, tpot_cap))
-        out.sort(key=lambda o: (not o.feasible, -o.score, o.second_token_s))
+                out.append(self._rate(ask, d.name, None, ttft, step, ttft + step,
+                                      breaks(held, now_s, step)))
+        out.sort(key=lambda o: (not o.feasible, o.harm, -o.score, o.second_token_s))
         return out
 
     def best_ttft_s(self, ask: Ask, prefill: Iterable[PrefillLoad],
@@ -140,9 +157,17 @@ class Placer:
 
     @staticmethod
     def _rate(ask: Ask, decode: str, prefill: str | None, ttft: float, step: float,
-              second: float, tpot_cap: float) -> Placement:
-        feasible = ttft <= ask.ttft_obj_s and step <= tpot_cap
-        room = [1.0 - pred / obj for pred, obj in ((ttft, ask.ttft_obj_s), (step, tpot_cap))
+              second: float, harm: int) -> Placement:
+        feasible = ttft <= ask.ttft_obj_s and step <= ask.tpot_obj_s
+        room = [1.0 - pred / obj
+                for pred, obj in ((ttft, ask.ttft_obj_s), (step, ask.tpot_obj_s))
                 if math.isfinite(obj)]
         score = min(room) if room else -second
-        return Placement(decode, prefill, ttft, step, second, feasible, score)
+        return Placement(decode, prefill, ttft, step, second, feasible, score, harm)
+
+
+def breaks(objectives: Iterable[float], step_now_s: float, step_s: float) -> int:
+    """How many of ``objectives`` (TPOT, seconds) a step of ``step_now_s`` meets and one of
+    ``step_s`` does not: the requests a placement would push past their objective (those
+    the step misses already are not its doing)."""
+    return sum(1 for o in objectives if step_now_s <= o < step_s)

@@ -58,7 +58,7 @@ class Router:
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
         self.requests: dict[str, Request] = {}
         self.scheduler = Scheduler(cfg, self.dispatcher, self.model, self.requests,
-                                   self._fail, self._update_queue_gauges, clock)
+                                   self._fail, self._update_queue_gauges, self._spawn, clock)
 
     @property
     def waiting(self) -> WaitQueue:

@@ -4,7 +4,14 @@ placement the configured policy gives.
 
 - ``slo``: priority, then TTFT deadline (``router.waiting``); each request to the placement
   the cost model rates best (``router.placement``); a request that fits nowhere now does
-  not hold back the ones behind it.
+  not hold back the ones behind it. A request whose best placement would push requests
+  already on that decode worker past their TPOT objective waits for a better one only
+  while it can afford to: while its predicted TTFT from arrival, placed now, is under
+  ``DEFER_SHARE`` of its own objective. Past that it is placed all the same. A hard bar
+  (never break a running request's TPOT) caps the batch at the tightest objective present,
+  and with a tight class always present the deployment then serves fewer requests a
+  second than arrive: every TTFT grows without bound and goodput falls below FIFO's
+  (docs/benchmarks.md, 2026-12-07).
 - ``fifo``: arrival order, the fifo placement rules (``router.policy``), stopping at the
   first request no decode worker grants a lease: today's baseline.
 
@@ -13,11 +20,12 @@ It runs on the router actor's event loop, beside the ``Router`` that owns it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from pdserve.router.admission import FinishRate, judge, predict_ttft
 from pdserve.router.config import RouterConfig
@@ -29,6 +37,11 @@ from pdserve.router.request import Request
 from pdserve.router.waiting import WaitQueue
 
 log = logging.getLogger("pdserve.router")
+
+# A request holds back for the TPOT objectives of others while its predicted TTFT, if
+# placed now, uses less than this share of its own TTFT objective (the rest is the margin
+# for the predictions' error).
+DEFER_SHARE = 0.5
 
 
 class Refused(Exception):
@@ -47,6 +60,7 @@ class Scheduler:
         requests: Mapping[str, Request],
         fail: Callable[[Request, str, str], None],
         queue_changed: Callable[[], None],
+        spawn: Callable[[Awaitable[None]], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
@@ -55,6 +69,7 @@ class Scheduler:
         self.requests = requests  # the router's in-flight requests (read only here)
         self._fail = fail  # ends a request whose dispatch raised
         self._queue_changed = queue_changed  # after each pump: the queue gauges
+        self._spawn = spawn  # runs a coroutine on the router's loop
         self.clock = clock  # the router's (``pdserve tune``: its simulated loop's)
         self.placer = Placer(model, cfg.max_num_seqs, cfg.block_size, cfg.decode_prefills)
         self.finishes = FinishRate()
@@ -62,6 +77,8 @@ class Scheduler:
         self._order = itertools.count(1)  # admission numbers (Request.order)
         self._pumping = False
         self._repump = False
+        self._wake: asyncio.TimerHandle | None = None  # the pump a held-back request awaits
+        self._wake_at = math.inf
 
     # -- admission --------------------------------------------------------------------------
     def admit(self, req: Request) -> None:
@@ -127,7 +144,7 @@ class Scheduler:
         """In the wait queue's order (priority, then TTFT deadline), each request to the
         placement the cost model rates best; one that fits nowhere now does not hold back
         the ones behind it."""
-        tight = self._tightest_tpot()
+        held = self._held_tpot()
         refused: set[str] = set()  # decode workers that refused a lease this round
         for req in self.waiting.ordered(self.clock()):
             if req.done:
@@ -135,13 +152,12 @@ class Scheduler:
             if all(d.batch >= self.cfg.max_num_seqs or d.name in refused
                    for d in self.dispatcher.d_load.values()):
                 return  # no seat anywhere: the next step report or finish pumps again
-            where = self._place(req, tight, refused)
+            where = self._place(req, held, refused)
             if where is None:
                 continue
             if await self._try(req, where):
                 if req.tpot_slo_s and req.lease is not None:
-                    w = req.lease.worker
-                    tight[w] = min(tight.get(w, math.inf), req.tpot_slo_s)
+                    held.setdefault(req.lease.worker, []).append(req.tpot_slo_s)
             else:
                 refused.add(where.decode)
 
@@ -160,9 +176,10 @@ class Scheduler:
             self.waiting.remove(req)
         return ok
 
-    def _place(self, req: Request, tight: dict[str, float],
+    def _place(self, req: Request, held: Mapping[str, Sequence[float]],
                refused: set[str]) -> Placement | None:
-        """Where ``req`` goes now, or None if no decode worker has room for it."""
+        """Where ``req`` goes now, or None if no decode worker has room for it or it
+        waits for a placement that breaks no other request's TPOT objective."""
         d = self.dispatcher
         n = len(req.prompt_ids) + len(req.output_ids)
         decode = [w for w in d.d_load.values() if w.name not in refused]
@@ -173,20 +190,42 @@ class Scheduler:
             w = min(room, key=lambda w: (w.batch, w.kv_usage))
             p = d.prefill_worker_for(n)
             return Placement(w.name, p.name if p else None, 0.0, 0.0, 0.0, True, 0.0)
-        options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, tight)
+        options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, held)
         rule = self.cfg.local_prefill
         if rule.enabled and d.p_load:  # the static thresholds, where set, decide
             local = prefill_locally(n, pick_prefill(d.p_load.values()), rule)
             options = [o for o in options if (o.prefill is None) == local]
-        # Never at the cost of the TPOT objectives of the requests already on a worker.
-        options = [o for o in options if o.tpot_s <= tight.get(o.decode, math.inf)]
-        return options[0] if options else None
+        if not options:
+            return None
+        best = options[0]
+        if best.harm and req.ttft_slo_s:
+            # It may wait for a placement that harms no one until DEFER_SHARE of its TTFT
+            # objective would be gone (never without one: nothing would bound its wait).
+            give_up = req.arrival + DEFER_SHARE * req.ttft_slo_s - best.ttft_s
+            if self.clock() < give_up:
+                self._wake_by(give_up)
+                return None
+        return best
 
-    def _tightest_tpot(self) -> dict[str, float]:
-        """Per decode worker, the tightest TPOT objective among the requests it holds."""
-        out: dict[str, float] = {}
+    def _wake_by(self, at: float) -> None:
+        """Pump again by ``at`` on the router's clock (a held-back request gives up waiting
+        then, whether or not a step report or a finish pumps before)."""
+        if at >= self._wake_at:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at = at
+        self._wake = asyncio.get_running_loop().call_later(
+            max(0.0, at - self.clock()), self._woken)
+
+    def _woken(self) -> None:
+        self._wake, self._wake_at = None, math.inf
+        self._spawn(self.pump())
+
+    def _held_tpot(self) -> dict[str, list[float]]:
+        """Per decode worker, the TPOT objectives of the requests it holds."""
+        out: dict[str, list[float]] = {}
         for r in self.requests.values():
             if r.lease is not None and r.tpot_slo_s and not r.done:
-                w = r.lease.worker
-                out[w] = min(out.get(w, math.inf), r.tpot_slo_s)
+                out.setdefault(r.lease.worker, []).append(r.tpot_slo_s)
         return out

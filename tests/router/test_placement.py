@@ -58,13 +58,22 @@ def test_a_full_decode_worker_is_never_offered() -> None:
     assert pl.has_room(DecodeLoad("d3"), 50)  # not reported yet: its reserve decides
 
 
-def test_tpot_objectives_of_running_requests_bound_the_batch() -> None:
+def test_harm_counts_the_running_tpot_objectives_a_placement_breaks() -> None:
     pl = placer(local=False)
-    ds = [free("d0", running=5)]  # joining: 26 ms a step
-    opts = pl.options(Ask(10, ValidSlo(None, None)), [PrefillLoad("p0")], ds, {"d0": 0.025})
-    assert opts and not opts[0].feasible
-    opts = pl.options(Ask(10, ValidSlo(None, None)), [PrefillLoad("p0")], ds, {"d0": 0.030})
-    assert opts[0].feasible
+    ds = [free("d0", running=5)]  # 25 ms a step now; joining: 26 ms
+    held = {"d0": [0.0255, 0.0258, 0.030, 0.020]}  # two met now and broken by joining
+    opts = pl.options(Ask(10, ValidSlo(None, None)), [PrefillLoad("p0")], ds, held)
+    assert opts and opts[0].feasible and opts[0].harm == 2  # 20 ms is missed already
+    opts = pl.options(Ask(10, ValidSlo(None, None)), [PrefillLoad("p0")], ds, {"d0": [0.03]})
+    assert opts[0].harm == 0
+
+
+def test_a_placement_that_harms_no_one_comes_first() -> None:
+    pl = placer(local=False)
+    ds = [free("d0", running=1), free("d1", running=5)]  # d0 has more headroom, but harms
+    held = {"d0": [0.0215], "d1": [0.030]}
+    best = pl.options(Ask(10, ValidSlo(None, 100)), [PrefillLoad("p0")], ds, held)[0]
+    assert (best.decode, best.harm) == ("d1", 0)
 
 
 def test_local_prefill_wins_when_the_prefill_worker_is_backed_up() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -63,7 +64,9 @@ class RouterSetup:
 
     def __init__(self, rule: LocalPrefillRule | None = None, max_attempts: int = 4,
                  profile: Profile | None = None,
-                 slo_classes: tuple[str, ...] = ("default",)) -> None:
+                 slo_classes: tuple[str, ...] = ("default",),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.p, self.d = FakeWorker("prefill-0"), FakeWorker("decode-0")
         self.metrics = Metrics(CollectorRegistry(), slo_classes=slo_classes)
         self.out: list[tuple[Request, Chunk]] = []
@@ -71,7 +74,7 @@ class RouterSetup:
                              RouterConfig(local_prefill=rule or LocalPrefillRule(),
                                           max_attempts=max_attempts, profile=profile),
                              self.metrics,
-                             lambda req, chunk: self.out.append((req, chunk)))
+                             lambda req, chunk: self.out.append((req, chunk)), clock=clock)
 
     @property
     def queued(self) -> int:
@@ -89,7 +92,7 @@ class RouterSetup:
     def request(self, rid: str, n: int, slo: ValidSlo = NO_SLO,
                 max_tokens: int = 8) -> Request:
         return Request(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=max_tokens), (),
-                       slo, time.monotonic(), CharDetok())  # type: ignore[arg-type]
+                       slo, self.clock(), CharDetok())  # type: ignore[arg-type]
 
     async def admit(self, rid: str, n: int, slo: ValidSlo = NO_SLO) -> Request:
         req = self.request(rid, n, slo)
