@@ -10,8 +10,13 @@ then the longer of two waits, each followed by its own prefill:
 - a decode seat: when the requests ahead of it outnumber the free seats, the extra ones
   wait for sequences to finish, at the rate they have been finishing (``FinishRate``).
 
-A refused request costs nothing; an admitted one that misses all the same is counted by the
-SLO metrics. Backpressure thus follows what the deployment can serve in time, and
+To that the prediction adds the class's TTFT residual (``TtftResidual``): measured minus
+predicted TTFT of the class's recent requests, smoothed. It carries what the model does not
+see (requests held back for others' TPOT objectives, the wait for decode room while the
+decode worker is the bottleneck, a serving machine slower than its profile); under overload
+measured TTFTs grow, the residual with them, and admission refuses what would be served
+late. A refused request costs nothing; an admitted one that misses all the same is counted
+by the SLO metrics. Backpressure thus follows what the deployment can serve in time, and
 ``max_waiting`` stays only as a bound on the router's memory.
 """
 
@@ -27,6 +32,26 @@ from pdserve.router.policy import DecodeLoad, PrefillLoad
 from pdserve.router.request import Request
 
 FINISH_WINDOW_S = 10.0  # the finish rate is measured over this much recent time
+RESIDUAL_ALPHA = 0.1  # the weight of each first token in its class's TTFT residual
+
+
+class TtftResidual:
+    """Per SLO class, measured minus predicted TTFT (seconds), smoothed over first tokens.
+
+    The predictions it is compared with include the residual of their time, so each update
+    moves it by ``alpha`` of the error left: r <- r + alpha * (measured - predicted)."""
+
+    def __init__(self, alpha: float = RESIDUAL_ALPHA) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._by_class: dict[str, float] = {}
+
+    def get(self, slo_class: str) -> float:
+        return self._by_class.get(slo_class, 0.0)
+
+    def observe(self, slo_class: str, predicted_s: float, measured_s: float) -> None:
+        self._by_class[slo_class] = self.get(slo_class) + self.alpha * (measured_s - predicted_s)
 
 
 class FinishRate:

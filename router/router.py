@@ -101,6 +101,7 @@ class Router:
             req.t_first = now
             req.queue_s += msg.queue_s
             self.metrics.observe_first_token(now - req.arrival, req.queue_s, msg.prefill_s)
+            self.scheduler.observe_ttft(req, now - req.arrival)
         else:
             self.metrics.observe_tokens([now - req.t_last])
         req.t_last = now

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from pdserve.router.admission import FinishRate, judge, predict_ttft
+from pdserve.router.admission import FinishRate, TtftResidual, judge, predict_ttft
 from pdserve.router.config import RouterConfig
 from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
@@ -42,6 +42,10 @@ log = logging.getLogger("pdserve.router")
 # placed now, uses less than this share of its own TTFT objective (the rest is the margin
 # for the predictions' error).
 DEFER_SHARE = 0.5
+# A request that misses its TTFT objective whatever happens is lost to goodput already: it
+# waits for a placement that harms no one until it has waited this many TTFT objectives
+# (bounded, so that a deployment that always holds tight objectives does not starve it).
+LATE_WAIT = 2.0
 
 
 class Refused(Exception):
@@ -73,6 +77,7 @@ class Scheduler:
         self.clock = clock  # the router's (``pdserve tune``: its simulated loop's)
         self.placer = Placer(model, cfg.max_num_seqs, cfg.block_size, cfg.decode_prefills)
         self.finishes = FinishRate()
+        self.residual = TtftResidual()
         self.waiting = WaitQueue(cfg.scheduler)
         self._order = itertools.count(1)  # admission numbers (Request.order)
         self._pumping = False
@@ -94,12 +99,20 @@ class Scheduler:
             predicted = predict_ttft(self.placer, req, self.waiting.ahead_of(req, now),
                                      d.p_load.values(), d.d_load.values(),
                                      self.finishes.rate(now), now)
+            predicted = max(now - req.arrival,
+                            predicted + self.residual.get(req.slo.class_name))
             verdict = judge(req, predicted)
             if verdict.refusal:
                 raise Refused(verdict.refusal)
             req.predicted_ttft_s = predicted
         req.queued_at = now
         self.waiting.push(req)
+
+    def observe_ttft(self, req: Request, ttft_s: float) -> None:
+        """``req``'s first token came ``ttft_s`` after its arrival: its class's residual
+        learns the error of its admission's prediction."""
+        if req.predicted_ttft_s is not None:
+            self.residual.observe(req.slo.class_name, req.predicted_ttft_s, ttft_s)
 
     def requeue(self, req: Request) -> None:
         """A retried or preempted request, back in the queue (ahead of new ones in fifo)."""
@@ -200,9 +213,13 @@ class Scheduler:
         best = options[0]
         if best.harm and req.ttft_slo_s:
             # It may wait for a placement that harms no one until DEFER_SHARE of its TTFT
-            # objective would be gone (never without one: nothing would bound its wait).
-            give_up = req.arrival + DEFER_SHARE * req.ttft_slo_s - best.ttft_s
-            if self.clock() < give_up:
+            # objective would be gone (never without one: nothing would bound its wait);
+            # one that misses its TTFT anyway, until it waited LATE_WAIT objectives.
+            now, obj = self.clock(), req.ttft_slo_s
+            give_up = req.arrival + DEFER_SHARE * obj - best.ttft_s
+            if now - req.arrival + best.ttft_s > obj:
+                give_up = req.arrival + LATE_WAIT * obj
+            if now < give_up:
                 self._wake_by(give_up)
                 return None
         return best
