@@ -9,7 +9,7 @@ import math
 import pytest
 
 from pdserve.engine.sequence import SamplingParams
-from pdserve.router.admission import FinishRate, judge, predict_ttft
+from pdserve.router.admission import FinishRate, TtftResidual, judge, predict_ttft
 from pdserve.router.cost_model import CostModel, LinearFit, Profile, TransferFit
 from pdserve.router.placement import Ask, Placer
 from pdserve.router.policy import DecodeLoad, PrefillLoad
@@ -135,3 +135,16 @@ def test_finish_rate_over_the_window() -> None:
         fr.observe(t * 0.5)  # 2 a second
     assert fr.rate(10.0) == pytest.approx(2.0, rel=0.1)
     assert fr.rate(100.0) == 0.0  # all outside the window
+
+
+def test_the_ttft_residual_learns_each_class_its_error() -> None:
+    res = TtftResidual(alpha=0.5)
+    assert res.get("c") == 0.0
+    res.observe("c", predicted_s=1.0, measured_s=3.0)  # 2 s late: half of it learned
+    assert res.get("c") == pytest.approx(1.0)
+    res.observe("c", predicted_s=1.0 + res.get("c"), measured_s=3.0)  # 1 s left
+    assert res.get("c") == pytest.approx(1.5)
+    res.observe("d", predicted_s=2.0, measured_s=1.0)  # over-predicted: negative
+    assert res.get("d") == pytest.approx(-0.5) and res.get("c") == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        TtftResidual(alpha=0.0)

@@ -9,7 +9,7 @@ import asyncio
 
 from pdserve.engine.messages import StepReport
 from pdserve.router.request import State
-from pdserve.router.scheduler import DEFER_SHARE
+from pdserve.router.scheduler import DEFER_SHARE, LATE_WAIT
 from pdserve.router.slo import ValidSlo
 from pdserve_testing.router import RouterSetup, settle
 
@@ -78,5 +78,41 @@ def test_a_request_that_harms_no_one_is_not_held_back() -> None:
         s.router.on_step(StepReport("decode-0", num_running=5, num_free_blocks=100))
         await settle()
         await s.admit("next", 10, ValidSlo(100_000.0, None))
+
+    asyncio.run(go())
+
+
+def test_admission_adds_the_class_residual_learned_from_first_tokens() -> None:
+    async def go() -> None:
+        clock = Clock()
+        s = RouterSetup(profile=PROFILE, clock=clock)
+        first = await s.admit("first", 10, ValidSlo(1000.0, None))
+        assert first.predicted_ttft_s is not None
+        clock.now += first.predicted_ttft_s + 0.5  # its first token comes 0.5 s late
+        s.first_token("prefill-0", first)
+        learned = s.router.scheduler.residual.get(first.slo.class_name)
+        assert learned > 0.0
+        second = await s.admit("second", 10, ValidSlo(1000.0, None))
+        assert second.predicted_ttft_s == first.predicted_ttft_s + learned
+
+    asyncio.run(go())
+
+
+def test_a_late_request_waits_for_harmless_room_up_to_two_objectives() -> None:
+    async def go() -> None:
+        clock = Clock()
+        s = await holding_tight(clock)
+        clock.now -= 0.030  # it arrived 30 ms ago (on a frontend): late for 20 ms
+        late = s.request("late", 10, ValidSlo(20.0, None, best_effort=True))  # not refused
+        clock.now += 0.030
+        s.router.admit(late)
+        await settle()
+        assert reserved(s) == ["tight"] and late.state == State.QUEUED
+        clock.now = late.arrival + LATE_WAIT * 0.020 + 0.001
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if late.state != State.QUEUED:
+                break
+        assert reserved(s) == ["tight", "late"]
 
     asyncio.run(go())
