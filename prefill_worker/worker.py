@@ -164,7 +164,8 @@ class PrefillWorker:
                 log.exception("prefill step failed")
                 for out in streams.values():
                     self._close_stream(out, None, "prefill step failed")
-                self._fail_step(chunks, f"prefill step failed: {type(e).__name__}: {e}")
+                self._fail_step(chunks, f"prefill step failed: {type(e).__name__}: {e}",
+                                {id(out.seq) for out in streams.values()})
                 continue
             last = [i for i, c in enumerate(chunks) if c.is_last]
             tokens = []
@@ -184,8 +185,10 @@ class PrefillWorker:
             with self._cv:
                 finished = self.sched.complete(chunks)
                 self._in_step = set()
-                for seq in self._orphans:
-                    self.allocator.free(seq.block_ids)
+                streamed = {id(out.seq) for out in streams.values()}
+                for seq in self._orphans:  # an open stream frees its own as it is cancelled
+                    if id(seq) not in streamed:
+                        self.allocator.free(seq.block_ids)
                 self._orphans.clear()
             by_id = {chunks[i].seq.task.request_id: tok for i, tok in zip(last, tokens,
                                                                            strict=True)}
@@ -212,15 +215,18 @@ class PrefillWorker:
             for out in streams.values():  # aborted during the step
                 self._close_stream(out, None, "aborted")
 
-    def _fail_step(self, chunks: list[Chunk], error: str) -> None:
-        """Drop every request of a failed step and tell the router (which re-dispatches)."""
+    def _fail_step(self, chunks: list[Chunk], error: str, streamed: set[int]) -> None:
+        """Drop every request of a failed step and tell the router (which re-dispatches).
+        ``streamed``: the ids of the sequences whose cancelled stream freed their blocks."""
         with self._cv:
             self._in_step = set()
             for c in chunks:
-                if self.sched.abort(c.seq.task.request_id) is not None:
+                if self.sched.abort(c.seq.task.request_id) is not None \
+                        and id(c.seq) not in streamed:
                     self.allocator.free(c.seq.block_ids)
             for seq in self._orphans:
-                self.allocator.free(seq.block_ids)
+                if id(seq) not in streamed:
+                    self.allocator.free(seq.block_ids)
             self._orphans.clear()
         for c in chunks:
             self._report_transfer(c.seq, 0.0, 0, error)

@@ -4,6 +4,10 @@ has to leave and no channel is needed."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 from pdserve.engine.messages import FirstToken, Lease, PrefillTask, StepTiming
 from pdserve.engine.sequence import SamplingParams
 from pdserve.prefill_worker.worker import PrefillWorker
@@ -36,6 +40,94 @@ def test_first_tokens_carry_their_step_once() -> None:
         assert (step.tokens, step.attention) == (16, 6 * 70 + 10 * 10)
         assert step.seconds > 0
         assert firsts[1].step is None  # the same step: observed once
+        wait_for(lambda: p.stats().num_free_blocks == p.stats().num_blocks)
+    finally:
+        p.shutdown()
+
+
+class _Sender:
+    """A KV channel that sends nothing; its first layer calls ``on_first_layer``."""
+
+    def __init__(self, spec: object, on_first_layer: Callable[[], None]) -> None:
+        self.spec = spec
+        self.name = "fake"
+        self.closed = False
+        self.cancelled = 0
+        self._hook: Callable[[], None] | None = on_first_layer
+
+    def send_header(self, header: object) -> None:
+        pass
+
+    def send_from_pool(self, pool: object, ids: object) -> None:
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook()
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+
+    def close(self, abort: bool = False) -> None:
+        self.closed = True
+
+
+def test_an_abort_during_the_last_prefill_step_frees_the_blocks_once() -> None:
+    """The router aborts a request while the step that ends its prompt runs and its KV is
+    already leaving layer by layer: the cancelled transfer frees the blocks, the orphan
+    list must not free them a second time (a double free kills the step loop, or frees
+    blocks another request holds by then)."""
+    router = FakeRouter()
+    p = PrefillWorker("prefill-0", worker_config(), router)
+    sender = _Sender(p.channel_spec(), lambda: p.abort("gone"))
+    p._channels["decode-0"] = sender  # type: ignore[assignment]
+    p._channel_locks["decode-0"] = threading.Lock()
+    p.start()
+    try:
+        p.submit(PrefillTask("gone", task("gone", 10, 1).token_ids, 0,
+                             SamplingParams(max_tokens=8, ignore_eos=True),
+                             task("gone", 10, 1).lease))
+        wait_for(lambda: sender.cancelled == 1)
+        p.submit(task("next", 10, 2))  # the step loop still serves
+        wait_for(lambda: any(name == "on_first_token" and args[0].request_id == "next"
+                             for name, args in list(router.calls)))
+        wait_for(lambda: p.stats().num_free_blocks == p.stats().num_blocks)
+        assert not any(name == "on_first_token" and args[0].request_id == "gone"
+                       for name, args in list(router.calls))
+    finally:
+        p.shutdown()
+
+
+def test_a_failed_step_with_a_stream_open_frees_the_blocks_once() -> None:
+    """The forward pass fails after the first layer of a prompt's KV went out: the stream is
+    cancelled (freeing the blocks), the request goes back to the router, and the blocks are
+    not freed a second time by the failed step's cleanup."""
+    router = FakeRouter()
+    p = PrefillWorker("prefill-0", worker_config(), router)
+    sender = _Sender(p.channel_spec(), lambda: None)
+    p._channels["decode-0"] = sender  # type: ignore[assignment]
+    p._channel_locks["decode-0"] = threading.Lock()
+    real = p.runner.prefill
+    failed = []
+
+    def prefill_failing_once(items: Any, on_layer_done: Any = None) -> Any:
+        if not failed:
+            failed.append(True)
+            if on_layer_done is not None:
+                on_layer_done(0)
+            raise RuntimeError("injected")
+        return real(items, on_layer_done=on_layer_done)
+
+    p.start()  # warms up with the real forward pass
+    p.runner.prefill = prefill_failing_once  # type: ignore[method-assign]
+    try:
+        t = task("r", 10, 1)
+        p.submit(PrefillTask("r", t.token_ids, 0, SamplingParams(max_tokens=8,
+                                                                 ignore_eos=True), t.lease))
+        wait_for(lambda: any(name == "on_transfer_done" and not args[0].ok
+                             for name, args in list(router.calls)))
+        assert sender.cancelled == 1
+        p.submit(task("next", 10, 2))  # the step loop still serves
+        wait_for(lambda: any(name == "on_first_token" and args[0].request_id == "next"
+                             for name, args in list(router.calls)))
         wait_for(lambda: p.stats().num_free_blocks == p.stats().num_blocks)
     finally:
         p.shutdown()
