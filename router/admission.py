@@ -33,25 +33,36 @@ from pdserve.router.request import Request
 
 FINISH_WINDOW_S = 10.0  # the finish rate is measured over this much recent time
 RESIDUAL_ALPHA = 0.1  # the weight of each first token in its class's TTFT residual
+RESIDUAL_HALF_LIFE_S = 2.0  # how fast a residual fades while its class sends no first token
 
 
 class TtftResidual:
     """Per SLO class, measured minus predicted TTFT (seconds), smoothed over first tokens.
 
     The predictions it is compared with include the residual of their time, so each update
-    moves it by ``alpha`` of the error left: r <- r + alpha * (measured - predicted)."""
+    moves it by ``alpha`` of the error left: r <- r + alpha * (measured - predicted).
+    Between first tokens it decays towards 0 with a half-life of ``half_life_s``: a class
+    whose requests are all refused sends no first tokens, and without the decay a residual
+    learned in a burst would refuse that class for good."""
 
-    def __init__(self, alpha: float = RESIDUAL_ALPHA) -> None:
+    def __init__(self, alpha: float = RESIDUAL_ALPHA,
+                 half_life_s: float = RESIDUAL_HALF_LIFE_S) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if not half_life_s > 0:
+            raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
         self.alpha = alpha
-        self._by_class: dict[str, float] = {}
+        self.half_life_s = half_life_s
+        self._by_class: dict[str, tuple[float, float]] = {}  # value, when it was set
 
-    def get(self, slo_class: str) -> float:
-        return self._by_class.get(slo_class, 0.0)
+    def get(self, slo_class: str, now: float) -> float:
+        value, at = self._by_class.get(slo_class, (0.0, now))
+        return value * 0.5 ** (max(0.0, now - at) / self.half_life_s)
 
-    def observe(self, slo_class: str, predicted_s: float, measured_s: float) -> None:
-        self._by_class[slo_class] = self.get(slo_class) + self.alpha * (measured_s - predicted_s)
+    def observe(self, slo_class: str, predicted_s: float, measured_s: float,
+                now: float) -> None:
+        value = self.get(slo_class, now) + self.alpha * (measured_s - predicted_s)
+        self._by_class[slo_class] = (value, now)
 
 
 class FinishRate:

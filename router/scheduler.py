@@ -100,7 +100,7 @@ class Scheduler:
                                      d.p_load.values(), d.d_load.values(),
                                      self.finishes.rate(now), now)
             predicted = max(now - req.arrival,
-                            predicted + self.residual.get(req.slo.class_name))
+                            predicted + self.residual.get(req.slo.class_name, now))
             verdict = judge(req, predicted)
             if verdict.refusal:
                 raise Refused(verdict.refusal)
@@ -112,7 +112,8 @@ class Scheduler:
         """``req``'s first token came ``ttft_s`` after its arrival: its class's residual
         learns the error of its admission's prediction."""
         if req.predicted_ttft_s is not None:
-            self.residual.observe(req.slo.class_name, req.predicted_ttft_s, ttft_s)
+            self.residual.observe(req.slo.class_name, req.predicted_ttft_s, ttft_s,
+                                  self.clock())
 
     def requeue(self, req: Request) -> None:
         """A retried or preempted request, back in the queue (ahead of new ones in fifo)."""

@@ -138,13 +138,25 @@ def test_finish_rate_over_the_window() -> None:
 
 
 def test_the_ttft_residual_learns_each_class_its_error() -> None:
-    res = TtftResidual(alpha=0.5)
-    assert res.get("c") == 0.0
-    res.observe("c", predicted_s=1.0, measured_s=3.0)  # 2 s late: half of it learned
-    assert res.get("c") == pytest.approx(1.0)
-    res.observe("c", predicted_s=1.0 + res.get("c"), measured_s=3.0)  # 1 s left
-    assert res.get("c") == pytest.approx(1.5)
-    res.observe("d", predicted_s=2.0, measured_s=1.0)  # over-predicted: negative
-    assert res.get("d") == pytest.approx(-0.5) and res.get("c") == pytest.approx(1.5)
+    res = TtftResidual(alpha=0.5, half_life_s=1.0)
+    assert res.get("c", 0.0) == 0.0
+    res.observe("c", predicted_s=1.0, measured_s=3.0, now=0.0)  # 2 s late: half learned
+    assert res.get("c", 0.0) == pytest.approx(1.0)
+    res.observe("c", predicted_s=2.0, measured_s=3.0, now=0.0)  # 1 s left
+    assert res.get("c", 0.0) == pytest.approx(1.5)
+    res.observe("d", predicted_s=2.0, measured_s=1.0, now=0.0)  # over-predicted: negative
+    assert res.get("d", 0.0) == pytest.approx(-0.5) and res.get("c", 0.0) == 1.5
     with pytest.raises(ValueError, match="alpha"):
         TtftResidual(alpha=0.0)
+
+
+def test_the_ttft_residual_fades_without_first_tokens() -> None:
+    """A class refused for a learned residual sends no first tokens: it must not stay
+    refused for good."""
+    res = TtftResidual(alpha=1.0, half_life_s=2.0)
+    res.observe("c", predicted_s=0.0, measured_s=8.0, now=10.0)
+    assert res.get("c", 10.0) == pytest.approx(8.0)
+    assert res.get("c", 12.0) == pytest.approx(4.0)
+    assert res.get("c", 20.0) == pytest.approx(0.25)
+    res.observe("c", predicted_s=0.25, measured_s=0.5, now=20.0)  # from what is left
+    assert res.get("c", 20.0) == pytest.approx(0.5)

@@ -90,7 +90,7 @@ def test_admission_adds_the_class_residual_learned_from_first_tokens() -> None:
         assert first.predicted_ttft_s is not None
         clock.now += first.predicted_ttft_s + 0.5  # its first token comes 0.5 s late
         s.first_token("prefill-0", first)
-        learned = s.router.scheduler.residual.get(first.slo.class_name)
+        learned = s.router.scheduler.residual.get(first.slo.class_name, clock.now)
         assert learned > 0.0
         second = await s.admit("second", 10, ValidSlo(1000.0, None))
         assert second.predicted_ttft_s == first.predicted_ttft_s + learned
