@@ -158,7 +158,7 @@ class PrefillWorker:
                 logits = self.runner.prefill(
                     [PrefillItem(c.seq.task.token_ids[c.start:c.start + c.length], c.start,
                                  c.seq.block_ids) for c in chunks],
-                    on_layer_done=self._layer_sender(list(streams.values())),
+                    on_layer_done=layer_sender(list(streams.values())),
                 )
             except Exception as e:  # keep serving: this step's requests go back to the router
                 log.exception("prefill step failed")
@@ -184,12 +184,7 @@ class PrefillWorker:
                             len(chunks), timing.tokens)
             with self._cv:
                 finished = self.sched.complete(chunks)
-                self._in_step = set()
-                streamed = {id(out.seq) for out in streams.values()}
-                for seq in self._orphans:  # an open stream frees its own as it is cancelled
-                    if id(seq) not in streamed:
-                        self.allocator.free(seq.block_ids)
-                self._orphans.clear()
+                self._free_orphans({id(out.seq) for out in streams.values()})
             by_id = {chunks[i].seq.task.request_id: tok for i, tok in zip(last, tokens,
                                                                            strict=True)}
             step: StepTiming | None = timing
@@ -219,17 +214,22 @@ class PrefillWorker:
         """Drop every request of a failed step and tell the router (which re-dispatches).
         ``streamed``: the ids of the sequences whose cancelled stream freed their blocks."""
         with self._cv:
-            self._in_step = set()
             for c in chunks:
                 if self.sched.abort(c.seq.task.request_id) is not None \
                         and id(c.seq) not in streamed:
                     self.allocator.free(c.seq.block_ids)
-            for seq in self._orphans:
-                if id(seq) not in streamed:
-                    self.allocator.free(seq.block_ids)
-            self._orphans.clear()
+            self._free_orphans(streamed)
         for c in chunks:
             self._report_transfer(c.seq, 0.0, 0, error)
+
+    def _free_orphans(self, streamed: set[int]) -> None:
+        """Under the lock, after a step: free the blocks of the requests aborted during it,
+        but for those (ids in ``streamed``) whose open stream frees them as it is cancelled."""
+        self._in_step = set()
+        for seq in self._orphans:
+            if id(seq) not in streamed:
+                self.allocator.free(seq.block_ids)
+        self._orphans.clear()
 
     # -- KV transfer ------------------------------------------------------------------------
     def _open_streams(self, seqs: list[PrefillSeq]) -> dict[str, OutgoingKV]:
@@ -254,16 +254,6 @@ class PrefillWorker:
                 continue
             streams[seq.task.request_id] = out
         return streams
-
-    def _layer_sender(self, streams: list[OutgoingKV]) -> Callable[[int], None] | None:
-        if not streams:
-            return None
-
-        def on_layer_done(layer: int) -> None:
-            for out in streams:
-                out.send_layer_safely(layer)
-
-        return on_layer_done
 
     def _close_stream(self, out: OutgoingKV, first_token: int | None, why: str) -> None:
         """Finish a layer-wise transfer with the first token (the trailer goes out now and
@@ -338,3 +328,15 @@ class PrefillWorker:
                     self._end_stream(out, 0.0, f"{type(e).__name__}: {e}", report=True)
                     continue
             self._finishing.put(out)
+
+
+def layer_sender(streams: list[OutgoingKV]) -> Callable[[int], None] | None:
+    """The forward pass's layer hook: each layer's KV out on every open stream."""
+    if not streams:
+        return None
+
+    def on_layer_done(layer: int) -> None:
+        for out in streams:
+            out.send_layer_safely(layer)
+
+    return on_layer_done

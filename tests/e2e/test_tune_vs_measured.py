@@ -1,19 +1,19 @@
-"""`pdserve tune`'s simulation against a real run: a colocated replica of the demo model on
-this CPU, loaded by `pdserve bench` at three rates, and the same requests (lengths, arrival
-times, objectives) simulated from a profile `pdserve profile` measured here just before.
+"""`pdserve tune`'s simulation against a real run: a colocated replica of the demo model on this
+CPU, loaded by `pdserve bench` at three rates, and the same requests (lengths, arrival times,
+objectives) simulated from a profile `pdserve profile` measured here just before.
 
 The tolerance of this small version is 30 points of attainment at every rate, and the
 measurement must put the knee where the prediction does: the lowest rates are met, and the
-highest rate is the first of a ladder at which the simulation predicts at most 80%
-attainment (the machines CI runs on differ in speed: a fixed top rate of 14 req/s was past
-the knee on one and short of it on another). Each rate counts 24 requests (one is about 4 points); the profile is a --quick
-one, and the linear decode fit under-predicts the small batches this replica runs (batch
-4-16 at short contexts) by 20-35% on this CPU, so the simulated replica is faster than the
-real one and its attainment above the knee higher (by 8 to 25 points in the runs made while
-writing this test); and the worker shares the machine's two cores with the router, the
-frontend and the load generator, none of which the profile times. A simulation that batched,
-queued or admitted differently from the real router misses by more than that (one that
-serves a request at a time predicts 25% at 5 req/s, where the replica meets 80-90%).
+highest rate is the first of a ladder at which the simulation predicts at most 80% attainment
+(the machines CI runs on differ in speed: a fixed top rate of 14 req/s was past the knee on
+one and short of it on another). Each rate counts 24 requests (one is about 4 points); the
+profile is a --quick one, and the linear decode fit under-predicts the small batches this
+replica runs (batch 4-16 at short contexts) by 20-35% on this CPU, so the simulated replica is
+faster than the real one and its attainment above the knee higher (by 8 to 25 points in the
+runs made while writing this test); and the worker shares the machine's two cores with the
+router, the frontend and the load generator, none of which the profile times. A simulation
+that batched, queued or admitted differently from the real router misses by more than that
+(one that serves a request at a time predicts 25% at 5 req/s, where the replica meets 80-90%).
 """
 
 from __future__ import annotations
