@@ -33,17 +33,19 @@ from pdserve.router.request import Request
 
 FINISH_WINDOW_S = 10.0  # the finish rate is measured over this much recent time
 RESIDUAL_ALPHA = 0.1  # the weight of each first token in its class's TTFT residual
-RESIDUAL_HALF_LIFE_S = 2.0  # how fast a residual fades while its class sends no first token
+RESIDUAL_HALF_LIFE_S = 2.0  # how fast a residual fades while its class is refused
 
 
 class TtftResidual:
     """Per SLO class, measured minus predicted TTFT (seconds), smoothed over first tokens.
 
     The predictions it is compared with include the residual of their time, so each update
-    moves it by ``alpha`` of the error left: r <- r + alpha * (measured - predicted).
-    Between first tokens it decays towards 0 with a half-life of ``half_life_s``: a class
-    whose requests are all refused sends no first tokens, and without the decay a residual
-    learned in a burst would refuse that class for good."""
+    moves it by ``alpha`` of the error left: r <- r + alpha * (measured - predicted). From
+    the first refusal after a class's last first token, it fades towards 0 with a half-life
+    of ``half_life_s``: a class whose requests are all refused sends no first tokens, and
+    without the fade a residual learned in a burst would refuse that class for good. (A
+    fade that ran all the time would keep the residual well short of a steady error at
+    low rates, where first tokens are seconds apart.)"""
 
     def __init__(self, alpha: float = RESIDUAL_ALPHA,
                  half_life_s: float = RESIDUAL_HALF_LIFE_S) -> None:
@@ -53,16 +55,25 @@ class TtftResidual:
             raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
         self.alpha = alpha
         self.half_life_s = half_life_s
-        self._by_class: dict[str, tuple[float, float]] = {}  # value, when it was set
+        self._values: dict[str, float] = {}
+        self._refusing_since: dict[str, float] = {}  # first refusal since the last token
 
     def get(self, slo_class: str, now: float) -> float:
-        value, at = self._by_class.get(slo_class, (0.0, now))
-        return value * 0.5 ** (max(0.0, now - at) / self.half_life_s)
+        value = self._values.get(slo_class, 0.0)
+        since = self._refusing_since.get(slo_class)
+        if since is None:
+            return value
+        return value * 0.5 ** (max(0.0, now - since) / self.half_life_s)
+
+    def refused(self, slo_class: str, now: float) -> None:
+        """A request of the class was refused: the fade starts (if it has not)."""
+        self._refusing_since.setdefault(slo_class, now)
 
     def observe(self, slo_class: str, predicted_s: float, measured_s: float,
                 now: float) -> None:
         value = self.get(slo_class, now) + self.alpha * (measured_s - predicted_s)
-        self._by_class[slo_class] = (value, now)
+        self._values[slo_class] = value
+        self._refusing_since.pop(slo_class, None)
 
 
 class FinishRate:

@@ -103,6 +103,7 @@ class Scheduler:
                             predicted + self.residual.get(req.slo.class_name, now))
             verdict = judge(req, predicted)
             if verdict.refusal:
+                self.residual.refused(req.slo.class_name, now)
                 raise Refused(verdict.refusal)
             req.predicted_ttft_s = predicted
         req.queued_at = now

@@ -150,13 +150,16 @@ def test_the_ttft_residual_learns_each_class_its_error() -> None:
         TtftResidual(alpha=0.0)
 
 
-def test_the_ttft_residual_fades_without_first_tokens() -> None:
+def test_the_ttft_residual_fades_once_its_class_is_refused() -> None:
     """A class refused for a learned residual sends no first tokens: it must not stay
-    refused for good."""
+    refused for good; while it is served, the residual holds between first tokens."""
     res = TtftResidual(alpha=1.0, half_life_s=2.0)
     res.observe("c", predicted_s=0.0, measured_s=8.0, now=10.0)
-    assert res.get("c", 10.0) == pytest.approx(8.0)
-    assert res.get("c", 12.0) == pytest.approx(4.0)
-    assert res.get("c", 20.0) == pytest.approx(0.25)
-    res.observe("c", predicted_s=0.25, measured_s=0.5, now=20.0)  # from what is left
-    assert res.get("c", 20.0) == pytest.approx(0.5)
+    assert res.get("c", 30.0) == pytest.approx(8.0)  # no refusal: no fade
+    res.refused("c", now=30.0)
+    res.refused("c", now=31.0)  # the fade runs from the first refusal
+    assert res.get("c", 32.0) == pytest.approx(4.0)
+    assert res.get("c", 40.0) == pytest.approx(0.25)
+    res.observe("c", predicted_s=0.25, measured_s=0.5, now=40.0)  # from what is left
+    assert res.get("c", 40.0) == pytest.approx(0.5)
+    assert res.get("c", 60.0) == pytest.approx(0.5)  # served again: held
