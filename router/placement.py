@@ -24,6 +24,7 @@ request can afford the wait.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class Placer:
     def options(self, ask: Ask, prefill: Iterable[PrefillLoad], decode: Iterable[DecodeLoad],
                 held_tpot_s: Mapping[str, Sequence[float]]) -> list[Placement]:
         """Every placement on a decode worker with room, best first. ``held_tpot_s``: per
-        decode worker, the TPOT objectives (seconds) of the requests it holds."""
+        decode worker, the TPOT objectives (seconds, sorted) of the requests it holds."""
         pools = list(prefill)
         n = ask.num_tokens
         out = []
@@ -166,8 +167,11 @@ class Placer:
         return Placement(decode, prefill, ttft, step, second, feasible, score, harm)
 
 
-def breaks(objectives: Iterable[float], step_now_s: float, step_s: float) -> int:
-    """How many of ``objectives`` (TPOT, seconds) a step of ``step_now_s`` meets and one of
-    ``step_s`` does not: the requests a placement would push past their objective (those
-    the step misses already are not its doing)."""
-    return sum(1 for o in objectives if step_now_s <= o < step_s)
+def breaks(objectives: Sequence[float], step_now_s: float, step_s: float) -> int:
+    """How many of ``objectives`` (TPOT, seconds, sorted ascending) a step of
+    ``step_now_s`` meets and one of ``step_s`` does not: the requests a placement would push
+    past their objective (those the step misses already are not its doing). Two bisections:
+    the pump asks this of every waiting request on every decode worker."""
+    if step_s <= step_now_s:
+        return 0
+    return bisect.bisect_left(objectives, step_s) - bisect.bisect_left(objectives, step_now_s)

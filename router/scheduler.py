@@ -21,6 +21,7 @@ It runs on the router actor's event loop, beside the ``Router`` that owns it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import math
@@ -34,7 +35,7 @@ from pdserve.router.dispatch import Dispatcher
 from pdserve.router.placement import Ask, Placement, Placer
 from pdserve.router.policy import pick_prefill, prefill_locally
 from pdserve.router.request import Request
-from pdserve.router.waiting import WaitQueue
+from pdserve.router.waiting import WaitQueue, deadline
 
 log = logging.getLogger("pdserve.router")
 
@@ -172,7 +173,7 @@ class Scheduler:
                 continue
             if await self._try(req, where):
                 if req.tpot_slo_s and req.lease is not None:
-                    held.setdefault(req.lease.worker, []).append(req.tpot_slo_s)
+                    bisect.insort(held.setdefault(req.lease.worker, []), req.tpot_slo_s)
             else:
                 refused.add(where.decode)
 
@@ -219,7 +220,7 @@ class Scheduler:
             # one that misses its TTFT anyway, until it waited LATE_WAIT objectives.
             now, obj = self.clock(), req.ttft_slo_s
             give_up = req.arrival + DEFER_SHARE * obj - best.ttft_s
-            if now - req.arrival + best.ttft_s > obj:
+            if now + best.ttft_s > deadline(req):
                 give_up = req.arrival + LATE_WAIT * obj
             if now < give_up:
                 self._wake_by(give_up)
@@ -242,9 +243,11 @@ class Scheduler:
         self._spawn(self.pump())
 
     def _held_tpot(self) -> dict[str, list[float]]:
-        """Per decode worker, the TPOT objectives of the requests it holds."""
+        """Per decode worker, the TPOT objectives of the requests it holds, sorted."""
         out: dict[str, list[float]] = {}
         for r in self.requests.values():
             if r.lease is not None and r.tpot_slo_s and not r.done:
                 out.setdefault(r.lease.worker, []).append(r.tpot_slo_s)
+        for objectives in out.values():
+            objectives.sort()
         return out

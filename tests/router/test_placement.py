@@ -61,7 +61,7 @@ def test_a_full_decode_worker_is_never_offered() -> None:
 def test_harm_counts_the_running_tpot_objectives_a_placement_breaks() -> None:
     pl = placer(local=False)
     ds = [free("d0", running=5)]  # 25 ms a step now; joining: 26 ms
-    held = {"d0": [0.0255, 0.0258, 0.030, 0.020]}  # two met now and broken by joining
+    held = {"d0": [0.020, 0.0255, 0.0258, 0.030]}  # two met now and broken by joining
     opts = pl.options(Ask(10, ValidSlo(None, None)), [PrefillLoad("p0")], ds, held)
     assert opts and opts[0].feasible and opts[0].harm == 2  # 20 ms is missed already
     opts = pl.options(Ask(10, ValidSlo(None, None)), [PrefillLoad("p0")], ds, {"d0": [0.03]})
