@@ -2,13 +2,15 @@
 objective even if it is scheduled now is refused at once (RESOURCE_EXHAUSTED, the message
 giving the predicted and the objective TTFT), unless its class is best-effort.
 
-The prediction, from the request's arrival: the time it already waited (on the frontend),
+The prediction, from the request's arrival, for the placement the scheduler would give it
+now (``Placer.chosen_ttft_s``, not the fastest one: a decode worker that could prefill the
+prompt soonest is often not where it goes): the time it already waited (on the frontend),
 then the longer of two waits, each followed by its own prefill:
 
 - the prefill queue: the prompt tokens queued on the best worker plus those of the waiting
   requests the wait queue serves before it (``WaitQueue.ahead_of``);
 - a decode seat: when the requests ahead of it outnumber the free seats, the extra ones
-  wait for sequences to finish, at the rate they have been finishing (``FinishRate``).
+  wait for sequences to finish, at the rate they have been finishing (``router.rates.Rate``).
 
 To that the prediction adds the class's TTFT residual (``TtftResidual``): measured minus
 predicted TTFT of the class's recent requests, smoothed. It carries what the model does not
@@ -23,15 +25,13 @@ by the SLO metrics. Backpressure thus follows what the deployment can serve in t
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pdserve.router.placement import Ask, Placer
 from pdserve.router.policy import DecodeLoad, PrefillLoad
 from pdserve.router.request import Request
 
-FINISH_WINDOW_S = 10.0  # the finish rate is measured over this much recent time
 RESIDUAL_ALPHA = 0.1  # the weight of each first token in its class's TTFT residual
 RESIDUAL_HALF_LIFE_S = 2.0  # how fast a residual fades while its class is refused
 
@@ -76,30 +76,6 @@ class TtftResidual:
         self._refusing_since.pop(slo_class, None)
 
 
-class FinishRate:
-    """Requests finished per second over the last ``window_s`` seconds."""
-
-    def __init__(self, window_s: float = FINISH_WINDOW_S) -> None:
-        self.window_s = window_s
-        self._times: deque[float] = deque()
-
-    def observe(self, now: float) -> None:
-        self._times.append(now)
-        self._trim(now)
-
-    def rate(self, now: float) -> float:
-        """0.0 until two requests finished within the window (no rate to speak of)."""
-        self._trim(now)
-        if len(self._times) < 2:
-            return 0.0
-        span = max(now - self._times[0], 1e-3)
-        return len(self._times) / max(span, self.window_s / 2)
-
-    def _trim(self, now: float) -> None:
-        while self._times and self._times[0] < now - self.window_s:
-            self._times.popleft()
-
-
 @dataclass(frozen=True)
 class Verdict:
     """Admission's answer: the predicted TTFT (seconds from arrival) and, if refused, why."""
@@ -110,15 +86,19 @@ class Verdict:
 
 def predict_ttft(placer: Placer, req: Request, ahead: Sequence[Request],
                  prefill: Iterable[PrefillLoad], decode: Iterable[DecodeLoad],
-                 finish_rate: float, now: float) -> float:
-    """``req``'s TTFT from its arrival if dispatched behind ``ahead`` (see the module
-    docstring)."""
+                 finish_rate: float, now: float,
+                 held_tpot_s: Mapping[str, Sequence[float]] | None = None) -> float:
+    """``req``'s TTFT from its arrival if dispatched behind ``ahead`` to the placement the
+    scheduler would give it (``Placer.chosen_ttft_s``; see the module docstring).
+    ``held_tpot_s``: per decode worker, the TPOT objectives of the requests it holds (the
+    placements' harm, which decides the choice)."""
     prefill, decode = list(prefill), list(decode)
+    held = held_tpot_s or {}
     ask = Ask(len(req.prompt_ids) + len(req.output_ids), req.slo)
     lengths = [len(r.prompt_ids) + len(r.output_ids) for r in ahead]
-    behind_queue = placer.best_ttft_s(ask, prefill, decode, sum(lengths),
-                                      sum(n * n for n in lengths))
-    own = placer.best_ttft_s(ask, prefill, decode)
+    own = placer.chosen_ttft_s(ask, prefill, decode, held)
+    behind_queue = own if not lengths else placer.chosen_ttft_s(
+        ask, prefill, decode, held, sum(lengths), sum(n * n for n in lengths))
     free = sum(max(0, placer.max_num_seqs - d.batch) for d in decode)
     short = len(ahead) + 1 - free
     seat_wait = short / finish_rate if short > 0 and finish_rate > 0 else 0.0

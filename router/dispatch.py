@@ -144,14 +144,13 @@ class Dispatcher:
         load = self.d_load.get(report.worker)
         if load is not None:
             load.report(report.num_running, report.num_waiting, report.num_free_blocks,
-                        report.kv_usage, report.context_tokens)
+                        report.kv_usage, report.context_tokens, self.clock())
             self.metrics.set_kv_usage(report.worker, report.kv_usage)
 
     # -- prompt tokens queued on the workers that prefill them -------------------------------
     def _enqueue(self, request_id: str, load: PrefillLoad | DecodeLoad, transfer_id: int,
                  n: int) -> None:
-        load.queued_tokens += n
-        load.queued_attention += n * n
+        load.enqueue(n, self.clock())
         self._queued[transfer_id] = (request_id, load, n)
 
     def dequeue(self, transfer_id: int) -> None:
@@ -160,8 +159,14 @@ class Dispatcher:
         entry = self._queued.pop(transfer_id, None)
         if entry is not None:
             _, load, n = entry
-            load.queued_tokens -= n
-            load.queued_attention -= n * n
+            load.dequeue(n)
+
+    def prefill_step_ended(self, worker: str, tokens: int) -> None:
+        """Prefill worker ``worker`` ended a step of ``tokens`` prompt tokens (the first
+        first token of the step reports it, before any of the step's prompts dequeue)."""
+        load = self.p_load.get(worker)
+        if load is not None:
+            load.step_ended(tokens, self.clock())
 
     def dequeue_request(self, request_id: str, worker: str) -> None:
         """Every attempt of ``request_id`` still queued on ``worker``."""

@@ -4,11 +4,18 @@ prefill, decode worker) choice with its predicted TTFT and TPOT, best first.
 Predictions come from the cost model (``router.cost_model``) over the router's view of the
 pools (``router.policy``'s loads):
 
-- TTFT on a prefill worker P: the prompt tokens queued on P, then this prompt, in steps of
-  ``max_batch_tokens`` (pdserve streams the first token the moment P samples it, before the
-  KV moves, so the transfer is not part of TTFT; it delays the second token).
-- TTFT with local prefill on a decode worker D: D's queued prompt tokens and this prompt, in
-  mixed steps of what D's decode batch leaves of the step's token budget.
+- TTFT on a prefill worker P: what is left of the step P runs (``PrefillLoad``: which
+  prompts it holds and when it began), then the prompt tokens queued beyond it, those
+  expected to reach P before the next step begins (P's recent token rate times the wait),
+  and this prompt, in steps of ``max_batch_tokens`` (pdserve streams the first token the
+  moment P samples it, before the KV moves, so the transfer is not part of TTFT; it delays
+  the second token). Without the step in progress and the prompts that join the next one,
+  a worker that is always busy reads as idle: on the CPU demo at half its capacity the
+  TTFT prediction fell 0.5 short of the measurement in the median (2026-12-07).
+- TTFT with local prefill on a decode worker D: what is left of D's step (it began at D's
+  last step report), then D's queued prompt tokens beyond that step's chunk, the tokens
+  expected meanwhile, and this prompt, in mixed steps of what D's decode batch leaves of
+  the step's token budget.
 - TPOT on D: D's step at the batch it would join (the sequences it runs or has promised a
   seat to, plus this one), mixed with the prompt chunks D still has to prefill locally.
 
@@ -26,12 +33,20 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pdserve.engine.config import blocks_for
 from pdserve.router.cost_model import CostModel
-from pdserve.router.policy import DecodeLoad, PrefillLoad
+from pdserve.router.policy import (
+    DecodeLoad,
+    LocalPrefillRule,
+    PrefillLoad,
+    PromptQueue,
+    pick_prefill,
+    prefill_locally,
+)
 from pdserve.router.slo import ValidSlo
 
 
@@ -69,8 +84,11 @@ class Placer:
     """Predicts and ranks placements; holds no state of its own beyond its configuration."""
 
     def __init__(self, model: CostModel, max_num_seqs: int, block_size: int,
-                 local_prefill: bool) -> None:
+                 local_prefill: bool, clock: Callable[[], float] = time.monotonic,
+                 rule: LocalPrefillRule | None = None) -> None:
         self.model = model
+        self.rule = rule  # the static thresholds (overrides), where set
+        self.clock = clock  # the router's: the loads' step times are on it
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
         self.local_prefill = local_prefill  # decode workers may prefill prompts themselves
@@ -84,14 +102,47 @@ class Placer:
 
     def remote_ttft_s(self, p: PrefillLoad, num_tokens: int, extra_tokens: int = 0,
                       extra_attention: int = 0) -> float:
-        """TTFT on prefill worker ``p`` with ``extra_tokens`` more queued ahead of it."""
-        return self.model.queue_prefill_s(p.queued_tokens + extra_tokens,
-                                          p.queued_attention + extra_attention, num_tokens,
-                                          p.name)
+        """TTFT on prefill worker ``p`` with ``extra_tokens`` more queued ahead of it: what
+        is left of the step it runs, then the prompts queued beyond that step and this one
+        (with the tokens expected to reach ``p`` before the next step begins)."""
+        m = self.model
+        queued, attention = p.queued_tokens, p.queued_attention
+        wait = 0.0
+        if p.step_tokens > 0:
+            running = min(p.step_tokens, m.max_batch_tokens)
+            running_att = p.step_attention * running // p.step_tokens
+            end = p.step_started + m.prefill_step_s(running, running_att, p.name)
+            wait = max(0.0, end - self.clock())
+            queued, attention = queued - running, attention - running_att
+        queued, attention = self._joining(p, wait, num_tokens, queued, attention)
+        return wait + m.queue_prefill_s(queued + extra_tokens, attention + extra_attention,
+                                        num_tokens, p.name)
 
-    def local_ttft_s(self, d: DecodeLoad, num_tokens: int) -> float:
-        return self.model.local_prefill_s(d.queued_tokens, d.queued_attention, num_tokens,
-                                          d.batch, d.context, d.name)
+    def local_ttft_s(self, d: DecodeLoad, num_tokens: int, extra_tokens: int = 0,
+                     extra_attention: int = 0) -> float:
+        """TTFT on decode worker ``d`` prefilling the prompt itself: what is left of the
+        step it runs, then its queued prompt tokens beyond that step's chunk and this
+        prompt, in mixed steps."""
+        m = self.model
+        queued, attention = d.queued_tokens, d.queued_attention
+        wait = 0.0
+        if d.batch > 0 or queued > 0:
+            wait = max(0.0, d.reported_at + self.current_step_s(d) - self.clock())
+            if queued > 0:
+                chunk = min(queued, max(1, m.max_batch_tokens - d.batch))
+                chunk_att = attention * chunk // queued
+                queued, attention = queued - chunk, attention - chunk_att
+        queued, attention = self._joining(d, wait, num_tokens, queued, attention)
+        return wait + m.local_prefill_s(queued + extra_tokens, attention + extra_attention,
+                                        num_tokens, d.batch, d.context, d.name)
+
+    def _joining(self, q: PromptQueue, wait_s: float, num_tokens: int, queued: int,
+                 attention: int) -> tuple[int, int]:
+        """``queued`` and ``attention`` with the prompt tokens expected to reach ``q`` in
+        the next ``wait_s`` seconds added (they join the step this prompt waits for; their
+        attention counted as if their prompts were this one's length)."""
+        join = int(q.arrivals.rate(self.clock()) * wait_s)
+        return max(0, queued) + join, max(0, attention) + join * num_tokens
 
     def step_s(self, d: DecodeLoad, num_tokens: int, local_tokens: int = 0) -> float:
         """D's step once the request joins, with ``local_tokens`` more prompt tokens for D
@@ -115,31 +166,50 @@ class Placer:
                                        int(attention * chunk / queued), d.name)
 
     def options(self, ask: Ask, prefill: Iterable[PrefillLoad], decode: Iterable[DecodeLoad],
-                held_tpot_s: Mapping[str, Sequence[float]]) -> list[Placement]:
+                held_tpot_s: Mapping[str, Sequence[float]], extra_tokens: int = 0,
+                extra_attention: int = 0) -> list[Placement]:
         """Every placement on a decode worker with room, best first. ``held_tpot_s``: per
-        decode worker, the TPOT objectives (seconds, sorted) of the requests it holds."""
+        decode worker, the TPOT objectives (seconds, sorted) of the requests it holds;
+        ``extra_tokens``: prompt tokens served before this one (admission's view of the
+        wait queue ahead of it). Where the static thresholds are set (``rule``), they alone
+        decide between a prefill worker and local prefill."""
         pools = list(prefill)
         n = ask.num_tokens
+        local, remote = self.local_prefill or not pools, bool(pools)
+        if pools and self.rule is not None and self.rule.enabled:
+            local = prefill_locally(n, pick_prefill(pools), self.rule)
+            remote = not local
         out = []
         for d in decode:
             if not self.has_room(d, n):
                 continue
             held = held_tpot_s.get(d.name, ())
             now_s = self.current_step_s(d)
-            if pools:
+            if remote:
                 step = self.step_s(d, n)
                 harm = breaks(held, now_s, step)
                 for p in pools:
-                    ttft = self.remote_ttft_s(p, n)
+                    ttft = self.remote_ttft_s(p, n, extra_tokens, extra_attention)
                     second = ttft + self.model.transfer_s(n, (p.name, d.name)) + step
                     out.append(self._rate(ask, d.name, p.name, ttft, step, second, harm))
-            if self.local_prefill or not pools:
-                ttft = self.local_ttft_s(d, n)
+            if local:
+                ttft = self.local_ttft_s(d, n, extra_tokens, extra_attention)
                 step = self.step_s(d, n, n)
                 out.append(self._rate(ask, d.name, None, ttft, step, ttft + step,
                                       breaks(held, now_s, step)))
         out.sort(key=lambda o: (not o.feasible, o.harm, -o.score, o.second_token_s))
         return out
+
+    def chosen_ttft_s(self, ask: Ask, prefill: Iterable[PrefillLoad],
+                      decode: Iterable[DecodeLoad], held_tpot_s: Mapping[str, Sequence[float]],
+                      extra_tokens: int = 0, extra_attention: int = 0) -> float:
+        """The TTFT of the placement ``options`` ranks first (the one the scheduler takes),
+        or, where no decode worker has room now, the lowest TTFT any worker could give."""
+        prefill, decode = list(prefill), list(decode)
+        opts = self.options(ask, prefill, decode, held_tpot_s, extra_tokens, extra_attention)
+        if opts:
+            return opts[0].ttft_s
+        return self.best_ttft_s(ask, prefill, decode, extra_tokens, extra_attention)
 
     def best_ttft_s(self, ask: Ask, prefill: Iterable[PrefillLoad],
                     decode: Iterable[DecodeLoad], extra_tokens: int = 0,
@@ -150,10 +220,7 @@ class Placer:
         pools = list(prefill)
         best = [self.remote_ttft_s(p, n, extra_tokens, extra_attention) for p in pools]
         if self.local_prefill or not pools:
-            for d in decode:
-                best.append(self.model.local_prefill_s(
-                    d.queued_tokens + extra_tokens, d.queued_attention + extra_attention, n,
-                    d.batch, d.context, d.name))
+            best += [self.local_ttft_s(d, n, extra_tokens, extra_attention) for d in decode]
         return min(best, default=math.inf)
 
     @staticmethod

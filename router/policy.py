@@ -12,27 +12,78 @@ thresholds; under ``slo`` the thresholds, when set, override the cost model's ch
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pdserve.router.rates import Rate
 
 
 @dataclass
-class PrefillLoad:
-    """The router's running estimate of one prefill worker's queue: prompt tokens handed to
-    it and not prefilled yet, and their attention work (sum of n^2 per prompt, the cost
-    model's term)."""
+class PromptQueue:
+    """Prompt tokens a worker was handed and has not prefilled yet, their attention work
+    (sum of n^2 per prompt, the cost model's term), and the rate at which prompt tokens
+    have been handed to it (those expected to join its next step)."""
 
     name: str
     queued_tokens: int = 0
     queued_attention: int = 0
+    arrivals: Rate = field(default_factory=Rate, repr=False, compare=False)
+
+    def enqueue(self, n: int, now: float) -> None:
+        self.queued_tokens += n
+        self.queued_attention += n * n
+        self.arrivals.observe(now, n)
+
+    def dequeue(self, n: int) -> None:
+        self.queued_tokens -= n
+        self.queued_attention -= n * n
 
 
 @dataclass
-class DecodeLoad:
+class PrefillLoad(PromptQueue):
+    """The router's running estimate of one prefill worker's queue, and of the step it runs
+    now: the prompt tokens queued when that step began (0: idle) and when (router clock). A
+    step begins when a prompt reaches an idle worker, and when a step ends (its first first
+    token carries its ``StepTiming``) with prompts still queued; the prompts handed over
+    during a step wait for the next one."""
+
+    step_tokens: int = 0
+    step_attention: int = 0
+    step_started: float = 0.0
+
+    def enqueue(self, n: int, now: float) -> None:
+        super().enqueue(n, now)
+        if self.step_tokens <= 0:
+            self._begin(self.queued_tokens, now)
+
+    def dequeue(self, n: int) -> None:
+        super().dequeue(n)
+        if self.queued_tokens <= 0:
+            self.step_tokens = self.step_attention = 0
+        else:
+            self.step_tokens = min(self.step_tokens, self.queued_tokens)
+
+    def step_ended(self, tokens: int, now: float) -> None:
+        """A step of ``tokens`` prompt tokens ended now (before its prompts are dequeued):
+        what is queued beyond them makes the next step."""
+        self._begin(self.queued_tokens - tokens, now)
+
+    def _begin(self, tokens: int, now: float) -> None:
+        if tokens <= 0 or self.queued_tokens <= 0:
+            self.step_tokens = self.step_attention = 0
+            return
+        self.step_tokens = min(tokens, self.queued_tokens)
+        self.step_attention = self.queued_attention * self.step_tokens // self.queued_tokens
+        self.step_started = now
+
+
+@dataclass
+class DecodeLoad(PromptQueue):
     """What one decode worker last reported, plus the leases granted since (counted the
     moment they are granted, so a burst does not all land on one worker before it reports
-    a step), plus the prompts it prefills itself that have not produced a first token."""
+    a step), plus the prompts it prefills itself that have not produced a first token
+    (``PromptQueue``). A decode worker that holds sequences steps without pause, so its
+    current step began about when it sent its last report (``reported_at``)."""
 
-    name: str
     num_running: int = 0
     num_free_blocks: int = 0
     kv_usage: float = 0.0
@@ -41,9 +92,8 @@ class DecodeLoad:
     granted: int = 0  # leases granted since the last report ...
     granted_blocks: int = 0  # ... the blocks they hold ...
     granted_tokens: int = 0  # ... and their context
-    queued_tokens: int = 0  # local prefill: prompt tokens handed to it, not prefilled yet
-    queued_attention: int = 0
     known: bool = False  # its free blocks were reported (or read from its stats) at least once
+    reported_at: float = 0.0  # router clock of the last step report
 
     @property
     def batch(self) -> int:
@@ -64,8 +114,11 @@ class DecodeLoad:
         self.granted_tokens += tokens
 
     def report(self, num_running: int, num_waiting: int, num_free_blocks: int,
-               kv_usage: float, context_tokens: int) -> None:
-        """A step report: it counts every lease granted before it was made."""
+               kv_usage: float, context_tokens: int, now: float | None = None) -> None:
+        """A step report (made at ``now``, None: not a step's): it counts every lease
+        granted before it was made."""
+        if now is not None:
+            self.reported_at = now
         self.num_running, self.num_waiting = num_running, num_waiting
         self.num_free_blocks, self.kv_usage = num_free_blocks, kv_usage
         self.context_tokens = context_tokens

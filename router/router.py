@@ -84,11 +84,12 @@ class Router:
 
     # -- worker reports ---------------------------------------------------------------------
     def on_first_token(self, msg: FirstToken) -> None:
-        # Whether or not the request is still here (a local prefill was never queued).
-        self.dispatcher.dequeue(msg.transfer_id)
         if msg.step is not None:  # the prefill step that ended this prompt
+            self.dispatcher.prefill_step_ended(msg.worker, msg.step.tokens)
             self.model.observe_prefill_step(msg.worker, msg.step.tokens, msg.step.attention,
                                             msg.step.seconds)
+        # Whether or not the request is still here (a local prefill was never queued).
+        self.dispatcher.dequeue(msg.transfer_id)
         req = self.requests.get(msg.request_id)
         if req is None or req.done or not req.awaiting_first or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:

@@ -28,12 +28,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from pdserve.router.admission import FinishRate, TtftResidual, judge, predict_ttft
+from pdserve.router.admission import TtftResidual, judge, predict_ttft
 from pdserve.router.config import RouterConfig
 from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.placement import Ask, Placement, Placer
-from pdserve.router.policy import pick_prefill, prefill_locally
+from pdserve.router.rates import Rate
 from pdserve.router.request import Request
 from pdserve.router.waiting import WaitQueue, deadline
 
@@ -76,8 +76,9 @@ class Scheduler:
         self._queue_changed = queue_changed  # after each pump: the queue gauges
         self._spawn = spawn  # runs a coroutine on the router's loop
         self.clock = clock  # the router's (``pdserve tune``: its simulated loop's)
-        self.placer = Placer(model, cfg.max_num_seqs, cfg.block_size, cfg.decode_prefills)
-        self.finishes = FinishRate()
+        self.placer = Placer(model, cfg.max_num_seqs, cfg.block_size, cfg.decode_prefills,
+                             clock, cfg.local_prefill)
+        self.finishes = Rate()  # requests finished per second
         self.residual = TtftResidual()
         self.waiting = WaitQueue(cfg.scheduler)
         self._order = itertools.count(1)  # admission numbers (Request.order)
@@ -99,7 +100,7 @@ class Scheduler:
             d = self.dispatcher
             predicted = predict_ttft(self.placer, req, self.waiting.ahead_of(req, now),
                                      d.p_load.values(), d.d_load.values(),
-                                     self.finishes.rate(now), now)
+                                     self.finishes.rate(now), now, self._held_tpot())
             predicted = max(now - req.arrival,
                             predicted + self.residual.get(req.slo.class_name, now))
             verdict = judge(req, predicted)
@@ -207,10 +208,6 @@ class Scheduler:
             p = d.prefill_worker_for(n)
             return Placement(w.name, p.name if p else None, 0.0, 0.0, 0.0, True, 0.0)
         options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, held)
-        rule = self.cfg.local_prefill
-        if rule.enabled and d.p_load:  # the static thresholds, where set, decide
-            local = prefill_locally(n, pick_prefill(d.p_load.values()), rule)
-            options = [o for o in options if (o.prefill is None) == local]
         if not options:
             return None
         best = options[0]

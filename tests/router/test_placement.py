@@ -9,10 +9,11 @@ import math
 import pytest
 
 from pdserve.engine.sequence import SamplingParams
-from pdserve.router.admission import FinishRate, TtftResidual, judge, predict_ttft
+from pdserve.router.admission import TtftResidual, judge, predict_ttft
 from pdserve.router.cost_model import CostModel, LinearFit, Profile, TransferFit
 from pdserve.router.placement import Ask, Placer
 from pdserve.router.policy import DecodeLoad, PrefillLoad
+from pdserve.router.rates import Rate
 from pdserve.router.request import Request
 from pdserve.router.slo import ValidSlo
 from pdserve_testing.detok import CharDetok
@@ -24,8 +25,11 @@ PROFILE = Profile(
 )
 
 
-def placer(local: bool = True, seats: int = 8) -> Placer:
-    return Placer(CostModel(PROFILE), max_num_seqs=seats, block_size=16, local_prefill=local)
+def placer(local: bool = True, seats: int = 8, clock: list[float] | None = None) -> Placer:
+    """``clock``: a one-element list holding the router's time (the loads' step times)."""
+    now = clock if clock is not None else [0.0]
+    return Placer(CostModel(PROFILE), max_num_seqs=seats, block_size=16, local_prefill=local,
+                  clock=lambda: now[0])
 
 
 def free(name: str, running: int = 0, blocks: int = 1000) -> DecodeLoad:
@@ -111,6 +115,18 @@ def test_admission_counts_the_queue_ahead_and_the_time_waited() -> None:
         pytest.approx(0.1 + 0.22)
 
 
+def test_admission_predicts_the_placement_the_scheduler_takes_not_the_fastest() -> None:
+    pl = placer(local=True)
+    ps, ds = [PrefillLoad("p0", queued_tokens=200)], [free("d0", running=3)]
+    req = Request("r", list(range(50)), SamplingParams(), (), ValidSlo(1000, 30, "c", 0),
+                  0.0, CharDetok())  # type: ignore[arg-type]
+    # Local prefill is sooner (what is left of D's 23 ms step, then a 73 ms mixed step)
+    # but its 73 ms step misses the 30 ms TPOT objective: the request goes to p0, behind
+    # 200 queued tokens (3 steps: 30 ms + 250 ms).
+    assert pl.best_ttft_s(Ask(50, req.slo), ps, ds) == pytest.approx(0.023 + 0.073)
+    assert predict_ttft(pl, req, [], ps, ds, 0.0, now=0.0) == pytest.approx(0.28)
+
+
 def test_admission_waits_for_seats_at_the_finish_rate() -> None:
     pl = placer(local=False, seats=2)
     ds = [free("d0", running=2)]  # no seat free
@@ -128,13 +144,70 @@ def test_judge_refuses_naming_prediction_and_objective() -> None:
     assert judge(request(None), math.inf).refusal == ""
 
 
-def test_finish_rate_over_the_window() -> None:
-    fr = FinishRate(window_s=10.0)
+def test_rate_over_the_window() -> None:
+    fr = Rate(window_s=10.0)
     assert fr.rate(0.0) == 0.0
     for t in range(20):
         fr.observe(t * 0.5)  # 2 a second
     assert fr.rate(10.0) == pytest.approx(2.0, rel=0.1)
     assert fr.rate(100.0) == 0.0  # all outside the window
+    tokens = Rate(window_s=10.0)
+    for t in range(10):
+        tokens.observe(float(t), 64)
+    assert tokens.rate(10.0) == pytest.approx(64.0)
+
+
+def test_a_prompt_waits_for_the_step_in_progress_not_for_every_prompt_queued() -> None:
+    now = [0.0]
+    pl = placer(local=False, clock=now)
+    p = PrefillLoad("p0")
+    p.enqueue(90, now=0.0)  # reaches an idle worker: its step of 90 begins (0.1 s)
+    assert (p.step_tokens, p.step_started) == (90, 0.0)
+    now[0] = 0.05
+    # 0.05 s left of that step, then a step of this prompt's 20 tokens alone (30 ms); a
+    # queue of 90 + 20 tokens in steps of 100 would say 2 steps: 130 ms.
+    assert pl.remote_ttft_s(p, 20) == pytest.approx(0.05 + 0.030)
+    p.enqueue(30, now=0.05)  # joins the next step, not the running one
+    assert p.step_tokens == 90
+    # 120 tokens arrived, over at least half the 10 s window: 24 a second, so 1 token is
+    # expected in the 0.05 s left; the next step holds 30 + 1 + 20.
+    assert pl.remote_ttft_s(p, 20) == pytest.approx(0.05 + 0.061)
+    now[0] = 0.1
+    p.step_ended(90, now=0.1)  # before its prompt dequeues: the 30 make the next step
+    p.dequeue(90)
+    assert (p.step_tokens, p.step_started, p.queued_tokens) == (30, 0.1, 30)
+    p.dequeue(30)  # aborted: the worker is idle
+    assert p.step_tokens == 0
+    assert pl.remote_ttft_s(p, 20) == pytest.approx(0.030)
+
+
+def test_tokens_expected_during_the_wait_join_the_next_step() -> None:
+    now = [0.0]
+    pl = placer(local=False, clock=now)
+    p = PrefillLoad("p0")
+    for i in range(50):  # 10 tokens every 100 ms for 4.9 s
+        now[0] = i * 0.1
+        p.enqueue(10, now=now[0])
+        p.step_ended(10, now=now[0])
+        p.dequeue(10)
+    p.enqueue(90, now=now[0])  # a step of 90 (0.1 s) begins
+    quiet = pl.remote_ttft_s(PrefillLoad("p1"), 20)
+    # 590 tokens over 5 s (half the window at least): 118 a second; in the 0.1 s left of
+    # the step, 11 are expected and join this prompt's step (20 + 11 tokens)
+    assert pl.remote_ttft_s(p, 20) == pytest.approx(0.1 + 0.010 + 0.031)
+    assert quiet == pytest.approx(0.030)
+
+
+def test_local_prefill_waits_for_the_decode_step_in_progress() -> None:
+    now = [0.0]
+    pl = placer(clock=now)
+    d = free("d0")
+    d.report(3, 0, 1000, 0.1, 0, now=1.0)  # 3 running: a step of 23 ms began at 1.0
+    now[0] = 1.01
+    # 13 ms left, then a mixed step of 3 sequences and 20 prompt tokens: 23 + 20 ms
+    assert pl.local_ttft_s(d, 20) == pytest.approx(0.013 + 0.043)
+    now[0] = 1.5  # the step overran the prediction: no wait left to add
+    assert pl.local_ttft_s(d, 20) == pytest.approx(0.043)
 
 
 def test_the_ttft_residual_learns_each_class_its_error() -> None:

@@ -20,8 +20,9 @@ def test_pick_prefill_least_queued() -> None:
 
 
 def test_decode_order_by_free_kv() -> None:
-    ws = [DecodeLoad("d0", 4, kv_usage=0.5), DecodeLoad("d1", 9, kv_usage=0.1),
-          DecodeLoad("d2", 1, kv_usage=0.1)]
+    ws = [DecodeLoad("d0", num_running=4, kv_usage=0.5),
+          DecodeLoad("d1", num_running=9, kv_usage=0.1),
+          DecodeLoad("d2", num_running=1, kv_usage=0.1)]
     assert [w.name for w in decode_order(ws)] == ["d2", "d1", "d0"]
 
 
