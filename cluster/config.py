@@ -163,6 +163,13 @@ class ServeConfig:
     frontends: int = knob(1, "gRPC frontend processes sharing --port (SO_REUSEPORT); each "
                           "client connection is served by one", SERVER, minimum=1)
     namespace: str = knob("pdserve", "Ray namespace; also prefixes actor names", DEPLOYMENT)
+    prefill_resource: str = knob(
+        "", "a Ray custom resource each prefill worker asks one unit of, to place the pool "
+        "on the nodes that offer it (e.g. pdserve_prefill); empty: any node with a GPU",
+        DEPLOYMENT, metavar="NAME")
+    decode_resource: str = knob(
+        "", "the same for each decode worker (colocated replicas too), e.g. pdserve_decode",
+        DEPLOYMENT, metavar="NAME")
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelSpec):

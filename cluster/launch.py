@@ -12,12 +12,11 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ServeConfig
-from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.model_files import cache_dir
 from pdserve.engine.weights import load_model_config
-from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.frontend import Frontend
 from pdserve.router.server import RouterService
 
@@ -155,17 +154,18 @@ def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
 
     def worker(cls: type, role: str, i: int) -> tuple[str, Any]:
         name = f"{role}-{i}"
+        resource = cfg.prefill_resource if role == "prefill" else cfg.decode_resource
         handle: Any = (
             ray.remote(cls)
             .options(name=f"{ns}-{name}", num_cpus=1, num_gpus=gpus, max_concurrency=16,
-                     runtime_env=WORKER_ENV)
+                     resources={resource: 1} if resource else None, runtime_env=WORKER_ENV)
             .remote(name, cfg.worker_config(role, cpus), router)
         )
         return name, handle
 
     prefill = {} if cfg.colocated else dict(
-        worker(PrefillWorker, "prefill", i) for i in range(cfg.num_prefill))
-    decode = dict(worker(DecodeWorker, "decode", i) for i in range(cfg.num_decode))
+        worker(PrefillActor, "prefill", i) for i in range(cfg.num_prefill))
+    decode = dict(worker(DecodeActor, "decode", i) for i in range(cfg.num_decode))
     ray.get([h.start.remote() for h in [*prefill.values(), *decode.values()]])
     ray.get(router.attach.remote(prefill, decode))
     ray.get(router.open_channels.remote())

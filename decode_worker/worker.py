@@ -99,7 +99,7 @@ class DecodeWorker:
             try:
                 ch = open_receiver(
                     store=store, name=name, spec=spec, device=self.runner.device,
-                    timeout_s=timeout, owns_store=True,
+                    timeout_s=timeout, gloo_host=self.cfg.host, owns_store=True,
                 )
             except Exception:
                 log.exception("channel %s failed to open", name)

@@ -209,7 +209,9 @@ class WorkerConfig:
     max_num_seqs: int = MAX_NUM_SEQS  # in one step (prefill) or one running batch (decode)
     lease_timeout_s: float = LEASE_TIMEOUT_S  # decode: an unfilled reservation expires
     transfer_timeout_s: float = TRANSFER_TIMEOUT_S  # KV channel operations
-    host: str = HOST  # address the decode side's channel store binds to
+    # The address this worker's KV channel endpoints bind to (the decode side's store and
+    # doorbell, either side's Gloo device); a Ray-hosted worker sets its node's.
+    host: str = HOST
     # A decode worker that also prefills the prompts the router hands it (``submit``): all
     # of them in colocated mode, the short ones or the overflow under conditional
     # disaggregation. Its warm-up then compiles the prefill shapes too.

@@ -80,7 +80,8 @@ class PrefillWorker:
         timeout = self.cfg.transfer_timeout_s
         ch = open_sender(
             store=connect_store(host, port, timeout), name=channel, spec=self.channel_spec(),
-            device=self.runner.device, timeout_s=timeout, owns_store=True,
+            device=self.runner.device, timeout_s=timeout, gloo_host=self.cfg.host,
+            owns_store=True,
         )
         with self._cv:  # shutdown() aborts the channels it finds here; a later one, we do
             if not self._stop:

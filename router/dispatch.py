@@ -63,6 +63,8 @@ class Dispatcher:
         # are their sums per worker, kept by _enqueue and dequeue alone.
         self._queued: dict[int, tuple[str, PrefillLoad | DecodeLoad, int]] = {}
         self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # (prefill, decode) -> host:port of the decode worker's store the channel opened at
+        self.endpoints: dict[tuple[str, str], str] = {}
 
     async def dispatch(self, req: Request) -> bool:
         """``fifo``: lease blocks on the first decode worker (``policy.decode_order``) that
@@ -211,4 +213,5 @@ class Dispatcher:
     async def _open_channel(self, p: str, d: str) -> None:
         host, port, name = await self.decode[d].host_channel.remote(p)
         await self.prefill[p].connect.remote(d, host, port, name)
-        log.info("KV channel %s -> %s open", p, d)
+        self.endpoints[(p, d)] = f"{host}:{port}"
+        log.info("KV channel %s -> %s open (store %s:%d)", p, d, host, port)

@@ -86,6 +86,12 @@ class RouterService:
         assert self.router is not None
         await self.router.open_channels()
 
+    async def channel_endpoints(self) -> dict[str, str]:
+        """'prefill->decode': the host:port each KV channel opened at (the decode worker's
+        store, on that worker's node)."""
+        assert self.router is not None
+        return {f"{p}->{d}": e for (p, d), e in self.router.dispatcher.endpoints.items()}
+
     async def set_serving(self) -> None:
         """Workers are warm: the frontends report SERVING."""
         await asyncio.gather(*(f.set_serving.remote(True) for f in self.frontends))
