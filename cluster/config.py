@@ -155,7 +155,9 @@ class ServeConfig:
         GPU_MEMORY_UTILIZATION, "CUDA, automatic KV pool size (0 blocks): the share of the "
         "GPU's memory a worker may hold (weights, activations, graphs, KV)", WORKERS,
         above=0.0, maximum=1.0)
-    host: str = knob(HOST, "address to listen on", SERVER)
+    host: str = knob(HOST, "address the gRPC frontends listen on", SERVER)
+    metrics_host: str = knob(HOST, "address /metrics listens on (apart from --host, so "
+                             "serving gRPC on 0.0.0.0 does not publish the metrics)", SERVER)
     port: int = knob(50051, "gRPC port; 0: any free port", SERVER, minimum=0, maximum=65535)
     metrics_port: int = knob(9400, "Prometheus /metrics port; 0: any free port, -1: none",
                              SERVER, minimum=-1, maximum=65535)
@@ -300,6 +302,7 @@ class ServeConfig:
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,
             frontends=self.frontends, slo_classes=self.slo_class_set(),
+            metrics_host=self.metrics_host,
         )
 
     # -- YAML -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ GPU_MEMORY_UTILIZATION = 0.85  # share of the GPU an automatically sized worker 
 LAYERWISE_TRANSFER = True  # a prefill worker sends layer l's KV while layer l+1 computes
 CPU_PREFILL_BLOCKS = 512  # KV pool of a prefill worker on CPU (no device memory to size from)
 CPU_DECODE_BLOCKS = 1024  # and of a decode worker
-HOST = "127.0.0.1"  # address the router and the workers' channel stores listen on
+HOST = "127.0.0.1"  # default address of the gRPC frontends, /metrics and the workers' channels
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.engine.config import BLOCK_SIZE, MAX_BATCH_TOKENS, MAX_NUM_SEQS, ModelConfig, ModelSpec
+from pdserve.engine.config import (
+    BLOCK_SIZE,
+    HOST,
+    MAX_BATCH_TOKENS,
+    MAX_NUM_SEQS,
+    ModelConfig,
+    ModelSpec,
+)
 from pdserve.router.cost_model import Profile
 from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.slo import SloClasses
@@ -61,3 +68,4 @@ class ServerConfig:
     mode: str  # disaggregated or colocated
     frontends: int  # gRPC frontend processes sharing the port
     slo_classes: SloClasses = field(default_factory=SloClasses)
+    metrics_host: str = HOST  # /metrics listens here, apart from the gRPC address

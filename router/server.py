@@ -66,7 +66,7 @@ class RouterService:
         )
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.start_http_server(
-                self.cfg.metrics_port, self.cfg.host
+                self.cfg.metrics_port, self.cfg.metrics_host
             )
         return self.metrics_port
 

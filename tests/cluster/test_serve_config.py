@@ -93,3 +93,10 @@ def test_a_yaml_preset_means_dummy_weights(tmp_path: Path) -> None:
     path.write_text("model:\n  preset: tiny\n  path: /models/x.gguf\n")
     with pytest.raises(ValueError, match="dummy model reads no path"):
         ServeConfig.from_yaml(path)
+
+
+def test_metrics_stay_on_localhost_when_grpc_listens_everywhere() -> None:
+    server = ServeConfig(host="0.0.0.0").server_config(PRESETS["tiny"])
+    assert (server.host, server.metrics_host) == ("0.0.0.0", "127.0.0.1")
+    opened = ServeConfig(metrics_host="0.0.0.0").server_config(PRESETS["tiny"])
+    assert opened.metrics_host == "0.0.0.0"
