@@ -271,6 +271,12 @@ class CostModel:
             return 0.0
         return self.decode_fit(batch, context) * self._scale(worker)
 
+    def prefill_token_s(self, worker: str | None = None) -> float:
+        """What one more prompt token adds to a step (the prefill fit's b, corrected)."""
+        if self.prefill_fit is None:
+            return 0.0
+        return self.prefill_fit.b * self._scale(worker)
+
     def mixed_step_s(self, batch: int, context: int, prefill_tokens: int,
                      prefill_attention: int, worker: str | None = None) -> float:
         """A decode step with ``prefill_tokens`` prompt tokens mixed in (local prefill)."""

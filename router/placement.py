@@ -16,8 +16,12 @@ pools (``router.policy``'s loads):
   last step report), then D's queued prompt tokens beyond that step's chunk, the tokens
   expected meanwhile, and this prompt, in mixed steps of what D's decode batch leaves of
   the step's token budget.
-- TPOT on D: D's step at the batch it would join (the sequences it runs or has promised a
-  seat to, plus this one), mixed with the prompt chunks D still has to prefill locally.
+- TPOT on D: D's mean step while the request decodes, at the batch it would join (the
+  sequences it runs or has promised a seat to, plus this one), stretched by the share of
+  D's time the prompt chunks it prefills itself take (their recent token rate, plus this
+  prompt under local prefill). The step with this prompt's own chunk in it is one step of
+  the many the request decodes in: taken as the TPOT it read twice the measured TPOT in
+  colocated mode on an H100 (docs/benchmarks.md, 2026-12-07).
 
 A choice is feasible when both predictions meet the request's own objectives. Its harm is
 the number of requests already on D whose TPOT objective the choice would break: objectives
@@ -49,6 +53,10 @@ from pdserve.router.policy import (
 )
 from pdserve.router.slo import ValidSlo
 
+# The largest share of a decode worker's time its prompt chunks are taken to use (beyond
+# it the worker is overloaded, and the TPOT prediction is capped at 10x the decode step).
+MAX_PREFILL_SHARE = 0.9
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -57,7 +65,7 @@ class Placement:
     decode: str
     prefill: str | None  # None: the decode worker prefills the prompt itself
     ttft_s: float  # from dispatch to the first token
-    tpot_s: float
+    tpot_s: float  # D's mean step while the request decodes (Placer.tpot_s)
     second_token_s: float  # ttft + the KV transfer (remote prefill) + one decode step
     feasible: bool  # both predictions meet the request's own objectives
     score: float  # larger is better
@@ -151,6 +159,26 @@ class Placer:
                             d.queued_tokens + local_tokens,
                             d.queued_attention + local_tokens * local_tokens)
 
+    def tpot_s(self, d: DecodeLoad, num_tokens: int, local_tokens: int = 0) -> float:
+        """The request's TPOT on D: D's mean step over its decode, at the batch it joins.
+        A decode worker that prefills prompts mixes their chunks into its steps; with
+        prompt tokens reaching D at a rate r (``DecodeLoad.arrivals``) and each costing
+        b seconds, a step of decode time s carries r·T tokens on average, so
+        T = s + b·r·T, T = s / (1 - b·r). ``local_tokens``: this request's own prompt,
+        which joins the rate (over the rate's window)."""
+        return self._tpot_s(d, d.batch + 1, d.context + num_tokens, local_tokens)
+
+    def current_tpot_s(self, d: DecodeLoad) -> float:
+        """The same for the requests D holds, its batch as it stands (0.0 while empty)."""
+        if d.batch <= 0:
+            return 0.0
+        return self._tpot_s(d, d.batch, d.context, 0)
+
+    def _tpot_s(self, d: DecodeLoad, batch: int, context: int, local_tokens: int) -> float:
+        rate = d.arrivals.rate(self.clock()) + local_tokens / d.arrivals.window_s
+        share = min(MAX_PREFILL_SHARE, self.model.prefill_token_s(d.name) * rate)
+        return self.model.decode_step_s(batch, context, d.name) / (1.0 - share)
+
     def current_step_s(self, d: DecodeLoad) -> float:
         """D's step as its batch stands (0.0 while it holds nothing)."""
         if d.batch <= 0 and d.queued_tokens <= 0:
@@ -184,19 +212,20 @@ class Placer:
             if not self.has_room(d, n):
                 continue
             held = held_tpot_s.get(d.name, ())
-            now_s = self.current_step_s(d)
+            now_s = self.current_tpot_s(d)
             if remote:
+                tpot = self.tpot_s(d, n)
+                harm = breaks(held, now_s, tpot)
                 step = self.step_s(d, n)
-                harm = breaks(held, now_s, step)
                 for p in pools:
                     ttft = self.remote_ttft_s(p, n, extra_tokens, extra_attention)
                     second = ttft + self.model.transfer_s(n, (p.name, d.name)) + step
-                    out.append(self._rate(ask, d.name, p.name, ttft, step, second, harm))
+                    out.append(self._rate(ask, d.name, p.name, ttft, tpot, second, harm))
             if local:
                 ttft = self.local_ttft_s(d, n, extra_tokens, extra_attention)
-                step = self.step_s(d, n, n)
-                out.append(self._rate(ask, d.name, None, ttft, step, ttft + step,
-                                      breaks(held, now_s, step)))
+                tpot = self.tpot_s(d, n, n)
+                out.append(self._rate(ask, d.name, None, ttft, tpot,
+                                      ttft + self.step_s(d, n, n), breaks(held, now_s, tpot)))
         out.sort(key=lambda o: (not o.feasible, o.harm, -o.score, o.second_token_s))
         return out
 

@@ -236,3 +236,20 @@ def test_the_ttft_residual_fades_once_its_class_is_refused() -> None:
     res.observe("c", predicted_s=0.25, measured_s=0.5, now=40.0)  # from what is left
     assert res.get("c", 40.0) == pytest.approx(0.5)
     assert res.get("c", 60.0) == pytest.approx(0.5)  # served again: held
+
+
+def test_tpot_spreads_the_prompt_chunks_a_decode_worker_prefills_over_its_steps() -> None:
+    now = [10.0]
+    pl = placer(clock=now)
+    d = free("d0", running=3)
+    assert pl.tpot_s(d, 10) == pytest.approx(0.024)  # no prompts reach d0: its decode step
+    for i in range(20):  # 50 prompt tokens every 0.5 s: 100 a second over the 10 s window
+        d.enqueue(50, now=i * 0.5)
+        d.dequeue(50)
+    # 1 ms a prompt token, 100 a second: a tenth of d0's time; 24 ms of decode -> 24 / 0.9
+    assert pl.tpot_s(d, 10) == pytest.approx(0.024 / 0.9)
+    # Prefilled there, this prompt's 50 tokens join the rate (5 more a second), not one
+    # step: the step holding its chunk (24 + 50 ms) is one of the many it decodes in.
+    assert pl.tpot_s(d, 10, 50) == pytest.approx(0.024 / (1 - 0.105))
+    local = pl.options(Ask(10, ValidSlo(None, None)), [], [d], {})[0]  # colocated: local
+    assert local.tpot_s == pytest.approx(0.024 / (1 - 0.101))  # its own 10 tokens join
