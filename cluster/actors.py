@@ -26,21 +26,24 @@ def on_this_node(cfg: WorkerConfig) -> WorkerConfig:
     return dataclasses.replace(cfg, host=ray.util.get_node_ip_address())
 
 
-class PrefillActor(PrefillWorker):
+class _OnNode:
+    """What both actors add: the address their channel endpoints bind to."""
+
+    cfg: WorkerConfig
+
+    def node_address(self) -> str:
+        return self.cfg.host
+
+
+class PrefillActor(_OnNode, PrefillWorker):
     """A prefill worker in a Ray actor, its channel endpoints on its node's address."""
 
     def __init__(self, name: str, cfg: WorkerConfig, router: Any) -> None:
         super().__init__(name, on_this_node(cfg), router)
 
-    def node_address(self) -> str:
-        return self.cfg.host
 
-
-class DecodeActor(DecodeWorker):
+class DecodeActor(_OnNode, DecodeWorker):
     """A decode worker in a Ray actor, its channel endpoints on its node's address."""
 
     def __init__(self, name: str, cfg: WorkerConfig, router: Any, epoch: int = 0) -> None:
         super().__init__(name, on_this_node(cfg), router, epoch)
-
-    def node_address(self) -> str:
-        return self.cfg.host

@@ -212,10 +212,10 @@ class Placer:
             if not self.has_room(d, n):
                 continue
             held = held_tpot_s.get(d.name, ())
-            now_s = self.current_tpot_s(d)
+            tpot_now = self.current_tpot_s(d)
             if remote:
                 tpot = self.tpot_s(d, n)
-                harm = breaks(held, now_s, tpot)
+                harm = breaks(held, tpot_now, tpot)
                 step = self.step_s(d, n)
                 for p in pools:
                     ttft = self.remote_ttft_s(p, n, extra_tokens, extra_attention)
@@ -225,7 +225,7 @@ class Placer:
                 ttft = self.local_ttft_s(d, n, extra_tokens, extra_attention)
                 tpot = self.tpot_s(d, n, n)
                 out.append(self._rate(ask, d.name, None, ttft, tpot,
-                                      ttft + self.step_s(d, n, n), breaks(held, now_s, tpot)))
+                                      ttft + self.step_s(d, n, n), breaks(held, tpot_now, tpot)))
         out.sort(key=lambda o: (not o.feasible, o.harm, -o.score, o.second_token_s))
         return out
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pdserve_testing.e2e import HFReference
-from pdserve_testing.nodes import RAY_ENV, loopback_cluster
+from pdserve_testing.nodes import loopback_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -57,11 +57,11 @@ print("RESULT " + json.dumps({"out": out, "nodes": nodes, "endpoints": endpoints
 def test_prefill_and_decode_on_different_nodes(default_gguf: Path,
                                                hf_reference: HFReference) -> None:
     ids = [hf_reference.tokenizer(p)["input_ids"] for p in PROMPTS]
-    with loopback_cluster([{"pdserve_prefill": 1}, {"pdserve_decode": 1}]) as address:
+    with loopback_cluster([{"pdserve_prefill": 1}, {"pdserve_decode": 1}]) as cluster:
         run = subprocess.run(
-            [sys.executable, "-P", "-c", DRIVER, address, str(default_gguf), json.dumps(ids),
-             str(MAX_TOKENS)], capture_output=True, text=True, timeout=600,
-            env={**os.environ, **RAY_ENV, "PYTHONPATH": str(SUPPORT)})
+            [sys.executable, "-P", "-c", DRIVER, cluster.address, str(default_gguf),
+             json.dumps(ids), str(MAX_TOKENS)], capture_output=True, text=True, timeout=600,
+            env={**os.environ, **cluster.env, "PYTHONPATH": str(SUPPORT)})
     assert run.returncode == 0, run.stderr[-4000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))

@@ -7,19 +7,30 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-# Ray's token authentication stays on (pdserve documents it so); a driver of the cluster runs
-# with the same environment.
+from pdserve_testing.e2e import wait_for
+
 ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # Ray's default temp dir
-RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@dataclass(frozen=True)
+class LoopbackCluster:
+    """The head's address and the environment a driver of the cluster runs with: Ray's
+    token authentication stays on (pdserve documents it so), with this cluster's token."""
+
+    address: str
+    env: Mapping[str, str]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,70 +53,91 @@ def _node_ports(ip: str) -> list[str]:
             "--object-manager-port", str(free_port(ip))]
 
 
-def _listening(host: str, port: int, timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
+STARTED = "Ray runtime started."  # what `ray start` prints once its node is registered
+ATTEMPTS = 3
+
+
+def _start_node(args: list[str], env: Mapping[str, str], log: Path,
+                timeout_s: float) -> subprocess.Popen[bytes]:
+    """``ray start --block ...`` until it reports its node registered with the GCS.
+
+    On a loaded machine a raylet can miss the 30 s Ray gives it to register, and that
+    ``ray start`` exits; its process group goes and the node starts again (fresh ports)."""
+    for _ in range(ATTEMPTS):
+        with log.open("wb") as out:
+            proc = subprocess.Popen([_ray(), "start", *args, *_node_ports(_ip(args))],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        wait_for(partial(_started, proc, log), timeout_s,
+                 what=f"ray start {' '.join(args)} (log {log})")
+        if proc.poll() is None:
+            return proc
+        _stop([proc])
+    raise AssertionError(f"ray start failed {ATTEMPTS} times; the last log:\n"
+                         + log.read_text(errors="replace")[-2000:])
+
+
+def _started(proc: subprocess.Popen[bytes], log: Path) -> bool:
+    return proc.poll() is not None or STARTED in log.read_text(errors="replace")
+
+
+def _ip(args: list[str]) -> str:
+    return args[args.index("--node-ip-address") + 1]
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for p in reversed(procs):
+        with suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
         try:
-            socket.create_connection((host, port), timeout=1.0).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"the Ray head did not listen on {host}:{port} in {timeout_s} s")
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def wait_for_nodes(expected: int, timeout_s: float = 120.0) -> None:
     """In a driver connected to the cluster: until ``expected`` nodes are alive."""
     import ray
 
-    end = time.monotonic() + timeout_s
-    alive = 0
-    while time.monotonic() < end:
-        alive = sum(1 for n in ray.nodes() if n["Alive"])
-        if alive >= expected:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{alive} of {expected} Ray nodes alive after {timeout_s} s")
+    wait_for(lambda: sum(1 for n in ray.nodes() if n["Alive"]) >= expected, timeout_s,
+             what=f"{expected} Ray nodes alive")
 
 
 @contextmanager
 def loopback_cluster(nodes: Sequence[Mapping[str, float]], num_cpus: int = 4,
-                     timeout_s: float = 120.0) -> Iterator[str]:
+                     timeout_s: float = 120.0) -> Iterator[LoopbackCluster]:
     """Start a head on 127.0.0.1 and one node per entry of ``nodes`` (its custom resources)
-    on 127.0.0.2, 127.0.0.3, ...; yields the head's address (host:port) once the head
-    listens (a driver waits for the rest with ``wait_for_nodes``)."""
+    on 127.0.0.2, 127.0.0.3, ...; yields the head's address (host:port) once every node
+    has registered (a driver sees them all with ``wait_for_nodes``)."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     # The head writes its address where a later ``ray.init()`` on this machine looks for a
     # cluster to join; the file goes back to what it was once this cluster is gone.
     before = ADDRESS_FILE.read_text() if ADDRESS_FILE.exists() else None
-    env = {**os.environ, **RAY_ENV}
+    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+               "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **ray_env}
     common = ["--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
               "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
-    procs = [subprocess.Popen(
-        [_ray(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--include-dashboard", "false", *common, *_node_ports("127.0.0.1")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)]
-    try:
-        _listening("127.0.0.1", port, timeout_s)
-        for i, resources in enumerate(nodes):
-            ip = f"127.0.0.{i + 2}"
-            procs.append(subprocess.Popen(
-                [_ray(), "start", "--address", address, "--node-ip-address", ip,
-                 "--resources", json.dumps(dict(resources)), *common, *_node_ports(ip)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True))
-        yield address
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        if before is None:
-            ADDRESS_FILE.unlink(missing_ok=True)
-        else:
-            ADDRESS_FILE.write_text(before)
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="pdserve-nodes-") as logs:
+        try:
+            # One node at a time: started together on two cores, raylets miss their deadline.
+            procs.append(_start_node(
+                ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                 "--include-dashboard", "false", *common], env, Path(logs, "head.log"),
+                timeout_s))
+            for i, resources in enumerate(nodes):
+                procs.append(_start_node(
+                    ["--address", address, "--node-ip-address", f"127.0.0.{i + 2}",
+                     "--resources", json.dumps(dict(resources)), *common], env,
+                    Path(logs, f"node-{i + 1}.log"), timeout_s))
+            yield LoopbackCluster(address, ray_env)
+        finally:
+            _stop(procs)
+            if before is None:
+                ADDRESS_FILE.unlink(missing_ok=True)
+            else:
+                ADDRESS_FILE.write_text(before)
