@@ -7,18 +7,25 @@ which records them here. All durations are seconds from monotonic clocks read in
 prometheus_client appends `_total` to counter names itself (and strips it if given), so the
 counters below are declared without it and exposed as e.g. `pdserve:prompt_tokens_total`.
 Colons are legal in metric names (reserved for recording rules by convention, used by vLLM).
+
+/metrics always answers in the classic text format (0.0.4), whatever the scraper asks for:
+prometheus_client's OpenMetrics output, which Prometheus asks for first, turns the colon of
+every sample name into an underscore (``pdserve_...``, while its HELP and TYPE lines keep
+``pdserve:...``; prometheus/client_python#1177), so no query of the dashboard would match.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
-from collections.abc import Sequence
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Sequence
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import start_http_server as _start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from pdserve.router.slo import DEFAULT_CLASS, ValidSlo
 from pdserve.router.slo_metrics import SloMetrics
@@ -45,6 +52,11 @@ KV_TRANSFER_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 )
+
+# The label values of the pool and autoscaler series (anything else is a bug: ValueError).
+ROLES = ("prefill", "decode")
+WORKER_STATES = ("serving", "draining", "starting")
+SCALING_DIRECTIONS = ("up", "down")
 
 
 class Metrics:
@@ -129,6 +141,23 @@ class Metrics:
             "local_prefills",
             "Prompts the router had their decode worker prefill instead of a prefill worker "
             "(conditional disaggregation; re-dispatches included, colocated mode not counted).")
+        # Pools (they grow and shrink at runtime) and the autoscaler. Not per worker: a
+        # removed worker leaves nothing behind for `forget_worker`. The gauges appear when
+        # first set (no pool reported yet reads as no data, not as zero workers); the
+        # decisions start at zero for every role and direction, so rate() works from the start.
+        self.num_workers = gauge("num_workers",
+                                 "Workers of a pool (role) in a state: serving, draining "
+                                 "(finishing what it holds, taking nothing new), starting.",
+                                 ("role", "state"))
+        self.autoscaler_target = gauge("autoscaler_target_workers",
+                                       "Workers the autoscaler wants in a pool (role).",
+                                       ("role",))
+        self.autoscaler_decisions = counter("autoscaler_decisions",
+                                            "Autoscaler decisions to grow (up) or shrink "
+                                            "(down) a pool (role).", ("role", "direction"))
+        for role in ROLES:
+            for direction in SCALING_DIRECTIONS:
+                self.autoscaler_decisions.labels(role=role, direction=direction)
         # Goodput, attainment per class and phase, prediction error.
         self.slo = SloMetrics(registry, PREFIX, slo_classes)
 
@@ -210,6 +239,25 @@ class Metrics:
         with contextlib.suppress(KeyError):  # never reported, or already forgotten
             self.kv_usage.remove(worker)
 
+    def set_workers(self, role: str, state: str, n: int) -> None:
+        """`n` workers of the `role` pool ("prefill", "decode") are in `state` ("serving",
+        "draining", "starting"); set every state of a pool when it changes."""
+        _check("role", role, ROLES)
+        _check("state", state, WORKER_STATES)
+        self.num_workers.labels(role=role, state=state).set(n)
+
+    def set_autoscaler_target(self, role: str, n: int) -> None:
+        """The autoscaler wants `n` workers in the `role` pool."""
+        _check("role", role, ROLES)
+        self.autoscaler_target.labels(role=role).set(n)
+
+    def observe_scaling(self, role: str, direction: str, n: int = 1) -> None:
+        """The autoscaler decided to grow ("up") or shrink ("down") the `role` pool: `n`
+        (default 1) more in the count."""
+        _check("role", role, ROLES)
+        _check("direction", direction, SCALING_DIRECTIONS)
+        self.autoscaler_decisions.labels(role=role, direction=direction).inc(n)
+
     def observe_transfer(self, seconds: float, nbytes: int) -> None:
         """One KV transfer completed (first prefill or a recompute after preemption)."""
         self.kv_transfer_time.observe(seconds)
@@ -228,12 +276,23 @@ class Metrics:
     # ------------------------------------------------------------------ exposition
 
     def start_http_server(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve /metrics of this registry on a daemon thread; return the port bound (pass 0
-        to pick a free one)."""
+        """Serve /metrics of this registry on a daemon thread, in the classic text format
+        (see the module's docstring); return the port bound (pass 0 to pick a free one)."""
         if self._server is not None:
             raise RuntimeError("the metrics HTTP server is already running")
-        self._server, self._thread = _start_http_server(port, addr, registry=self.registry)
-        return int(self._server.server_port)
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+        class Server(_ThreadingWSGIServer):
+            address_family = family
+
+        server = make_server(str(sockaddr[0]), port, _classic_text_app(self.registry), Server,
+                             handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="pdserve-metrics",
+                                  daemon=True)
+        thread.start()
+        self._server, self._thread = server, thread
+        return int(server.server_port)
 
     def stop_http_server(self) -> None:
         if self._server is None:
@@ -243,3 +302,34 @@ class Metrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server = self._thread = None
+
+
+_WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _classic_text_app(registry: CollectorRegistry) -> _WsgiApp:
+    """prometheus_client's /metrics app, answering every request as one that asked for no
+    format in particular: the classic text format, colons kept."""
+    app = make_wsgi_app(registry)
+
+    def classic(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+
+    return classic
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape (as prometheus_client's own server), never waited for at exit."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no line per scrape on stderr
+        pass
+
+
+def _check(label: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{label} must be one of {allowed}, got {value!r}")

@@ -35,6 +35,8 @@ def exported() -> dict[str, set[str]]:
     m.observe_failure("UNAVAILABLE")
     m.set_kv_usage("decode-0", 0.5)
     m.success.labels(finished_reason="stop")
+    m.set_workers("decode", "serving", 1)
+    m.set_autoscaler_target("decode", 1)
     out: dict[str, set[str]] = {}
     for fam in m.registry.collect():
         for s in fam.samples:
@@ -130,10 +132,15 @@ def test_the_dashboard_shows_what_operators_look_for(dashboard: Any) -> None:
                  "request_kv_transfer_time_seconds_bucket",
                  "ttft_prediction_relative_error_bucket", "tpot_prediction_relative_error_bucket",
                  "request_failure_total", "num_requests_running", "num_requests_waiting",
-                 "kv_cache_usage_perc"):
+                 "kv_cache_usage_perc", "inter_token_latency_seconds_bucket",
+                 "request_kv_transfer_time_seconds_sum", "kv_transfer_bytes_total",
+                 "num_workers", "autoscaler_target_workers", "autoscaler_decisions_total"):
         assert f"pdserve:{name}" in text, name
     for q in ("0.5", "0.9", "0.99"):
-        assert f"histogram_quantile({q}, sum by (le) (rate(pdserve:time_to_first_token" in text
+        for hist in ("time_to_first_token", "time_per_output_token", "inter_token_latency"):
+            assert f"histogram_quantile({q}, sum by (le) (rate(pdserve:{hist}" in text
+    for group in ("slo_class", "slo_class, phase", "role, state", "role, direction"):
+        assert f"sum by ({group})" in text, group
 
 
 def test_the_dashboard_is_importable(dashboard: Any) -> None:
@@ -144,8 +151,18 @@ def test_the_dashboard_is_importable(dashboard: Any) -> None:
     assert variables["datasource"]["type"] == "datasource"
     for p in panels:
         assert p["gridPos"]["x"] >= 0 and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+        refs = [t["refId"] for t in p.get("targets", [])]
+        assert len(set(refs)) == len(refs), p["title"]
         for t in p.get("targets", []):
             assert t["refId"] and t["datasource"]["uid"] == "${datasource}"
+    # No two panels share a grid cell (Grafana would push one down on import).
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[x, y]!r}"
+                cells[x, y] = p["title"]
 
 
 def test_prometheus_scrapes_the_routers_default_metrics_port() -> None:

@@ -130,6 +130,60 @@ def test_events(metrics: Metrics) -> None:
     assert value(m, "pdserve:local_prefills_total") == 2
 
 
+def test_pool_and_autoscaler_metrics(metrics: Metrics) -> None:
+    m = metrics
+    get = m.registry.get_sample_value
+    # Nothing reported yet: no pool series (not "zero workers"); decisions start at zero.
+    assert get("pdserve:num_workers", {"role": "decode", "state": "serving"}) is None
+    assert get("pdserve:autoscaler_target_workers", {"role": "decode"}) is None
+    for role in ("prefill", "decode"):
+        for direction in ("up", "down"):
+            assert value(m, "pdserve:autoscaler_decisions_total", role=role,
+                         direction=direction) == 0
+
+    m.set_workers("decode", "serving", 2)
+    m.set_workers("decode", "starting", 1)
+    m.set_workers("prefill", "serving", 1)
+    m.set_workers("decode", "starting", 0)
+    m.set_workers("decode", "draining", 1)
+    assert value(m, "pdserve:num_workers", role="decode", state="serving") == 2
+    assert value(m, "pdserve:num_workers", role="decode", state="starting") == 0
+    assert value(m, "pdserve:num_workers", role="decode", state="draining") == 1
+    assert value(m, "pdserve:num_workers", role="prefill", state="serving") == 1
+    assert get("pdserve:num_workers", {"role": "prefill", "state": "draining"}) is None
+
+    m.set_autoscaler_target("decode", 3)
+    m.set_autoscaler_target("prefill", 1)
+    m.set_autoscaler_target("decode", 2)
+    assert value(m, "pdserve:autoscaler_target_workers", role="decode") == 2
+    assert value(m, "pdserve:autoscaler_target_workers", role="prefill") == 1
+
+    m.observe_scaling("decode", "up")
+    m.observe_scaling("decode", "up", 2)
+    m.observe_scaling("prefill", "down")
+    assert value(m, "pdserve:autoscaler_decisions_total", role="decode", direction="up") == 3
+    assert value(m, "pdserve:autoscaler_decisions_total", role="decode", direction="down") == 0
+    assert value(m, "pdserve:autoscaler_decisions_total", role="prefill",
+                 direction="down") == 1
+    names = {s.name for f in m.registry.collect() for s in f.samples}
+    assert "pdserve:autoscaler_decisions_total" in names
+    assert not any(n.startswith("pdserve:autoscaler_decisions_total_") for n in names)
+
+    # Only the documented label values: a typo must not open a new series.
+    for bad in (lambda: m.set_workers("router", "serving", 1),
+                lambda: m.set_workers("decode", "stopped", 1),
+                lambda: m.set_autoscaler_target("Decode", 1),
+                lambda: m.observe_scaling("decode", "sideways")):
+        with pytest.raises(ValueError):
+            bad()
+    assert get("pdserve:num_workers", {"role": "router", "state": "serving"}) is None
+
+    # Pool series are per role, not per worker: forgetting a worker leaves them alone.
+    m.forget_worker("decode-0")
+    assert value(m, "pdserve:num_workers", role="decode", state="serving") == 2
+    assert value(m, "pdserve:autoscaler_target_workers", role="decode") == 2
+
+
 def test_slo_series_per_class_and_the_prediction_buckets() -> None:
     m = Metrics(CollectorRegistry(), slo_classes=("interactive", "batch"))
     names = {(s.name, tuple(sorted(s.labels.items())))
@@ -220,6 +274,18 @@ def test_http_endpoint(metrics: Metrics) -> None:
     assert samples[("pdserve:slo_attained_total", (("phase", "tpot"), default))] == 1
     assert samples[("pdserve:slo_violated_total", (("phase", "ttft"), default))] == 0
     assert samples[("pdserve:goodput_requests_total", (default,))] == 1
+
+    # What Prometheus asks for: OpenMetrics first. prometheus_client's OpenMetrics output
+    # turns the colons of sample names into underscores; /metrics answers in the classic
+    # text format instead, so the names stay those the dashboard queries.
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": (
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+        "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    assert "\npdserve:time_to_first_token_seconds_count 2.0\n" in text
+    assert "pdserve_" not in text and "# EOF" not in text
 
     m.stop_http_server()
     m.stop_http_server()  # idempotent
