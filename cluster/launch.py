@@ -6,24 +6,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ServeConfig
+from pdserve.cluster.pools import create_worker, next_name, stop_worker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.model_files import cache_dir
 from pdserve.engine.weights import load_model_config
 from pdserve.router.frontend import Frontend
+from pdserve.router.pools import Drained
 from pdserve.router.server import RouterService
 
 log = logging.getLogger("pdserve.launch")
-
-# c10d logs a warning each time a store wait times out; the KV receivers wait on purpose.
-WORKER_ENV = {"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}}
 
 
 @dataclass
@@ -38,10 +36,38 @@ class Deployment:
     port: int
     metrics_port: int
     started_ray: bool
+    retired: set[str] = field(default_factory=set)  # names of workers removed since launch
 
     @property
     def address(self) -> str:
         return f"{self.cfg.host}:{self.port}"
+
+    def add_worker(self, role: str) -> str:
+        """Grow ``role``'s pool by one worker (started, warmed up, its channels open);
+        returns its name. In colocated mode the pool is ``decode``."""
+        if role == "prefill" and self.cfg.colocated:
+            raise ValueError("a colocated deployment has no prefill pool")
+        name = next_name(role, {*self.prefill, *self.decode, *self.retired})
+        handle = create_worker(self.cfg, role, name, self.router)
+        try:
+            ray.get(handle.start.remote())
+            ray.get(self.router.add_worker.remote(role, name, handle))
+        except BaseException:
+            stop_worker(name, handle)
+            raise
+        (self.prefill if role == "prefill" else self.decode)[name] = handle
+        return name
+
+    def remove_worker(self, name: str, timeout_s: float = 60.0) -> Drained:
+        """Drain ``name`` (its requests finish, or migrate after ``timeout_s``), then stop
+        its actor, which releases its GPU."""
+        pool = self.prefill if name in self.prefill else self.decode
+        if name not in pool:
+            raise ValueError(f"no worker named {name!r}")
+        drained: Drained = ray.get(self.router.drain_worker.remote(name, timeout_s))
+        stop_worker(name, pool.pop(name))
+        self.retired.add(name)
+        return drained
 
     def worker_stats(self) -> list[Any]:
         handles = [*self.prefill.values(), *self.decode.values()]
@@ -147,25 +173,13 @@ def start_router(cfg: ServeConfig, model_config: ModelConfig) -> tuple[Any, list
 
 def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
     model_config = load_model_config(cfg.model)
-    gpus = 1 if cfg.resolved_device() == "cuda" else 0
-    cpus = os.cpu_count() or 2
-    ns = cfg.namespace
     router, frontends, port, metrics_port = start_router(cfg, model_config)
 
-    def worker(cls: type, role: str, i: int) -> tuple[str, Any]:
-        name = f"{role}-{i}"
-        resource = cfg.prefill_resource if role == "prefill" else cfg.decode_resource
-        handle: Any = (
-            ray.remote(cls)
-            .options(name=f"{ns}-{name}", num_cpus=1, num_gpus=gpus, max_concurrency=16,
-                     resources={resource: 1} if resource else None, runtime_env=WORKER_ENV)
-            .remote(name, cfg.worker_config(role, cpus), router)
-        )
-        return name, handle
-
-    prefill = {} if cfg.colocated else dict(
-        worker(PrefillActor, "prefill", i) for i in range(cfg.num_prefill))
-    decode = dict(worker(DecodeActor, "decode", i) for i in range(cfg.num_decode))
+    prefill = {} if cfg.colocated else {
+        f"prefill-{i}": create_worker(cfg, "prefill", f"prefill-{i}", router)
+        for i in range(cfg.num_prefill)}
+    decode = {f"decode-{i}": create_worker(cfg, "decode", f"decode-{i}", router)
+              for i in range(cfg.num_decode)}
     ray.get([h.start.remote() for h in [*prefill.values(), *decode.values()]])
     ray.get(router.attach.remote(prefill, decode))
     ray.get(router.open_channels.remote())

@@ -117,6 +117,16 @@ class DecodeWorker:
                          daemon=True).start()
         return self.cfg.host, port, name
 
+    def close_channel(self, prefill_name: str) -> bool:
+        """Close the channel from ``prefill_name`` (that worker drains away, or this one
+        does); True if there was one. Its receive thread ends."""
+        with self._cv:
+            ch = self._channels.pop(prefill_name, None)
+        if ch is None:
+            return False
+        ch.close(abort=True)
+        return True
+
     def submit(self, task: PrefillTask) -> None:
         """Prefill ``task`` here, under the lease this worker granted it (local prefill:
         colocated mode, or conditional disaggregation)."""

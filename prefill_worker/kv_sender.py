@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from pdserve.engine.kv import Departure, KVSender, TransferHeader, layers_per_message
+from pdserve.engine.messages import TransferDone
 from pdserve.prefill_worker.scheduler import PrefillSeq
 
 
@@ -95,3 +97,60 @@ class OutgoingKV:
     def cancel(self) -> None:
         if not self.channel.closed:
             self.channel.cancel()
+
+
+
+class SenderChannels:
+    """The prefill worker's KV channels by decode worker, each with the lock that lets one
+    transfer at a time onto it. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self._by_peer: dict[str, tuple[KVSender, threading.Lock]] = {}
+
+    def __contains__(self, peer: str) -> bool:
+        return peer in self._by_peer
+
+    def add(self, peer: str, channel: KVSender) -> None:
+        with self._mu:
+            self._by_peer[peer] = (channel, threading.Lock())
+
+    def get(self, peer: str) -> tuple[KVSender, threading.Lock] | None:
+        """``peer``'s channel and lock; None once it is closed (that worker left)."""
+        with self._mu:
+            return self._by_peer.get(peer)
+
+    def all(self) -> list[KVSender]:
+        with self._mu:
+            return [ch for ch, _ in self._by_peer.values()]
+
+    def close(self, peer: str, timeout_s: float) -> bool:
+        """Forget ``peer``'s channel and close it once the transfer on it (if any) is out,
+        waiting at most ``timeout_s``; its goodbye tells the decode end this end left."""
+        with self._mu:
+            entry = self._by_peer.pop(peer, None)
+        if entry is None:
+            return False
+        channel, lock = entry
+        got = lock.acquire(timeout=timeout_s)
+        try:
+            channel.close(abort=True)
+        finally:
+            if got:
+                lock.release()
+        return True
+
+
+class TransferReporter:
+    """Tells the router (``send``: its ``on_transfer_done`` call) how a request's transfer
+    went: its seconds and bytes, or the error that ended it."""
+
+    def __init__(self, worker: str, send: Callable[[TransferDone], object]) -> None:
+        self.worker = worker
+        self._send = send
+
+    def __call__(self, seq: PrefillSeq, seconds: float, nbytes: int, error: str) -> None:
+        self._send(TransferDone(
+            self.worker, seq.task.request_id, seq.task.lease.transfer_id, ok=not error,
+            seconds=seconds, nbytes=nbytes, error=error,
+        ))

@@ -22,13 +22,13 @@ from pdserve.engine.chunking import attention_work
 from pdserve.engine.config import WorkerConfig
 from pdserve.engine.device import describe_device
 from pdserve.engine.first_token import FirstTokenReporter
-from pdserve.engine.kv import ChannelSpec, KVSender, connect_store, open_sender
-from pdserve.engine.messages import PrefillTask, StepTiming, TransferDone, WorkerStats
+from pdserve.engine.kv import ChannelSpec, connect_store, open_sender
+from pdserve.engine.messages import PrefillTask, StepTiming, WorkerStats
 from pdserve.engine.runner import PrefillItem
 from pdserve.engine.sampler import sample
 from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
 from pdserve.engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
-from pdserve.prefill_worker.kv_sender import OutgoingKV
+from pdserve.prefill_worker.kv_sender import OutgoingKV, SenderChannels, TransferReporter
 from pdserve.prefill_worker.scheduler import Chunk, PrefillScheduler, PrefillSeq
 
 log = logging.getLogger("pdserve.prefill")
@@ -42,6 +42,7 @@ class PrefillWorker:
         self.cfg = cfg
         self.router = router
         self._first_token = FirstTokenReporter(name, router.on_first_token.remote)
+        self._report_transfer = TransferReporter(name, router.on_transfer_done.remote)
         self.model_config, self.runner, self.allocator = start_runner(cfg)
         self.sched = PrefillScheduler(
             self.allocator, cfg.cache.block_size, cfg.max_batch_tokens, cfg.max_num_seqs
@@ -50,8 +51,7 @@ class PrefillWorker:
         self._stop = False
         self._in_step: set[str] = set()  # request ids whose blocks the running step uses
         self._orphans: list[PrefillSeq] = []  # aborted mid-step: free after the step
-        self._channels: dict[str, KVSender] = {}
-        self._channel_locks: dict[str, threading.Lock] = {}  # one transfer at a time each
+        self._channels = SenderChannels()
         self._sends: queue.Queue[PrefillSeq | None] = queue.Queue()
         # Transfers whose trailer is out, waiting to have left: the step loop and the send
         # thread move on (the next transfer may start) instead of waiting on the decode side.
@@ -85,10 +85,14 @@ class PrefillWorker:
         )
         with self._cv:  # shutdown() aborts the channels it finds here; a later one, we do
             if not self._stop:
-                self._channel_locks[decode_name] = threading.Lock()
-                self._channels[decode_name] = ch
+                self._channels.add(decode_name, ch)
                 return
         ch.close(abort=True)
+
+    def disconnect(self, decode_name: str) -> bool:
+        """Close the channel to ``decode_name`` (that worker drains away); True if there was
+        one. A transfer still on it finishes first, for up to the transfer timeout."""
+        return self._channels.close(decode_name, self.cfg.transfer_timeout_s)
 
     def submit(self, task: PrefillTask) -> None:
         with self._cv:
@@ -126,7 +130,7 @@ class PrefillWorker:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-            channels = list(self._channels.values())
+            channels = self._channels.all()
         self._sends.put(None)
         self._finishing.put(None)
         stuck = join_threads([self._loop], deadline)
@@ -241,11 +245,11 @@ class PrefillWorker:
         streams: dict[str, OutgoingKV] = {}
         for seq in seqs:
             lease = seq.task.lease
-            lock = self._channel_locks.get(lease.worker)
-            if lock is None or not lock.acquire(blocking=False):
+            entry = self._channels.get(lease.worker)
+            if entry is None or not entry[1].acquire(blocking=False):
                 continue
-            out = OutgoingKV(seq, self._channels[lease.worker], lock, self.runner.kv_pool,
-                             layerwise=True)
+            ch, lock = entry
+            out = OutgoingKV(seq, ch, lock, self.runner.kv_pool, layerwise=True)
             try:
                 out.start()
             except Exception as e:
@@ -299,13 +303,6 @@ class PrefillWorker:
         if report:
             self._report_transfer(out.seq, seconds, out.nbytes if not error else 0, error)
 
-    def _report_transfer(self, seq: PrefillSeq, seconds: float, nbytes: int,
-                         error: str) -> None:
-        self.router.on_transfer_done.remote(TransferDone(
-            self.name, seq.task.request_id, seq.task.lease.transfer_id, ok=not error,
-            seconds=seconds, nbytes=nbytes, error=error,
-        ))
-
     def _send_loop(self) -> None:
         """Transfers that could not stream during their step, one whole request at a time.
         Each one departs once its trailer is posted: the next one starts while it leaves
@@ -315,10 +312,15 @@ class PrefillWorker:
             if seq is None or self._stop:  # stopping: start no transfer (it would wait)
                 return
             worker = seq.task.lease.worker
-            lock = self._channel_locks[worker]
+            entry = self._channels.get(worker)
+            if entry is None:  # disconnected since: that decode worker left
+                with self._cv:
+                    self.allocator.free(seq.block_ids)
+                self._report_transfer(seq, 0.0, 0, f"no KV channel to {worker}")
+                continue
+            ch, lock = entry
             with lock:
-                out = OutgoingKV(seq, self._channels[worker], lock, self.runner.kv_pool,
-                                 layerwise=False)
+                out = OutgoingKV(seq, ch, lock, self.runner.kv_pool, layerwise=False)
                 try:
                     out.start()
                     out.send_all_layers()

@@ -17,6 +17,7 @@ prefilled yet. It runs on the router actor's event loop, like the ``Router`` tha
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -65,6 +66,10 @@ class Dispatcher:
         self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
         # (prefill, decode) -> host:port of the decode worker's store the channel opened at
         self.endpoints: dict[tuple[str, str], str] = {}
+        # Workers being drained: out of p_load / d_load (no placement sees them), their
+        # handles still in ``prefill`` / ``decode`` for the attempts that finish there.
+        self.draining: dict[str, PrefillLoad | DecodeLoad] = {}
+        self.reserving: collections.Counter[str] = collections.Counter()  # leases asked for
 
     async def dispatch(self, req: Request) -> bool:
         """``fifo``: lease blocks on the first decode worker (``policy.decode_order``) that
@@ -74,9 +79,12 @@ class Dispatcher:
         await self._release_old(req)
         tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
         for load in decode_order(self.d_load.values()):
-            lease = await self.decode[load.name].reserve.remote(self._reservation(req))
-            if lease is not None:
+            lease = await self._reserve(load.name, req)
+            if lease is None:
+                continue
+            if lease.worker in self.d_load:
                 break
+            self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
         else:
             return False
         return await self._start(req, lease, self.prefill_worker_for(len(tokens)), None)
@@ -86,15 +94,27 @@ class Dispatcher:
         said. False when that worker refuses the lease (the router's view of it was
         stale); the request stays queued."""
         await self._release_old(req)
-        lease = await self.decode[where.decode].reserve.remote(self._reservation(req))
+        lease = await self._reserve(where.decode, req)
         if lease is None:
             return False
-        p = self.p_load[where.prefill] if where.prefill is not None else None
+        p = self.p_load.get(where.prefill) if where.prefill is not None else None
+        if where.decode not in self.d_load or (where.prefill is not None and p is None):
+            # Drained while the lease was on its way: the request stays queued.
+            self.decode[where.decode].abort.remote(req.request_id, lease.transfer_id)
+            return False
         return await self._start(req, lease, p, where)
 
-    def _reservation(self, req: Request) -> Reservation:
-        return Reservation(req.request_id, len(req.prompt_ids) + len(req.output_ids),
-                           len(req.output_ids), req.sampling, req.order)
+    async def _reserve(self, worker: str, req: Request) -> Lease | None:
+        """Ask ``worker`` for a lease (a drain waits for the asks in flight to it)."""
+        self.reserving[worker] += 1
+        try:
+            return await self.decode[worker].reserve.remote(Reservation(
+                req.request_id, len(req.prompt_ids) + len(req.output_ids),
+                len(req.output_ids), req.sampling, req.order))
+        finally:
+            self.reserving[worker] -= 1
+            if not self.reserving[worker]:
+                del self.reserving[worker]
 
     async def _release_old(self, req: Request) -> None:
         if req.releasing is not None:
@@ -209,6 +229,70 @@ class Dispatcher:
             if stats is not None and not load.known:
                 load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
                             stats.kv_usage, 0)
+
+    # -- workers that come and go ------------------------------------------------------------
+    async def add(self, role: str, name: str, handle: Any) -> None:
+        """A started worker joins its pool: its KV channels to every serving peer open
+        (handshake included) before any placement sees it."""
+        if name in self.prefill or name in self.decode:
+            raise ValueError(f"a worker named {name!r} is already in the deployment")
+        if role == "prefill":
+            self.prefill[name] = handle
+            pairs = [(name, d) for d in self.d_load]
+        elif role == "decode":
+            self.decode[name] = handle
+            pairs = [(p, name) for p in self.p_load]
+        else:
+            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        try:
+            await asyncio.gather(*(self._ensure_channel(p, d) for p, d in pairs))
+        except BaseException:
+            await self.remove(name)
+            raise
+        if role == "prefill":
+            self.p_load[name] = PrefillLoad(name)
+            return
+        stats = await handle.stats.remote()
+        load = DecodeLoad(name)
+        if stats is not None:
+            load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
+                        stats.kv_usage, 0, self.clock())
+        self.d_load[name] = load
+
+    def start_draining(self, name: str) -> str:
+        """No placement sees ``name`` from now on; returns its role. The last serving
+        worker of a pool cannot go (nothing would serve what it serves)."""
+        for role, loads in (("prefill", self.p_load), ("decode", self.d_load)):
+            load = loads.get(name)
+            if load is None:
+                continue
+            if len(loads) == 1:
+                raise ValueError(f"{name} is the last serving {role} worker")
+            self.draining[name] = loads.pop(name)
+            return role
+        if name in self.draining:
+            raise ValueError(f"{name} is draining already")
+        raise ValueError(f"no worker named {name!r}")
+
+    async def remove(self, name: str) -> None:
+        """``name`` leaves the deployment: both ends of its KV channels close (at once:
+        each end's close is local, its goodbye tells the other), its handle goes."""
+        pairs = [pair for pair in self._channels if name in pair]
+        calls = []
+        for p, d in pairs:
+            task = self._channels.pop((p, d))
+            self.endpoints.pop((p, d), None)
+            if not task.done() or task.cancelled() or task.exception() is not None:
+                continue  # never opened
+            calls += [self.prefill[p].disconnect.remote(d), self.decode[d].close_channel.remote(p)]
+        for ref in calls:
+            with contextlib.suppress(Exception):  # a dead peer has nothing to close
+                await ref
+        self.draining.pop(name, None)
+        self.p_load.pop(name, None)
+        self.d_load.pop(name, None)
+        self.prefill.pop(name, None)
+        self.decode.pop(name, None)
 
     async def _open_channel(self, p: str, d: str) -> None:
         host, port, name = await self.decode[d].host_channel.remote(p)

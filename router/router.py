@@ -23,6 +23,7 @@ from pdserve.engine.messages import FirstToken, StepReport, TransferDone
 from pdserve.router.config import RouterConfig
 from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
+from pdserve.router.load import LoadWindow
 from pdserve.router.metrics import Metrics
 from pdserve.router.request import Chunk, Request, State
 from pdserve.router.request_metrics import RequestMetrics
@@ -57,6 +58,7 @@ class Router:
         self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics, clock)
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
         self.requests: dict[str, Request] = {}
+        self.load = LoadWindow()  # what the autoscaler reads (router.pools.load_snapshot)
         self.scheduler = Scheduler(cfg, self.dispatcher, self.model, self.requests,
                                    self._fail, self._update_queue_gauges, self._spawn, clock)
 
@@ -71,6 +73,7 @@ class Router:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         self.scheduler.admit(req)
         self.requests[req.request_id] = req
+        self.load.arrived(self.clock(), len(req.prompt_ids))
         self._update_queue_gauges()
         self._spawn(self.scheduler.pump())
 
@@ -131,7 +134,7 @@ class Router:
             req.transfer_s += msg.seconds
         else:
             self.metrics.observe_retry()
-            self._retry(req, f"KV transfer failed: {msg.error}")
+            self.retry(req, f"KV transfer failed: {msg.error}")
 
     def on_step(self, report: StepReport) -> None:
         self.dispatcher.record_step(report)
@@ -162,7 +165,7 @@ class Router:
             req = self.requests.get(rid)
             if req is not None and not req.done:
                 self.metrics.observe_preemption()
-                self._retry(req, "preempted", failed=False)
+                self.retry(req, "preempted", failed=False)
         for rid, tid, why in report.failed:
             req = self.requests.get(rid)
             # The prefill worker may have reported the same broken transfer (and the
@@ -170,7 +173,7 @@ class Router:
             if req is not None and not req.done and req.lease is not None \
                     and req.lease.worker == report.worker and req.lease.transfer_id == tid:
                 self.metrics.observe_retry()
-                self._retry(req, why)
+                self.retry(req, why)
         if report.preempted or report.failed or any(t.finish_reason for t in report.tokens):
             self._spawn(self.scheduler.pump())
 
@@ -179,7 +182,7 @@ class Router:
         req.t_last = now
         self._emit(req, [tok], reason)
 
-    def _retry(self, req: Request, why: str, failed: bool = True) -> None:
+    def retry(self, req: Request, why: str, failed: bool = True) -> None:
         """Re-prefill prompt + generated tokens elsewhere (recompute), or fail once
         ``max_attempts`` attempts failed (a preemption, ``failed=False``, is not counted).
         Either way the attempt that ends here is aborted on both of its workers."""
@@ -188,7 +191,7 @@ class Router:
             # end of a transfer that broke): stop it, by its transfer id so that the abort
             # cannot hit the next attempt, and count its prompt out of that worker's queue.
             tid = req.lease.transfer_id
-            self.prefill[req.prefill_worker].abort.remote(req.request_id, tid)
+            self._abort_on(self.prefill, req.prefill_worker, req.request_id, tid)
             self.dispatcher.dequeue(tid)
         if failed:
             req.failures += 1
@@ -200,8 +203,8 @@ class Router:
         if req.lease is not None:
             self.dispatcher.dequeue(req.lease.transfer_id)  # a local prefill left undone
             # The next reserve waits for this (see Dispatcher.dispatch).
-            req.releasing = self.decode[req.lease.worker].abort.remote(
-                req.request_id, req.lease.transfer_id)
+            req.releasing = self._abort_on(self.decode, req.lease.worker, req.request_id,
+                                           req.lease.transfer_id)
         req.lease = None
         req.state = State.QUEUED
         self.scheduler.requeue(req)
@@ -232,12 +235,14 @@ class Router:
         now = self.clock()
         if state == State.FINISHED:
             self.scheduler.finishes.observe(now)
+            self.load.request_finished(req, now)
         _cancel_deadline(req)
         if req.lease is not None:
             # A stop string, a first token that ends the request, or an abort leave the
             # sequence (or its lease) on the decode worker; when the worker finished it
             # itself, this finds nothing there.
-            self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
+            self._abort_on(self.decode, req.lease.worker, req.request_id,
+                           req.lease.transfer_id)
         if failure is None:
             self.observe.finished(req, reason, now)
         else:
@@ -250,7 +255,8 @@ class Router:
         self.requests.pop(req.request_id, None)
         _cancel_deadline(req)
         if req.lease is not None:
-            self.decode[req.lease.worker].abort.remote(req.request_id, req.lease.transfer_id)
+            self._abort_on(self.decode, req.lease.worker, req.request_id,
+                           req.lease.transfer_id)
         self.observe.failed(req, code)
         self._update_queue_gauges()
 
@@ -285,12 +291,25 @@ class Router:
         if req is None:
             return None
         if req.prefill_worker:
-            self.prefill[req.prefill_worker].abort.remote(request_id)
+            self._abort_on(self.prefill, req.prefill_worker, request_id)
             # What the prefill worker drops now never reports a first token.
             self.dispatcher.dequeue_request(request_id, req.prefill_worker)
         if req.lease is not None:  # nor a prompt its decode worker prefills itself
             self.dispatcher.dequeue(req.lease.transfer_id)
         return req
+
+    @staticmethod
+    def _abort_on(pool: dict[str, Any], worker: str, request_id: str,
+                  transfer_id: int | None = None) -> Any:
+        """Abort the attempt on ``worker`` unless that worker left the deployment since
+        (its attempts ended with it); the call's reference, or None."""
+        handle = pool.get(worker)
+        args = (request_id,) if transfer_id is None else (request_id, transfer_id)
+        return None if handle is None else handle.abort.remote(*args)
+
+    def pump(self) -> None:
+        """Dispatch what waits, soon (e.g. a worker joined and has room)."""
+        self._spawn(self.scheduler.pump())
 
     def abort_all(self, reason: str) -> None:
         for rid in list(self.requests):

@@ -29,7 +29,9 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.engine.messages import FirstToken, StepReport, TransferDone
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from pdserve.router import pools
 from pdserve.router.config import ServerConfig
+from pdserve.router.load import LoadSnapshot
 from pdserve.router.metrics import Metrics
 from pdserve.router.request import Chunk, Request
 from pdserve.router.router import Router
@@ -81,6 +83,7 @@ class RouterService:
     async def attach(self, prefill: dict[str, Any], decode: dict[str, Any]) -> None:
         """Hand over the worker pools (actor handles by name)."""
         self.router = Router(prefill, decode, self.cfg.router, self.metrics, self._out)
+        pools.pools_changed(self.router)  # the pool gauges from the start
 
     async def open_channels(self) -> None:
         assert self.router is not None
@@ -91,6 +94,32 @@ class RouterService:
         store, on that worker's node)."""
         assert self.router is not None
         return {f"{p}->{d}": e for (p, d), e in self.router.dispatcher.endpoints.items()}
+
+    async def add_worker(self, role: str, name: str, handle: Any) -> None:
+        """A started worker joins its pool (``router.pools``)."""
+        assert self.router is not None
+        await pools.add_worker(self.router, role, name, handle)
+
+    async def drain_worker(self, name: str, timeout_s: float) -> pools.Drained:
+        """Drain ``name`` out of the deployment; its actor is the caller's to stop."""
+        assert self.router is not None
+        return await pools.drain(self.router, name, timeout_s)
+
+    async def load_snapshot(self) -> LoadSnapshot:
+        assert self.router is not None
+        return pools.load_snapshot(self.router)
+
+    async def record_scaling(self, targets: dict[str, int], starting: dict[str, int],
+                             moves: dict[str, int]) -> None:
+        """The autoscaler's reading: per role its target size, the workers starting, and
+        the change it just made (+n added, -n drained)."""
+        for role, n in targets.items():
+            self.metrics.set_autoscaler_target(role, n)
+        for role, n in starting.items():
+            self.metrics.set_workers(role, "starting", n)
+        for role, n in moves.items():
+            if n:  # one decision, whatever number of workers it moves
+                self.metrics.observe_scaling(role, "up" if n > 0 else "down")
 
     async def set_serving(self) -> None:
         """Workers are warm: the frontends report SERVING."""

@@ -74,7 +74,9 @@ def connect(p: PrefillWorker, d: DecodeWorker) -> tuple[KVSender, KVReceiver]:
     host, port, name = d.host_channel(p.name)
     p.connect(d.name, host, port, name)
     wait_for(lambda: p.name in d._channels)
-    return p._channels[d.name], d._channels[p.name]
+    entry = p._channels.get(d.name)
+    assert entry is not None
+    return entry[0], d._channels[p.name]
 
 
 def test_shutdown_aborts_channels_instead_of_waiting_for_the_peer(
@@ -148,7 +150,32 @@ def test_prefill_channel_opened_after_shutdown_is_aborted(
     p.shutdown()
     p.connect(d.name, host, port, name)
     assert (name, 0, True) in closes
-    assert p._channels == {}
+    assert p._channels.all() == []
+
+
+def test_a_drained_peers_channel_closes_at_both_ends_at_once(
+        workers: tuple[PrefillWorker, DecodeWorker], caplog: pytest.LogCaptureFixture) -> None:
+    """A worker leaving the deployment (drained): the router closes both ends of each of
+    its channels at the same time; neither waits for the other, neither warns (the receiver
+    hears the goodbye), and the workers stay up for their other peers."""
+    caplog.set_level(logging.INFO)
+    p, d = workers
+    tx, rx = connect(p, d)
+    t0 = time.monotonic()
+    closers = [threading.Thread(target=p.disconnect, args=(d.name,)),
+               threading.Thread(target=d.close_channel, args=(p.name,))]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join()
+    assert time.monotonic() - t0 < 2.0
+    assert tx.closed and rx.closed
+    assert p._channels.get(d.name) is None and p.name not in d._channels
+    assert not p.disconnect(d.name) and not d.close_channel(p.name)  # once only
+    wait_for(lambda: not any(t.name == f"kv-recv-{p.name}" for t in threading.enumerate()),
+             timeout_s=5.0)
+    assert p._loop.is_alive() and d._loop.is_alive()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 class HangingChannel:

@@ -1,0 +1,103 @@
+"""Workers that join and leave a running deployment.
+
+A worker joins (``add_worker``) once it has started: its KV channels to every serving peer
+open, handshake included, and only then does placement see it. A worker leaves by draining
+(``drain``): from the first moment no placement sees it (no new leases or prompts); the
+attempts already on it run to their end (a decode worker's sequences finish, a prefill
+worker's prompts are prefilled and their KV sent); what is still there after ``timeout_s``
+migrates: each such request is re-prefilled elsewhere with its prompt and the tokens it
+streamed (as after a preemption), so its stream goes on with the next token. Then both ends
+of its channels close and its handle leaves the router; the caller stops its actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.router.load import LoadSnapshot
+from pdserve.router.request import Request, State
+from pdserve.router.router import Router
+
+DRAIN_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Drained:
+    """How a drain went: ``finished`` attempts ended on the worker, ``migrated`` moved."""
+
+    name: str
+    role: str
+    seconds: float
+    finished: int
+    migrated: int
+
+
+async def add_worker(router: Router, role: str, name: str, handle: Any) -> None:
+    """``name`` (a started ``role`` worker) joins; waiting requests may go to it at once."""
+    await router.dispatcher.add(role, name, handle)
+    pools_changed(router)
+
+
+def pools_changed(router: Router) -> None:
+    """A worker joined, began to drain or left: the pool gauges, and a pump (a joiner has
+    room for what waits)."""
+    d = router.dispatcher
+    for role, loads, pool in (("prefill", d.p_load, d.prefill), ("decode", d.d_load, d.decode)):
+        router.metrics.set_workers(role, "serving", len(loads))
+        router.metrics.set_workers(role, "draining", sum(1 for n in d.draining if n in pool))
+    router.pump()
+
+
+def on_worker(router: Router, name: str) -> list[Request]:
+    """The requests whose current attempt runs on ``name``: leased there, or prefilling or
+    sending their KV there."""
+    return [r for r in router.requests.values() if not r.done and (
+        (r.lease is not None and r.lease.worker == name)
+        or (r.prefill_worker == name and r.state in (State.PREFILLING, State.TRANSFERRING)))]
+
+
+async def drain(router: Router, name: str, timeout_s: float) -> Drained:
+    """Drain ``name`` and take it out of the router (see the module's docstring)."""
+    d = router.dispatcher
+    role = d.start_draining(name)  # ValueError: unknown, or the last of its pool
+    pools_changed(router)
+    t0 = time.monotonic()
+    before = {r.request_id for r in on_worker(router, name)}
+
+    def busy() -> bool:
+        return bool(on_worker(router, name)) or d.reserving[name] > 0
+
+    end = t0 + timeout_s
+    while busy() and time.monotonic() < end:
+        await asyncio.sleep(DRAIN_POLL_S)
+    migrated = on_worker(router, name)
+    for req in migrated:  # re-prefilled elsewhere with what it streamed; not a failure
+        router.retry(req, f"{name} drained", failed=False)
+    while d.reserving[name] > 0:  # a lease asked for before the drain began
+        await asyncio.sleep(DRAIN_POLL_S)
+    await d.remove(name)
+    router.metrics.forget_worker(name)
+    pools_changed(router)
+    return Drained(name, role, time.monotonic() - t0,
+                   len(before) - len({r.request_id for r in migrated} & before), len(migrated))
+
+
+def load_snapshot(router: Router) -> LoadSnapshot:
+    """What the autoscaler reads: the load window, what waits, and the pools."""
+    d = router.dispatcher
+    now = router.clock()
+    queued = sum(w.queued_tokens for w in [*d.p_load.values(), *d.d_load.values()])
+    roles = {"prefill": d.prefill, "decode": d.decode}
+    return dataclasses.replace(
+        router.load.reading(now), waiting=router.scheduler.num_waiting(),
+        queued_prompt_tokens=queued,
+        decode_batch=sum(w.batch for w in d.d_load.values()),
+        kv_usage=max((w.kv_usage for w in d.d_load.values()), default=0.0),
+        serving={"prefill": len(d.p_load), "decode": len(d.d_load)},
+        draining={role: sum(1 for n in d.draining if n in pool)
+                  for role, pool in roles.items()},
+    )
