@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from pdserve.cluster.autoscale_config import AUTOSCALE_GROUP, AutoscaleConfig
 from pdserve.cluster.config import FLAG_GROUPS, ServeConfig
 from pdserve.cluster.knobs import add_flags, given_flags
 from pdserve.cluster.tune import cli as tune_parser
@@ -41,6 +42,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="join this Ray cluster (default: start a local Ray instance)")
     add_flags(p, ServeConfig, FLAG_GROUPS)
+    add_flags(p, AutoscaleConfig, AUTOSCALE_GROUP)
     _add_model_flags(p)
 
 
@@ -55,6 +57,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     weights; with --model or another --load-format it raises ValueError."""
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     over = given_flags(args, ServeConfig)
+    scaling = given_flags(args, AutoscaleConfig)
+    if scaling:
+        over["autoscaling"] = dataclasses.replace(cfg.autoscaling, **scaling)
     if args.preset:
         if args.model:
             raise ValueError("--preset (a shape with dummy weights) and --model exclude "
@@ -97,12 +102,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"pdserve: starting {pools}", file=sys.stderr)
     dep = launch(cfg, args.address)
     print(f"pdserve: serving on {dep.address} (gRPC), metrics on "
-          f"http://{cfg.host}:{dep.metrics_port}/metrics; Ctrl-C stops", file=sys.stderr)
+          f"http://{cfg.metrics_host}:{dep.metrics_port}/metrics; Ctrl-C stops",
+          file=sys.stderr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    scaler = None
+    if cfg.autoscaling.autoscale:
+        from pdserve.cluster.scaling import Autoscaler
+
+        a = cfg.autoscaling
+        print(f"pdserve: autoscaling prefill {a.min_prefill}-{a.max_prefill}, decode "
+              f"{a.min_decode}-{a.max_decode} workers", file=sys.stderr)
+        scaler = threading.Thread(target=Autoscaler.for_deployment(dep).run, args=(stop,),
+                                  name="autoscaler", daemon=True)
+        scaler.start()
     stop.wait()
     print("pdserve: shutting down", file=sys.stderr)
+    if scaler is not None:
+        scaler.join()
     dep.stop()
     return 0
 

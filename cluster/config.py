@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from pdserve.cluster.autoscale_config import AutoscaleConfig
 from pdserve.cluster.knobs import check_values, knob
 from pdserve.engine.config import (
     BLOCK_SIZE,
@@ -75,6 +76,8 @@ class ServeConfig:
     """A pdserve deployment: model, pools, limits, ports."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
+    # Its knobs are flags and top-level YAML keys like the ones below (``from_dict``).
+    autoscaling: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     mode: str = knob("disaggregated", "disaggregated: prefill and decode workers; colocated: "
                      "--num-decode replicas that each prefill (chunked, mixed into decode "
                      "steps) and decode", DEPLOYMENT, choices=("disaggregated", "colocated"))
@@ -176,6 +179,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelSpec):
             raise ValueError(f"model must be a ModelSpec, got {self.model!r}")
+        if not isinstance(self.autoscaling, AutoscaleConfig):
+            raise ValueError(f"autoscaling must be an AutoscaleConfig, got {self.autoscaling!r}")
         check_values(self)  # types, choices and bounds, naming the field
         CacheConfig(self.block_size, self.prefill_blocks)  # validates block_size and counts
         CacheConfig(self.block_size, self.decode_blocks)
@@ -308,11 +313,14 @@ class ServeConfig:
     # -- YAML -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServeConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known
+        known = {f.name for f in dataclasses.fields(cls)} - {"autoscaling"}
+        scaling = {f.name for f in dataclasses.fields(AutoscaleConfig)}
+        unknown = set(raw) - known - scaling
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        values = dict(raw)
+        values = {k: v for k, v in raw.items() if k in known}
+        values["autoscaling"] = AutoscaleConfig(
+            **{k: v for k, v in raw.items() if k in scaling})
         model = values.pop("model", None)
         if isinstance(model, dict):
             mk = {f.name for f in dataclasses.fields(ModelSpec)}

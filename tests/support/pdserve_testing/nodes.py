@@ -118,7 +118,9 @@ def loopback_cluster(nodes: Sequence[Mapping[str, float]], num_cpus: int = 4,
     before = ADDRESS_FILE.read_text() if ADDRESS_FILE.exists() else None
     ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                "RAY_USAGE_STATS_ENABLED": "0"}
-    env = {**os.environ, **ray_env}
+    # On SIGTERM `ray start` first asks the GCS to drain its node; with the GCS going down
+    # too it would wait out the whole drain timeout (30 s).
+    env = {**os.environ, **ray_env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     common = ["--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
               "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
     procs: list[subprocess.Popen[bytes]] = []
