@@ -125,6 +125,9 @@ def init_ray(address: str | None, cfg: ServeConfig) -> bool:
         return False
     cpus = os.cpu_count() or 2
     ray.init(
+        # A Ray of our own, even where another one runs on this machine (without "local",
+        # ray.init joins the one /tmp/ray/ray_current_cluster names, and refuses num_cpus).
+        address="local",
         namespace=cfg.namespace, include_dashboard=False, log_to_driver=True,
         runtime_env=job_runtime_env(),
         # Every actor asks for one CPU; leave room for all of them on a small machine.

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    ray.init(namespace="pdserve-tests", include_dashboard=False, num_cpus=8,
+    ray.init(address="local", namespace="pdserve-tests", include_dashboard=False, num_cpus=8,
              object_store_memory=200 * 1024 * 1024, log_to_driver=True,
              runtime_env=job_runtime_env())
     yield
