@@ -93,7 +93,8 @@ class DecodeWorker:
         timeout = self.cfg.transfer_timeout_s
         store, port = host_store(self.cfg.host, 0, timeout)
         name = f"{prefill_name}@{self.name}.{uuid.uuid4().hex[:8]}"
-        spec = ChannelSpec.from_configs(self.model_config, self.cfg.cache)
+        spec = ChannelSpec.from_configs(self.model_config, self.cfg.cache,
+                                        self.runner.fingerprint)
 
         def open_and_serve() -> None:
             try:

@@ -19,6 +19,7 @@ from pdserve.engine.config import (
     RunnerConfig,
 )
 from pdserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from pdserve.engine.fingerprint import serving_fingerprint, tokenizer_digest, weights_digest
 from pdserve.engine.kv_cache import allocate_kv_pool, kv_bytes_per_token
 from pdserve.engine.model import BatchMeta, LayerHook, LlamaModel
 from pdserve.engine.weights import load_weights
@@ -116,6 +117,9 @@ class ModelRunner:
         self.graph_sizes = (graph_batch_sizes(max_num_seqs, run.cuda_graph_max_batch)
                             if on_cuda and not run.enforce_eager else [])
         weights = load_weights(spec, model_config, run.dtype, self.device, progress=progress)
+        # What the KV handshake compares: shape, weights and tokenizer (engine.fingerprint).
+        self.fingerprint = serving_fingerprint(model_config, weights_digest(weights),
+                                               tokenizer_digest(spec))
         self.model = LlamaModel(model_config, weights, get_ops(run.backend))
         if cache_config.num_blocks == 0:
             if not on_cuda:

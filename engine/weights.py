@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -342,6 +343,7 @@ class _GGUFInfo:
     meta: dict[str, object]  # scalar and string metadata (arrays such as the vocab left out)
     tensor_names: frozenset[str]
     num_tokens: int  # length of tokenizer.ggml.tokens, 0 without one
+    tokenizer_digest: str  # of every tokenizer.* field (engine.fingerprint)
 
 
 def _gguf_info(path: Path) -> _GGUFInfo:
@@ -365,7 +367,22 @@ def _gguf_info_cached(path: Path, mtime_ns: int, size: int) -> _GGUFInfo:
               if field.types and field.types[0] != GGUFValueType.ARRAY},
         tensor_names=frozenset(t.name for t in reader.tensors),
         num_tokens=0 if tokens is None else len(tokens.data),
+        tokenizer_digest=_digest(
+            key.encode() + b"\0" + b"".join(part.tobytes() for part in field.parts)
+            for key, field in sorted(reader.fields.items()) if key.startswith("tokenizer.")),
     )
+
+
+def _digest(chunks: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+def gguf_tokenizer_digest(path: Path) -> str:
+    """A hash of a GGUF file's tokenizer (its ``tokenizer.*`` metadata)."""
+    return _gguf_info(path).tokenizer_digest
 
 
 def read_gguf_string(path: Path, key: str) -> str | None:

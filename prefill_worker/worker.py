@@ -71,7 +71,8 @@ class PrefillWorker:
         return self.stats()
 
     def channel_spec(self) -> ChannelSpec:
-        return ChannelSpec.from_configs(self.model_config, self.cfg.cache)
+        return ChannelSpec.from_configs(self.model_config, self.cfg.cache,
+                                        self.runner.fingerprint)
 
     def connect(self, decode_name: str, host: str, port: int, channel: str) -> None:
         """Join the channel ``channel`` that the decode worker hosts at host:port (rank 0)."""

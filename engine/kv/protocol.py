@@ -147,9 +147,12 @@ class ChannelSpec:
                 raise ValueError(f"ChannelSpec.{name} must be a positive int, got {value!r}")
 
     @classmethod
-    def from_configs(cls, model: ModelConfig, cache: CacheConfig) -> ChannelSpec:
+    def from_configs(cls, model: ModelConfig, cache: CacheConfig,
+                     fingerprint: str | None = None) -> ChannelSpec:
+        """``fingerprint``: what the worker serves (``engine.fingerprint``: shape, weights,
+        tokenizer); the model's shape alone without one (benchmarks, tests)."""
         return cls(
-            fingerprint=model.fingerprint(),
+            fingerprint=fingerprint or model.fingerprint(),
             dtype=dtype_name(cache.dtype),
             block_size=cache.block_size,
             num_layers=model.num_layers,
