@@ -12,6 +12,8 @@ by default, only ever served one node)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 from typing import Any
 
 import ray
@@ -27,23 +29,42 @@ def on_this_node(cfg: WorkerConfig) -> WorkerConfig:
 
 
 class _OnNode:
-    """What both actors add: the address their channel endpoints bind to."""
+    """What both actors add: the address their channel endpoints bind to, and a call that
+    lasts as long as the worker (the router's liveness watch: it returns at shutdown, and
+    fails as soon as Ray sees the actor's process die)."""
 
     cfg: WorkerConfig
+    _gone: threading.Event
 
     def node_address(self) -> str:
         return self.cfg.host
+
+    def watch(self) -> None:
+        self._gone.wait()
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 class PrefillActor(_OnNode, PrefillWorker):
     """A prefill worker in a Ray actor, its channel endpoints on its node's address."""
 
     def __init__(self, name: str, cfg: WorkerConfig, router: Any) -> None:
+        self._gone = threading.Event()
         super().__init__(name, on_this_node(cfg), router)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._gone.set()
 
 
 class DecodeActor(_OnNode, DecodeWorker):
     """A decode worker in a Ray actor, its channel endpoints on its node's address."""
 
     def __init__(self, name: str, cfg: WorkerConfig, router: Any, epoch: int = 0) -> None:
+        self._gone = threading.Event()
         super().__init__(name, on_this_node(cfg), router, epoch)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._gone.set()

@@ -107,20 +107,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    scaler = None
-    if cfg.autoscaling.autoscale:
-        from pdserve.cluster.scaling import Autoscaler
+    from pdserve.cluster.scaling import Autoscaler, keeper
 
-        a = cfg.autoscaling
+    a = cfg.autoscaling
+    if a.autoscale:
         print(f"pdserve: autoscaling prefill {a.min_prefill}-{a.max_prefill}, decode "
               f"{a.min_decode}-{a.max_decode} workers", file=sys.stderr)
-        scaler = threading.Thread(target=Autoscaler.for_deployment(dep).run, args=(stop,),
-                                  name="autoscaler", daemon=True)
-        scaler.start()
+    else:  # the same loop holds the pools at their sizes: a worker that dies is replaced
+        a = keeper(cfg)
+    scaler = threading.Thread(target=Autoscaler.for_deployment(dep, a).run, args=(stop,),
+                              name="autoscaler", daemon=True)
+    scaler.start()
     stop.wait()
     print("pdserve: shutting down", file=sys.stderr)
-    if scaler is not None:
-        scaler.join()
+    scaler.join()
     dep.stop()
     return 0
 

@@ -15,6 +15,7 @@ No node is provisioned here: nodes come from the Ray autoscaler (``ray up``'s cl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ import ray
 
 from pdserve.cluster.autoscale_config import AutoscaleConfig
 from pdserve.cluster.autoscaler import Pacer, PoolShape, needed
+from pdserve.cluster.config import ServeConfig
 from pdserve.cluster.launch import Deployment
 from pdserve.cluster.pools import create_worker, next_name, stop_worker, worker_bundle
 from pdserve.engine.weights import load_model_config
@@ -58,6 +60,14 @@ class Event:
     detail: str = ""
 
 
+def keeper(cfg: ServeConfig) -> AutoscaleConfig:
+    """Without ``--autoscale``: the pools held at their configured sizes, a worker that died
+    replaced at once."""
+    return dataclasses.replace(
+        cfg.autoscaling, min_prefill=cfg.num_prefill, max_prefill=cfg.num_prefill,
+        min_decode=cfg.num_decode, max_decode=cfg.num_decode, scale_up_cooldown_s=0.0)
+
+
 @dataclass
 class Autoscaler:
     dep: Deployment
@@ -74,7 +84,9 @@ class Autoscaler:
         self.pacer = Pacer(self.cfg)
 
     @classmethod
-    def for_deployment(cls, dep: Deployment) -> Autoscaler:
+    def for_deployment(cls, dep: Deployment, cfg: AutoscaleConfig | None = None) -> Autoscaler:
+        """``cfg``: the deployment's own (``--autoscale``), else pools held at their launch
+        sizes (``keeper``)."""
         scfg = dep.cfg
         classes = scfg.slo_class_set().classes
         tpots = [c.tpot_ms / 1e3 for c in classes if c.tpot_ms]
@@ -82,7 +94,7 @@ class Autoscaler:
                           min(tpots) if tpots else None)
         model = CostModel(scfg.cost_profile(load_model_config(scfg.model)),
                           max_batch_tokens=scfg.max_batch_tokens)
-        return cls(dep, scfg.autoscaling, model, shape)
+        return cls(dep, cfg or scfg.autoscaling, model, shape)
 
     # -- one decision -----------------------------------------------------------------------
     def step(self) -> dict[str, int]:

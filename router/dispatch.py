@@ -70,6 +70,7 @@ class Dispatcher:
         # handles still in ``prefill`` / ``decode`` for the attempts that finish there.
         self.draining: dict[str, PrefillLoad | DecodeLoad] = {}
         self.reserving: collections.Counter[str] = collections.Counter()  # leases asked for
+        self.watches: dict[str, asyncio.Future[None]] = {}  # liveness (router.pools.watch)
 
     async def dispatch(self, req: Request) -> bool:
         """``fifo``: lease blocks on the first decode worker (``policy.decode_order``) that
@@ -274,6 +275,17 @@ class Dispatcher:
             raise ValueError(f"{name} is draining already")
         raise ValueError(f"no worker named {name!r}")
 
+    def lose(self, name: str) -> str | None:
+        """``name`` died: no placement sees it from now on, the last of its pool too (its
+        pool then waits for a replacement); its role, or None if it had left already."""
+        for role, loads in (("prefill", self.p_load), ("decode", self.d_load)):
+            if name in loads:
+                self.draining[name] = loads.pop(name)
+                return role
+        if name in self.draining:
+            return "prefill" if name in self.prefill else "decode"
+        return None
+
     async def remove(self, name: str) -> None:
         """``name`` leaves the deployment: both ends of its KV channels close (at once:
         each end's close is local, its goodbye tells the other), its handle goes."""
@@ -289,6 +301,7 @@ class Dispatcher:
             with contextlib.suppress(Exception):  # a dead peer has nothing to close
                 await ref
         self.draining.pop(name, None)
+        self.watches.pop(name, None)
         self.p_load.pop(name, None)
         self.d_load.pop(name, None)
         self.prefill.pop(name, None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from pdserve.router.request import Request, State
 from pdserve.router.router import Router
 
 DRAIN_POLL_S = 0.05
+log = logging.getLogger("pdserve.router")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,39 @@ class Drained:
 async def add_worker(router: Router, role: str, name: str, handle: Any) -> None:
     """``name`` (a started ``role`` worker) joins; waiting requests may go to it at once."""
     await router.dispatcher.add(role, name, handle)
+    watch(router, name, handle)
     pools_changed(router)
+
+
+def watch(router: Router, name: str, handle: Any) -> None:
+    """Learn of ``name``'s death as Ray does: its ``watch`` call lasts until the worker
+    shuts down, and fails once its process is gone (``worker_lost`` follows)."""
+    async def watching() -> None:
+        try:
+            await handle.watch.remote()
+        except Exception as e:  # RayActorError: the process died, or was killed
+            await worker_lost(router, name, f"{type(e).__name__}")
+
+    router.dispatcher.watches[name] = asyncio.ensure_future(watching())
+
+
+async def worker_lost(router: Router, name: str, why: str) -> list[Request]:
+    """``name`` died: no placement sees it, every request whose attempt ran there is
+    re-dispatched (prompt and streamed tokens, re-prefilled elsewhere; a failed attempt,
+    so one that keeps failing ends UNAVAILABLE), and it leaves the router. Returns those
+    requests."""
+    d = router.dispatcher
+    if d.lose(name) is None:
+        return []  # drained and removed before it died
+    log.warning("worker %s is gone (%s): re-dispatching what ran there", name, why)
+    hit = on_worker(router, name)
+    for req in hit:
+        router.metrics.observe_retry()
+        router.retry(req, f"worker {name} is gone")
+    await d.remove(name)
+    router.metrics.forget_worker(name)
+    pools_changed(router)
+    return hit
 
 
 def pools_changed(router: Router) -> None:

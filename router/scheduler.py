@@ -184,10 +184,12 @@ class Scheduler:
         try:
             ok = await (self.dispatcher.dispatch(req) if where is None
                         else self.dispatcher.dispatch_to(req, where))
-        except Exception as e:  # a worker or channel failed: this request fails
-            log.exception("dispatch of %s failed", req.request_id)
-            if not req.done:
-                self._fail(req, "UNAVAILABLE", f"dispatch failed: {e}")
+        except Exception as e:  # a worker or channel failed: a failed attempt
+            log.warning("dispatch of %s failed: %s: %s", req.request_id, type(e).__name__, e)
+            req.failures += 1
+            if req.done or req.failures < self.cfg.max_attempts:
+                return False  # it stays queued (a dead worker leaves the pools soon)
+            self._fail(req, "UNAVAILABLE", f"dispatch failed: {e}")
             ok = True
         if ok:
             self.waiting.remove(req)

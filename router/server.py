@@ -83,6 +83,8 @@ class RouterService:
     async def attach(self, prefill: dict[str, Any], decode: dict[str, Any]) -> None:
         """Hand over the worker pools (actor handles by name)."""
         self.router = Router(prefill, decode, self.cfg.router, self.metrics, self._out)
+        for name, handle in {**prefill, **decode}.items():
+            pools.watch(self.router, name, handle)
         pools.pools_changed(self.router)  # the pool gauges from the start
 
     async def open_channels(self) -> None:

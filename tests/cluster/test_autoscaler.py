@@ -133,3 +133,17 @@ def test_knobs_are_flags_and_top_level_yaml_keys() -> None:
     assert (got.autoscale, got.min_decode, got.scale_down_delay_s) == (True, 2, 5.0)
     assert got.max_decode == AutoscaleConfig().max_decode
     assert math.isclose(got.target_utilization, 0.7)
+
+
+def test_without_autoscale_the_pools_are_held_at_their_sizes() -> None:
+    from pdserve.cluster.scaling import keeper
+
+    held = keeper(ServeConfig(num_prefill=2, num_decode=3))
+    assert held.bounds("prefill") == (2, 2) and held.bounds("decode") == (3, 3)
+    assert held.scale_up_cooldown_s == 0.0
+    # A decode worker died: the router serves 2; the pool needs its third back at once.
+    gone = load(rate=0.0, out=0, serving={"prefill": 2, "decode": 2})
+    need = needed(gone, MODEL, DISAGG, held)
+    assert need == {"prefill": 2, "decode": 3}
+    assert Pacer(held).moves(need, {"prefill": 2, "decode": 2}, 0.0) == \
+        {"prefill": 0, "decode": 1}

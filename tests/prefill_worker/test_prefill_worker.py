@@ -4,7 +4,6 @@ has to leave and no channel is needed."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -78,8 +77,7 @@ def test_an_abort_during_the_last_prefill_step_frees_the_blocks_once() -> None:
     router = FakeRouter()
     p = PrefillWorker("prefill-0", worker_config(), router)
     sender = _Sender(p.channel_spec(), lambda: p.abort("gone"))
-    p._channels["decode-0"] = sender  # type: ignore[assignment]
-    p._channel_locks["decode-0"] = threading.Lock()
+    p._channels.add("decode-0", sender)  # type: ignore[arg-type]
     p.start()
     try:
         p.submit(PrefillTask("gone", task("gone", 10, 1).token_ids, 0,
@@ -103,8 +101,7 @@ def test_a_failed_step_with_a_stream_open_frees_the_blocks_once() -> None:
     router = FakeRouter()
     p = PrefillWorker("prefill-0", worker_config(), router)
     sender = _Sender(p.channel_spec(), lambda: None)
-    p._channels["decode-0"] = sender  # type: ignore[assignment]
-    p._channel_locks["decode-0"] = threading.Lock()
+    p._channels.add("decode-0", sender)  # type: ignore[arg-type]
     real = p.runner.prefill
     failed = []
 

@@ -135,3 +135,67 @@ def test_the_load_snapshot_counts_pools_arrivals_and_attainment() -> None:
         assert snap.waiting == 0 and snap.queued_prompt_tokens == 0
 
     asyncio.run(main())
+
+
+class _Dying(FakeWorker):
+    """A worker whose liveness watch fails when ``die()`` is called (its process gone)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.gone: asyncio.Future[None] | None = None
+
+    def __getattr__(self, method: str) -> object:
+        if method != "watch":
+            return super().__getattr__(method)
+        worker = self
+
+        class Watch:
+            def remote(self) -> asyncio.Future[None]:
+                worker.gone = asyncio.get_running_loop().create_future()
+                return worker.gone
+
+        return Watch()
+
+    def die(self) -> None:
+        assert self.gone is not None
+        self.gone.set_exception(RuntimeError("the actor died"))
+
+
+def test_a_dead_worker_s_requests_are_re_dispatched_and_it_leaves() -> None:
+    async def main() -> None:
+        s = RouterSetup()
+        d1 = _Dying("decode-1")
+        await pools.add_worker(s.router, "decode", "decode-1", d1)
+        d = s.router.dispatcher
+        d.start_draining("decode-0")  # r goes to decode-1 ...
+        req = await s.admit("r", 4)
+        d.d_load["decode-0"] = d.draining.pop("decode-0")  # ... and decode-0 serves again
+        s.first_token("prefill-0", req)
+        assert req.lease is not None and req.lease.worker == "decode-1"
+        d1.die()
+        await settle()
+        await settle()
+        # Re-prefilled (prompt + the streamed token) under a lease on decode-0, counted as a
+        # failed attempt; decode-1 is out of the router.
+        assert req.lease is not None and req.lease.worker == "decode-0"
+        assert req.failures == 1 and req.output_ids == [65] and not req.done
+        assert "decode-1" not in s.router.decode and "decode-1" not in d.d_load
+        assert s.value("pdserve:num_workers", role="decode", state="serving") == 1
+        assert await pools.worker_lost(s.router, "decode-1", "again") == []  # once only
+
+    asyncio.run(main())
+
+
+def test_the_last_worker_of_a_pool_dying_leaves_the_pool_empty_not_stuck() -> None:
+    async def main() -> None:
+        s = RouterSetup()
+        req = await s.admit("r", 4)
+        hit = await pools.worker_lost(s.router, "decode-0", "test")
+        assert hit == [req] and req.state == State.QUEUED  # waits for a replacement
+        assert s.router.dispatcher.d_load == {}
+        d2 = FakeWorker("decode-2")
+        await pools.add_worker(s.router, "decode", "decode-2", d2)
+        await settle()
+        assert req.lease is not None and req.lease.worker == "decode-2"
+
+    asyncio.run(main())

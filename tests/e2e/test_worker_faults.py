@@ -1,0 +1,102 @@
+"""Workers that die: the router learns of it as soon as Ray does (its liveness watch on
+each worker fails), stops placing on the dead worker, and re-dispatches every request whose
+attempt ran there (prompt and the tokens already streamed, re-prefilled on a survivor), so
+every stream completes token-exact against the transformers reference, with no request
+failed and no block left held on the survivors.
+
+- a decode worker's process is SIGKILLed mid-stream;
+- a prefill worker's process is SIGKILLed while it holds prompts (long ones, chunked)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from pdserve.cluster.launch import Deployment, launch
+from pdserve.proto.client import Client
+from pdserve_testing.e2e import HFReference, failure_counts, serve_config, wait_for
+from pdserve_testing.streams import Streams
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when",
+    "A recipe for a simple tomato soup: first, take four ripe tomatoes and",
+    "The three laws of motion, as described by Isaac Newton, state that",
+    "In 1969, the first humans landed on the Moon. The mission was",
+]
+
+
+@pytest.fixture(scope="module")
+def faulty(ray_cluster: None, default_gguf: Path) -> Iterator[Deployment]:
+    dep = launch(serve_config(default_gguf, "e2e-faults", num_prefill=2, num_decode=2))
+    yield dep
+    dep.stop()
+
+
+def _kill(dep: Deployment, name: str) -> float:
+    """SIGKILL worker ``name``'s process; it leaves the deployment's handles. Returns when."""
+    pool = dep.prefill if name in dep.prefill else dep.decode
+    handle = pool.pop(name)
+    os.kill(ray.get(handle.pid.remote()), signal.SIGKILL)
+    return time.monotonic()
+
+
+def _serving(dep: Deployment) -> dict[str, int]:
+    return dict(ray.get(dep.router.load_snapshot.remote()).serving)
+
+
+def _survivors_free(dep: Deployment) -> bool:
+    stats: list[Any] = ray.get([h.stats.remote() for h in [*dep.prefill.values(),
+                                                          *dep.decode.values()]])
+    return all(s.num_free_blocks == s.num_blocks for s in stats)
+
+
+def test_a_killed_decode_worker_s_streams_go_on_elsewhere(
+        faulty: Deployment, hf_reference: HFReference) -> None:
+    tok = hf_reference.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    n = 80
+    with Client(faulty.address) as client:
+        streams = Streams(client, ids, n, min_tokens=4)
+        streams.wait_started()
+        holding = [s.worker for s in faulty.worker_stats()
+                   if s.role == "decode" and s.num_running]
+        assert holding, "the streams were meant to be decoding"
+        killed = _kill(faulty, holding[0])
+        wait_for(lambda: _serving(faulty)["decode"] == 1, 30, what="the router noticing")
+        print(f"router noticed the decode worker gone in {time.monotonic() - killed:.2f} s")
+        out = streams.join()
+    for i, got in out.items():
+        assert got == hf_reference.greedy(ids[i], n, stop_at_eos=False), f"prompt {i}"
+    assert not failure_counts(faulty)
+    wait_for(lambda: _survivors_free(faulty), what="blocks freed on the survivors")
+
+
+def test_a_killed_prefill_worker_s_prompts_are_prefilled_elsewhere(
+        faulty: Deployment, hf_reference: HFReference) -> None:
+    tok = hf_reference.tokenizer
+    long = " ".join(PROMPTS) * 3  # hundreds of tokens: several 64-token chunks each
+    ids = [tok(f"{i}. {long}")["input_ids"] for i in range(4)]
+    n = 8
+    with Client(faulty.address) as client:
+        streams = Streams(client, ids, n, min_tokens=0)
+        victim = next(iter(faulty.prefill))
+        handle = faulty.prefill[victim]
+        wait_for(lambda: (lambda s: s.num_running + s.num_waiting > 0)(
+            ray.get(handle.stats.remote())), 30, what="prompts on the prefill worker")
+        killed = _kill(faulty, victim)
+        wait_for(lambda: _serving(faulty)["prefill"] == 1, 30, what="the router noticing")
+        print(f"router noticed the prefill worker gone in {time.monotonic() - killed:.2f} s")
+        out = streams.join()
+    for i, got in out.items():
+        assert got == hf_reference.greedy(ids[i], n, stop_at_eos=False), f"prompt {i}"
+    assert not failure_counts(faulty)
+    wait_for(lambda: _survivors_free(faulty), what="blocks freed on the survivors")
