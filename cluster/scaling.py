@@ -15,6 +15,7 @@ No node is provisioned here: nodes come from the Ray autoscaler (``ray up``'s cl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -51,7 +52,7 @@ class _Change:
 @dataclass(frozen=True)
 class Event:
     """What the autoscaler did, for its log and the tests: ``kind`` is start, serving,
-    drain, drained or failed; ``at`` on its clock."""
+    drain, drained, lost (it died) or failed; ``at`` on its clock."""
 
     kind: str
     role: str
@@ -104,6 +105,7 @@ class Autoscaler:
         self._collect_drained(now)
         load: LoadSnapshot = ray.get(self.dep.router.load_snapshot.remote())
         self.last_load = load
+        self._forget_lost(load, now)
         need = needed(load, self.model, self.shape, self.cfg)
         current = {role: load.serving.get(role, 0) + self._count(self.starting, role)
                    for role in need}
@@ -182,6 +184,17 @@ class Autoscaler:
             pool = self.dep.prefill if ch.role == "prefill" else self.dep.decode
             pool[name] = ch.handle
             self._event("serving", ch.role, name, now, f"{now - ch.since:.1f} s after start")
+
+    def _forget_lost(self, load: LoadSnapshot, now: float) -> None:
+        """Workers the router let go of without a drain died (``router.pools.worker_lost``):
+        their handles go too (the pool's size then asks for a replacement)."""
+        for role, pool in (("prefill", self.dep.prefill), ("decode", self.dep.decode)):
+            for name in [n for n in pool if n not in load.workers and n not in self.draining]:
+                handle = pool.pop(name)
+                self.dep.retired.add(name)
+                with contextlib.suppress(Exception):  # gone already
+                    ray.kill(handle)
+                self._event("lost", role, name, now)
 
     def _drain_newest(self, role: str, now: float) -> None:
         pool = self.dep.prefill if role == "prefill" else self.dep.decode

@@ -35,6 +35,7 @@ class LoadSnapshot:
     tpot_by_class: dict[str, float] = field(default_factory=dict)
     serving: dict[str, int] = field(default_factory=dict)  # role -> workers placed on
     draining: dict[str, int] = field(default_factory=dict)
+    workers: tuple[str, ...] = ()  # every worker the router holds (serving or draining)
 
 
 class LoadWindow:

@@ -134,4 +134,5 @@ def load_snapshot(router: Router) -> LoadSnapshot:
         serving={"prefill": len(d.p_load), "decode": len(d.d_load)},
         draining={role: sum(1 for n in d.draining if n in pool)
                   for role, pool in roles.items()},
+        workers=tuple(sorted({*d.prefill, *d.decode})),
     )

@@ -2,7 +2,8 @@
 each worker fails), stops placing on the dead worker, and re-dispatches every request whose
 attempt ran there (prompt and the tokens already streamed, re-prefilled on a survivor), so
 every stream completes token-exact against the transformers reference, with no request
-failed and no block left held on the survivors.
+failed and no block left held on the survivors. Then the loop ``pdserve serve`` runs without
+--autoscale replaces the dead worker (the pool back at its size).
 
 - a decode worker's process is SIGKILLed mid-stream;
 - a prefill worker's process is SIGKILLed while it holds prompts (long ones, chunked)."""
@@ -20,6 +21,7 @@ import pytest
 import ray
 
 from pdserve.cluster.launch import Deployment, launch
+from pdserve.cluster.scaling import Autoscaler, keeper
 from pdserve.proto.client import Client
 from pdserve_testing.e2e import HFReference, failure_counts, serve_config, wait_for
 from pdserve_testing.streams import Streams
@@ -42,11 +44,23 @@ def faulty(ray_cluster: None, default_gguf: Path) -> Iterator[Deployment]:
 
 
 def _kill(dep: Deployment, name: str) -> float:
-    """SIGKILL worker ``name``'s process; it leaves the deployment's handles. Returns when."""
-    pool = dep.prefill if name in dep.prefill else dep.decode
-    handle = pool.pop(name)
+    """SIGKILL worker ``name``'s process. Returns when."""
+    handle = {**dep.prefill, **dep.decode}[name]
     os.kill(ray.get(handle.pid.remote()), signal.SIGKILL)
     return time.monotonic()
+
+
+def _replaced(dep: Deployment, name: str) -> str:
+    """What ``pdserve serve`` runs without --autoscale holds the pool at its size: the dead
+    worker's handle goes and a new worker starts and joins. Returns the new one's name."""
+    scaler = Autoscaler.for_deployment(dep, keeper(dep.cfg))
+    scaler.step()
+    assert ("lost", name) in [(e.kind, e.name) for e in scaler.events]
+    (started,) = [e.name for e in scaler.events if e.kind == "start"]
+    wait_for(lambda: scaler.step() is not None and any(
+        e.kind == "serving" for e in scaler.events), 120, what=f"{started} serving")
+    assert name not in {*dep.prefill, *dep.decode} and started in {*dep.prefill, *dep.decode}
+    return started
 
 
 def _serving(dep: Deployment) -> dict[str, int]:
@@ -77,6 +91,8 @@ def test_a_killed_decode_worker_s_streams_go_on_elsewhere(
     for i, got in out.items():
         assert got == hf_reference.greedy(ids[i], n, stop_at_eos=False), f"prompt {i}"
     assert not failure_counts(faulty)
+    assert _replaced(faulty, holding[0]).startswith("decode-")
+    assert _serving(faulty)["decode"] == 2
     wait_for(lambda: _survivors_free(faulty), what="blocks freed on the survivors")
 
 
@@ -99,4 +115,6 @@ def test_a_killed_prefill_worker_s_prompts_are_prefilled_elsewhere(
     for i, got in out.items():
         assert got == hf_reference.greedy(ids[i], n, stop_at_eos=False), f"prompt {i}"
     assert not failure_counts(faulty)
+    assert _replaced(faulty, victim).startswith("prefill-")
+    assert _serving(faulty)["prefill"] == 2
     wait_for(lambda: _survivors_free(faulty), what="blocks freed on the survivors")
