@@ -26,17 +26,9 @@ from pdserve_testing.e2e import (
     serve_config,
     wait_for,
 )
-from pdserve_testing.streams import Streams
+from pdserve_testing.streams import PROMPTS, Streams
 
 pytestmark = pytest.mark.e2e
-
-PROMPTS = [
-    "The history of the printing press begins in the fifteenth century, when",
-    "A recipe for a simple tomato soup: first, take four ripe tomatoes and",
-    "The three laws of motion, as described by Isaac Newton, state that",
-    "In 1969, the first humans landed on the Moon. The mission was",
-]
-
 
 @pytest.fixture(scope="module")
 def elastic(ray_cluster: None, default_gguf: Path) -> Iterator[Deployment]:

@@ -7,6 +7,14 @@ import threading
 
 from pdserve.proto.client import Client
 
+# What the stream tests send (greedy, ignore_eos: each runs to its max_tokens).
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when",
+    "A recipe for a simple tomato soup: first, take four ripe tomatoes and",
+    "The three laws of motion, as described by Isaac Newton, state that",
+    "In 1969, the first humans landed on the Moon. The mission was",
+]
+
 
 class Streams:
     """Greedy streams on threads of their own; ``started`` once each has ``min_tokens``."""
