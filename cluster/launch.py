@@ -42,6 +42,10 @@ class Deployment:
     def address(self) -> str:
         return f"{self.cfg.host}:{self.port}"
 
+    def pool(self, role: str) -> dict[str, Any]:
+        """The ``role`` ("prefill" or "decode") pool's handles by name."""
+        return self.prefill if role == "prefill" else self.decode
+
     def add_worker(self, role: str) -> str:
         """Grow ``role``'s pool by one worker (started, warmed up, its channels open);
         returns its name. In colocated mode the pool is ``decode``."""
@@ -55,7 +59,7 @@ class Deployment:
         except BaseException:
             stop_worker(name, handle)
             raise
-        (self.prefill if role == "prefill" else self.decode)[name] = handle
+        self.pool(role)[name] = handle
         return name
 
     def remove_worker(self, name: str, timeout_s: float = 60.0) -> Drained:

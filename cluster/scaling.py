@@ -110,14 +110,12 @@ class Autoscaler:
         current = {role: load.serving.get(role, 0) + self._count(self.starting, role)
                    for role in need}
         moves = self.pacer.moves(need, current, now)
+        self._request(need)  # before new actors ask: their nodes are on their way
         for role, move in moves.items():
-            if move > 0:
-                self._request(need)  # before the actors ask: the nodes are on their way
-                for _ in range(move):
-                    self._start(role, now)
-            elif move < 0:
+            for _ in range(max(move, 0)):
+                self._start(role, now)
+            if move < 0:
                 self._drain_newest(role, now)
-        self._request(need)
         starting = {role: self._count(self.starting, role) for role in need}
         self.dep.router.record_scaling.remote(need, starting, moves)
         return moves
@@ -181,14 +179,14 @@ class Autoscaler:
                 stop_worker(name, ch.handle)
                 self._event("failed", ch.role, name, now, str(e))
                 continue
-            pool = self.dep.prefill if ch.role == "prefill" else self.dep.decode
-            pool[name] = ch.handle
+            self.dep.pool(ch.role)[name] = ch.handle
             self._event("serving", ch.role, name, now, f"{now - ch.since:.1f} s after start")
 
     def _forget_lost(self, load: LoadSnapshot, now: float) -> None:
         """Workers the router let go of without a drain died (``router.pools.worker_lost``):
         their handles go too (the pool's size then asks for a replacement)."""
-        for role, pool in (("prefill", self.dep.prefill), ("decode", self.dep.decode)):
+        for role in ("prefill", "decode"):
+            pool = self.dep.pool(role)
             for name in [n for n in pool if n not in load.workers and n not in self.draining]:
                 handle = pool.pop(name)
                 self.dep.retired.add(name)
@@ -197,7 +195,7 @@ class Autoscaler:
                 self._event("lost", role, name, now)
 
     def _drain_newest(self, role: str, now: float) -> None:
-        pool = self.dep.prefill if role == "prefill" else self.dep.decode
+        pool = self.dep.pool(role)
         names = [n for n in pool if n not in self.draining]
         if len(names) <= 1:
             return
@@ -225,8 +223,7 @@ class Autoscaler:
 
     def _retire(self, name: str, ch: _Change) -> None:
         self.draining.pop(name, None)
-        pool = self.dep.prefill if ch.role == "prefill" else self.dep.decode
-        pool.pop(name, None)
+        self.dep.pool(ch.role).pop(name, None)
         self.dep.retired.add(name)
         stop_worker(name, ch.handle)
 

@@ -263,17 +263,15 @@ class Dispatcher:
     def start_draining(self, name: str) -> str:
         """No placement sees ``name`` from now on; returns its role. The last serving
         worker of a pool cannot go (nothing would serve what it serves)."""
-        for role, loads in (("prefill", self.p_load), ("decode", self.d_load)):
-            load = loads.get(name)
-            if load is None:
-                continue
-            if len(loads) == 1:
-                raise ValueError(f"{name} is the last serving {role} worker")
-            self.draining[name] = loads.pop(name)
-            return role
         if name in self.draining:
             raise ValueError(f"{name} is draining already")
-        raise ValueError(f"no worker named {name!r}")
+        for pool, loads in (("prefill", self.p_load), ("decode", self.d_load)):
+            if name in loads and len(loads) == 1:
+                raise ValueError(f"{name} is the last serving {pool} worker")
+        role = self.lose(name)
+        if role is None:
+            raise ValueError(f"no worker named {name!r}")
+        return role
 
     def lose(self, name: str) -> str | None:
         """``name`` died: no placement sees it from now on, the last of its pool too (its
@@ -285,6 +283,11 @@ class Dispatcher:
         if name in self.draining:
             return "prefill" if name in self.prefill else "decode"
         return None
+
+    def draining_counts(self) -> dict[str, int]:
+        """Workers draining, per role."""
+        return {"prefill": sum(1 for n in self.draining if n in self.prefill),
+                "decode": sum(1 for n in self.draining if n in self.decode)}
 
     async def remove(self, name: str) -> None:
         """``name`` leaves the deployment: both ends of its KV channels close (at once:

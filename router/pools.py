@@ -80,9 +80,10 @@ def pools_changed(router: Router) -> None:
     """A worker joined, began to drain or left: the pool gauges, and a pump (a joiner has
     room for what waits)."""
     d = router.dispatcher
-    for role, loads, pool in (("prefill", d.p_load, d.prefill), ("decode", d.d_load, d.decode)):
+    draining = d.draining_counts()
+    for role, loads in (("prefill", d.p_load), ("decode", d.d_load)):
         router.metrics.set_workers(role, "serving", len(loads))
-        router.metrics.set_workers(role, "draining", sum(1 for n in d.draining if n in pool))
+        router.metrics.set_workers(role, "draining", draining[role])
     router.pump()
 
 
@@ -125,14 +126,12 @@ def load_snapshot(router: Router) -> LoadSnapshot:
     d = router.dispatcher
     now = router.clock()
     queued = sum(w.queued_tokens for w in [*d.p_load.values(), *d.d_load.values()])
-    roles = {"prefill": d.prefill, "decode": d.decode}
     return dataclasses.replace(
         router.load.reading(now), waiting=router.scheduler.num_waiting(),
         queued_prompt_tokens=queued,
         decode_batch=sum(w.batch for w in d.d_load.values()),
         kv_usage=max((w.kv_usage for w in d.d_load.values()), default=0.0),
         serving={"prefill": len(d.p_load), "decode": len(d.d_load)},
-        draining={role: sum(1 for n in d.draining if n in pool)
-                  for role, pool in roles.items()},
+        draining=d.draining_counts(),
         workers=tuple(sorted({*d.prefill, *d.decode})),
     )
