@@ -12,11 +12,14 @@ from collections.abc import Sequence
 
 import grpc
 
-from pdserve.cluster.autoscale_config import AUTOSCALE_GROUP, AutoscaleConfig
-from pdserve.cluster.config import FLAG_GROUPS, ServeConfig
+from pdserve.cluster.autoscale_config import AUTOSCALE_GROUP
+from pdserve.cluster.client_flags import add_client_flags, client_auth
+from pdserve.cluster.config import FLAG_GROUPS, SECTIONS, ServeConfig
 from pdserve.cluster.knobs import add_flags, given_flags
+from pdserve.cluster.security_config import SECURITY_GROUP
 from pdserve.cluster.tune import cli as tune_parser
 from pdserve.engine.config import PRESETS, ModelSpec
+from pdserve.proto.credentials import ClientAuth
 
 # Where `generate`, `info` and `bench` find a server started with the defaults.
 DEFAULT_SERVER = f"{ServeConfig.host}:{ServeConfig.port}"
@@ -42,7 +45,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="join this Ray cluster (default: start a local Ray instance)")
     add_flags(p, ServeConfig, FLAG_GROUPS)
-    add_flags(p, AutoscaleConfig, AUTOSCALE_GROUP)
+    add_flags(p, SECTIONS["autoscaling"], AUTOSCALE_GROUP)
+    add_flags(p, SECTIONS["security"], SECURITY_GROUP)
     _add_model_flags(p)
 
 
@@ -57,9 +61,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     weights; with --model or another --load-format it raises ValueError."""
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     over = given_flags(args, ServeConfig)
-    scaling = given_flags(args, AutoscaleConfig)
-    if scaling:
-        over["autoscaling"] = dataclasses.replace(cfg.autoscaling, **scaling)
+    for name, kind in SECTIONS.items():
+        if section := given_flags(args, kind):
+            over[name] = dataclasses.replace(getattr(cfg, name), **section)
     if args.preset:
         if args.model:
             raise ValueError("--preset (a shape with dummy weights) and --model exclude "
@@ -125,10 +129,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_auth_or_exit(args: argparse.Namespace) -> ClientAuth | None:
+    try:
+        return client_auth(args)
+    except (OSError, ValueError) as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from pdserve.proto.client import Client
 
-    with Client(args.server) as client:
+    with Client(args.server, auth=_client_auth_or_exit(args)) as client:
         kwargs = dict(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
@@ -159,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from pdserve.proto.client import Client
 
-    with Client(args.server) as client:
+    with Client(args.server, auth=_client_auth_or_exit(args)) as client:
         print(client.model_info())
         print(client.server_info())
     return 0
@@ -223,7 +235,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          "--slo-tpot-ms, or an SLO class (--slo-class, --class-mix)")
     try:
         cfg = BenchConfig(
-            server=args.server, label=args.label, dataset=args.dataset,
+            server=args.server, auth=_client_auth_or_exit(args), label=args.label,
+            dataset=args.dataset,
             dataset_path=args.dataset_path,
             input_len=args.input_len, output_len=args.output_len,
             input_len_dist=args.input_len_dist, output_len_dist=args.output_len_dist,
@@ -318,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Send one prompt and stream the answer to stdout.")
     p.add_argument("prompt")
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
+    add_client_flags(p)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -331,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="model and server info of a running server")
     p.add_argument("--server", default=DEFAULT_SERVER)
+    add_client_flags(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="local cluster, a few chat prompts, a TTFT/TPOT table",
@@ -353,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "results; `pdserve bench compare A.json B.json` prints their goodput "
                     "throughput per rate and class.")
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
+    add_client_flags(p)
     p.add_argument("--label", default="pdserve", help="name of this configuration in plots")
     g = p.add_argument_group("workload")
     g.add_argument("--dataset", choices=("random", "chat", "jsonl"), default="random",

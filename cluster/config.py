@@ -18,6 +18,7 @@ import yaml
 
 from pdserve.cluster.autoscale_config import AutoscaleConfig
 from pdserve.cluster.knobs import check_values, knob
+from pdserve.cluster.security_config import SecurityConfig
 from pdserve.engine.config import (
     BLOCK_SIZE,
     CPU_DECODE_BLOCKS,
@@ -36,6 +37,7 @@ from pdserve.engine.config import (
     RunnerConfig,
     WorkerConfig,
 )
+from pdserve.engine.secret import Secret
 from pdserve.router.config import (
     MAX_ATTEMPTS,
     MAX_WAITING,
@@ -52,6 +54,10 @@ from pdserve.router.validation import (
     MAX_STOP_TOKEN_IDS,
     Limits,
 )
+
+# Sections of a ServeConfig with knobs of their own, by field name: their keys are flat in the
+# YAML and their flags sit beside the others (``from_dict``, ``cluster.cli``).
+SECTIONS: dict[str, type] = {"autoscaling": AutoscaleConfig, "security": SecurityConfig}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,8 +82,12 @@ class ServeConfig:
     """A pdserve deployment: model, pools, limits, ports."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    # Its knobs are flags and top-level YAML keys like the ones below (``from_dict``).
+    # Their knobs are flags and top-level YAML keys like the ones below (``from_dict``).
     autoscaling: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    # The key every side channel of the deployment authenticates with (engine.secret): new
+    # with every config, never read from YAML or flags; launch() draws a fresh one.
+    secret: Secret = field(default_factory=Secret.generate, compare=False)
     mode: str = knob("disaggregated", "disaggregated: prefill and decode workers; colocated: "
                      "--num-decode replicas that each prefill (chunked, mixed into decode "
                      "steps) and decode", DEPLOYMENT, choices=("disaggregated", "colocated"))
@@ -177,10 +187,14 @@ class ServeConfig:
         DEPLOYMENT, metavar="NAME")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.secret, Secret):
+            raise ValueError("secret must be a Secret")
         if not isinstance(self.model, ModelSpec):
             raise ValueError(f"model must be a ModelSpec, got {self.model!r}")
-        if not isinstance(self.autoscaling, AutoscaleConfig):
-            raise ValueError(f"autoscaling must be an AutoscaleConfig, got {self.autoscaling!r}")
+        for name, kind in SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got "
+                                 f"{getattr(self, name)!r}")
         check_values(self)  # types, choices and bounds, naming the field
         CacheConfig(self.block_size, self.prefill_blocks)  # validates block_size and counts
         CacheConfig(self.block_size, self.decode_blocks)
@@ -279,7 +293,7 @@ class ServeConfig:
             max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
             lease_timeout_s=self.lease_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
             host=self.host, local_prefill=self.decode_prefills and role == "decode",
-            layerwise_transfer=self.layerwise_transfer,
+            layerwise_transfer=self.layerwise_transfer, secret=self.secret,
         )
 
     def router_config(self, profile: Profile | None) -> RouterConfig:
@@ -307,20 +321,22 @@ class ServeConfig:
             dtype=str(self.resolved_dtype()).removeprefix("torch."), host=self.host,
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,
             frontends=self.frontends, slo_classes=self.slo_class_set(),
-            metrics_host=self.metrics_host,
+            metrics_host=self.metrics_host, tls=self.security.tls(),
+            auth=self.security.token_check(), secret=self.secret,
         )
 
     # -- YAML -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServeConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"autoscaling"}
-        scaling = {f.name for f in dataclasses.fields(AutoscaleConfig)}
-        unknown = set(raw) - known - scaling
+        known = {f.name for f in dataclasses.fields(cls)} - set(SECTIONS) - {"secret"}
+        sections = {name: {f.name for f in dataclasses.fields(kind)}
+                    for name, kind in SECTIONS.items()}
+        unknown = set(raw) - known - set().union(*sections.values())
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        values = {k: v for k, v in raw.items() if k in known}
-        values["autoscaling"] = AutoscaleConfig(
-            **{k: v for k, v in raw.items() if k in scaling})
+        values: dict[str, Any] = {k: v for k, v in raw.items() if k in known}
+        for name, kind in SECTIONS.items():  # flat keys, gathered into their section
+            values[name] = kind(**{k: v for k, v in raw.items() if k in sections[name]})
         model = values.pop("model", None)
         if isinstance(model, dict):
             mk = {f.name for f in dataclasses.fields(ModelSpec)}

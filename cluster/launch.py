@@ -4,6 +4,7 @@ it down again."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pdserve.cluster.config import ServeConfig
 from pdserve.cluster.pools import create_worker, next_name, stop_worker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.model_files import cache_dir
+from pdserve.engine.secret import Secret
 from pdserve.engine.weights import load_model_config
 from pdserve.router.frontend import Frontend
 from pdserve.router.pools import Drained
@@ -179,6 +181,7 @@ def start_router(cfg: ServeConfig, model_config: ModelConfig) -> tuple[Any, list
 
 
 def _launch(cfg: ServeConfig, started_ray: bool) -> Deployment:
+    cfg = dataclasses.replace(cfg, secret=Secret.generate())  # this deployment's own
     model_config = load_model_config(cfg.model)
     router, frontends, port, metrics_port = start_router(cfg, model_config)
 

@@ -99,7 +99,8 @@ class DecodeWorker:
         def open_and_serve() -> None:
             try:
                 ch = open_receiver(
-                    store=store, name=name, spec=spec, device=self.runner.device,
+                    store=store, name=name, secret=self.cfg.secret, spec=spec,
+                    device=self.runner.device,
                     timeout_s=timeout, gloo_host=self.cfg.host, owns_store=True,
                 )
             except Exception:

@@ -6,10 +6,11 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine.secret import Secret
 from pdserve.kernels.rope_scaling import RopeScaling
 
 # Serving defaults, each written once. ServeConfig's fields (cluster/config.py) default to
@@ -50,10 +51,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                       "num_heads", "num_kv_heads", "head_dim", "max_position"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"ModelConfig.{field} must be positive")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of "
@@ -217,6 +218,8 @@ class WorkerConfig:
     # disaggregation. Its warm-up then compiles the prefill shapes too.
     local_prefill: bool = False
     layerwise_transfer: bool = LAYERWISE_TRANSFER  # prefill: send KV layer by layer
+    # The deployment's key (engine.secret): only workers holding the same one pair up.
+    secret: Secret = field(default_factory=Secret.generate, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < self.cache.block_size:

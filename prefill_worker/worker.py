@@ -80,7 +80,8 @@ class PrefillWorker:
             return
         timeout = self.cfg.transfer_timeout_s
         ch = open_sender(
-            store=connect_store(host, port, timeout), name=channel, spec=self.channel_spec(),
+            store=connect_store(host, port, timeout), name=channel, secret=self.cfg.secret,
+            spec=self.channel_spec(),
             device=self.runner.device, timeout_s=timeout, gloo_host=self.cfg.host,
             owns_store=True,
         )

@@ -29,6 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.credentials import ClientAuth
+
+PLAIN = ClientAuth(tls=False)  # a plaintext channel, no token
 
 # A chat turn: {"role": ..., "content": ...}, (role, content) or the message itself.
 ChatMessageLike = Mapping[str, str] | tuple[str, str] | pb.ChatMessage
@@ -195,13 +198,15 @@ class Client:
     """Blocking client over one gRPC channel. Thread-safe, as the channel is."""
 
     def __init__(self, target: str, *, channel: grpc.Channel | None = None,
-                 own_connection: bool = False) -> None:
+                 own_connection: bool = False, auth: ClientAuth | None = None) -> None:
         """Connect to `target` ("host:port"), or use `channel` if given (then `target` only
         names it in messages; close() closes it all the same). With `own_connection` the
-        channel opens a connection of its own (see OWN_CONNECTION)."""
+        channel opens a connection of its own (see OWN_CONNECTION); `auth`: TLS, a client
+        certificate, a bearer token (`proto.credentials`)."""
         self.target = target
-        self._channel = channel if channel is not None else grpc.insecure_channel(
-            target, options=OWN_CONNECTION if own_connection else None)
+        options = OWN_CONNECTION if own_connection else None
+        self._channel = channel if channel is not None else (auth or PLAIN).channel(
+            target, options)
         stub = pb_grpc.GenerationStub(self._channel)
         self._generate: grpc.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]
         self._generate = stub.Generate
@@ -306,11 +311,12 @@ class AsyncClient:
     """asyncio client over one grpc.aio channel; create and use it inside one event loop."""
 
     def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None,
-                 own_connection: bool = False) -> None:
+                 own_connection: bool = False, auth: ClientAuth | None = None) -> None:
         """Connect to `target` ("host:port"), or use `channel` if given. With
-        `own_connection` the channel opens a connection of its own (see OWN_CONNECTION)."""
+        `own_connection` the channel opens a connection of its own (see OWN_CONNECTION);
+        `auth` as `Client`'s."""
         self.target = target
-        self._channel = channel if channel is not None else grpc.aio.insecure_channel(
+        self._channel = channel if channel is not None else (auth or PLAIN).aio_channel(
             target, options=OWN_CONNECTION if own_connection else None)
         stub = pb_grpc.GenerationStub(self._channel)
         self._generate: grpc.aio.UnaryStreamMultiCallable[

@@ -16,8 +16,10 @@ from pdserve.engine.config import (
     ModelConfig,
     ModelSpec,
 )
+from pdserve.engine.secret import Secret
 from pdserve.router.cost_model import Profile
 from pdserve.router.policy import LocalPrefillRule
+from pdserve.router.security import TlsFiles, TokenCheck
 from pdserve.router.slo import SloClasses
 from pdserve.router.validation import Limits
 
@@ -69,3 +71,7 @@ class ServerConfig:
     frontends: int  # gRPC frontend processes sharing the port
     slo_classes: SloClasses = field(default_factory=SloClasses)
     metrics_host: str = HOST  # /metrics listens here, apart from the gRPC address
+    tls: TlsFiles | None = None  # None: plaintext gRPC
+    auth: TokenCheck | None = None  # None: no bearer token asked
+    # The deployment's key: the router opens each frontend's feed with its tag.
+    secret: Secret = field(default_factory=Secret.generate, compare=False)

@@ -31,8 +31,17 @@ from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.config import ServerConfig
+from pdserve.router.security import TokenInterceptor
 from pdserve.router.server import VERSION
-from pdserve.router.stream import StreamEnd, StreamItem, Submission, merge, read_frame, response
+from pdserve.router.stream import (
+    StreamEnd,
+    StreamItem,
+    Submission,
+    merge,
+    read_frame,
+    read_hello,
+    response,
+)
 from pdserve.router.validation import (
     RequestError,
     ValidRequest,
@@ -68,13 +77,20 @@ class Frontend:
             None, load_tokenizer, self.cfg.model, self.cfg.model_config
         )
         shared = self.cfg.frontends > 1
-        server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
+        auth = self.cfg.auth
+        interceptors = [] if auth is None else [TokenInterceptor(
+            auth, lambda: self.router.count_failure.remote("UNAUTHENTICATED"))]
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))],
+                                 interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(_Servicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        bound = server.add_insecure_port(f"{self.cfg.host}:{port}")
+        address = f"{self.cfg.host}:{port}"
+        tls = self.cfg.tls
+        bound = (server.add_insecure_port(address) if tls is None
+                 else server.add_secure_port(address, tls.server_credentials()))
         if bound == 0:
             raise RuntimeError(f"cannot listen on {self.cfg.host}:{port}")
         await self.set_serving(False)
@@ -85,8 +101,12 @@ class Frontend:
 
     async def _read_feed(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
-        """The router's connection: deliver each frame; when it closes, the streams still
-        open here cannot go on."""
+        """The router's connection (it opens with the router's tag; any other is closed
+        unread): deliver each frame; when it closes, the streams still open here cannot go
+        on."""
+        if not await read_hello(reader, self.cfg.secret, self.index):
+            writer.close()
+            return
         while (items := await read_frame(reader)) is not None:
             self.deliver(items)
         writer.close()

@@ -36,7 +36,7 @@ from pdserve.router.metrics import Metrics
 from pdserve.router.request import Chunk, Request
 from pdserve.router.router import Router
 from pdserve.router.scheduler import Refused
-from pdserve.router.stream import StreamEnd, StreamItem, Submission, encode
+from pdserve.router.stream import StreamEnd, StreamItem, Submission, encode, feed_hello
 
 log = logging.getLogger("pdserve.server")
 
@@ -76,8 +76,9 @@ class RouterService:
         """The frontend actors, by index (``Submission``s name theirs), and their feed
         ports (on this node's loopback: they run beside the router)."""
         self.frontends = list(frontends)
-        for port in feed_ports:
+        for i, port in enumerate(feed_ports):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(feed_hello(self.cfg.secret, i))
             self.feeds.append(writer)
 
     async def attach(self, prefill: dict[str, Any], decode: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from pdserve.cluster.bench.steady import (
     STEADY_MIN_REQUESTS,
     STEADY_WARMUP_FRACTION,
 )
+from pdserve.proto.credentials import ClientAuth
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class BenchConfig:
     """One `pdserve bench` invocation (a sweep of one or more request rates)."""
 
     server: str = "127.0.0.1:50051"
+    auth: ClientAuth | None = None  # TLS, client certificate, bearer token
     label: str = "pdserve"
     dataset: str = "random"
     dataset_path: str | None = None

@@ -48,6 +48,7 @@ from pdserve.engine.kv import (
 from pdserve.engine.kv_cache import allocate_kv_pool
 from pdserve.engine.messages import Lease, PrefillTask
 from pdserve.engine.runner import ModelRunner, PrefillItem
+from pdserve.engine.secret import Secret
 from pdserve.engine.sequence import SamplingParams
 from pdserve.prefill_worker.kv_sender import OutgoingKV
 from pdserve.prefill_worker.scheduler import PrefillSeq
@@ -115,7 +116,7 @@ def _receiver(args: dict[str, Any], ports: Any, results: Any) -> None:
     pool = allocate_kv_pool(cfg, _cache(n + 8), dev)
     store, port = host_store("127.0.0.1", 0, 120.0)
     ports.put(port)
-    ch = open_receiver(store=store, name="bench-kv",
+    ch = open_receiver(store=store, name="bench-kv", secret=Secret(args["secret"]),
                        spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
                        timeout_s=120.0, owns_store=True)
     raw_pg = _raw_group(store, 1, dev)
@@ -199,7 +200,7 @@ def _sender(args: dict[str, Any], ports: Any, results: Any) -> None:
                          RunnerConfig("cuda", DTYPE, "triton"), progress=False)
     port = ports.get(timeout=300)
     store = connect_store("127.0.0.1", port, 120.0)
-    ch = open_sender(store=store, name="bench-kv",
+    ch = open_sender(store=store, name="bench-kv", secret=Secret(args["secret"]),
                      spec=ChannelSpec.from_configs(cfg, _cache(n + 8)), device=dev,
                      timeout_s=120.0, owns_store=True)
     raw_pg = _raw_group(store, 0, dev)
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(k, slots) for k in a.layers_per_message for slots in a.staging_slots]
     args = {"preset": a.preset, "prompt_len": a.prompt_len, "iters": a.iters,
             "variants": variants, "raw_parts": a.raw_parts, "profile": a.profile,
-            "stream": a.stream, "idle": a.idle}
+            "stream": a.stream, "idle": a.idle, "secret": Secret.generate().key}
     ctx = mp.get_context("spawn")
     ports, results = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=f, args=(args, ports, results)) for f in (_receiver, _sender)]

@@ -43,6 +43,7 @@ from pdserve.cluster.bench.tables import format_report, format_sweep
 from pdserve.cluster.bench.workload import Workload
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.client import AsyncClient, build_request
+from pdserve.proto.credentials import ClientAuth
 
 # Connections each client process spreads its requests over (see `connections`).
 CONNECTIONS = 4
@@ -161,18 +162,18 @@ async def send_shard(cfg: BenchConfig, shard: Shard, done: Any) -> list[RequestR
             done.value += 1
 
     # connected before the common start
-    async with connections(cfg.server, cfg.ready_timeout_s) as clients:
+    async with connections(cfg.server, cfg.ready_timeout_s, cfg.auth) as clients:
         return await _send_all(clients, cfg, shard.requests, shard.start, shard.max_concurrency,
                                finished)
 
 
 @contextlib.asynccontextmanager
-async def connections(server: str,
-                      ready_timeout_s: float) -> AsyncIterator[list[AsyncClient]]:
+async def connections(server: str, ready_timeout_s: float,
+                      auth: ClientAuth | None = None) -> AsyncIterator[list[AsyncClient]]:
     """CONNECTIONS clients of one process to ``server``, each on a connection of its own,
     ready. A server with several gRPC frontends serves each connection from one of them:
     requests sent over several connections spread over the frontends."""
-    clients = [AsyncClient(server, own_connection=True) for _ in range(CONNECTIONS)]
+    clients = [AsyncClient(server, own_connection=True, auth=auth) for _ in range(CONNECTIONS)]
     try:
         for c in clients:
             await c.wait_ready(ready_timeout_s)
@@ -215,7 +216,7 @@ async def server_slo(client: AsyncClient) -> ServerSlo:
 
 async def bench_async(cfg: BenchConfig) -> BenchResult:
     with contextlib.ExitStack() as stack:
-        async with connections(cfg.server, cfg.ready_timeout_s) as clients:
+        async with connections(cfg.server, cfg.ready_timeout_s, cfg.auth) as clients:
             info = await clients[0].model_info(timeout=30)
             server = await server_slo(clients[0])
             objectives = Objectives.from_server(server, cfg.slo)

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from pdserve.engine.config import blocks_for
 from pdserve.engine.kv import ChannelSpec, connect_store, host_store, open_receiver, open_sender
 from pdserve.engine.messages import Lease, PrefillTask
+from pdserve.engine.secret import Secret
 from pdserve.engine.sequence import SamplingParams
 from pdserve.prefill_worker.kv_sender import OutgoingKV
 from pdserve.prefill_worker.scheduler import PrefillSeq
@@ -95,14 +96,16 @@ def measure_transfers(spec: ChannelSpec, pool: torch.Tensor, sizes: list[int], r
     ports, done = ctx.Queue(), ctx.Queue()
     count = len(sizes) * (reps + 1)
     max_blocks = blocks_for(max(sizes), spec.block_size)
+    secret = Secret.generate()
     proc = ctx.Process(target=_receiver, daemon=True,
                        args=(spec, max_blocks, count, peer, torch.get_num_threads(), ports,
-                             done))
+                             done, secret))
     proc.start()
     try:
         port = _get(ports, proc, "the receiver's port")
         tx = open_sender(store=connect_store("127.0.0.1", port, TIMEOUT_S), name=CHANNEL,
-                         spec=spec, device=device, timeout_s=TIMEOUT_S, owns_store=True)
+                         secret=secret, spec=spec, device=device, timeout_s=TIMEOUT_S,
+                         owns_store=True)
         rows = []
         try:
             for n in sizes:
@@ -145,7 +148,7 @@ def _get(q: Any, proc: Any, what: str) -> Any:
 
 
 def _receiver(spec: ChannelSpec, num_blocks: int, count: int, device: str, threads: int,
-              ports: Any, done: Any) -> None:
+              ports: Any, done: Any, secret: Secret) -> None:
     """The decode end, in a process of its own: ``count`` transfers into its pool."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -155,8 +158,8 @@ def _receiver(spec: ChannelSpec, num_blocks: int, count: int, device: str, threa
                        dtype=spec.torch_dtype, device=dev)
     store, port = host_store("127.0.0.1", 0, TIMEOUT_S)
     ports.put(port)
-    rx = open_receiver(store=store, name=CHANNEL, spec=spec, device=dev, timeout_s=TIMEOUT_S,
-                       owns_store=True)
+    rx = open_receiver(store=store, name=CHANNEL, secret=secret, spec=spec, device=dev,
+                       timeout_s=TIMEOUT_S, owns_store=True)
     try:
         for _ in range(count):
             header = rx.recv_header(timeout_s=TIMEOUT_S)

@@ -5,6 +5,9 @@
   that store, over a connection of its own (a store connection serializes its operations,
   and the handshake and rendezvous block in store waits), so one process can hold several
   channels.
+* Both ends hold the deployment's secret (:mod:`engine.secret`): the channel's keys live
+  under a prefix derived from it (:func:`namespace`), and the doorbell opens only for the
+  tag it yields, so a process without it can neither join a channel nor plant a key in it.
 * :func:`open_sender` (prefill) and :func:`open_receiver` (decode) first run a **handshake**:
   each side publishes its :class:`ChannelSpec` as JSON and compares it with the peer's; any
   difference raises :class:`HandshakeError` on both sides, naming every differing field with
@@ -36,6 +39,7 @@ from pdserve.engine.kv.doorbell import Doorbell, DoorbellError
 from pdserve.engine.kv.protocol import ChannelError, ChannelSpec, HandshakeError, spec_differences
 from pdserve.engine.kv.receiver import KVReceiver
 from pdserve.engine.kv.sender import KVSender
+from pdserve.engine.secret import Secret
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ def open_sender(
     *,
     store: dist.Store,
     name: str,
+    secret: Secret,
     spec: ChannelSpec,
     device: torch.device | str,
     timeout_s: float,
@@ -81,16 +86,19 @@ def open_sender(
     group's rendezvous, where the peer may still be starting; ``timeout_s`` bounds every
     later blocking step. ``gloo_host`` is the address Gloo listens on (default: Gloo's
     default device; GLOO_SOCKET_IFNAME is honoured). With ``owns_store`` the channel
-    keeps ``store`` alive and releases it on close.
+    keeps ``store`` alive and releases it on close. Both ends hold the deployment's
+    ``secret``: the channel's keys in the store and its doorbell are keyed by it, so an end
+    with another secret (or none) never meets this one.
     """
     return KVSender(_connect(store, name, 0, spec, device, timeout_s, open_timeout_s,
-                             gloo_host, owns_store))
+                             gloo_host, owns_store, secret))
 
 
 def open_receiver(
     *,
     store: dist.Store,
     name: str,
+    secret: Secret,
     spec: ChannelSpec,
     device: torch.device | str,
     timeout_s: float,
@@ -101,7 +109,7 @@ def open_receiver(
     """The decode end of the channel ``name`` (``store`` is usually the one this side hosts:
     :func:`host_store`); the arguments are those of :func:`open_sender`."""
     return KVReceiver(_connect(store, name, 1, spec, device, timeout_s, open_timeout_s,
-                               gloo_host, owns_store))
+                               gloo_host, owns_store, secret))
 
 
 def make_nccl_group(store: dist.Store, rank: int, device: torch.device, timeout_s: float,
@@ -137,7 +145,7 @@ def make_nccl_group(store: dist.Store, rank: int, device: torch.device, timeout_
 
 def _connect(store: dist.Store, name: str, rank: int, spec: ChannelSpec,
              device: torch.device | str, timeout_s: float, open_timeout_s: float | None,
-             gloo_host: str | None, owns_store: bool) -> Link:
+             gloo_host: str | None, owns_store: bool, secret: Secret) -> Link:
     """Handshake, doorbell and process group of ``rank``'s end of the channel ``name``."""
     if not _NAME_RE.match(name):
         raise ValueError(f"bad channel name {name!r} (letters, digits, _.:@- only)")
@@ -147,12 +155,12 @@ def _connect(store: dist.Store, name: str, rank: int, spec: ChannelSpec,
     dev = _normalize_device(device)
 
     base = _private_client(store, timedelta(seconds=open_s))
-    ns = dist.PrefixStore(f"pdserve/kv/{name}/", base)
+    ns = dist.PrefixStore(namespace(name, secret), base)
 
     _handshake(ns, name=name, rank=rank, spec=spec, timeout_s=open_s)
     try:
-        bell = (Doorbell.connect(ns, name, open_s) if rank == 0
-                else Doorbell.listen(ns, _listen_host(store), name, open_s))
+        bell = (Doorbell.connect(ns, name, open_s, secret) if rank == 0
+                else Doorbell.listen(ns, _listen_host(store), name, open_s, secret))
     except DoorbellError as e:
         raise ChannelError(f"KV channel {name!r}: {e}") from e
 
@@ -172,6 +180,13 @@ def _connect(store: dist.Store, name: str, rank: int, spec: ChannelSpec,
     logger.info("KV channel %r open as rank %d (%s) on %s", name, rank, ROLES[rank], dev)
     return Link(name=name, rank=rank, spec=spec, device=dev, timeout_s=timeout_s, pg=pg,
                 namespace=ns, stores=stores, bell=bell)
+
+
+def namespace(name: str, secret: Secret) -> str:
+    """The prefix of channel ``name``'s keys in its store: the name, then a part only the
+    deployment's secret yields (a TCPStore cannot list its keys, so no other client can
+    find, read or plant one of them)."""
+    return f"pdserve/kv/{name}/{secret.tag('kv-store', name).hex()[:32]}/"
 
 
 def _normalize_device(device: torch.device | str) -> torch.device:
@@ -229,7 +244,7 @@ def _handshake(ns: dist.Store, *, name: str, rank: int, spec: ChannelSpec,
     except dist.DistStoreError as e:
         raise ChannelError(
             f"KV channel {name!r}: the {ROLES[1 - rank]} side did not join within "
-            f"{timeout_s:.3g} s"
+            f"{timeout_s:.3g} s (or it holds another deployment's secret)"
         ) from e
     except Exception as e:
         raise ChannelError(f"KV channel {name!r}: store failure in the handshake: {e}") from e

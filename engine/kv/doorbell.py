@@ -28,7 +28,9 @@ What it replaced:
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
+import os
 import select
 import socket
 import threading
@@ -37,13 +39,15 @@ import time
 import torch.distributed as dist
 
 from pdserve.engine.kv.protocol import HEADER_SLOTS
+from pdserve.engine.secret import Secret
 
 HEADER_BYTES = HEADER_SLOTS * 8
 # Sent in place of a header by an end that closes on purpose (shutdown), so the other end can
 # tell a peer that left from one that died (the connection just closes).
 GOODBYE = b"PDKV-BYE".ljust(HEADER_BYTES, b"\0")
-_HELLO = b"PDKV-BELL:"  # then the channel's name: a stray connection is turned away
+_HELLO = b"PDKV-BELL:"  # then the tag of the channel's name and nonce (engine.secret)
 _ADDR_KEY = "bell/addr"
+HELLO_TIMEOUT_S = 2.0  # a connection that has not sent its hello by then is turned away
 
 
 class DoorbellError(ConnectionError):
@@ -68,19 +72,28 @@ class Doorbell:
         self._gone: DoorbellError | None = None  # what check_peer saw, once it saw it
 
     @classmethod
-    def listen(cls, ns: dist.Store, host: str, name: str, timeout_s: float) -> Doorbell:
-        """Decode end: listen on ``host``, publish the address in the channel's namespace
-        ``ns``, and accept the prefill end's connection within ``timeout_s``."""
+    def listen(cls, ns: dist.Store, host: str, name: str, timeout_s: float,
+               secret: Secret) -> Doorbell:
+        """Decode end: listen on ``host``, publish the address and a fresh nonce in the
+        channel's namespace ``ns``, and accept, within ``timeout_s``, the connection that
+        opens with the tag of the name and nonce under the deployment's ``secret``; any
+        other connection is closed unread."""
         deadline = time.monotonic() + timeout_s
-        hello = _HELLO + name.encode()
+        nonce = os.urandom(16)
+        hello = _HELLO + secret.tag("kv-doorbell", name, nonce)
         try:
             with socket.create_server((host, 0)) as server:
-                ns.set(_ADDR_KEY, json.dumps([host, server.getsockname()[1]]))
+                ns.set(_ADDR_KEY, json.dumps([host, server.getsockname()[1], nonce.hex()]))
                 while True:
                     server.settimeout(max(deadline - time.monotonic(), 1e-3))
                     conn, _ = server.accept()
-                    conn.settimeout(max(deadline - time.monotonic(), 1e-3))
-                    if _recv_exact(conn, len(hello)) == hello:
+                    conn.settimeout(max(min(deadline - time.monotonic(), HELLO_TIMEOUT_S),
+                                        1e-3))
+                    try:
+                        said = _recv_exact(conn, len(hello))
+                    except OSError:  # silent past HELLO_TIMEOUT_S, or reset
+                        said = b""
+                    if hmac.compare_digest(said, hello):
                         conn.settimeout(None)
                         return cls(conn)
                     conn.close()  # not our peer
@@ -91,13 +104,15 @@ class Doorbell:
             raise DoorbellError(f"listening for the prefill end failed: {e}") from e
 
     @classmethod
-    def connect(cls, ns: dist.Store, name: str, timeout_s: float) -> Doorbell:
-        """Prefill end: connect to the address the decode end published in ``ns``."""
+    def connect(cls, ns: dist.Store, name: str, timeout_s: float,
+                secret: Secret) -> Doorbell:
+        """Prefill end: connect to the address the decode end published in ``ns``, and
+        open with the tag of the name and the published nonce."""
         try:
             ns.wait([_ADDR_KEY])
-            host, port = json.loads(ns.get(_ADDR_KEY).decode())
+            host, port, nonce = json.loads(ns.get(_ADDR_KEY).decode())
             sock = socket.create_connection((host, int(port)), timeout=timeout_s)
-            sock.sendall(_HELLO + name.encode())
+            sock.sendall(_HELLO + secret.tag("kv-doorbell", name, bytes.fromhex(nonce)))
             sock.settimeout(None)
         except (OSError, ValueError, RuntimeError) as e:
             raise DoorbellError(f"connecting to the decode end's doorbell failed: {e}") from e

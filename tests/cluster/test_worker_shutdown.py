@@ -47,8 +47,9 @@ class PeerWaitingPG:
 
 @pytest.fixture
 def workers() -> Iterator[tuple[PrefillWorker, DecodeWorker]]:
-    p = PrefillWorker("prefill-0", worker_config(), FakeRouter())
-    d = DecodeWorker("decode-0", worker_config(), FakeRouter())
+    cfg = worker_config()  # one config: both workers hold the same deployment secret
+    p = PrefillWorker("prefill-0", cfg, FakeRouter())
+    d = DecodeWorker("decode-0", cfg, FakeRouter())
     p.start()
     d.start()
     yield p, d

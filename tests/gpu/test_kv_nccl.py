@@ -30,6 +30,7 @@ from pdserve_testing.kv import (
     GPU_POOL_PLAN,
     GPU_SPEC,
     HOST,
+    SECRET,
     channel_name,
     gpu_layers,
     gpu_pool,
@@ -187,7 +188,8 @@ def _gpu_receiver(prefill: Callable[[int, str], None], tag: str,
     proc = mp.get_context("spawn").Process(target=prefill, args=(port, name))
     proc.start()
     try:
-        yield store, open_receiver(store=store, name=name, spec=GPU_SPEC, device="cuda:1",
+        yield store, open_receiver(secret=SECRET,
+                                   store=store, name=name, spec=GPU_SPEC, device="cuda:1",
                                    timeout_s=timeout_s, open_timeout_s=120), proc
     finally:
         proc.join(60)

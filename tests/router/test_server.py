@@ -18,12 +18,14 @@ import pytest
 
 from pdserve.cluster.config import ServeConfig
 from pdserve.engine.config import ModelSpec
+from pdserve.engine.secret import Secret
 from pdserve.engine.weights import load_model_config
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.client import AsyncClient, acollect
 from pdserve.router.frontend import Frontend, _gone
 from pdserve.router.server import RouterService
+from pdserve.router.stream import StreamEnd, encode, feed_hello
 from pdserve_testing.router import FakeWorker
 
 CODES = ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
@@ -190,5 +192,49 @@ def test_a_client_gone_is_named_by_how_its_call_ended() -> None:
         finally:
             await server.stop(None)
         assert servicer.gone == ["DEADLINE_EXCEEDED", "CANCELLED", "CANCELLED"]
+
+    asyncio.run(main())
+
+
+def test_the_feed_takes_only_the_router(default_gguf: Path) -> None:
+    """A local process that connects to a frontend's feed cannot end or fill a stream:
+    without the router's tag its connection is closed unread."""
+    spec = ModelSpec("gguf", str(default_gguf))
+    cfg = ServeConfig(model=spec, host="127.0.0.1", port=0, metrics_port=-1,
+                      scheduler="fifo").server_config(load_model_config(spec))
+    forged = encode([("held", [1, 2, 3], "forged", StreamEnd(finish_reason="stop"))])
+    other = Secret.generate()
+
+    async def stray(feed: int, hello: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", feed)
+        writer.write(hello + forged)
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), 30)  # b"" once the frontend closes it
+        writer.close()
+        return rest
+
+    async def main() -> None:
+        svc = RouterService(cfg)
+        fe = Frontend(0, cfg, Handle(svc))
+        await svc.start()
+        port, feed = await fe.start(0)
+        await svc.attach_frontends([Handle(fe)], [feed])
+        decode = FullableDecode("decode-0")
+        decode.full = True  # the request waits for a seat: nothing but the feed ends it
+        await svc.attach({"prefill-0": FakeWorker("prefill-0")}, {"decode-0": decode})
+        await svc.set_serving()
+        router = svc.router
+        assert router is not None
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            held = client.generate(text="held", max_tokens=4, request_id="held", timeout=600)
+            await until(lambda: "held" in router.requests, "held admitted")
+            for hello in (b"", b"\0" * 32, other.tag("router-feed", "0"),
+                          feed_hello(cfg.secret, 1)):  # another frontend's tag
+                assert await stray(feed, hello) == b""
+            assert "held" in fe.streams and fe.streams["held"].empty()
+            assert await client.abort("held")
+            done = await acollect(held)
+            assert (done.finish_reason, done.token_ids) == ("abort", [])
+        await svc.stop(grace_s=5.0)
 
     asyncio.run(main())

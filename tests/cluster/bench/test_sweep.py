@@ -105,7 +105,8 @@ def test_cli_rejects_stop_flag_without_slo(capsys: pytest.CaptureFixture[str]) -
 class FakeClient:
     """Stands in for AsyncClient: serves model info; run_rate is faked separately."""
 
-    def __init__(self, server: str, *, own_connection: bool = False) -> None:
+    def __init__(self, server: str, *, own_connection: bool = False,
+                 auth: object = None) -> None:
         self.server = server
 
     async def close(self) -> None:

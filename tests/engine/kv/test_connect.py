@@ -12,18 +12,23 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from pdserve.engine.kv import (
     ChannelClosed,
+    ChannelError,
     HandshakeError,
     KVReceiver,
     host_store,
     open_receiver,
     open_sender,
 )
+from pdserve.engine.kv.connect import namespace
+from pdserve.engine.secret import Secret
 from pdserve_testing.kv import (
     HOST,
     OPEN_TIMEOUT_S,
+    SECRET,
     SPEC,
     both,
     catch,
@@ -55,10 +60,11 @@ def test_handshake_mismatch_raises_on_both_sides(
     specs = [dataclasses.replace(SPEC, **{field: v}) for v in (prefill_value, decode_value)]
     def open_end(rank: int) -> None:
         if rank == 0:
-            open_sender(store=client(port), name=name, spec=specs[rank], device="cpu",
+            open_sender(secret=SECRET,
+                        store=client(port), name=name, spec=specs[rank], device="cpu",
                         timeout_s=5, open_timeout_s=OPEN_TIMEOUT_S)
         else:
-            open_receiver(store=store, name=name, spec=specs[rank], device="cpu",
+            open_receiver(secret=SECRET, store=store, name=name, spec=specs[rank], device="cpu",
                           timeout_s=5, open_timeout_s=OPEN_TIMEOUT_S)
 
     errs = both(catch(lambda: open_end(0)), catch(lambda: open_end(1)))
@@ -74,10 +80,11 @@ def test_handshake_lists_every_difference(decode_store: Any) -> None:
     specs = [SPEC, dataclasses.replace(SPEC, num_layers=4, head_dim=16, kv_layout="L,N,2")]
     def open_end(rank: int) -> None:
         if rank == 0:
-            open_sender(store=client(port), name=name, spec=specs[rank], device="cpu",
+            open_sender(secret=SECRET,
+                        store=client(port), name=name, spec=specs[rank], device="cpu",
                         timeout_s=5, open_timeout_s=OPEN_TIMEOUT_S)
         else:
-            open_receiver(store=store, name=name, spec=specs[rank], device="cpu",
+            open_receiver(secret=SECRET, store=store, name=name, spec=specs[rank], device="cpu",
                           timeout_s=5, open_timeout_s=OPEN_TIMEOUT_S)
 
     for err in both(catch(lambda: open_end(0)), catch(lambda: open_end(1))):
@@ -87,6 +94,29 @@ def test_handshake_lists_every_difference(decode_store: Any) -> None:
                      "kv_layout: prefill=L,2,N,bs,Hk,D decode=L,N,2"):
             assert part in msg
         assert "block_size" not in msg
+
+
+def test_ends_with_other_secrets_never_meet(decode_store: Any) -> None:
+    """An end without the deployment's secret finds no channel to join: its keys and the
+    channel's live under different prefixes, so neither sees the other's spec, and a store
+    client that knows only the name sees nothing of the channel."""
+    store, port = decode_store
+    name = channel_name("secret")
+    other = Secret(b"a-stray-process-guess-at-the-key")
+
+    def open_end(rank: int) -> None:
+        if rank == 0:
+            open_sender(secret=other, store=client(port), name=name, spec=SPEC, device="cpu",
+                        timeout_s=5, open_timeout_s=2)
+        else:
+            open_receiver(secret=SECRET, store=store, name=name, spec=SPEC, device="cpu",
+                          timeout_s=5, open_timeout_s=2)
+
+    for err in both(catch(lambda: open_end(0)), catch(lambda: open_end(1))):
+        assert isinstance(err, ChannelError) and "did not join" in str(err), err
+    peek = dist.PrefixStore(f"pdserve/kv/{name}/", client(port))
+    assert not peek.check(["spec/0"]) and not peek.check(["spec/1"])
+    assert namespace(name, SECRET) != namespace(name, other)
 
 
 def test_one_prefill_two_decoders(decode_store: Any) -> None:
@@ -119,7 +149,8 @@ def test_cross_process_round_trip_and_dead_peer(decode_store: Any) -> None:
     proc = mp.get_context("spawn").Process(target=prefill_process, args=(port, name))
     proc.start()
     try:
-        rx = open_receiver(store=store, name=name, spec=spec, device="cpu", timeout_s=10,
+        rx = open_receiver(secret=SECRET,
+                           store=store, name=name, spec=spec, device="cpu", timeout_s=10,
                            open_timeout_s=60)
         for tid in (1, 2, 3):
             h, got = recv_checked(rx, tid, 1, tid + 1)

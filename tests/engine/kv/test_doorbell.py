@@ -12,6 +12,8 @@ import pytest
 import torch.distributed as dist
 
 from pdserve.engine.kv.doorbell import HEADER_BYTES, Doorbell, DoorbellError, PeerLeft
+from pdserve.engine.secret import Secret
+from pdserve_testing.kv import SECRET
 
 HOST = "127.0.0.1"
 
@@ -19,9 +21,10 @@ HOST = "127.0.0.1"
 def _connected(name: str = "chan") -> tuple[Doorbell, Doorbell]:
     ns = dist.HashStore()
     got: list[Doorbell] = []
-    listener = threading.Thread(target=lambda: got.append(Doorbell.listen(ns, HOST, name, 10)))
+    listener = threading.Thread(target=lambda: got.append(Doorbell.listen(ns, HOST, name, 10,
+                                                                          SECRET)))
     listener.start()
-    tx = Doorbell.connect(ns, name, 10)
+    tx = Doorbell.connect(ns, name, 10, SECRET)
     listener.join(10)
     return tx, got[0]
 
@@ -120,13 +123,21 @@ def test_a_header_of_the_wrong_size_is_refused(pair: tuple[Doorbell, Doorbell]) 
 def test_a_stray_connection_is_turned_away() -> None:
     ns = dist.HashStore()
     got: list[Doorbell] = []
-    listener = threading.Thread(target=lambda: got.append(Doorbell.listen(ns, HOST, "mine", 10)))
+    listener = threading.Thread(target=lambda: got.append(Doorbell.listen(ns, HOST, "mine", 10,
+                                                                          SECRET)))
     listener.start()
     ns.wait(["bell/addr"])
-    host, port = json.loads(ns.get("bell/addr").decode())
-    with socket.create_connection((host, port), timeout=5) as stray:
-        stray.sendall(b"PDKV-BELL:theirs")
-        tx = Doorbell.connect(ns, "mine", 10)
+    host, port, nonce = json.loads(ns.get("bell/addr").decode())
+    other = Secret(b"another-deployment-secret-bytes!")
+    strays = [b"PDKV-BELL:mine",  # the name alone (no tag)
+              b"PDKV-BELL:" + other.tag("kv-doorbell", "mine", bytes.fromhex(nonce)),
+              b"PDKV-BELL:" + SECRET.tag("kv-doorbell", "mine", b"\0" * 16)]  # old nonce
+    for hello in strays:
+        with socket.create_connection((host, port), timeout=5) as stray:
+            stray.sendall(hello)
+            assert stray.recv(1) == b""  # turned away: closed unread
+    with socket.create_connection((host, port), timeout=5):  # a silent connection
+        tx = Doorbell.connect(ns, "mine", 10, SECRET)  # served after the silent one's wait
         listener.join(10)
     assert len(got) == 1
     tx.ring(b"\x01" * HEADER_BYTES, 5)
@@ -137,7 +148,7 @@ def test_a_stray_connection_is_turned_away() -> None:
 
 def test_nobody_connecting_is_a_clear_error() -> None:
     with pytest.raises(DoorbellError, match="did not connect within"):
-        Doorbell.listen(dist.HashStore(), HOST, "alone", 0.2)
+        Doorbell.listen(dist.HashStore(), HOST, "alone", 0.2, SECRET)
 
 
 def test_check_peer_is_quiet_while_the_peer_is_there(pair: tuple[Doorbell, Doorbell]) -> None:

@@ -31,6 +31,7 @@ from pdserve.engine.kv import (
     open_receiver,
     open_sender,
 )
+from pdserve.engine.secret import Secret
 
 SPEC = ChannelSpec(
     fingerprint="0123456789abcdef", dtype="float32", block_size=4, num_layers=3,
@@ -38,6 +39,9 @@ SPEC = ChannelSpec(
 )
 HOST = "127.0.0.1"
 _NAMES = itertools.count()
+
+# The deployment secret of the channels the tests open (every process computes the same).
+SECRET = Secret(b"pdserve-tests-kv-channel-secret!")
 
 
 def channel_name(tag: str) -> str:
@@ -210,10 +214,11 @@ def pair(
     store, port = decode_store
     name = name or channel_name("pair")
     tx, rx = both(
-        lambda: open_sender(store=client(port), name=name, spec=spec, device="cpu",
+        lambda: open_sender(secret=SECRET, store=client(port), name=name, spec=spec, device="cpu",
                             timeout_s=timeout_s, open_timeout_s=OPEN_TIMEOUT_S,
                             gloo_host=HOST),
-        lambda: open_receiver(store=store, name=name, spec=decode_spec or spec, device="cpu",
+        lambda: open_receiver(secret=SECRET,
+                              store=store, name=name, spec=decode_spec or spec, device="cpu",
                               timeout_s=timeout_s, open_timeout_s=OPEN_TIMEOUT_S,
                               gloo_host=HOST),
     )
@@ -236,7 +241,7 @@ def prefill_process(port: int, name: str) -> None:
     """Child: the prefill end. Three good bf16 transfers, then dies mid-transfer."""
     spec = dataclasses.replace(SPEC, dtype="bfloat16")
     store = connect_store(HOST, port, timeout_s=60)
-    ch = open_sender(store=store, name=name, spec=spec, device="cpu", timeout_s=10,
+    ch = open_sender(secret=SECRET, store=store, name=name, spec=spec, device="cpu", timeout_s=10,
                      open_timeout_s=60)
     for tid in (1, 2, 3):
         send_blocks(ch, make_header(spec, tid, tid + 1), make_layers(spec, tid + 1, seed=tid))
@@ -272,7 +277,7 @@ def gpu_sender(port: int, name: str, timeout_s: float) -> tuple[Any, KVSender]:
     """The prefill process's end of a two-GPU test channel (cuda:0)."""
     torch.cuda.set_device(0)
     store = connect_store(HOST, port, timeout_s=120)
-    return store, open_sender(store=store, name=name, spec=GPU_SPEC, device="cuda:0",
+    return store, open_sender(secret=SECRET, store=store, name=name, spec=GPU_SPEC, device="cuda:0",
                               timeout_s=timeout_s, open_timeout_s=120)
 
 
