@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 import ray
@@ -39,19 +41,40 @@ def worker_bundle(cfg: ServeConfig, role: str) -> dict[str, float]:
     return bundle
 
 
-def create_worker(cfg: ServeConfig, role: str, name: str, router: Any) -> Any:
-    """The actor of worker ``name`` (not started: its ``start`` warms it up)."""
+def next_epoch() -> int:
+    """A decode worker incarnation's epoch: larger than every one this process handed out
+    before, and than the wall clock's milliseconds (so epochs grow across restarts of the
+    serving process too). A lease carries its worker's epoch, every transfer header the
+    lease's, and the worker refuses a transfer of another epoch."""
+    global _last_epoch
+    with _epoch_lock:
+        _last_epoch = max(_last_epoch + 1, time.time_ns() // 1_000_000)
+        return _last_epoch
+
+
+_epoch_lock = threading.Lock()
+_last_epoch = 0
+
+
+def create_worker(cfg: ServeConfig, role: str, name: str, router: Any,
+                  epoch: int | None = None) -> Any:
+    """The actor of worker ``name`` (not started: its ``start`` warms it up). A decode
+    worker runs under ``epoch``, by default a new one (:func:`next_epoch`): a worker that
+    replaces another never shares its epoch."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     bundle = worker_bundle(cfg, role)
     custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+    args: tuple[Any, ...] = (name, cfg.worker_config(role, os.cpu_count() or 2), router)
+    if role == "decode":
+        args += (next_epoch() if epoch is None else epoch,)
     cls = PrefillActor if role == "prefill" else DecodeActor
     return (
         ray.remote(cls)
         .options(name=f"{cfg.namespace}-{name}", num_cpus=bundle["CPU"],
                  num_gpus=bundle.get("GPU", 0), max_concurrency=16,
                  resources=custom or None, runtime_env=WORKER_ENV)
-        .remote(name, cfg.worker_config(role, os.cpu_count() or 2), router)
+        .remote(*args)
     )
 
 

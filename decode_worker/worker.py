@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pdserve.decode_worker.kv_receiver import ReceiverChannels
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, PrefillChunk
 from pdserve.engine.chunking import attention_work
 from pdserve.engine.config import WorkerConfig, blocks_for
@@ -77,7 +78,7 @@ class DecodeWorker:
         self._failed: list[tuple[str, int, str]] = []  # (request id, transfer id, why)
         # Prompts submitted for local prefill, by transfer id: (arrived, started) times.
         self._submitted: dict[int, tuple[float, float]] = {}
-        self._channels: dict[str, KVReceiver] = {}
+        self._channels = ReceiverChannels()
         self._loop = threading.Thread(target=self._run, name="decode-loop", daemon=True)
 
     # -- control (Ray calls) ----------------------------------------------------------------
@@ -89,10 +90,12 @@ class DecodeWorker:
     def host_channel(self, prefill_name: str) -> tuple[str, int, str]:
         """Host the store of a new channel from ``prefill_name``; the channel opens
         (handshake, process group) on a thread once the prefill worker joins, and that
-        thread then receives on it. Returns (host, port, channel name)."""
+        thread then receives on it, in place of an earlier channel from that worker. Returns
+        (host, port, channel name): ``{prefill}@{decode}:e{epoch}.{nonce}``, this worker's
+        epoch in it, a fresh name every time."""
         timeout = self.cfg.transfer_timeout_s
         store, port = host_store(self.cfg.host, 0, timeout)
-        name = f"{prefill_name}@{self.name}.{uuid.uuid4().hex[:8]}"
+        name = f"{prefill_name}@{self.name}:e{self.sched.epoch}.{uuid.uuid4().hex[:8]}"
         spec = ChannelSpec.from_configs(self.model_config, self.cfg.cache,
                                         self.runner.fingerprint)
 
@@ -109,11 +112,12 @@ class DecodeWorker:
             with self._cv:  # shutdown() aborts the channels it finds here; a later one, we do
                 stopping = self._stop
                 if not stopping:
-                    self._channels[prefill_name] = ch
+                    self._channels.add(prefill_name, ch)
             if stopping:
                 ch.close(abort=True)
                 return
             self._receive_loop(ch)
+            self._channels.ended(prefill_name, ch)
 
         threading.Thread(target=open_and_serve, name=f"kv-recv-{prefill_name}",
                          daemon=True).start()
@@ -121,13 +125,17 @@ class DecodeWorker:
 
     def close_channel(self, prefill_name: str) -> bool:
         """Close the channel from ``prefill_name`` (that worker drains away, or this one
-        does); True if there was one. Its receive thread ends."""
-        with self._cv:
-            ch = self._channels.pop(prefill_name, None)
+        does); True if there was one. Its receive thread ends (and the next step report
+        names it: the router reopens the pair if both workers still serve)."""
+        ch = self._channels.pop(prefill_name)
         if ch is None:
             return False
         ch.close(abort=True)
         return True
+
+    def channels(self) -> dict[str, tuple[str, bool]]:
+        """Each KV channel's name and whether it is open, by prefill worker."""
+        return self._channels.names()
 
     def submit(self, task: PrefillTask) -> None:
         """Prefill ``task`` here, under the lease this worker granted it (local prefill:
@@ -173,7 +181,7 @@ class DecodeWorker:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-            channels = list(self._channels.values())
+            channels = self._channels.all()
         stuck = join_threads([self._loop], deadline)
         stuck += abort_channels(channels, deadline)
         if stuck:
@@ -269,9 +277,10 @@ class DecodeWorker:
                 batch = plan.batch
                 joined, self._joined = self._joined, []
                 failed, self._failed = self._failed, []
+                broken = self._channels.take_ended()
                 in_step = {s.request_id for s in batch} | {c.seq.request_id for c in plan.chunks}
                 self._busy |= in_step
-                if not batch and not plan.chunks and not plan.preempted and not failed:
+                if not (batch or plan.chunks or plan.preempted or failed or broken):
                     self._cv.wait(timeout=0.05)
                     continue
             # What the step runs, for the cost model (one pass over the batch and chunks).
@@ -299,6 +308,7 @@ class DecodeWorker:
                     context_tokens=context, prefill_tokens=prompt_tokens,
                     prefill_attention=prompt_attention,
                     num_waiting=len(self.sched.reserved) + len(self.sched.ready),
+                    broken_channels=broken,
                 )
             self.router.on_step.remote(report)
 

@@ -84,7 +84,10 @@ class FirstToken:
 
 @dataclass(frozen=True)
 class TransferDone:
-    """Prefill worker -> router after the KV left (or failed to leave) for the decode worker."""
+    """Prefill worker -> router after the KV left (or failed to leave) for the decode worker.
+
+    ``broken_channel`` names the KV channel when the transfer failed because that channel
+    broke or was closed (the router reopens the pair under a new name); '' otherwise."""
 
     worker: str
     request_id: str
@@ -93,6 +96,7 @@ class TransferDone:
     seconds: float
     nbytes: int
     error: str = ""
+    broken_channel: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,9 @@ class StepReport:
     ``joined`` lists requests whose KV arrived and verified since the last report (their
     first decode step is in ``tokens``); ``preempted`` must be re-prefilled; ``failed``
     carries (request_id, transfer_id, reason) for leases that expired or transfers that
-    failed (the transfer id tells the attempt apart from the request's later ones).
+    failed (the transfer id tells the attempt apart from the request's later ones);
+    ``broken_channels`` names the KV channels whose receiver ended since the last report
+    (broken, or closed by either end: the router reopens the pairs still serving).
     """
 
     worker: str
@@ -132,6 +138,7 @@ class StepReport:
     prefill_tokens: int = 0
     prefill_attention: int = 0
     num_waiting: int = 0  # leases not running yet: reserved (KV or prompt to come) + ready
+    broken_channels: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

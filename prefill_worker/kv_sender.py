@@ -8,6 +8,8 @@ another transfer (a few large messages of several layers each).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +19,8 @@ import torch
 from pdserve.engine.kv import Departure, KVSender, TransferHeader, layers_per_message
 from pdserve.engine.messages import TransferDone
 from pdserve.prefill_worker.scheduler import PrefillSeq
+
+log = logging.getLogger("pdserve.prefill")
 
 
 class OutgoingKV:
@@ -94,6 +98,21 @@ class OutgoingKV:
         self.channel.wait_finished(self.departure)
         return time.monotonic() - self.started
 
+    def send_whole(self) -> str:
+        """Header, every message and the trailer of a complete request's KV (it departs;
+        :meth:`wait_finished` follows); '' or the error that ended it, the transfer then
+        cancelled."""
+        try:
+            self.start()
+            self.send_all_layers()
+            self.finish(self.seq.first_token, wait=False)
+        except Exception as e:
+            log.exception("KV transfer of %s failed", self.seq.task.request_id)
+            with contextlib.suppress(Exception):  # a broken channel has nothing to cancel
+                self.cancel()
+            return f"{type(e).__name__}: {e}"
+        return ""
+
     def cancel(self) -> None:
         if not self.channel.closed:
             self.channel.cancel()
@@ -102,7 +121,11 @@ class OutgoingKV:
 
 class SenderChannels:
     """The prefill worker's KV channels by decode worker, each with the lock that lets one
-    transfer at a time onto it. Thread-safe."""
+    transfer at a time onto it. Thread-safe.
+
+    A channel the router found broken is replaced by a fresh one under a new name
+    (:meth:`add`): the old one is closed, and a transfer still on it fails and is reported
+    as a transfer on a broken channel (``TransferDone.broken_channel``)."""
 
     def __init__(self) -> None:
         self._mu = threading.Lock()
@@ -111,9 +134,25 @@ class SenderChannels:
     def __contains__(self, peer: str) -> bool:
         return peer in self._by_peer
 
-    def add(self, peer: str, channel: KVSender) -> None:
+    def name(self, peer: str) -> str | None:
+        """The name of ``peer``'s channel, if there is one."""
+        entry = self._by_peer.get(peer)
+        return entry[0].name if entry is not None else None
+
+    def names(self) -> dict[str, tuple[str, bool]]:
+        """Every channel's name and whether it is still open, by decode worker."""
         with self._mu:
+            return {peer: (ch.name, not ch.closed) for peer, (ch, _) in self._by_peer.items()}
+
+    def add(self, peer: str, channel: KVSender) -> None:
+        """``channel`` is ``peer``'s from now on; the one it replaces, if any, is closed
+        (without waiting for a transfer on it: the router reopens a channel it found
+        broken)."""
+        with self._mu:
+            old = self._by_peer.get(peer)
             self._by_peer[peer] = (channel, threading.Lock())
+        if old is not None and old[0] is not channel:
+            old[0].close(abort=True)
 
     def get(self, peer: str) -> tuple[KVSender, threading.Lock] | None:
         """``peer``'s channel and lock; None once it is closed (that worker left)."""
@@ -143,14 +182,17 @@ class SenderChannels:
 
 class TransferReporter:
     """Tells the router (``send``: its ``on_transfer_done`` call) how a request's transfer
-    went: its seconds and bytes, or the error that ended it."""
+    went: its seconds and bytes, or the error that ended it, naming the channel when that
+    channel is closed (it broke, or was closed under the transfer)."""
 
     def __init__(self, worker: str, send: Callable[[TransferDone], object]) -> None:
         self.worker = worker
         self._send = send
 
-    def __call__(self, seq: PrefillSeq, seconds: float, nbytes: int, error: str) -> None:
+    def __call__(self, seq: PrefillSeq, seconds: float, nbytes: int, error: str,
+                 channel: KVSender | None = None) -> None:
+        broken = channel.name if error and channel is not None and channel.closed else ""
         self._send(TransferDone(
             self.worker, seq.task.request_id, seq.task.lease.transfer_id, ok=not error,
-            seconds=seconds, nbytes=nbytes, error=error,
+            seconds=seconds, nbytes=nbytes, error=error, broken_channel=broken,
         ))

@@ -75,8 +75,9 @@ class PrefillWorker:
                                         self.runner.fingerprint)
 
     def connect(self, decode_name: str, host: str, port: int, channel: str) -> None:
-        """Join the channel ``channel`` that the decode worker hosts at host:port (rank 0)."""
-        if decode_name in self._channels:
+        """Join the channel ``channel`` that the decode worker hosts at host:port (rank 0), in
+        place of a broken one to that worker (whose name differs; the same name: a no-op)."""
+        if self._channels.name(decode_name) == channel:
             return
         timeout = self.cfg.transfer_timeout_s
         ch = open_sender(
@@ -95,6 +96,10 @@ class PrefillWorker:
         """Close the channel to ``decode_name`` (that worker drains away); True if there was
         one. A transfer still on it finishes first, for up to the transfer timeout."""
         return self._channels.close(decode_name, self.cfg.transfer_timeout_s)
+
+    def channels(self) -> dict[str, tuple[str, bool]]:
+        """Each KV channel's name and whether it is open, by decode worker."""
+        return self._channels.names()
 
     def submit(self, task: PrefillTask) -> None:
         with self._cv:
@@ -257,7 +262,7 @@ class PrefillWorker:
             except Exception as e:
                 log.exception("KV transfer of %s failed to start", seq.task.request_id)
                 lock.release()
-                self._report_transfer(seq, 0.0, 0, f"{type(e).__name__}: {e}")
+                self._report_transfer(seq, 0.0, 0, f"{type(e).__name__}: {e}", ch)
                 continue
             streams[seq.task.request_id] = out
         return streams
@@ -303,7 +308,8 @@ class PrefillWorker:
         with self._cv:
             self.allocator.free(out.seq.block_ids)
         if report:
-            self._report_transfer(out.seq, seconds, out.nbytes if not error else 0, error)
+            self._report_transfer(out.seq, seconds, out.nbytes if not error else 0, error,
+                                  out.channel)
 
     def _send_loop(self) -> None:
         """Transfers that could not stream during their step, one whole request at a time.
@@ -323,16 +329,11 @@ class PrefillWorker:
             ch, lock = entry
             with lock:
                 out = OutgoingKV(seq, ch, lock, self.runner.kv_pool, layerwise=False)
-                try:
-                    out.start()
-                    out.send_all_layers()
-                    out.finish(seq.first_token, wait=False)
-                except Exception as e:  # a failed transfer is the router's to re-route
-                    log.exception("KV transfer of %s failed", seq.task.request_id)
-                    out.cancel()
-                    self._end_stream(out, 0.0, f"{type(e).__name__}: {e}", report=True)
-                    continue
-            self._finishing.put(out)
+                error = out.send_whole()
+            if error:  # a failed transfer is the router's to re-route
+                self._end_stream(out, 0.0, error, report=True)
+            else:
+                self._finishing.put(out)
 
 
 def layer_sender(streams: list[OutgoingKV]) -> Callable[[int], None] | None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pdserve.engine.messages import Lease, PrefillTask, Reservation, StepReport
+from pdserve.router.channels import Channels
 from pdserve.router.metrics import Metrics
 from pdserve.router.placement import Placement
 from pdserve.router.policy import (
@@ -41,7 +42,8 @@ log = logging.getLogger("pdserve.router")
 
 
 class Dispatcher:
-    """Leases, prompt placement and KV channels for the router's requests."""
+    """Leases, prompt placement and KV channels (``channels``: ``router.channels``) for the
+    router's requests."""
 
     def __init__(
         self,
@@ -63,9 +65,8 @@ class Dispatcher:
         # (request id, worker load, tokens). The loads' queued_tokens and queued_attention
         # are their sums per worker, kept by _enqueue and dequeue alone.
         self._queued: dict[int, tuple[str, PrefillLoad | DecodeLoad, int]] = {}
-        self._channels: dict[tuple[str, str], asyncio.Task[None]] = {}
-        # (prefill, decode) -> host:port of the decode worker's store the channel opened at
-        self.endpoints: dict[tuple[str, str], str] = {}
+        self.channels = Channels(prefill, decode)  # the KV channels, and their repair
+        self.endpoints = self.channels.endpoints  # (prefill, decode) -> the store's host:port
         # Workers being drained: out of p_load / d_load (no placement sees them), their
         # handles still in ``prefill`` / ``decode`` for the attempts that finish there.
         self.draining: dict[str, PrefillLoad | DecodeLoad] = {}
@@ -80,15 +81,18 @@ class Dispatcher:
         await self._release_old(req)
         tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
         for load in decode_order(self.d_load.values()):
+            if not self.reachable(load.name):
+                continue
             lease = await self._reserve(load.name, req)
             if lease is None:
                 continue
-            if lease.worker in self.d_load:
+            if lease.worker in self.d_load and self.reachable(lease.worker):
                 break
             self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
         else:
             return False
-        return await self._start(req, lease, self.prefill_worker_for(len(tokens)), None)
+        return await self._start(req, lease, self.prefill_worker_for(len(tokens), lease.worker),
+                                 None)
 
     async def dispatch_to(self, req: Request, where: Placement) -> bool:
         """``slo``: lease blocks on the decode worker the placer chose and prefill where it
@@ -99,8 +103,9 @@ class Dispatcher:
         if lease is None:
             return False
         p = self.p_load.get(where.prefill) if where.prefill is not None else None
-        if where.decode not in self.d_load or (where.prefill is not None and p is None):
-            # Drained while the lease was on its way: the request stays queued.
+        if where.decode not in self.d_load or (where.prefill is not None and (
+                p is None or not self.channels.usable(where.prefill, where.decode))):
+            # Drained, or its channel broke, while the lease was on its way: it stays queued.
             self.decode[where.decode].abort.remote(req.request_id, lease.transfer_id)
             return False
         return await self._start(req, lease, p, where)
@@ -137,7 +142,7 @@ class Dispatcher:
             self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
             return True
         if p is not None:
-            await self._ensure_channel(p.name, lease.worker)
+            await self.channels.ensure(p.name, lease.worker)
         if req.done:
             self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
             return True
@@ -163,7 +168,11 @@ class Dispatcher:
         return True
 
     def record_step(self, report: StepReport) -> None:
-        """What a decode worker reported of itself with its step."""
+        """What a decode worker reported of itself with its step (the channels whose
+        receiver ended among it)."""
+        for name in report.broken_channels:
+            self.channels.broken(name, f"its receiver on {report.worker} ended")
+        self.channels.revive(report.worker)
         load = self.d_load.get(report.worker)
         if load is not None:
             load.report(report.num_running, report.num_waiting, report.num_free_blocks,
@@ -187,6 +196,7 @@ class Dispatcher:
     def prefill_step_ended(self, worker: str, tokens: int) -> None:
         """Prefill worker ``worker`` ended a step of ``tokens`` prompt tokens (the first
         first token of the step reports it, before any of the step's prompts dequeue)."""
+        self.channels.revive(worker)
         load = self.p_load.get(worker)
         if load is not None:
             load.step_ended(tokens, self.clock())
@@ -197,32 +207,28 @@ class Dispatcher:
             if rid == request_id and load.name == worker:
                 self.dequeue(tid)
 
-    def prefill_worker_for(self, num_tokens: int) -> PrefillLoad | None:
-        """The prefill worker for ``num_tokens`` tokens to prefill, or None when the decode
-        worker that leased them prefills them itself: always in colocated mode (there are
-        no prefill workers), and in disaggregated mode when ``local_prefill`` says so."""
+    def prefill_worker_for(self, num_tokens: int, decode: str | None = None
+                           ) -> PrefillLoad | None:
+        """The prefill worker for ``num_tokens`` tokens to prefill (for ``decode``: one whose
+        channel to it is usable), or None when the decode worker that leased them prefills
+        them itself: always in colocated mode (there are no prefill workers), and in
+        disaggregated mode when ``local_prefill`` says so."""
         if not self.prefill:
             return None
-        p = pick_prefill(self.p_load.values())
+        p = pick_prefill(w for w in self.p_load.values()
+                         if decode is None or self.channels.usable(w.name, decode))
         return None if prefill_locally(num_tokens, p, self.local_prefill) else p
 
-    # -- KV channels -------------------------------------------------------------------------
-    async def _ensure_channel(self, p: str, d: str) -> None:
-        """Open the (prefill, decode) KV channel the first time the pair is used."""
-        task = self._channels.get((p, d))
-        if task is None:
-            task = asyncio.ensure_future(self._open_channel(p, d))
-            self._channels[(p, d)] = task
-        try:
-            await asyncio.shield(task)
-        except Exception:
-            self._channels.pop((p, d), None)
-            raise
+    def reachable(self, decode: str) -> bool:
+        """Some prefill worker's channel to ``decode`` is usable (or there is no prefill
+        pool): ``fifo`` and the uncalibrated placement skip a decode worker without one."""
+        return not self.p_load or any(self.channels.usable(p, decode) for p in self.p_load)
 
+    # -- KV channels -------------------------------------------------------------------------
     async def open_channels(self) -> None:
         """Open every (prefill, decode) channel now, so that no request pays for it, and
         read each decode worker's free blocks for the view."""
-        await asyncio.gather(*(self._ensure_channel(p, d) for p in self.prefill
+        await asyncio.gather(*(self.channels.ensure(p, d) for p in self.prefill
                                for d in self.decode))
         for name, stats in zip(self.decode, await asyncio.gather(
                 *(h.stats.remote() for h in self.decode.values())), strict=True):
@@ -246,7 +252,7 @@ class Dispatcher:
         else:
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
         try:
-            await asyncio.gather(*(self._ensure_channel(p, d) for p, d in pairs))
+            await asyncio.gather(*(self.channels.ensure(p, d) for p, d in pairs))
         except BaseException:
             await self.remove(name)
             raise
@@ -292,26 +298,10 @@ class Dispatcher:
     async def remove(self, name: str) -> None:
         """``name`` leaves the deployment: both ends of its KV channels close (at once:
         each end's close is local, its goodbye tells the other), its handle goes."""
-        pairs = [pair for pair in self._channels if name in pair]
-        calls = []
-        for p, d in pairs:
-            task = self._channels.pop((p, d))
-            self.endpoints.pop((p, d), None)
-            if not task.done() or task.cancelled() or task.exception() is not None:
-                continue  # never opened
-            calls += [self.prefill[p].disconnect.remote(d), self.decode[d].close_channel.remote(p)]
-        for ref in calls:
-            with contextlib.suppress(Exception):  # a dead peer has nothing to close
-                await ref
+        await self.channels.close_all(name)
         self.draining.pop(name, None)
         self.watches.pop(name, None)
         self.p_load.pop(name, None)
         self.d_load.pop(name, None)
         self.prefill.pop(name, None)
         self.decode.pop(name, None)
-
-    async def _open_channel(self, p: str, d: str) -> None:
-        host, port, name = await self.decode[d].host_channel.remote(p)
-        await self.prefill[p].connect.remote(d, host, port, name)
-        self.endpoints[(p, d)] = f"{host}:{port}"
-        log.info("KV channel %s -> %s open (store %s:%d)", p, d, host, port)

@@ -195,12 +195,15 @@ class Placer:
 
     def options(self, ask: Ask, prefill: Iterable[PrefillLoad], decode: Iterable[DecodeLoad],
                 held_tpot_s: Mapping[str, Sequence[float]], extra_tokens: int = 0,
-                extra_attention: int = 0) -> list[Placement]:
+                extra_attention: int = 0,
+                usable: Callable[[str, str], bool] | None = None) -> list[Placement]:
         """Every placement on a decode worker with room, best first. ``held_tpot_s``: per
         decode worker, the TPOT objectives (seconds, sorted) of the requests it holds;
         ``extra_tokens``: prompt tokens served before this one (admission's view of the
-        wait queue ahead of it). Where the static thresholds are set (``rule``), they alone
-        decide between a prefill worker and local prefill."""
+        wait queue ahead of it); ``usable(prefill, decode)``: whether that pair's KV
+        channel may carry a transfer (not while it is being reopened). Where the static
+        thresholds are set (``rule``), they alone decide between a prefill worker and
+        local prefill."""
         pools = list(prefill)
         n = ask.num_tokens
         local, remote = self.local_prefill or not pools, bool(pools)
@@ -218,6 +221,8 @@ class Placer:
                 harm = breaks(held, tpot_now, tpot)
                 step = self.step_s(d, n)
                 for p in pools:
+                    if usable is not None and not usable(p.name, d.name):
+                        continue
                     ttft = self.remote_ttft_s(p, n, extra_tokens, extra_attention)
                     second = ttft + self.model.transfer_s(n, (p.name, d.name)) + step
                     out.append(self._rate(ask, d.name, p.name, ttft, tpot, second, harm))

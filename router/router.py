@@ -37,15 +37,9 @@ class Router:
     """Owns every in-flight request; its ``dispatcher`` places their attempts on the
     worker pools."""
 
-    def __init__(
-        self,
-        prefill: dict[str, Any],
-        decode: dict[str, Any],
-        cfg: RouterConfig,
-        metrics: Metrics,
-        out: Callable[[Request, Chunk], None],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, prefill: dict[str, Any], decode: dict[str, Any], cfg: RouterConfig,
+                 metrics: Metrics, out: Callable[[Request, Chunk], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.prefill = prefill  # actor handles by name, shared with the dispatcher
         self.decode = decode
         self.cfg = cfg
@@ -56,6 +50,7 @@ class Router:
         # its simulated event loop (the loop that also runs the deadline timers).
         self.clock = clock
         self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics, clock)
+        self.dispatcher.channels.on_open = self.pump  # a reopened channel: room for more
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
         self.requests: dict[str, Request] = {}
         self.load = LoadWindow()  # what the autoscaler reads (router.pools.load_snapshot)
@@ -126,6 +121,8 @@ class Router:
                                             msg.seconds)
         else:  # a failed prefill step reports no first token, only this
             self.dispatcher.dequeue(msg.transfer_id)
+            if msg.broken_channel:  # reopened under a new name; the pair waits for it
+                self.dispatcher.channels.broken(msg.broken_channel, msg.error)
         self.observe.transfer_done(req, msg)
         if req is None or req.done or req.lease is None \
                 or req.lease.transfer_id != msg.transfer_id:

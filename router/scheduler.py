@@ -203,13 +203,14 @@ class Scheduler:
         n = len(req.prompt_ids) + len(req.output_ids)
         decode = [w for w in d.d_load.values() if w.name not in refused]
         if not self.model.calibrated:  # no predictions yet: least loaded, by the view
-            room = [w for w in decode if self.placer.has_room(w, n)]
+            room = [w for w in decode if self.placer.has_room(w, n) and d.reachable(w.name)]
             if not room:
                 return None
             w = min(room, key=lambda w: (w.batch, w.kv_usage))
-            p = d.prefill_worker_for(n)
+            p = d.prefill_worker_for(n, w.name)
             return Placement(w.name, p.name if p else None, 0.0, 0.0, 0.0, True, 0.0)
-        options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, held)
+        options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, held,
+                                      usable=d.channels.usable)
         if not options:
             return None
         best = options[0]

@@ -137,7 +137,8 @@ class KVSender:
         self._end.close(abort)
 
     def send_header(self, header: TransferHeader) -> None:
-        """Start a transfer: ring the doorbell with the header."""
+        """Start a transfer: ring the doorbell with the header. A receiver that left or died
+        while this end was idle is seen first (:class:`ChannelClosed`, nothing sent)."""
         end = self._end
         end.check_open()
         if self._tx is not None:
@@ -146,6 +147,9 @@ class KVSender:
                 "finish() or cancel() it first"
             )
         end.check_geometry(header)
+        gone = end.peer_gone()  # a receiver that left or died while this end was idle
+        if gone is not None:
+            raise end.broken(f"starting transfer {header.transfer_id}", gone, gone)
         started = time.perf_counter()
         try:  # first: the receiver gets going while the rest is queued
             end.bell.ring(header.to_bytes(), end.timeout_s)

@@ -76,8 +76,9 @@ def connect(p: PrefillWorker, d: DecodeWorker) -> tuple[KVSender, KVReceiver]:
     p.connect(d.name, host, port, name)
     wait_for(lambda: p.name in d._channels)
     entry = p._channels.get(d.name)
-    assert entry is not None
-    return entry[0], d._channels[p.name]
+    rx = d._channels.get(p.name)
+    assert entry is not None and rx is not None
+    return entry[0], rx
 
 
 def test_shutdown_aborts_channels_instead_of_waiting_for_the_peer(
@@ -140,7 +141,7 @@ def test_decode_channel_opened_after_shutdown_is_aborted(
     d.shutdown()
     p.connect(d.name, host, port, name)
     wait_for(lambda: (name, 1, True) in closes)
-    assert d._channels == {}
+    assert d._channels.all() == []
 
 
 def test_prefill_channel_opened_after_shutdown_is_aborted(

@@ -55,6 +55,14 @@ def _replaced(dep: Deployment, name: str) -> str:
     return started
 
 
+def _epochs(decode: Any) -> set[int]:
+    """The epochs in the names of a decode worker's open channels
+    (``{prefill}@{decode}:e{epoch}.{nonce}``)."""
+    names = [name for name, is_open in ray.get(decode.channels.remote()).values() if is_open]
+    assert names
+    return {int(n.split(":e", 1)[1].split(".", 1)[0]) for n in names}
+
+
 def _serving(dep: Deployment) -> dict[str, int]:
     return dict(ray.get(dep.router.load_snapshot.remote()).serving)
 
@@ -76,6 +84,7 @@ def test_a_killed_decode_worker_s_streams_go_on_elsewhere(
         holding = [s.worker for s in faulty.worker_stats()
                    if s.role == "decode" and s.num_running]
         assert holding, "the streams were meant to be decoding"
+        old_epochs = _epochs(faulty.decode[holding[0]])
         killed = _kill(faulty, holding[0])
         wait_for(lambda: _serving(faulty)["decode"] == 1, 30, what="the router noticing")
         print(f"router noticed the decode worker gone in {time.monotonic() - killed:.2f} s")
@@ -83,8 +92,12 @@ def test_a_killed_decode_worker_s_streams_go_on_elsewhere(
     for i, got in out.items():
         assert got == hf_reference.greedy(ids[i], n, stop_at_eos=False), f"prompt {i}"
     assert not failure_counts(faulty)
-    assert _replaced(faulty, holding[0]).startswith("decode-")
+    new = _replaced(faulty, holding[0])
+    assert new.startswith("decode-")
     assert _serving(faulty)["decode"] == 2
+    # The replacement is a new incarnation: its channels carry an epoch of their own.
+    new_epochs = _epochs(faulty.decode[new])
+    assert len(old_epochs) == len(new_epochs) == 1 and min(new_epochs) > max(old_epochs)
     wait_for(lambda: _survivors_free(faulty), what="blocks freed on the survivors")
 
 

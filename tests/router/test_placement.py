@@ -253,3 +253,13 @@ def test_tpot_spreads_the_prompt_chunks_a_decode_worker_prefills_over_its_steps(
     assert pl.tpot_s(d, 10, 50) == pytest.approx(0.024 / (1 - 0.105))
     local = pl.options(Ask(10, ValidSlo(None, None)), [], [d], {})[0]  # colocated: local
     assert local.tpot_s == pytest.approx(0.024 / (1 - 0.101))  # its own 10 tokens join
+
+
+def test_a_pair_whose_channel_is_being_reopened_is_not_offered() -> None:
+    pl = placer(local=False)
+    ps = [PrefillLoad("p0"), PrefillLoad("p1", queued_tokens=400)]
+    ds = [free("d0"), free("d1", running=6)]
+    opts = pl.options(Ask(50, ValidSlo(500, 100)), ps, ds, {},
+                      usable=lambda p, d: (p, d) != ("p0", "d0"))
+    assert opts and ("p0", "d0") not in {(o.prefill, o.decode) for o in opts}
+    assert len(opts) == 3

@@ -28,18 +28,20 @@ NO_SLO = ValidSlo(None, None)
 
 class FakeWorker:
     """A worker actor handle: ``handle.method.remote(*args)`` records the call and returns
-    a resolved future (decode workers grant every lease)."""
+    a resolved future (decode workers grant every lease; every channel hosted gets a name of
+    its own). ``failing[method] = n``: the next n calls of ``method`` fail."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.failing: dict[str, int] = {}
 
     def reply(self, method: str, args: tuple[Any, ...]) -> Any:
         if method == "reserve":
             r: Reservation = args[0]
             return Lease(self.name, r.request_id, next(_tids), 0, 4, 30.0)
         if method == "host_channel":
-            return "127.0.0.1", 1, f"{args[0]}@{self.name}"
+            return "127.0.0.1", 1, f"{args[0]}@{self.name}:e0.{next(_tids)}"
         return None
 
     def __getattr__(self, method: str) -> Any:
@@ -49,7 +51,11 @@ class FakeWorker:
             def remote(self, *args: Any) -> asyncio.Future[Any]:
                 worker.calls.append((method, args))
                 fut = asyncio.get_running_loop().create_future()
-                fut.set_result(worker.reply(method, args))
+                if worker.failing.get(method, 0) > 0:
+                    worker.failing[method] -= 1
+                    fut.set_exception(RuntimeError(f"{worker.name}.{method} failed"))
+                else:
+                    fut.set_result(worker.reply(method, args))
                 return fut
 
         return Method()
