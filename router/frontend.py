@@ -31,6 +31,7 @@ from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.config import ServerConfig
+from pdserve.router.grpc_service import add_generation_service
 from pdserve.router.security import TokenInterceptor
 from pdserve.router.server import VERSION
 from pdserve.router.stream import (
@@ -82,7 +83,7 @@ class Frontend:
             auth, lambda: self.router.count_failure.remote("UNAUTHENTICATED"))]
         server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))],
                                  interceptors=interceptors)
-        pb_grpc.add_GenerationServicer_to_server(_Servicer(self), server)
+        add_generation_service(_Servicer(self), server, self.refuse)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
