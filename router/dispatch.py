@@ -105,8 +105,10 @@ class Dispatcher:
         p = self.p_load.get(where.prefill) if where.prefill is not None else None
         if where.decode not in self.d_load or (where.prefill is not None and (
                 p is None or not self.channels.usable(where.prefill, where.decode))):
-            # Drained, or its channel broke, while the lease was on its way: it stays queued.
-            self.decode[where.decode].abort.remote(req.request_id, lease.transfer_id)
+            # Drained, or its channel broke, while the lease was on its way: it stays queued,
+            # and its next dispatch waits for this lease to go first (see _release_old).
+            req.releasing = self.decode[where.decode].abort.remote(req.request_id,
+                                                                   lease.transfer_id)
             return False
         return await self._start(req, lease, p, where)
 
@@ -227,15 +229,21 @@ class Dispatcher:
     # -- KV channels -------------------------------------------------------------------------
     async def open_channels(self) -> None:
         """Open every (prefill, decode) channel now, so that no request pays for it, and
-        read each decode worker's free blocks for the view."""
+        read each worker's pool size (and each decode worker's free blocks) for the view."""
         await asyncio.gather(*(self.channels.ensure(p, d) for p in self.prefill
                                for d in self.decode))
         for name, stats in zip(self.decode, await asyncio.gather(
                 *(h.stats.remote() for h in self.decode.values())), strict=True):
             load = self.d_load[name]
+            if stats is not None:
+                load.num_blocks = stats.num_blocks
             if stats is not None and not load.known:
                 load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
                             stats.kv_usage, 0)
+        for name, stats in zip(self.prefill, await asyncio.gather(
+                *(h.stats.remote() for h in self.prefill.values())), strict=True):
+            if stats is not None and name in self.p_load:
+                self.p_load[name].num_blocks = stats.num_blocks
 
     # -- workers that come and go ------------------------------------------------------------
     async def add(self, role: str, name: str, handle: Any) -> None:
@@ -256,11 +264,11 @@ class Dispatcher:
         except BaseException:
             await self.remove(name)
             raise
-        if role == "prefill":
-            self.p_load[name] = PrefillLoad(name)
-            return
         stats = await handle.stats.remote()
-        load = DecodeLoad(name)
+        if role == "prefill":
+            self.p_load[name] = PrefillLoad(name, num_blocks=stats.num_blocks if stats else 0)
+            return
+        load = DecodeLoad(name, num_blocks=stats.num_blocks if stats else 0)
         if stats is not None:
             load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
                         stats.kv_usage, 0, self.clock())

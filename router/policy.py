@@ -26,6 +26,7 @@ class PromptQueue:
     name: str
     queued_tokens: int = 0
     queued_attention: int = 0
+    num_blocks: int = 0  # the size of its KV pool (0: not known yet)
     arrivals: Rate = field(default_factory=Rate, repr=False, compare=False)
 
     def enqueue(self, n: int, now: float) -> None:

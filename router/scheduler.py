@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from pdserve.router.admission import TtftResidual, judge, predict_ttft
+from pdserve.router.capacity import check_fits
 from pdserve.router.config import RouterConfig
 from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
@@ -90,14 +91,17 @@ class Scheduler:
     # -- admission --------------------------------------------------------------------------
     def admit(self, req: Request) -> None:
         """Number ``req``, predict its TTFT (``slo``, once calibrated) and queue it; raises
-        Refused when the queue is full or the prediction misses the objective."""
+        ``TooLarge`` when no worker's KV pool could hold it (``router.capacity``), Refused
+        when the queue is full or the prediction misses the objective."""
+        d = self.dispatcher
+        check_fits(len(req.prompt_ids), req.sampling.max_tokens, d.p_load.values(),
+                   d.d_load.values(), self.placer.block_size)
         self.waiting.prune()  # requests ended while waiting hold no place in the queue
         if len(self.waiting) >= self.cfg.max_waiting:
             raise Refused(f"queue full: {len(self.waiting)} requests already waiting")
         now = self.clock()
         req.order = next(self._order)
         if self.cfg.scheduler == "slo" and self.model.calibrated:
-            d = self.dispatcher
             predicted = predict_ttft(self.placer, req, self.waiting.ahead_of(req, now),
                                      d.p_load.values(), d.d_load.values(),
                                      self.finishes.rate(now), now, self._held_tpot())

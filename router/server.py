@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from pdserve.engine.messages import FirstToken, StepReport, TransferDone
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from pdserve.router import pools
+from pdserve.router.capacity import TooLarge
 from pdserve.router.config import ServerConfig
 from pdserve.router.load import LoadSnapshot
 from pdserve.router.metrics import Metrics
@@ -178,6 +179,8 @@ class RouterService:
         )
         try:
             router.admit(req)
+        except TooLarge as e:
+            return "INVALID_ARGUMENT", str(e)
         except Refused as e:
             return "RESOURCE_EXHAUSTED", str(e)
         except ValueError as e:
