@@ -148,7 +148,12 @@ class DecodeWorker:
                 self._cv.notify()
 
     def reserve(self, r: Reservation) -> Lease | None:
+        """A lease for ``r``, or None if this worker cannot take it now: no room, or the
+        request's previous attempt here is still in the step that holds it (its abort
+        waits for the step's end; the router asks again after the next step report)."""
         with self._cv:
+            if r.request_id in self._pending_abort:
+                return None
             return self.sched.reserve(r)
 
     def abort(self, request_id: str, transfer_id: int | None = None) -> bool:

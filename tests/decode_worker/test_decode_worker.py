@@ -80,3 +80,22 @@ def test_an_arriving_transfer_is_checked_against_its_reservation() -> None:
         seq, short, epoch=2, block_size=16)
     wrong_blocks = dataclasses.replace(ok, num_blocks=4)
     assert "num_blocks: got 4, expected 3" in _refusal(seq, wrong_blocks, epoch=2, block_size=16)
+
+
+def test_a_new_lease_waits_for_the_old_attempt_s_deferred_abort() -> None:
+    """An abort of an attempt that is in the running step is deferred to the step's end; a
+    reserve for the same request meanwhile gets None (ask again later), not the error a
+    second lease of one request would raise, and gets its lease once the abort ran."""
+    d = DecodeWorker("decode-0", worker_config(), FakeRouter())  # no step loop: held still
+    old = d.reserve(Reservation("r", 10, 0, GREEDY, 0))
+    assert old is not None
+    d._busy.add("r")  # the attempt is in the step that is running
+    assert d.abort("r", old.transfer_id)
+    assert d.reserve(Reservation("r", 10, 0, GREEDY, 0)) is None
+    d._busy.discard("r")  # the step ended: the loop runs the deferred abort
+    d._pending_abort.discard("r")
+    d.sched.release("r")
+    new = d.reserve(Reservation("r", 10, 0, GREEDY, 0))
+    assert new is not None and new.transfer_id != old.transfer_id
+    with pytest.raises(ValueError, match="already holds a lease"):
+        d.sched.reserve(Reservation("r", 10, 0, GREEDY, 0))  # the guard the worker keeps
