@@ -76,7 +76,7 @@ class BenchConfig:
         for name in ("min_requests", "input_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        self.multiturn  # validates the conversations' shape
+        _ = self.multiturn  # validates the conversations' shape
         if not 0 <= self.range_ratio < 1:
             raise ValueError(f"--range-ratio must be in [0, 1), got {self.range_ratio}")
         if not self.request_rates or any(not r > 0 for r in self.request_rates):
