@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import grpc
 
 from pdserve.cluster.autoscale_config import AUTOSCALE_GROUP
+from pdserve.cluster.bench.flags import add_workload_flags
 from pdserve.cluster.client_flags import add_client_flags, client_auth
 from pdserve.cluster.config import FLAG_GROUPS, SECTIONS, ServeConfig
 from pdserve.cluster.knobs import add_flags, given_flags
@@ -237,7 +238,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = BenchConfig(
             server=args.server, auth=_client_auth_or_exit(args), label=args.label,
             dataset=args.dataset,
-            dataset_path=args.dataset_path,
+            dataset_path=args.dataset_path, system_prompt_len=args.system_prompt_len,
+            turns=args.turns, users=args.users,
             input_len=args.input_len, output_len=args.output_len,
             input_len_dist=args.input_len_dist, output_len_dist=args.output_len_dist,
             range_ratio=args.range_ratio, request_rates=parse_rates(args.request_rate),
@@ -370,26 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server")
     add_client_flags(p)
     p.add_argument("--label", default="pdserve", help="name of this configuration in plots")
-    g = p.add_argument_group("workload")
-    g.add_argument("--dataset", choices=("random", "chat", "jsonl"), default="random",
-                   help="random token prompts; a ShareGPT-like length mix; or a JSONL file")
-    g.add_argument("--dataset-path", metavar="FILE.jsonl",
-                   help='JSONL: {"prompt": str} or {"messages": [...]}, optional "max_tokens"')
-    for old in REPLACED_BENCH_FLAGS:  # refused with a pointer to their replacement
-        g.add_argument(old, help=argparse.SUPPRESS)
-    g.add_argument("--input-len", type=int, default=512, help="random: mean prompt tokens")
-    g.add_argument("--output-len", type=int, default=128,
-                   help="random: mean output tokens; jsonl: when a line gives none")
-    dists = ("fixed", "uniform", "normal", "lognormal")
-    g.add_argument("--input-len-dist", choices=dists, default="fixed")
-    g.add_argument("--output-len-dist", choices=dists, default="fixed")
-    g.add_argument("--range-ratio", type=float, default=0.0,
-                   help="spread r: uniform in [L(1-r), L(1+r)], normal std rL, lognormal "
-                        "log-std r")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="chat/jsonl: generate exactly max_tokens (random always does)")
+    add_workload_flags(p, REPLACED_BENCH_FLAGS)
     g = p.add_argument_group("load")
     g.add_argument("--request-rate", default="inf", metavar="R[,R...]",
                    help="req/s (inf: all at once); a comma list runs a sweep")

@@ -24,6 +24,7 @@ from pdserve.engine.config import (
     CPU_DECODE_BLOCKS,
     CPU_PREFILL_BLOCKS,
     CUDA_GRAPH_MAX_BATCH,
+    ENABLE_PREFIX_CACHING,
     GPU_MEMORY_UTILIZATION,
     HOST,
     LAYERWISE_TRANSFER,
@@ -157,6 +158,12 @@ class ServeConfig:
     layerwise_transfer: bool = knob(LAYERWISE_TRANSFER, "a prefill worker sends layer l's KV "
                                     "while it computes layer l+1 (off: all of a prompt's KV "
                                     "after its last layer)", SCHEDULING)
+    enable_prefix_caching: bool = knob(
+        ENABLE_PREFIX_CACHING, "keep full KV blocks after their request ends, found again by "
+        "their token prefix: a prompt that starts like an earlier one prefills only the "
+        "rest, a decode worker that holds the prefix receives only the rest, and the router "
+        "prefers the worker holding the longest prefix (vLLM's automatic prefix caching)",
+        CACHE)
     torch_threads: int = knob(0, "CPU intra-op threads per worker; 0: cores / workers", WORKERS,
                               minimum=0)
     enforce_eager: bool = knob(False, "CUDA: decode without CUDA graphs (prefill workers "
@@ -293,7 +300,8 @@ class ServeConfig:
             max_batch_tokens=self.max_batch_tokens, max_num_seqs=self.max_num_seqs,
             lease_timeout_s=self.lease_timeout_s, transfer_timeout_s=self.transfer_timeout_s,
             host=self.host, local_prefill=self.decode_prefills and role == "decode",
-            layerwise_transfer=self.layerwise_transfer, secret=self.secret,
+            layerwise_transfer=self.layerwise_transfer,
+            enable_prefix_caching=self.enable_prefix_caching, secret=self.secret,
         )
 
     def router_config(self, profile: Profile | None) -> RouterConfig:
@@ -303,7 +311,8 @@ class ServeConfig:
                             scheduler=self.scheduler, max_num_seqs=self.max_num_seqs,
                             max_batch_tokens=self.max_batch_tokens, block_size=self.block_size,
                             decode_prefills=self.decode_prefills, profile=profile,
-                            local_prefill=self.local_prefill)
+                            local_prefill=self.local_prefill,
+                            prefix_caching=self.enable_prefix_caching)
 
     def server_config(self, model_config: ModelConfig) -> ServerConfig:
         context = self.max_context or model_config.max_position

@@ -6,6 +6,12 @@ the tensor work. A sequence passes through three states here:
     reserved (blocks held, KV not yet arrived, or with local prefill its prompt being
     prefilled here) -> ready (KV verified, waits for the next step) -> running (in the
     batch) -> finished / aborted / preempted (blocks freed)
+
+With prefix caching (a ``PrefixCachingAllocator``) a lease shares the longest cached prefix
+of the reservation's tokens and says how many blocks that is (``Lease.cached_blocks``): the
+prefill worker sends only the rest, and local prefill starts after it. Every full block
+whose KV is in place (received, prefilled here, or filled by decode steps) becomes findable
+by its hash, so a later request with the same prefix finds it here.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from pdserve.engine.chunking import PromptChunk, PromptChunker
 from pdserve.engine.config import LEASE_TIMEOUT_S, MAX_NUM_SEQS, blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import Lease, Reservation, TokenOut, WorkerStats
+from pdserve.engine.prefix_cache import (
+    BlockHash,
+    PrefixCachingAllocator,
+    acquire_blocks,
+    block_hashes,
+)
 from pdserve.engine.sequence import SamplingParams, finish_reason
 
 
@@ -44,6 +56,12 @@ class DecodeSeq:
     deadline: float
     order: int = 0  # the request's admission number (Reservation.order): larger is younger
     last_token: int = -1
+    # Prefix caching: the sequence's tokens (prompt, then each one sampled; empty: not
+    # known, nothing cached), the hashes of its full blocks cached so far, and how many
+    # leading blocks the lease found cached.
+    token_ids: list[int] = field(default_factory=list)
+    hashes: list[BlockHash] = field(default_factory=list)
+    cached_blocks: int = 0
 
 
 PrefillChunk = PromptChunk[DecodeSeq]  # local prefill: a chunk of a reserved sequence
@@ -71,6 +89,7 @@ class DecodeScheduler:
         epoch: int = 0,
         clock: Callable[[], float] = time.monotonic,
         first_transfer_id: int = 1,
+        salt: str = "",
     ) -> None:
         self.allocator = allocator
         self.block_size = block_size
@@ -79,6 +98,8 @@ class DecodeScheduler:
         self.lease_timeout_s = lease_timeout_s
         self.epoch = epoch
         self.clock = clock
+        self.salt = salt  # of the block hashes: the model this worker serves
+        self.caching = isinstance(allocator, PrefixCachingAllocator)
         self._ids = itertools.count(first_transfer_id)
         self.reserved: dict[int, DecodeSeq] = {}  # by transfer id
         # Local prefill (colocated mode, conditional disaggregation): reserved sequences whose
@@ -95,16 +116,25 @@ class DecodeScheduler:
             raise ValueError(f"request {r.request_id} already holds a lease here")
         if len(self.reserved) + len(self.ready) + len(self.running) >= self.max_num_seqs:
             return None
+        if r.token_ids and len(r.token_ids) != r.num_tokens:
+            raise ValueError(f"request {r.request_id}: reservation for {r.num_tokens} "
+                             f"tokens carries {len(r.token_ids)} token ids")
         n = blocks_for(r.num_tokens + 1, self.block_size)
-        if not self.allocator.can_allocate(n):
+        tokens = list(r.token_ids) if self.caching else []
+        hashes = block_hashes(tokens, self.block_size, self.salt)
+        got = acquire_blocks(self.allocator, hashes, r.num_tokens, n, self.block_size)
+        if got is None:
             return None
+        ids, hit = got
         tid = next(self._ids)
         self.reserved[tid] = DecodeSeq(
-            request_id=r.request_id, sampling=r.sampling, block_ids=self.allocator.allocate(n),
+            request_id=r.request_id, sampling=r.sampling, block_ids=ids,
             num_tokens=r.num_tokens + 1, num_generated=r.num_generated + 1, transfer_id=tid,
             deadline=self.clock() + self.lease_timeout_s, order=r.order,
+            token_ids=tokens, hashes=hashes[:hit], cached_blocks=hit,
         )
-        return Lease(self.worker, r.request_id, tid, self.epoch, n, self.lease_timeout_s)
+        return Lease(self.worker, r.request_id, tid, self.epoch, n, self.lease_timeout_s,
+                     cached_blocks=hit)
 
     def lease(self, transfer_id: int) -> DecodeSeq | None:
         """The reservation an incoming transfer claims, if this worker still holds it."""
@@ -117,8 +147,23 @@ class DecodeScheduler:
         if seq is None:
             return False
         seq.last_token = first_token
+        if seq.token_ids:
+            seq.token_ids.append(first_token)
+        self._cache_full_blocks(seq)
         self.ready.append(seq)
         return True
+
+    def _cache_full_blocks(self, seq: DecodeSeq) -> None:
+        """Make ``seq``'s full blocks whose KV is in place findable in the prefix cache
+        (every token's but ``last_token``'s)."""
+        if not self.caching or not seq.token_ids:
+            return
+        full = (seq.num_tokens - 1) // self.block_size
+        if full > len(seq.hashes):
+            seq.hashes = block_hashes(seq.token_ids[:full * self.block_size],
+                                      self.block_size, self.salt, seq.hashes)
+            assert isinstance(self.allocator, PrefixCachingAllocator)
+            self.allocator.cache(seq.block_ids[:full], seq.hashes)
 
     def start_prefill(self, transfer_id: int, token_ids: list[int]) -> bool:
         """Local prefill: this worker prefills the prompt of lease ``transfer_id`` itself
@@ -129,7 +174,11 @@ class DecodeScheduler:
         if len(token_ids) != seq.num_tokens - 1:
             raise ValueError(f"lease {transfer_id} was made for {seq.num_tokens - 1} tokens, "
                              f"got {len(token_ids)}")
-        self.prefilling.add(seq, list(token_ids))
+        if seq.token_ids and seq.token_ids != list(token_ids):
+            raise ValueError(f"lease {transfer_id} was made for other tokens")
+        if self.caching:
+            seq.token_ids = list(token_ids)
+        self.prefilling.add(seq, list(token_ids), seq.cached_blocks * self.block_size)
         seq.deadline = float("inf")  # no KV to wait for
         return True
 
@@ -141,7 +190,8 @@ class DecodeScheduler:
 
     def prefilled(self, chunks: list[PrefillChunk]) -> list[DecodeSeq]:
         """Record that ``chunks`` ran; returns sequences whose whole prompt is cached (their
-        first token is sampled by the caller and passed to :meth:`activate`)."""
+        first token is sampled by the caller and passed to :meth:`activate`, which makes
+        their full blocks findable in the prefix cache)."""
         return self.prefilling.complete(chunks)
 
     def expire(self) -> list[tuple[str, int]]:
@@ -223,8 +273,11 @@ class DecodeScheduler:
             seq.num_tokens += 1
             seq.num_generated += 1
             seq.last_token = tok
+            if seq.token_ids:
+                seq.token_ids.append(tok)
             reason = finish_reason(seq.sampling, tok, seq.num_generated)
             out.append(TokenOut(seq.request_id, seq.transfer_id, tok, reason))
+            self._cache_full_blocks(seq)
             if reason is not None:
                 done.add(seq)
                 self.allocator.free(seq.block_ids)

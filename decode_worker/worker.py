@@ -68,7 +68,7 @@ class DecodeWorker:
             cfg.lease_timeout_s, epoch,
             # Transfer ids from a random base: unique across decode workers in practice, so
             # the router can tell one attempt of a request from the next by id alone.
-            first_transfer_id=secrets.randbits(40) << 12,
+            first_transfer_id=secrets.randbits(40) << 12, salt=self.runner.fingerprint,
         )
         self._cv = threading.Condition()
         self._stop = False
@@ -227,8 +227,10 @@ class DecodeWorker:
                     continue
                 assert seq is not None
                 # The lease also holds the slot of the first generated token, which may
-                # need a block of its own beyond the prompt's.
-                ids = torch.tensor(seq.block_ids[: header.num_blocks], dtype=torch.int64,
+                # need a block of its own beyond the prompt's; the leading blocks it found
+                # in the prefix cache are not sent.
+                k = seq.cached_blocks
+                ids = torch.tensor(seq.block_ids[k:k + header.num_blocks], dtype=torch.int64,
                                    device=pool.device)
                 # Scattered into the pool as it lands; verified before the sequence runs.
                 first_token = ch.recv_pool_blocks(header, pool, ids).first_token
@@ -347,7 +349,8 @@ class DecodeWorker:
             arrived, started = self._submitted.pop(seq.transfer_id, (t0, t0))
             reason = self._first_token.report(
                 seq.request_id, seq.transfer_id, tok, seq.sampling, seq.num_generated,
-                arrived=arrived, started=started, now=now,
+                arrived=arrived, started=started, now=now, num_tokens=seq.num_tokens - 1,
+                cached_tokens=seq.cached_blocks * self.cfg.cache.block_size,
             )
             if reason is None:
                 self.sched.activate(seq.transfer_id, tok)
@@ -366,12 +369,14 @@ def decode_step(runner: ModelRunner, batch: list[DecodeSeq]) -> list[int]:
 def _refusal(seq: DecodeSeq | None, header: TransferHeader, epoch: int,
              block_size: int) -> str:
     """Why the arriving transfer ``header`` is refused ('' if it matches its reservation
-    ``seq``, held under this worker's ``epoch``)."""
+    ``seq``, held under this worker's ``epoch``: the prompt's blocks after those the lease
+    found in the prefix cache)."""
     if seq is None:
         return "no reservation holds this transfer id (expired or aborted)"
     tokens = seq.num_tokens - 1  # the prompt's KV; the last token is the first generated
+    blocks = blocks_for(tokens, block_size) - seq.cached_blocks
     try:
-        match_header(header, seq.transfer_id, epoch, blocks_for(tokens, block_size), tokens)
+        match_header(header, seq.transfer_id, epoch, blocks, tokens)
     except TransferError as e:
         return str(e)
     return ""

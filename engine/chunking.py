@@ -53,9 +53,13 @@ class PromptChunker(Generic[S]):
     def __init__(self) -> None:
         self._prompts: dict[S, tuple[Sequence[int], int]] = {}  # seq -> (prompt, cached)
 
-    def add(self, seq: S, prompt: Sequence[int]) -> None:
-        """Start prefilling ``prompt`` for ``seq`` (from the beginning)."""
-        self._prompts[seq] = (prompt, 0)
+    def add(self, seq: S, prompt: Sequence[int], cached: int = 0) -> None:
+        """Start prefilling ``prompt`` for ``seq`` from position ``cached`` (the KV of the
+        tokens before it is in place already: a prefix cache hit)."""
+        if not 0 <= cached < len(prompt):
+            raise ValueError(f"cached prefix {cached} out of range for a prompt of "
+                             f"{len(prompt)} tokens")
+        self._prompts[seq] = (prompt, cached)
 
     def discard(self, seq: S) -> None:
         """Stop prefilling ``seq`` (aborted or released); a no-op if it is not here."""

@@ -24,6 +24,7 @@ TRANSFER_TIMEOUT_S = 60.0  # KV channel operations
 CUDA_GRAPH_MAX_BATCH = 256  # largest decode batch captured in a CUDA graph
 GPU_MEMORY_UTILIZATION = 0.85  # share of the GPU an automatically sized worker may hold
 LAYERWISE_TRANSFER = True  # a prefill worker sends layer l's KV while layer l+1 computes
+ENABLE_PREFIX_CACHING = True  # full KV blocks stay cached by token prefix (engine.prefix_cache)
 CPU_PREFILL_BLOCKS = 512  # KV pool of a prefill worker on CPU (no device memory to size from)
 CPU_DECODE_BLOCKS = 1024  # and of a decode worker
 HOST = "127.0.0.1"  # default address of the gRPC frontends, /metrics and the workers' channels
@@ -218,6 +219,7 @@ class WorkerConfig:
     # disaggregation. Its warm-up then compiles the prefill shapes too.
     local_prefill: bool = False
     layerwise_transfer: bool = LAYERWISE_TRANSFER  # prefill: send KV layer by layer
+    enable_prefix_caching: bool = ENABLE_PREFIX_CACHING  # engine.prefix_cache
     # The deployment's key (engine.secret): only workers holding the same one pair up.
     secret: Secret = field(default_factory=Secret.generate, compare=False)
 

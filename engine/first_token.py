@@ -24,16 +24,18 @@ class FirstTokenReporter:
     def report(
         self, request_id: str, transfer_id: int, token: int, sampling: SamplingParams,
         num_generated: int, *, arrived: float, started: float, now: float,
-        step: StepTiming | None = None,
+        step: StepTiming | None = None, num_tokens: int = 0, cached_tokens: int = 0,
     ) -> str | None:
         """Report ``token`` for the attempt leased as ``transfer_id``; returns its finish
         reason (None: the request goes on). ``num_generated`` counts the request's output
         tokens with this one; the request waited from ``arrived`` to ``started`` and was
         prefilled from ``started`` to ``now``; ``step`` is the step that ran its last chunk
-        (see ``FirstToken.step``)."""
+        (see ``FirstToken.step``); of its ``num_tokens`` prompt tokens, ``cached_tokens``
+        were found in the prefix cache (not computed)."""
         reason = finish_reason(sampling, token, num_generated)
         self._send(FirstToken(
             self.worker, request_id, transfer_id, token, reason,
             queue_s=started - arrived, prefill_s=now - started, step=step,
+            num_tokens=num_tokens, cached_tokens=cached_tokens,
         ))
         return reason

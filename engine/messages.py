@@ -27,11 +27,16 @@ class Reservation:
     num_generated: int
     sampling: SamplingParams
     order: int
+    # The tokens themselves (prompt + generated before a preemption), for the decode
+    # worker's prefix cache: it shares the leading blocks it holds cached and says how many
+    # in the lease (Lease.cached_blocks); empty: no lookup.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Lease:
-    """Decode worker -> router: blocks are held for ``transfer_id`` until ``expires_in_s``."""
+    """Decode worker -> router: blocks are held for ``transfer_id`` until ``expires_in_s``
+    (``num_blocks`` of them, ``cached_blocks`` of those shared from its prefix cache)."""
 
     worker: str
     request_id: str
@@ -39,6 +44,9 @@ class Lease:
     epoch: int
     num_blocks: int
     expires_in_s: float
+    # Leading blocks of the request's KV that the decode worker holds already (its prefix
+    # cache): the prefill worker sends only the blocks after them.
+    cached_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,10 @@ class FirstToken:
     # once. A decode worker's local prefill leaves it None: its prompt chunks are in the
     # mixed step's StepReport (prefill_tokens, prefill_attention).
     step: StepTiming | None = None
+    # The prefix cache (engine.prefix_cache): of the ``num_tokens`` tokens prefilled, the
+    # leading ``cached_tokens`` were found cached on this worker and not computed.
+    num_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 
 from pdserve.engine.config import ModelConfig, WorkerConfig
 from pdserve.engine.kv_cache import BlockAllocator
+from pdserve.engine.prefix_cache import PrefixCachingAllocator
 from pdserve.engine.runner import DecodeItem, ModelRunner, PrefillItem
 from pdserve.engine.weights import load_model_config
 from pdserve.kernels._triton import HAS_TRITON, triton
@@ -92,4 +93,6 @@ def start_runner(cfg: WorkerConfig) -> tuple[ModelConfig, ModelRunner, BlockAllo
     runner = ModelRunner(model_config, cfg.cache, cfg.model, cfg.run,
                          max_num_seqs=cfg.max_num_seqs, max_batch_tokens=cfg.max_batch_tokens)
     runner.warmup()
-    return model_config, runner, BlockAllocator(runner.num_blocks)
+    allocator = (PrefixCachingAllocator(runner.num_blocks) if cfg.enable_prefix_caching
+                 else BlockAllocator(runner.num_blocks))
+    return model_config, runner, allocator

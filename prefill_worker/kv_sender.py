@@ -39,14 +39,16 @@ class OutgoingKV:
         self.channel = channel
         self.lock = lock
         self.pool = pool
-        self.ids = torch.tensor(seq.block_ids, dtype=torch.int64, device=pool.device)
+        # Only the blocks after those the decode worker holds already (its prefix cache).
+        sent = seq.sent_blocks
+        self.ids = torch.tensor(sent, dtype=torch.int64, device=pool.device)
         lease = seq.task.lease
         spec = channel.spec
         per_message = 1 if layerwise else layers_per_message(
-            spec.layer_bytes(len(seq.block_ids)), spec.num_layers)
+            spec.layer_bytes(len(sent)), spec.num_layers)
         self.header = TransferHeader.for_spec(
             spec, transfer_id=lease.transfer_id, epoch=lease.epoch,
-            num_blocks=len(seq.block_ids), num_tokens=len(seq.task.token_ids),
+            num_blocks=len(sent), num_tokens=len(seq.task.token_ids),
             layers_per_message=per_message,
         )
         self.started = 0.0

@@ -4,6 +4,10 @@ Pure Python over a ``BlockAllocator``. A task holds blocks for its whole prompt 
 step it is admitted until its KV has left for the decode worker; a prompt longer than what
 is left of a step's budget is split into chunks over successive steps, each chunk attending
 to the KV of the chunks before it.
+
+With prefix caching (a ``PrefixCachingAllocator``) a prompt is admitted with the longest
+cached prefix of its full blocks shared, and its first chunk starts after that prefix; each
+full block a step computes becomes findable by its hash as the step completes.
 """
 
 from __future__ import annotations
@@ -11,12 +15,18 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.engine.chunking import PromptChunk, PromptChunker
 from pdserve.engine.config import MAX_BATCH_TOKENS, MAX_NUM_SEQS, blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import PrefillTask, WorkerStats
+from pdserve.engine.prefix_cache import (
+    BlockHash,
+    PrefixCachingAllocator,
+    acquire_blocks,
+    block_hashes,
+)
 
 
 @dataclass(eq=False)
@@ -28,6 +38,14 @@ class PrefillSeq:
     arrived: float
     started: float = 0.0
     first_token: int = -1  # sampled when the last chunk ran
+    hashes: list[BlockHash] = field(default_factory=list)  # of the prompt's full blocks
+    cached_tokens: int = 0  # the leading tokens found in the prefix cache
+
+    @property
+    def sent_blocks(self) -> list[int]:
+        """The blocks whose KV goes to the decode worker: all but the leading ones it
+        holds already (``Lease.cached_blocks``)."""
+        return self.block_ids[self.task.lease.cached_blocks:]
 
 
 Chunk = PromptChunk[PrefillSeq]
@@ -43,6 +61,7 @@ class PrefillScheduler:
         max_batch_tokens: int = MAX_BATCH_TOKENS,
         max_num_seqs: int = MAX_NUM_SEQS,
         clock: Callable[[], float] = time.monotonic,
+        salt: str = "",
     ) -> None:
         if max_batch_tokens < block_size:
             raise ValueError("max_batch_tokens must be at least one block")
@@ -51,6 +70,8 @@ class PrefillScheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self.clock = clock
+        self.salt = salt  # of the block hashes: the model this worker serves
+        self.caching = isinstance(allocator, PrefixCachingAllocator)
         self.waiting: deque[PrefillSeq] = deque()
         self.chunker: PromptChunker[PrefillSeq] = PromptChunker()  # admitted, not all cached
 
@@ -63,7 +84,12 @@ class PrefillScheduler:
                 f"request {task.request_id}: prompt needs {blocks} blocks, the pool has "
                 f"{self.allocator.num_blocks}"
             )
-        self.waiting.append(PrefillSeq(task, [], self.clock()))
+        if task.lease.cached_blocks * self.block_size >= len(task.token_ids):
+            raise ValueError(f"request {task.request_id}: the decode worker holds "
+                             f"{task.lease.cached_blocks} blocks, the whole prompt")
+        hashes = (block_hashes(task.token_ids, self.block_size, self.salt)
+                  if self.caching else [])
+        self.waiting.append(PrefillSeq(task, [], self.clock(), hashes=hashes))
 
     @property
     def active(self) -> list[PrefillSeq]:
@@ -107,17 +133,26 @@ class PrefillScheduler:
         num_seqs = len(self.chunker)
         while self.waiting and budget > 0 and num_seqs < self.max_num_seqs:
             s = self.waiting[0]
-            need = blocks_for(len(s.task.token_ids), self.block_size)
-            if not self.allocator.can_allocate(need):
+            n = len(s.task.token_ids)
+            got = acquire_blocks(self.allocator, s.hashes, n, blocks_for(n, self.block_size),
+                                 self.block_size)
+            if got is None:
                 break
             self.waiting.popleft()
-            s.block_ids = self.allocator.allocate(need)
+            s.block_ids, hit = got
+            s.cached_tokens = hit * self.block_size
             s.started = self.clock()
-            self.chunker.add(s, s.task.token_ids)
-            budget -= len(s.task.token_ids)
+            self.chunker.add(s, s.task.token_ids, s.cached_tokens)
+            budget -= n - s.cached_tokens
             num_seqs += 1
         return self.chunker.schedule(self.max_batch_tokens)
 
     def complete(self, chunks: list[Chunk]) -> list[PrefillSeq]:
-        """Record that ``chunks`` ran; returns the sequences whose whole prompt is cached."""
+        """Record that ``chunks`` ran; returns the sequences whose whole prompt is cached.
+        The full blocks the chunks completed become findable in the prefix cache."""
+        if isinstance(self.allocator, PrefixCachingAllocator):
+            for c in chunks:
+                if c.seq in self.chunker:  # (not dropped during the step)
+                    full = (c.start + c.length) // self.block_size
+                    self.allocator.cache(c.seq.block_ids[:full], c.seq.hashes[:full])
         return self.chunker.complete(chunks)

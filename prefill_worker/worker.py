@@ -45,8 +45,8 @@ class PrefillWorker:
         self._report_transfer = TransferReporter(name, router.on_transfer_done.remote)
         self.model_config, self.runner, self.allocator = start_runner(cfg)
         self.sched = PrefillScheduler(
-            self.allocator, cfg.cache.block_size, cfg.max_batch_tokens, cfg.max_num_seqs
-        )
+            self.allocator, cfg.cache.block_size, cfg.max_batch_tokens, cfg.max_num_seqs,
+            salt=self.runner.fingerprint)
         self._cv = threading.Condition()
         self._stop = False
         self._in_step: set[str] = set()  # request ids whose blocks the running step uses
@@ -206,7 +206,7 @@ class PrefillWorker:
                 reason = self._first_token.report(
                     task.request_id, task.lease.transfer_id, tok, task.sampling,
                     task.num_generated + 1, arrived=seq.arrived, started=seq.started, now=now,
-                    step=step,
+                    step=step, num_tokens=len(task.token_ids), cached_tokens=seq.cached_tokens,
                 )
                 step = None  # the step is reported once, with its first finished prompt
                 seq.first_token = tok

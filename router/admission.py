@@ -87,14 +87,16 @@ class Verdict:
 def predict_ttft(placer: Placer, req: Request, ahead: Sequence[Request],
                  prefill: Iterable[PrefillLoad], decode: Iterable[DecodeLoad],
                  finish_rate: float, now: float,
-                 held_tpot_s: Mapping[str, Sequence[float]] | None = None) -> float:
+                 held_tpot_s: Mapping[str, Sequence[float]] | None = None,
+                 cached: Mapping[str, int] | None = None) -> float:
     """``req``'s TTFT from its arrival if dispatched behind ``ahead`` to the placement the
     scheduler would give it (``Placer.chosen_ttft_s``; see the module docstring).
     ``held_tpot_s``: per decode worker, the TPOT objectives of the requests it holds (the
-    placements' harm, which decides the choice)."""
+    placements' harm, which decides the choice); ``cached``: per worker, the prompt tokens
+    it is expected to hold in its prefix cache."""
     prefill, decode = list(prefill), list(decode)
     held = held_tpot_s or {}
-    ask = Ask(len(req.prompt_ids) + len(req.output_ids), req.slo)
+    ask = Ask(len(req.prompt_ids) + len(req.output_ids), req.slo, dict(cached or {}))
     lengths = [len(r.prompt_ids) + len(r.output_ids) for r in ahead]
     own = placer.chosen_ttft_s(ask, prefill, decode, held)
     behind_queue = own if not lengths else placer.chosen_ttft_s(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import (
     BLOCK_SIZE,
+    ENABLE_PREFIX_CACHING,
     HOST,
     MAX_BATCH_TOKENS,
     MAX_NUM_SEQS,
@@ -45,6 +46,8 @@ class RouterConfig:
     profile: Profile | None = None  # the cost model's calibration; None: learned online
     # Disaggregated mode: which prompts the decode worker prefills itself (off by default).
     local_prefill: LocalPrefillRule = field(default_factory=LocalPrefillRule)
+    # The workers keep KV blocks by prefix: the router's prefix index prefers their holder.
+    prefix_caching: bool = ENABLE_PREFIX_CACHING
 
     def __post_init__(self) -> None:
         if self.max_waiting < 1 or self.max_attempts < 1:

@@ -295,29 +295,34 @@ class CostModel:
         return fit.latency_s + num_tokens * self.kv_bytes_per_token / fit.bytes_per_s * per_byte
 
     def queue_prefill_s(self, queued_tokens: int, queued_attention: int, num_tokens: int,
-                        worker: str | None = None) -> float:
+                        worker: str | None = None, cached: int = 0) -> float:
         """Until a prompt of ``num_tokens``, queued behind ``queued_tokens`` (of attention
         work ``queued_attention``) on a prefill worker, is prefilled: queue and prompt in
-        steps of ``max_batch_tokens``, ceil(T/B)·a + b·T + c·(queued_attention + n²)."""
+        steps of ``max_batch_tokens``, ceil(T/B)·a + b·T + c·(queued_attention + n²).
+        ``cached``: the prompt's leading tokens the worker holds in its prefix cache; only
+        the other m = n - cached are computed, of attention work m·n."""
         fit = self.prefill_fit
         if fit is None:
             return 0.0
-        total = queued_tokens + num_tokens
+        new = num_tokens - cached
+        total = queued_tokens + new
         steps = math.ceil(total / self._max_batch_tokens)
-        work = queued_attention + num_tokens * num_tokens
+        work = queued_attention + new * num_tokens
         return (steps * fit.a + fit.b * total + fit.c * work) * self._scale(worker)
 
     def local_prefill_s(self, queued_tokens: int, queued_attention: int, num_tokens: int,
-                        batch: int, context: int, worker: str | None = None) -> float:
+                        batch: int, context: int, worker: str | None = None,
+                        cached: int = 0) -> float:
         """The same on a decode worker that mixes prompt chunks into its decode steps: each
         step runs max(1, B - batch) prompt tokens with the decode batch as it is now
-        (``batch`` sequences, ``context`` tokens)."""
+        (``batch`` sequences, ``context`` tokens); ``cached`` as in ``queue_prefill_s``."""
         p, d = self.prefill_fit, self.decode_fit
         if p is None or d is None:
             return 0.0
-        total = queued_tokens + num_tokens
+        new = num_tokens - cached
+        total = queued_tokens + new
         steps = math.ceil(total / max(1, self._max_batch_tokens - batch))
-        work = queued_attention + num_tokens * num_tokens
+        work = queued_attention + new * num_tokens
         base = steps * d(batch, context) + p.b * total + p.c * work
         return base * self._scale(worker)
 

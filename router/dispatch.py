@@ -10,8 +10,13 @@ grants a lease wins, and ``policy.pick_prefill`` and ``policy.prefill_locally`` 
 rest (``dispatch``).
 
 The dispatcher keeps what those choices read: per decode worker what it last reported plus
-the leases granted since, and per worker the prompt tokens handed to it to prefill and not
-prefilled yet. It runs on the router actor's event loop, like the ``Router`` that owns it.
+the leases granted since, per worker the prompt tokens handed to it to prefill and not
+prefilled yet (a prompt's cached prefix aside), and the prefix index
+(``router.prefix_index``): which worker is expected to hold which prompt prefix in its
+prefix cache. A lease asks the decode worker to share the prefix it holds (the reservation
+carries the tokens); every placed prompt is recorded for the workers that prefill and
+decode it, and a finished request's output too for its decode worker. It runs on the router
+actor's event loop, like the ``Router`` that owns it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pdserve.router.policy import (
     pick_prefill,
     prefill_locally,
 )
+from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request import Request, State
 
 log = logging.getLogger("pdserve.router")
@@ -52,6 +58,7 @@ class Dispatcher:
         local_prefill: LocalPrefillRule,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        prefix: PrefixIndex | None = None,
     ) -> None:
         self.prefill = prefill
         self.decode = decode
@@ -64,7 +71,9 @@ class Dispatcher:
         # prefills them itself) and not prefilled yet, per attempt (by lease transfer id):
         # (request id, worker load, tokens). The loads' queued_tokens and queued_attention
         # are their sums per worker, kept by _enqueue and dequeue alone.
-        self._queued: dict[int, tuple[str, PrefillLoad | DecodeLoad, int]] = {}
+        # (request id, worker load, tokens, attention).
+        self._queued: dict[int, tuple[str, PrefillLoad | DecodeLoad, int, int]] = {}
+        self.prefix = prefix if prefix is not None else PrefixIndex(16, enabled=False)
         self.channels = Channels(prefill, decode)  # the KV channels, and their repair
         self.endpoints = self.channels.endpoints  # (prefill, decode) -> the store's host:port
         # Workers being drained: out of p_load / d_load (no placement sees them), their
@@ -80,7 +89,8 @@ class Dispatcher:
         queued)."""
         await self._release_old(req)
         tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
-        for load in decode_order(self.d_load.values()):
+        cached = self.cached(req)
+        for load in decode_order(self.d_load.values(), cached):
             if not self.reachable(load.name):
                 continue
             lease = await self._reserve(load.name, req)
@@ -91,8 +101,8 @@ class Dispatcher:
             self.decode[lease.worker].abort.remote(req.request_id, lease.transfer_id)
         else:
             return False
-        return await self._start(req, lease, self.prefill_worker_for(len(tokens), lease.worker),
-                                 None)
+        return await self._start(req, lease, self.prefill_worker_for(len(tokens), lease.worker,
+                                                                    cached), None)
 
     async def dispatch_to(self, req: Request, where: Placement) -> bool:
         """``slo``: lease blocks on the decode worker the placer chose and prefill where it
@@ -116,9 +126,10 @@ class Dispatcher:
         """Ask ``worker`` for a lease (a drain waits for the asks in flight to it)."""
         self.reserving[worker] += 1
         try:
+            tokens = req.prompt_ids + req.output_ids
             return await self.decode[worker].reserve.remote(Reservation(
-                req.request_id, len(req.prompt_ids) + len(req.output_ids),
-                len(req.output_ids), req.sampling, req.order))
+                req.request_id, len(tokens), len(req.output_ids), req.sampling, req.order,
+                token_ids=tuple(tokens) if self.prefix.enabled else ()))
         finally:
             self.reserving[worker] -= 1
             if not self.reserving[worker]:
@@ -159,8 +170,13 @@ class Dispatcher:
             req.queue_s = self.clock() - req.queued_at
         task = PrefillTask(req.request_id, tuple(tokens), len(req.output_ids), req.sampling,
                            lease)
+        where_prefill = p.name if p is not None else lease.worker
+        hashes = self.prefix.request_hashes(req)
+        hit = self.prefix.cached_tokens(where_prefill, hashes, len(tokens))
         self._enqueue(req.request_id, p if p is not None else d, lease.transfer_id,
-                      len(tokens))
+                      len(tokens), hit)
+        self.prefix.record(where_prefill, hashes)
+        self.prefix.record(lease.worker, hashes)
         if p is None:  # the decode worker prefills the prompt itself
             if self.prefill:  # by conditional disaggregation's choice, not colocated mode
                 self.metrics.observe_local_prefill()
@@ -183,17 +199,20 @@ class Dispatcher:
 
     # -- prompt tokens queued on the workers that prefill them -------------------------------
     def _enqueue(self, request_id: str, load: PrefillLoad | DecodeLoad, transfer_id: int,
-                 n: int) -> None:
-        load.enqueue(n, self.clock())
-        self._queued[transfer_id] = (request_id, load, n)
+                 n: int, cached: int = 0) -> None:
+        """``n`` prompt tokens to ``load``'s worker, the first ``cached`` of them expected in
+        its prefix cache (not computed: m = n - cached tokens of attention m·n)."""
+        m, att = n - cached, (n - cached) * n
+        load.enqueue(m, self.clock(), att)
+        self._queued[transfer_id] = (request_id, load, m, att)
 
     def dequeue(self, transfer_id: int) -> None:
         """That attempt's prompt left its worker's prefill queue (first token, abort, or a
         failed step); once per attempt, whichever report comes first."""
         entry = self._queued.pop(transfer_id, None)
         if entry is not None:
-            _, load, n = entry
-            load.dequeue(n)
+            _, load, n, att = entry
+            load.dequeue(n, att)
 
     def prefill_step_ended(self, worker: str, tokens: int) -> None:
         """Prefill worker ``worker`` ended a step of ``tokens`` prompt tokens (the first
@@ -205,21 +224,26 @@ class Dispatcher:
 
     def dequeue_request(self, request_id: str, worker: str) -> None:
         """Every attempt of ``request_id`` still queued on ``worker``."""
-        for tid, (rid, load, _) in list(self._queued.items()):
+        for tid, (rid, load, _, _) in list(self._queued.items()):
             if rid == request_id and load.name == worker:
                 self.dequeue(tid)
 
-    def prefill_worker_for(self, num_tokens: int, decode: str | None = None
-                           ) -> PrefillLoad | None:
+    def prefill_worker_for(self, num_tokens: int, decode: str | None = None,
+                           cached: dict[str, int] | None = None) -> PrefillLoad | None:
         """The prefill worker for ``num_tokens`` tokens to prefill (for ``decode``: one whose
         channel to it is usable), or None when the decode worker that leased them prefills
         them itself: always in colocated mode (there are no prefill workers), and in
         disaggregated mode when ``local_prefill`` says so."""
         if not self.prefill:
             return None
-        p = pick_prefill(w for w in self.p_load.values()
-                         if decode is None or self.channels.usable(w.name, decode))
+        p = pick_prefill((w for w in self.p_load.values()
+                          if decode is None or self.channels.usable(w.name, decode)), cached)
         return None if prefill_locally(num_tokens, p, self.local_prefill) else p
+
+    def cached(self, req: Request) -> dict[str, int]:
+        """Per serving worker, the leading tokens of ``req``'s prompt + output it is
+        expected to hold in its prefix cache (``router.prefix_index``)."""
+        return self.prefix.expected(req, [*self.p_load, *self.d_load])
 
     def reachable(self, decode: str) -> bool:
         """Some prefill worker's channel to ``decode`` is usable (or there is no prefill
@@ -229,21 +253,25 @@ class Dispatcher:
     # -- KV channels -------------------------------------------------------------------------
     async def open_channels(self) -> None:
         """Open every (prefill, decode) channel now, so that no request pays for it, and
-        read each worker's pool size (and each decode worker's free blocks) for the view."""
+        read each worker's pool size (for admission's KV check and the prefix index) and
+        each decode worker's free blocks for the view."""
         await asyncio.gather(*(self.channels.ensure(p, d) for p in self.prefill
                                for d in self.decode))
+        for name, stats in zip(self.prefill, await asyncio.gather(
+                *(h.stats.remote() for h in self.prefill.values())), strict=True):
+            if stats is not None:
+                self.prefix.set_capacity(name, stats.num_blocks)
+                if name in self.p_load:
+                    self.p_load[name].num_blocks = stats.num_blocks
         for name, stats in zip(self.decode, await asyncio.gather(
                 *(h.stats.remote() for h in self.decode.values())), strict=True):
             load = self.d_load[name]
             if stats is not None:
                 load.num_blocks = stats.num_blocks
+                self.prefix.set_capacity(name, stats.num_blocks)
             if stats is not None and not load.known:
                 load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
                             stats.kv_usage, 0)
-        for name, stats in zip(self.prefill, await asyncio.gather(
-                *(h.stats.remote() for h in self.prefill.values())), strict=True):
-            if stats is not None and name in self.p_load:
-                self.p_load[name].num_blocks = stats.num_blocks
 
     # -- workers that come and go ------------------------------------------------------------
     async def add(self, role: str, name: str, handle: Any) -> None:
@@ -265,10 +293,13 @@ class Dispatcher:
             await self.remove(name)
             raise
         stats = await handle.stats.remote()
+        if stats is not None:
+            self.prefix.set_capacity(name, stats.num_blocks)
+        size = stats.num_blocks if stats is not None else 0
         if role == "prefill":
-            self.p_load[name] = PrefillLoad(name, num_blocks=stats.num_blocks if stats else 0)
+            self.p_load[name] = PrefillLoad(name, num_blocks=size)
             return
-        load = DecodeLoad(name, num_blocks=stats.num_blocks if stats else 0)
+        load = DecodeLoad(name, num_blocks=size)
         if stats is not None:
             load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
                         stats.kv_usage, 0, self.clock())
@@ -293,6 +324,7 @@ class Dispatcher:
         for role, loads in (("prefill", self.p_load), ("decode", self.d_load)):
             if name in loads:
                 self.draining[name] = loads.pop(name)
+                self.prefix.forget(name)
                 return role
         if name in self.draining:
             return "prefill" if name in self.prefill else "decode"
@@ -309,6 +341,7 @@ class Dispatcher:
         await self.channels.close_all(name)
         self.draining.pop(name, None)
         self.watches.pop(name, None)
+        self.prefix.forget(name)
         self.p_load.pop(name, None)
         self.d_load.pop(name, None)
         self.prefill.pop(name, None)

@@ -141,6 +141,19 @@ class Metrics:
             "local_prefills",
             "Prompts the router had their decode worker prefill instead of a prefill worker "
             "(conditional disaggregation; re-dispatches included, colocated mode not counted).")
+        # The prefix cache (vLLM's names): per role of the worker that prefilled (a decode
+        # worker: its own prefill), in tokens; the hit rate is hits / queries.
+        self.prefix_queries = counter(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache of the worker that prefilled them "
+            "(every attempt, re-prefills after a preemption included).", ("role",))
+        self.prefix_hits = counter(
+            "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache of the worker that prefilled them (not "
+            "computed).", ("role",))
+        for role in ROLES:
+            self.prefix_queries.labels(role=role)
+            self.prefix_hits.labels(role=role)
         # Pools (they grow and shrink at runtime) and the autoscaler. Not per worker: a
         # removed worker leaves nothing behind for `forget_worker`. The gauges appear when
         # first set (no pool reported yet reads as no data, not as zero workers); the
@@ -268,6 +281,13 @@ class Metrics:
 
     def observe_retry(self) -> None:
         self.retries.inc()
+
+    def observe_prefix_cache(self, role: str, queried: int, hits: int) -> None:
+        """A worker of ``role`` prefilled a prompt of ``queried`` tokens, ``hits`` of them
+        found in its prefix cache."""
+        _check("role", role, ROLES)
+        self.prefix_queries.labels(role=role).inc(queried)
+        self.prefix_hits.labels(role=role).inc(hits)
 
     def observe_local_prefill(self) -> None:
         """A disaggregated deployment's router sent a prompt to its decode worker."""

@@ -23,6 +23,12 @@ pools (``router.policy``'s loads):
   the many the request decodes in: taken as the TPOT it read twice the measured TPOT in
   colocated mode on an H100 (docs/benchmarks.md, 2026-12-07).
 
+- The prefix cache: a worker expected to hold the prompt's first c tokens
+  (``router.prefix_index``, ``Ask.cached``) computes only the other n - c, of attention
+  (n - c)·n, and a decode worker that holds them receives only the rest's KV. So a worker
+  with the prefix wins where its queue leaves it faster, and an idle one wins over a loaded
+  holder where the cost model says the queue costs more than the prefix saves.
+
 A choice is feasible when both predictions meet the request's own objectives. Its harm is
 the number of requests already on D whose TPOT objective the choice would break: objectives
 that D's step meets now and would not once the request joins (``Placement.harm``). Choices
@@ -39,7 +45,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.engine.config import blocks_for
 from pdserve.router.cost_model import CostModel
@@ -78,6 +84,11 @@ class Ask:
 
     num_tokens: int
     slo: ValidSlo
+    # Per worker, the leading prompt tokens it is expected to hold in its prefix cache.
+    cached: Mapping[str, int] = field(default_factory=dict)
+
+    def cached_on(self, worker: str) -> int:
+        return self.cached.get(worker, 0)
 
     @property
     def ttft_obj_s(self) -> float:
@@ -109,10 +120,11 @@ class Placer:
             not d.known or d.free_blocks >= blocks_for(num_tokens + 1, self.block_size))
 
     def remote_ttft_s(self, p: PrefillLoad, num_tokens: int, extra_tokens: int = 0,
-                      extra_attention: int = 0) -> float:
+                      extra_attention: int = 0, cached: int = 0) -> float:
         """TTFT on prefill worker ``p`` with ``extra_tokens`` more queued ahead of it: what
         is left of the step it runs, then the prompts queued beyond that step and this one
-        (with the tokens expected to reach ``p`` before the next step begins)."""
+        (with the tokens expected to reach ``p`` before the next step begins), of which
+        ``p`` holds the first ``cached`` in its prefix cache."""
         m = self.model
         queued, attention = p.queued_tokens, p.queued_attention
         wait = 0.0
@@ -124,13 +136,13 @@ class Placer:
             queued, attention = queued - running, attention - running_att
         queued, attention = self._joining(p, wait, num_tokens, queued, attention)
         return wait + m.queue_prefill_s(queued + extra_tokens, attention + extra_attention,
-                                        num_tokens, p.name)
+                                        num_tokens, p.name, cached)
 
     def local_ttft_s(self, d: DecodeLoad, num_tokens: int, extra_tokens: int = 0,
-                     extra_attention: int = 0) -> float:
+                     extra_attention: int = 0, cached: int = 0) -> float:
         """TTFT on decode worker ``d`` prefilling the prompt itself: what is left of the
         step it runs, then its queued prompt tokens beyond that step's chunk and this
-        prompt, in mixed steps."""
+        prompt (its first ``cached`` tokens in ``d``'s prefix cache), in mixed steps."""
         m = self.model
         queued, attention = d.queued_tokens, d.queued_attention
         wait = 0.0
@@ -142,7 +154,7 @@ class Placer:
                 queued, attention = queued - chunk, attention - chunk_att
         queued, attention = self._joining(d, wait, num_tokens, queued, attention)
         return wait + m.local_prefill_s(queued + extra_tokens, attention + extra_attention,
-                                        num_tokens, d.batch, d.context, d.name)
+                                        num_tokens, d.batch, d.context, d.name, cached)
 
     def _joining(self, q: PromptQueue, wait_s: float, num_tokens: int, queued: int,
                  attention: int) -> tuple[int, int]:
@@ -216,6 +228,7 @@ class Placer:
                 continue
             held = held_tpot_s.get(d.name, ())
             tpot_now = self.current_tpot_s(d)
+            on_d = ask.cached_on(d.name)  # not computed, nor sent, on this decode worker
             if remote:
                 tpot = self.tpot_s(d, n)
                 harm = breaks(held, tpot_now, tpot)
@@ -223,14 +236,16 @@ class Placer:
                 for p in pools:
                     if usable is not None and not usable(p.name, d.name):
                         continue
-                    ttft = self.remote_ttft_s(p, n, extra_tokens, extra_attention)
-                    second = ttft + self.model.transfer_s(n, (p.name, d.name)) + step
+                    ttft = self.remote_ttft_s(p, n, extra_tokens, extra_attention,
+                                              ask.cached_on(p.name))
+                    second = ttft + self.model.transfer_s(n - on_d, (p.name, d.name)) + step
                     out.append(self._rate(ask, d.name, p.name, ttft, tpot, second, harm))
             if local:
-                ttft = self.local_ttft_s(d, n, extra_tokens, extra_attention)
-                tpot = self.tpot_s(d, n, n)
+                ttft = self.local_ttft_s(d, n, extra_tokens, extra_attention, on_d)
+                tpot = self.tpot_s(d, n, n - on_d)
                 out.append(self._rate(ask, d.name, None, ttft, tpot,
-                                      ttft + self.step_s(d, n, n), breaks(held, tpot_now, tpot)))
+                                      ttft + self.step_s(d, n, n - on_d),
+                                      breaks(held, tpot_now, tpot)))
         out.sort(key=lambda o: (not o.feasible, o.harm, -o.score, o.second_token_s))
         return out
 
@@ -252,9 +267,11 @@ class Placer:
         aside, with ``extra_tokens`` (the requests served before it) queued ahead."""
         n = ask.num_tokens
         pools = list(prefill)
-        best = [self.remote_ttft_s(p, n, extra_tokens, extra_attention) for p in pools]
+        best = [self.remote_ttft_s(p, n, extra_tokens, extra_attention, ask.cached_on(p.name))
+                for p in pools]
         if self.local_prefill or not pools:
-            best += [self.local_ttft_s(d, n, extra_tokens, extra_attention) for d in decode]
+            best += [self.local_ttft_s(d, n, extra_tokens, extra_attention,
+                                       ask.cached_on(d.name)) for d in decode]
         return min(best, default=math.inf)
 
     @staticmethod

@@ -11,7 +11,7 @@ thresholds; under ``slo`` the thresholds, when set, override the cost model's ch
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pdserve.router.rates import Rate
@@ -29,14 +29,16 @@ class PromptQueue:
     num_blocks: int = 0  # the size of its KV pool (0: not known yet)
     arrivals: Rate = field(default_factory=Rate, repr=False, compare=False)
 
-    def enqueue(self, n: int, now: float) -> None:
+    def enqueue(self, n: int, now: float, attention: int | None = None) -> None:
+        """``n`` prompt tokens to compute, of attention work ``attention`` (default n², a
+        prompt from scratch; after a prefix cache hit less)."""
         self.queued_tokens += n
-        self.queued_attention += n * n
+        self.queued_attention += n * n if attention is None else attention
         self.arrivals.observe(now, n)
 
-    def dequeue(self, n: int) -> None:
+    def dequeue(self, n: int, attention: int | None = None) -> None:
         self.queued_tokens -= n
-        self.queued_attention -= n * n
+        self.queued_attention -= n * n if attention is None else attention
 
 
 @dataclass
@@ -51,13 +53,13 @@ class PrefillLoad(PromptQueue):
     step_attention: int = 0
     step_started: float = 0.0
 
-    def enqueue(self, n: int, now: float) -> None:
-        super().enqueue(n, now)
+    def enqueue(self, n: int, now: float, attention: int | None = None) -> None:
+        super().enqueue(n, now, attention)
         if self.step_tokens <= 0:
             self._begin(self.queued_tokens, now)
 
-    def dequeue(self, n: int) -> None:
-        super().dequeue(n)
+    def dequeue(self, n: int, attention: int | None = None) -> None:
+        super().dequeue(n, attention)
         if self.queued_tokens <= 0:
             self.step_tokens = self.step_attention = 0
         else:
@@ -127,17 +129,24 @@ class DecodeLoad(PromptQueue):
         self.known = True
 
 
-def pick_prefill(workers: Iterable[PrefillLoad]) -> PrefillLoad:
-    """The prefill worker with the fewest queued prompt tokens (ties: first listed)."""
+def pick_prefill(workers: Iterable[PrefillLoad],
+                 cached: Mapping[str, int] | None = None) -> PrefillLoad:
+    """The prefill worker with the fewest queued prompt tokens; ties go to the one expected
+    to hold more of the prompt in its prefix cache (``cached``: tokens by worker), then to
+    the first listed."""
     pool = list(workers)
     if not pool:
         raise LookupError("no prefill worker is accepting work")
-    return min(pool, key=lambda w: w.queued_tokens)
+    hits = cached or {}
+    return min(pool, key=lambda w: (w.queued_tokens, -hits.get(w.name, 0)))
 
 
-def decode_order(workers: Iterable[DecodeLoad]) -> list[DecodeLoad]:
-    """Decode workers to ask for a lease, most free KV first, then fewest running."""
-    return sorted(workers, key=lambda w: (w.kv_usage, w.num_running))
+def decode_order(workers: Iterable[DecodeLoad],
+                 cached: Mapping[str, int] | None = None) -> list[DecodeLoad]:
+    """Decode workers to ask for a lease, most free KV first, then fewest running, then the
+    one expected to hold more of the prompt in its prefix cache."""
+    hits = cached or {}
+    return sorted(workers, key=lambda w: (w.kv_usage, w.num_running, -hits.get(w.name, 0)))
 
 
 @dataclass(frozen=True)

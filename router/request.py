@@ -55,6 +55,8 @@ class Request:
     releasing: Any = None  # a failed attempt's lease abort (awaitable) still under way
     deadline_timer: asyncio.TimerHandle | None = None  # cancelled when the request ends
     prefill_worker: str = ""
+    # The hashes of the full blocks of prompt + output, as far as computed (router.prefix_index)
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
     attempts: int = 0  # dispatches so far
     failures: int = 0  # attempts that failed (a preemption is not a failure)
     order: int = 0  # admission number (Router.admit): wait-queue ties; the decode workers

@@ -16,7 +16,9 @@ number of them, until the report comes.
 
 from __future__ import annotations
 
-from pdserve.engine.messages import TransferDone
+from collections.abc import Container
+
+from pdserve.engine.messages import FirstToken, TransferDone
 from pdserve.router.metrics import Metrics
 from pdserve.router.request import Request
 
@@ -47,6 +49,12 @@ class RequestMetrics:
                 and req.lease is not None and req.lease.transfer_id == msg.transfer_id:
             req.transfer_observed = True
             self.metrics.observe_request_transfer(msg.seconds)
+
+    def prefilled(self, msg: FirstToken, decode_workers: Container[str]) -> None:
+        """An attempt's prompt was prefilled (its first token): the prefix cache's queries
+        and hits, labelled by the role of the worker that prefilled it."""
+        role = "decode" if msg.worker in decode_workers else "prefill"
+        self.metrics.observe_prefix_cache(role, msg.num_tokens, msg.cached_tokens)
 
     def finished(self, req: Request, reason: str, now: float) -> None:
         """``req`` ended with finish reason ``reason`` (``stop``, ``length``, ``abort``)."""

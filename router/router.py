@@ -25,6 +25,7 @@ from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.load import LoadWindow
 from pdserve.router.metrics import Metrics
+from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request import Chunk, Request, State
 from pdserve.router.request_metrics import RequestMetrics
 from pdserve.router.scheduler import Scheduler
@@ -49,7 +50,8 @@ class Router:
         # Where every time the router reads comes from; ``pdserve tune`` passes the clock of
         # its simulated event loop (the loop that also runs the deadline timers).
         self.clock = clock
-        self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics, clock)
+        self.dispatcher = Dispatcher(prefill, decode, cfg.local_prefill, metrics, clock,
+                                     PrefixIndex(cfg.block_size, cfg.prefix_caching))
         self.dispatcher.channels.on_open = self.pump  # a reopened channel: room for more
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
         self.requests: dict[str, Request] = {}
@@ -95,6 +97,7 @@ class Router:
         now = self.clock()
         req.awaiting_first = False
         req.prefill_s += msg.prefill_s
+        self.observe.prefilled(msg, self.decode)
         first_ever = not req.output_ids
         if first_ever:
             req.t_first = now
@@ -233,6 +236,7 @@ class Router:
         if state == State.FINISHED:
             self.scheduler.finishes.observe(now)
             self.load.request_finished(req, now)
+            self.dispatcher.prefix.finished(req)
         _cancel_deadline(req)
         if req.lease is not None:
             # A stop string, a first token that ends the request, or an abort leave the

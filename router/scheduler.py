@@ -104,7 +104,8 @@ class Scheduler:
         if self.cfg.scheduler == "slo" and self.model.calibrated:
             predicted = predict_ttft(self.placer, req, self.waiting.ahead_of(req, now),
                                      d.p_load.values(), d.d_load.values(),
-                                     self.finishes.rate(now), now, self._held_tpot())
+                                     self.finishes.rate(now), now, self._held_tpot(),
+                                     d.cached(req))
             predicted = max(now - req.arrival,
                             predicted + self.residual.get(req.slo.class_name, now))
             verdict = judge(req, predicted)
@@ -206,15 +207,16 @@ class Scheduler:
         d = self.dispatcher
         n = len(req.prompt_ids) + len(req.output_ids)
         decode = [w for w in d.d_load.values() if w.name not in refused]
+        cached = d.cached(req)  # the prefix index: tokens each worker is expected to hold
         if not self.model.calibrated:  # no predictions yet: least loaded, by the view
             room = [w for w in decode if self.placer.has_room(w, n) and d.reachable(w.name)]
             if not room:
                 return None
-            w = min(room, key=lambda w: (w.batch, w.kv_usage))
-            p = d.prefill_worker_for(n, w.name)
+            w = min(room, key=lambda w: (w.batch, -cached.get(w.name, 0), w.kv_usage))
+            p = d.prefill_worker_for(n, w.name, cached)
             return Placement(w.name, p.name if p else None, 0.0, 0.0, 0.0, True, 0.0)
-        options = self.placer.options(Ask(n, req.slo), d.p_load.values(), decode, held,
-                                      usable=d.channels.usable)
+        options = self.placer.options(Ask(n, req.slo, cached), d.p_load.values(), decode,
+                                      held, usable=d.channels.usable)
         if not options:
             return None
         best = options[0]

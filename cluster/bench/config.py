@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pdserve.cluster.bench.classes import check_class_mix
 from pdserve.cluster.bench.data import DATASETS, LENGTH_DISTS
+from pdserve.cluster.bench.multiturn import SYSTEM_PROMPT_LEN, TURNS, USERS, MultiTurnShape
 from pdserve.cluster.bench.records import Slo
 from pdserve.cluster.bench.steady import (
     MAX_WARMUP_FRACTION,
@@ -39,7 +40,11 @@ class BenchConfig:
     max_concurrency: int | None = None
     seed: int = 0
     temperature: float = 0.0
-    ignore_eos: bool = False  # chat/jsonl; random always ignores EOS
+    ignore_eos: bool = False  # chat/jsonl; random and multiturn always ignore EOS
+    # multiturn: conversations sharing one system prompt (cluster.bench.multiturn)
+    system_prompt_len: int = SYSTEM_PROMPT_LEN
+    turns: int = TURNS
+    users: int = USERS
     slo: Slo = field(default_factory=Slo)
     goodput_attainment: float = 0.9
     request_timeout_s: float | None = None
@@ -71,6 +76,7 @@ class BenchConfig:
         for name in ("min_requests", "input_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        _ = self.multiturn  # validates the conversations' shape
         if not 0 <= self.range_ratio < 1:
             raise ValueError(f"--range-ratio must be in [0, 1), got {self.range_ratio}")
         if not self.request_rates or any(not r > 0 for r in self.request_rates):
@@ -121,6 +127,12 @@ class BenchConfig:
             raise ValueError(f"{', '.join(short)}: shorter than a steady-state window "
                              "(pdserve.cluster.bench.steady); pass --smoke for a short run, "
                              "reported as not steady state")
+
+    @property
+    def multiturn(self) -> MultiTurnShape:
+        return MultiTurnShape(self.system_prompt_len, self.turns, self.users, self.input_len,
+                              self.output_len, self.input_len_dist, self.output_len_dist,
+                              self.range_ratio)
 
     @property
     def steady_state(self) -> bool:

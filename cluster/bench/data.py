@@ -12,7 +12,7 @@ import numpy as np
 
 from pdserve.proto import pdserve_pb2 as pb
 
-DATASETS = ("random", "chat", "jsonl")
+DATASETS = ("random", "chat", "jsonl", "multiturn")  # multiturn: cluster.bench.multiturn
 LENGTH_DISTS = ("fixed", "uniform", "normal", "lognormal")
 TOKEN_ID_LOW = 1000  # random prompt ids start here: special tokens sit at the low ids
 

@@ -95,7 +95,7 @@ def _request(cfg: BenchConfig, p: Prompt, i: int) -> pb.GenerateRequest:
     return build_request(
         token_ids=p.token_ids, text=p.text, messages=p.messages, max_tokens=p.output_len,
         temperature=cfg.temperature, seed=cfg.seed + i if cfg.temperature > 0 else None,
-        ignore_eos=cfg.ignore_eos or cfg.dataset == "random",
+        ignore_eos=cfg.ignore_eos or cfg.dataset in ("random", "multiturn"),
         ttft_ms=cfg.slo.ttft_ms or 0.0, tpot_ms=cfg.slo.tpot_ms or 0.0, slo_class=p.slo_class,
     )
 

@@ -22,6 +22,7 @@ from pdserve.cluster.bench.data import (
     sample_lengths,
     token_prompts,
 )
+from pdserve.cluster.bench.multiturn import MultiTurn
 from pdserve.proto import pdserve_pb2 as pb
 
 CHUNK = 256
@@ -37,6 +38,8 @@ class Workload:
         self._rng = np.random.default_rng(cfg.seed)
         self._prompts: list[Prompt] = []
         self._file: list[Prompt] = []
+        self._chat = (MultiTurn(self._rng, cfg.multiturn, info) if cfg.dataset == "multiturn"
+                      else None)
         if cfg.dataset == "jsonl":
             assert cfg.dataset_path is not None
             self._file = load_jsonl(cfg.dataset_path, None, cfg.output_len)
@@ -57,6 +60,8 @@ class Workload:
         cfg = self.cfg
         if self._file:
             return [self._file[(start + i) % len(self._file)] for i in range(CHUNK)]
+        if self._chat is not None:
+            return self._chat.draw(CHUNK)
         inp, out = workload_lengths(cfg, self._rng, CHUNK)
         return token_prompts(self._rng, inp, out, self.info)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from prometheus_client import CollectorRegistry
@@ -178,8 +178,10 @@ class Simulation:
         self.router = Router(
             {n: self.net.handle(ROUTER, n, w) for n, w in self.prefill.items()},
             {n: self.net.handle(ROUTER, n, w) for n, w in self.decode.items()},
-            serve.router_config(profile), _Unrecorded(CollectorRegistry()), self._out,
-            clock=self.loop.time)
+            # No prefix caching: the simulated workers keep no cache, and every simulated
+            # prompt is the same token repeated (the index would see one shared prefix).
+            replace(serve.router_config(profile), prefix_caching=False),
+            _Unrecorded(CollectorRegistry()), self._out, clock=self.loop.time)
         self._reports.router = self.router
         self._tracks: dict[str, _Track] = {}
         self._watch = Watch(0, 0)

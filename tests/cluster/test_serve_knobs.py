@@ -73,12 +73,22 @@ def test_new_knobs_reach_their_components() -> None:
     assert cfg.worker_config("prefill", 2).run.enforce_eager
 
 
+def test_prefix_caching_reaches_the_workers_and_the_router() -> None:
+    on = ServeConfig()
+    assert on.enable_prefix_caching  # on by default, as in vLLM V1
+    off = serve_config(build_parser().parse_args(["serve", "--no-enable-prefix-caching"]))
+    for cfg, want in ((on, True), (off, False)):
+        for role in ("prefill", "decode"):
+            assert cfg.worker_config(role, 2).enable_prefix_caching is want
+        assert cfg.server_config(PRESETS["tiny"]).router.prefix_caching is want
+
+
 def test_defaults_agree_with_the_component_configs() -> None:
     cfg = ServeConfig()
     worker = cfg.worker_config("decode", 2)
     plain = WorkerConfig(worker.model, worker.cache, RunnerConfig())
     for name in ("max_batch_tokens", "max_num_seqs", "lease_timeout_s", "transfer_timeout_s",
-                 "host", "layerwise_transfer"):
+                 "host", "layerwise_transfer", "enable_prefix_caching"):
         assert getattr(worker, name) == getattr(plain, name), name
     assert worker.run.gpu_memory_utilization == RunnerConfig().gpu_memory_utilization
     assert worker.run.cuda_graph_max_batch == RunnerConfig().cuda_graph_max_batch

@@ -15,19 +15,22 @@ from pdserve_testing.workers import FakeRouter, wait_for, worker_config
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
-def task(rid: str, n: int, transfer_id: int) -> PrefillTask:
+def task(rid: str, n: int, transfer_id: int, first: int = 3) -> PrefillTask:
+    """``n`` tokens from ``first`` on (tasks of the same ``first`` share a prefix)."""
     lease = Lease("decode-0", rid, transfer_id, 0, n // 4 + 1, 30.0)
-    return PrefillTask(rid, tuple((7 * i) % 400 + 3 for i in range(n)), 0, ONE_TOKEN, lease)
+    return PrefillTask(rid, tuple((7 * i) % 400 + first for i in range(n)), 0, ONE_TOKEN,
+                       lease)
 
 
 def test_first_tokens_carry_their_step_once() -> None:
     """A 70-token prompt takes two steps under the 64-token budget (64, then 6 after 64
     cached); a 10-token prompt joins the second. That step is reported once, with the first
-    prompt that finished in it: 16 tokens, attention 6 * 70 + 10 * 10."""
+    prompt that finished in it: 16 tokens, attention 6 * 70 + 10 * 10 (the prompts share no
+    prefix: nothing comes from the prefix cache)."""
     router = FakeRouter()
     p = PrefillWorker("prefill-0", worker_config(), router)
     p.submit(task("long", 70, 1))
-    p.submit(task("short", 10, 2))
+    p.submit(task("short", 10, 2, first=5))
     p.start()
     try:
         wait_for(lambda: len([c for c in list(router.calls) if c[0] == "on_first_token"]) == 2)

@@ -66,19 +66,23 @@ class FakeWorker:
 
 class RouterSetup:
     """A Router over one fake prefill and one fake decode worker; what it streams is in
-    ``out``."""
+    ``out``. Prefix caching is off unless asked for: the fake prompts are ``range(3, 3+n)``,
+    so any two share a prefix, and the queue accounting the other tests check would count
+    the expected hits out (tests/router/test_prefix_routing.py covers that)."""
 
     def __init__(self, rule: LocalPrefillRule | None = None, max_attempts: int = 4,
                  profile: Profile | None = None,
                  slo_classes: tuple[str, ...] = ("default",),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 prefix_caching: bool = False) -> None:
         self.clock = clock
         self.p, self.d = FakeWorker("prefill-0"), FakeWorker("decode-0")
         self.metrics = Metrics(CollectorRegistry(), slo_classes=slo_classes)
         self.out: list[tuple[Request, Chunk]] = []
         self.router = Router({"prefill-0": self.p}, {"decode-0": self.d},
                              RouterConfig(local_prefill=rule or LocalPrefillRule(),
-                                          max_attempts=max_attempts, profile=profile),
+                                          max_attempts=max_attempts, profile=profile,
+                                          prefix_caching=prefix_caching),
                              self.metrics,
                              lambda req, chunk: self.out.append((req, chunk)), clock=clock)
 
