@@ -88,11 +88,9 @@ class DecodeWorker:
         return self.stats()
 
     def host_channel(self, prefill_name: str) -> tuple[str, int, str]:
-        """Host the store of a new channel from ``prefill_name``; the channel opens
-        (handshake, process group) on a thread once the prefill worker joins, and that
-        thread then receives on it, in place of an earlier channel from that worker. Returns
-        (host, port, channel name): ``{prefill}@{decode}:e{epoch}.{nonce}``, this worker's
-        epoch in it, a fresh name every time."""
+        """Host the store of a new channel from ``prefill_name`` (replacing an earlier one
+        from it); a thread opens it once the prefill worker joins, then receives on it.
+        Returns (host, port, a fresh name ``{prefill}@{decode}:e{epoch}.{nonce}``)."""
         timeout = self.cfg.transfer_timeout_s
         store, port = host_store(self.cfg.host, 0, timeout)
         name = f"{prefill_name}@{self.name}:e{self.sched.epoch}.{uuid.uuid4().hex[:8]}"
@@ -148,9 +146,8 @@ class DecodeWorker:
                 self._cv.notify()
 
     def reserve(self, r: Reservation) -> Lease | None:
-        """A lease for ``r``, or None if this worker cannot take it now: no room, or the
-        request's previous attempt here is still in the step that holds it (its abort
-        waits for the step's end; the router asks again after the next step report)."""
+        """A lease for ``r``, or None: no room, or the request's previous attempt here
+        waits for its deferred abort (the router asks again after the next step)."""
         with self._cv:
             if r.request_id in self._pending_abort:
                 return None

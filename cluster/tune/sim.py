@@ -35,6 +35,7 @@ from pdserve.cluster.tune.steps import DUMMY_TOKEN, StepTimes
 from pdserve.engine.messages import FirstToken, StepReport, TransferDone
 from pdserve.engine.sequence import SamplingParams
 from pdserve.engine.tokenizer import IncrementalDetokenizer
+from pdserve.router.capacity import TooLarge
 from pdserve.router.cost_model import Profile
 from pdserve.router.metrics import Metrics
 from pdserve.router.request import Chunk, Request
@@ -259,6 +260,11 @@ class Simulation:
             detok=cast(IncrementalDetokenizer, _NoText()))
         try:
             self.router.admit(req)
+        except TooLarge as e:  # no worker of this deployment could ever hold it: the run ends
+            done = self._done
+            if done is not None and not done.done():
+                done.set_exception(SimulationError(f"{self.serve.mode} deployment: {e}"))
+            return
         except Refused as e:
             self._end(track, "RESOURCE_EXHAUSTED", str(e), "")
             return

@@ -123,15 +123,14 @@ def test_a_run_stops_once_the_target_is_out_of_reach(tmp_path: Path) -> None:
     assert len(res.records) < 60
 
 
-def test_a_prompt_no_worker_can_hold_raises_or_stalls(tmp_path: Path) -> None:
-    # larger than the prefill worker's pool: its submit raises, and so does the run
+def test_a_prompt_no_worker_can_hold_raises(tmp_path: Path) -> None:
+    # larger than the prefill worker's pool, or than the decode worker's: the router's
+    # admission refuses it (router.capacity), and the run raises
     serve = deployment(cpu_profile(), tmp_path, mode="disaggregated", num_prefill=1,
                        num_decode=1, prefill_blocks=4, local_prefill_by_model=False)
-    with pytest.raises(SimulationError, match="blocks"):
+    with pytest.raises(SimulationError, match="largest prefill worker holds 4"):
         Simulation(serve, cpu_profile()).run([SimRequest(0, 0.0, 200, 4)], Slo(), Watch(0, 1))
-    # larger than the decode worker's pool: no lease ever comes, the request waits (as in
-    # the real router) and the run ends there
     serve = deployment(cpu_profile(), tmp_path, mode="colocated", num_decode=1,
                        decode_blocks=4)
-    res = Simulation(serve, cpu_profile()).run([SimRequest(0, 0.0, 200, 4)], Slo(), Watch(0, 1))
-    assert res.stalled and res.stopped_early and res.records == []
+    with pytest.raises(SimulationError, match="largest decode worker holds 4"):
+        Simulation(serve, cpu_profile()).run([SimRequest(0, 0.0, 200, 4)], Slo(), Watch(0, 1))
