@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pdserve.engine.messages import FirstToken, StepTiming
+from pdserve.engine.messages import FirstToken, StepTiming, TokenLogprobs
 from pdserve.engine.sequence import SamplingParams, finish_reason
 
 
@@ -24,16 +24,16 @@ class FirstTokenReporter:
     def report(
         self, request_id: str, transfer_id: int, token: int, sampling: SamplingParams,
         num_generated: int, *, arrived: float, started: float, now: float,
-        step: StepTiming | None = None,
+        step: StepTiming | None = None, logprobs: TokenLogprobs | None = None,
     ) -> str | None:
         """Report ``token`` for the attempt leased as ``transfer_id``; returns its finish
         reason (None: the request goes on). ``num_generated`` counts the request's output
         tokens with this one; the request waited from ``arrived`` to ``started`` and was
         prefilled from ``started`` to ``now``; ``step`` is the step that ran its last chunk
-        (see ``FirstToken.step``)."""
+        (see ``FirstToken.step``); ``logprobs``: the token's, when the request asked."""
         reason = finish_reason(sampling, token, num_generated)
         self._send(FirstToken(
             self.worker, request_id, transfer_id, token, reason,
-            queue_s=started - arrived, prefill_s=now - started, step=step,
+            queue_s=started - arrived, prefill_s=now - started, step=step, logprobs=logprobs,
         ))
         return reason

@@ -7,8 +7,19 @@ per-pair channel of ``engine.kv``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pdserve.engine.sequence import SamplingParams
+
+
+class TokenLogprobs(NamedTuple):
+    """A sampled token's logprob under the model's raw distribution, and its best
+    alternatives (best first; as many as the request's top_logprobs). A tuple: it packs into
+    a msgpack list on the feed as it is."""
+
+    logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,9 @@ class Reservation:
     num_generated: int
     sampling: SamplingParams
     order: int
+    # The prompt plus the tokens generated before this attempt, only when the sampling uses
+    # penalties (the decode worker counts them); empty otherwise.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,7 @@ class FirstToken:
     # once. A decode worker's local prefill leaves it None: its prompt chunks are in the
     # mixed step's StepReport (prefill_tokens, prefill_attention).
     step: StepTiming | None = None
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,7 @@ class TokenOut:
     transfer_id: int  # the lease the sequence joined under: tells attempts apart
     token: int
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)

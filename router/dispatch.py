@@ -114,9 +114,11 @@ class Dispatcher:
         """Ask ``worker`` for a lease (a drain waits for the asks in flight to it)."""
         self.reserving[worker] += 1
         try:
+            history = tuple(req.prompt_ids + req.output_ids) \
+                if req.sampling.uses_penalties else ()
             return await self.decode[worker].reserve.remote(Reservation(
                 req.request_id, len(req.prompt_ids) + len(req.output_ids),
-                len(req.output_ids), req.sampling, req.order))
+                len(req.output_ids), req.sampling, req.order, history))
         finally:
             self.reserving[worker] -= 1
             if not self.reserving[worker]:
