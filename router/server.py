@@ -180,9 +180,10 @@ class RouterService:
             parent=sub.request_id if family else "", index=i,
         ) for i in range(sub.n)]
         try:
+            # An id names one call: a family's children go by {id}-{i}, so both maps hold it.
+            if sub.request_id in router.requests or sub.request_id in router.families:
+                raise ValueError(f"request_id {sub.request_id!r} is already in flight")
             if family:
-                if sub.request_id in router.requests:
-                    raise ValueError(f"request_id {sub.request_id!r} is already in flight")
                 router.families.admit(sub.request_id, reqs, router.admit, router.withdraw)
             else:
                 router.admit(reqs[0])
