@@ -21,7 +21,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from pdserve.engine.messages import Lease, PrefillTask, Reservation, StepReport
@@ -73,14 +73,16 @@ class Dispatcher:
         self.reserving: collections.Counter[str] = collections.Counter()  # leases asked for
         self.watches: dict[str, asyncio.Future[None]] = {}  # liveness (router.pools.watch)
 
-    async def dispatch(self, req: Request) -> bool:
-        """``fifo``: lease blocks on the first decode worker (``policy.decode_order``) that
+    async def dispatch(self, req: Request, first: Collection[str] = ()) -> bool:
+        """``fifo``: lease blocks on the first decode worker (``policy.decode_order``, the
+        workers named in ``first`` before the others: a sibling's, router.fanout) that
         grants them, then hand the prompt to a prefill worker (``policy.pick_prefill``) or
         to that decode worker. False when no decode worker has room (the request stays
         queued)."""
         await self._release_old(req)
         tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
-        for load in decode_order(self.d_load.values()):
+        order = decode_order(self.d_load.values())
+        for load in sorted(order, key=lambda w: w.name not in first):
             if not self.reachable(load.name):
                 continue
             lease = await self._reserve(load.name, req)

@@ -183,8 +183,8 @@ class Scheduler:
         """Dispatch ``req`` (to ``where``, or by the fifo rules); False when it stays
         queued for want of a lease."""
         try:
-            ok = await (self.dispatcher.dispatch(req) if where is None
-                        else self.dispatcher.dispatch_to(req, where))
+            ok = await (self.dispatcher.dispatch(req, self._sibling_workers(req))
+                        if where is None else self.dispatcher.dispatch_to(req, where))
         except Exception as e:  # a worker or channel failed: a failed attempt
             log.warning("dispatch of %s failed: %s: %s", req.request_id, type(e).__name__, e)
             req.failures += 1

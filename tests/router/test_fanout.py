@@ -15,7 +15,7 @@ from pdserve.router.fanout import Families, child_id, child_sampling, prefer
 from pdserve.router.placement import Placement
 from pdserve.router.request import Request, State
 from pdserve.router.scheduler import Refused
-from pdserve_testing.router import RouterSetup, settle
+from pdserve_testing.router import FakeWorker, RouterSetup, settle
 
 
 def _children(s: RouterSetup, parent: str, n: int, sampling: SamplingParams) -> list[Request]:
@@ -148,3 +148,29 @@ def test_prefer_takes_a_sibling_worker_only_as_good_as_the_best() -> None:
     assert prefer([a, b], set()) is None
     assert prefer([_placement("a", feasible=True), _placement("b", feasible=False)],
                   {"b"}) is None
+
+
+@pytest.mark.parametrize("scheduler", ["fifo", "slo"])
+def test_a_child_goes_to_its_siblings_decode_worker(scheduler: str) -> None:
+    async def main() -> None:
+        s = RouterSetup()
+        await s.router.dispatcher.add("decode", "decode-1", FakeWorker("decode-1"))
+        s.router.cfg = dataclasses.replace(s.router.cfg, scheduler=scheduler)
+        s.router.scheduler.cfg = s.router.cfg
+        loads = s.router.dispatcher.d_load
+        for name, usage in (("decode-0", 0.0), ("decode-1", 0.5)):
+            loads[name].report(0, 0, 100, usage, 0)
+        first, second = _children(s, "p", 2, SamplingParams())
+        s.router.admit(first)
+        await settle()
+        assert first.lease is not None and first.lease.worker == "decode-0"
+        for name, usage in (("decode-0", 0.5), ("decode-1", 0.0)):  # now decode-1 is freer
+            loads[name].report(0, 0, 100, usage, 0)
+        other = s.request("other", 4)
+        s.router.admit(other)
+        s.router.admit(second)
+        await settle()
+        assert other.lease is not None and other.lease.worker == "decode-1"
+        assert second.lease is not None and second.lease.worker == "decode-0"
+
+    asyncio.run(main())
