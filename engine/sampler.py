@@ -135,10 +135,12 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor,
     idx = torch.tensor(rows, device=raw.device)
     k = min(max(params[i].top_logprobs for i in rows), raw.shape[-1])
     chosen, top_ids, top_lps = logprobs_of(raw.index_select(0, idx), tokens[idx], k)
-    chosen_l, ids_l, lps_l = chosen.tolist(), top_ids.tolist(), top_lps.tolist()
-    for j, i in enumerate(rows):
-        n = params[i].top_logprobs
-        result[i] = TokenLogprobs(chosen_l[j], tuple(ids_l[j][:n]), tuple(lps_l[j][:n]))
+    # [R, 1 + 2k] float64 (token ids are exact in it): one read back for the whole batch.
+    packed = torch.cat([chosen[:, None].double(), top_ids.double(), top_lps.double()], dim=1)
+    for j, row in enumerate(packed.tolist()):
+        n = params[rows[j]].top_logprobs
+        result[rows[j]] = TokenLogprobs(row[0], tuple(int(t) for t in row[1:1 + n]),
+                                        tuple(row[1 + k:1 + k + n]))
     return result
 
 
