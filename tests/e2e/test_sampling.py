@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from pdserve.proto.client import Client, collect, collect_choices
-from pdserve_testing.e2e import HFReference
+from pdserve_testing.e2e import HFReference, openai_penalties
 
 pytestmark = pytest.mark.e2e
 
@@ -18,21 +16,6 @@ PROMPTS = ["Q: What is 2+2?\nA:", "The capital of France is",
            "List three colors: red, green, and blue. List three more colors: red, green,"]
 N = 16
 LOGPROB_TOL = 2e-3  # pdserve's kernels against transformers', float32 on the CPU
-
-
-class OpenAIPenalties(LogitsProcessor):
-    """presence/frequency as OpenAI writes them, over the generated tokens only."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor
-                 ) -> torch.FloatTensor:
-        out = input_ids[0, self.prompt_len:].tolist()
-        for tok in set(out):
-            c = out.count(tok)
-            scores[0, tok] -= c * self.frequency + self.presence
-        return scores
 
 
 def _ids(hf: HFReference, text: str) -> list[int]:
@@ -58,8 +41,8 @@ def test_greedy_with_presence_and_frequency_matches_the_openai_formula(
     ids = _ids(hf_reference, PROMPTS[2])
     got = collect(client.generate(token_ids=ids, max_tokens=N, temperature=0.0,
                                   presence_penalty=0.8, frequency_penalty=0.6)).token_ids
-    want = hf_reference.generate(ids, N, logits_processor=LogitsProcessorList(
-        [OpenAIPenalties(len(ids), 0.8, 0.6)]))
+    want = hf_reference.generate(ids, N,
+                                 logits_processor=openai_penalties(len(ids), 0.8, 0.6))
     assert got == want
 
 

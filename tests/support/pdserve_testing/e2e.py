@@ -72,6 +72,22 @@ class HFReference:
         return torch.log_softmax(logits[len(ids) - 1: len(ids) + len(out) - 1].float(), -1)
 
 
+def openai_penalties(prompt_len: int, presence: float, frequency: float) -> object:
+    """A transformers ``LogitsProcessorList`` applying OpenAI's presence and frequency
+    penalties, as OpenAI writes them, over the generated tokens only (for ``generate``)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class OpenAIPenalties(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor,
+                     scores: torch.FloatTensor) -> torch.FloatTensor:
+            out = input_ids[0, prompt_len:].tolist()
+            for tok in set(out):
+                scores[0, tok] -= out.count(tok) * frequency + presence
+            return scores
+
+    return LogitsProcessorList([OpenAIPenalties()])
+
+
 def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
