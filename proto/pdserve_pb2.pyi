@@ -170,7 +170,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "max_context_length", "vocab_size", "eos_token_ids", "block_size", "dtype", "default_max_tokens", "max_tokens_limit")
+    __slots__ = ("model_name", "max_context_length", "vocab_size", "eos_token_ids", "block_size", "dtype", "default_max_tokens", "max_tokens_limit", "max_n", "max_top_logprobs")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,8 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_context_length: int
     vocab_size: int
@@ -187,7 +189,9 @@ class ModelInfo(_message.Message):
     dtype: str
     default_max_tokens: int
     max_tokens_limit: int
-    def __init__(self, model_name: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ...) -> None: ...
+    max_n: int
+    max_top_logprobs: int
+    def __init__(self, model_name: _Optional[str] = ..., max_context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., default_max_tokens: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., max_n: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -26,7 +26,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.engine.sequence import SamplingParams
+from pdserve.engine.sequence import MAX_TOP_LOGPROBS, SamplingParams
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -261,7 +261,8 @@ class _Servicer(pb_grpc.GenerationServicer):
             eos_token_ids=list(tok.eos_token_ids if tok else cfg.model_config.eos_token_ids),
             block_size=cfg.block_size, dtype=cfg.dtype,
             default_max_tokens=cfg.limits.default_max_tokens,
-            max_tokens_limit=cfg.limits.max_tokens_limit,
+            max_tokens_limit=cfg.limits.max_tokens_limit, max_n=cfg.limits.max_n,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
         )
 
     async def GetServerInfo(

@@ -115,6 +115,11 @@ def test_n_seeded_gives_different_reproducible_choices(
     assert run(1) == first[:1]  # choice 0 is the n = 1 stream
 
 
+def test_model_info_gives_the_bounds(client: Client) -> None:
+    info = client.model_info()
+    assert (info.max_n, info.max_top_logprobs) == (16, 20)
+
+
 @pytest.mark.parametrize("kwargs,field", [
     ({"n": 0}, "sampling.n"),
     ({"n": 17}, "sampling.n"),

@@ -72,6 +72,10 @@ def test_n_choices_share_one_stream(default_gguf: Path) -> None:
         assert router is not None
         kids = ["c-0", "c-1", "c-2"]
         async with AsyncClient(f"127.0.0.1:{port}") as client:
+            info = await client.model_info()
+            assert (info.max_n, info.max_top_logprobs) == (4, 20)  # the server's bounds
+            await expect(grpc.StatusCode.INVALID_ARGUMENT,
+                         client.generate(text="hello", n=5))  # over this server's max_n
             call = client.generate(text="hello", max_tokens=2, n=3, request_id="c",
                                    logprobs=True, temperature=0.0)
             await until(lambda: all(k in router.requests for k in kids)
