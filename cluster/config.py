@@ -50,6 +50,7 @@ from pdserve.router.cost_model import Profile, shipped_profile
 from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.slo import SloClasses
 from pdserve.router.validation import (
+    MAX_N,
     MAX_STOP_LEN,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
@@ -151,6 +152,8 @@ class ServeConfig:
     max_stop_len: int = knob(MAX_STOP_LEN, "characters in one stop string", LIMITS, minimum=1)
     max_stop_token_ids: int = knob(MAX_STOP_TOKEN_IDS, "stop token ids in one request", LIMITS,
                                    minimum=0)
+    max_n: int = knob(MAX_N, "most choices (sampling.n) one request may ask for", LIMITS,
+                      minimum=1)
     lease_timeout_s: float = knob(LEASE_TIMEOUT_S, "seconds a decode worker keeps a "
                                   "reservation whose KV has not arrived", SCHEDULING, above=0)
     transfer_timeout_s: float = knob(TRANSFER_TIMEOUT_S, "seconds a KV channel operation may "
@@ -321,7 +324,7 @@ class ServeConfig:
             max_tokens_limit=min(self.max_tokens_limit, context),
             default_max_tokens=min(self.default_max_tokens, self.max_tokens_limit, context),
             max_stop_strings=self.max_stop_strings, max_stop_len=self.max_stop_len,
-            max_stop_token_ids=self.max_stop_token_ids,
+            max_stop_token_ids=self.max_stop_token_ids, max_n=self.max_n,
         )
         return ServerConfig(
             model=self.model, model_config=model_config, limits=limits,

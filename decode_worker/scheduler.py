@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pdserve.engine.chunking import PromptChunk, PromptChunker
 from pdserve.engine.config import LEASE_TIMEOUT_S, MAX_NUM_SEQS, blocks_for
 from pdserve.engine.kv_cache import BlockAllocator
-from pdserve.engine.messages import Lease, Reservation, TokenOut, WorkerStats
+from pdserve.engine.messages import Lease, Reservation, TokenLogprobs, TokenOut, WorkerStats
 from pdserve.engine.prefix_cache import (
     BlockHash,
     PrefixCachingAllocator,
@@ -62,6 +62,9 @@ class DecodeSeq:
     token_ids: list[int] = field(default_factory=list)
     hashes: list[BlockHash] = field(default_factory=list)
     cached_blocks: int = 0
+    # Prompt + output tokens (last_token included once it is known), kept only when the
+    # sampling uses penalties: the sampler counts them. None otherwise.
+    history: list[int] | None = None
 
 
 PrefillChunk = PromptChunk[DecodeSeq]  # local prefill: a chunk of a reserved sequence
@@ -132,6 +135,7 @@ class DecodeScheduler:
             num_tokens=r.num_tokens + 1, num_generated=r.num_generated + 1, transfer_id=tid,
             deadline=self.clock() + self.lease_timeout_s, order=r.order,
             token_ids=tokens, hashes=hashes[:hit], cached_blocks=hit,
+            history=list(r.token_ids) if r.sampling.uses_penalties else None,
         )
         return Lease(self.worker, r.request_id, tid, self.epoch, n, self.lease_timeout_s,
                      cached_blocks=hit)
@@ -149,6 +153,8 @@ class DecodeScheduler:
         seq.last_token = first_token
         if seq.token_ids:
             seq.token_ids.append(first_token)
+        if seq.history is not None:
+            seq.history.append(first_token)
         self._cache_full_blocks(seq)
         self.ready.append(seq)
         return True
@@ -262,12 +268,15 @@ class DecodeScheduler:
         plan.batch = list(self.running)
         return plan
 
-    def postprocess(self, batch: list[DecodeSeq], tokens: list[int]) -> list[TokenOut]:
-        """Append each sampled token; finished sequences free their blocks."""
+    def postprocess(self, batch: list[DecodeSeq], tokens: list[int],
+                    logprobs: list[TokenLogprobs | None] | None = None) -> list[TokenOut]:
+        """Append each sampled token (with its logprobs, when asked for); finished
+        sequences free their blocks."""
         out = []
         running = set(self.running)  # (one aborted during the step is gone)
         done: set[DecodeSeq] = set()
-        for seq, tok in zip(batch, tokens, strict=True):
+        lps = logprobs if logprobs is not None else [None] * len(batch)
+        for seq, tok, lp in zip(batch, tokens, lps, strict=True):
             if seq not in running:
                 continue  # aborted while the step ran
             seq.num_tokens += 1
@@ -275,8 +284,10 @@ class DecodeScheduler:
             seq.last_token = tok
             if seq.token_ids:
                 seq.token_ids.append(tok)
+            if seq.history is not None:
+                seq.history.append(tok)
             reason = finish_reason(seq.sampling, tok, seq.num_generated)
-            out.append(TokenOut(seq.request_id, seq.transfer_id, tok, reason))
+            out.append(TokenOut(seq.request_id, seq.transfer_id, tok, reason, lp))
             self._cache_full_blocks(seq)
             if reason is not None:
                 done.add(seq)

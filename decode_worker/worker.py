@@ -44,10 +44,11 @@ from pdserve.engine.messages import (
     PrefillTask,
     Reservation,
     StepReport,
+    TokenLogprobs,
     WorkerStats,
 )
 from pdserve.engine.runner import DecodeItem, ModelRunner, PrefillItem
-from pdserve.engine.sampler import sample
+from pdserve.engine.sampler import Sampled, sample_batch
 from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
 from pdserve.engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 
@@ -155,9 +156,8 @@ class DecodeWorker:
 
     def abort(self, request_id: str, transfer_id: int | None = None) -> bool:
         """Free a request's blocks in whatever state it is; True if it was here. With
-        ``transfer_id``, only that attempt's: an abort of an old attempt that arrives after
-        the request's next lease (Ray runs a threaded actor's calls concurrently) must not
-        free the new one."""
+        ``transfer_id``, only that attempt's (a late abort of an old attempt, Ray running
+        a threaded actor's calls concurrently, must not free the next lease)."""
         with self._cv:
             if self.sched.find(request_id, transfer_id) is None:
                 return False
@@ -172,13 +172,9 @@ class DecodeWorker:
             return self.sched.stats(describe_device(self.runner.device))
 
     def shutdown(self) -> None:
-        """Stop the threads and abort the KV channels; returns within about
-        ``SHUTDOWN_GRACE_S`` whatever the prefill workers do (see ``engine.teardown``).
-
-        The step loop stops after its step, running sequences or not (the router aborted
-        every request); then the channels are aborted, which also ends a receive waiting on
-        a prefill worker that stopped sending, and an idle receive's doorbell wait at once.
-        Receivers are not waited for: a closed channel only raises."""
+        """Stop the threads and abort the KV channels within about ``SHUTDOWN_GRACE_S``
+        (``engine.teardown``): the step loop stops after its step (the router aborted every
+        request); the aborted channels end any receive at once (a closed one only raises)."""
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         with self._cv:
             self._stop = True
@@ -295,13 +291,14 @@ class DecodeWorker:
             if plan.chunks:
                 tokens, firsts = self._mixed_step(batch, plan.chunks)
             else:
-                tokens, firsts = (decode_step(self.runner, batch) if batch else []), []
+                tokens = decode_step(self.runner, batch) if batch else Sampled([], [])
+                firsts = Sampled([], [])
             step_s = time.monotonic() - t0
             if step_s > SLOW_STEP_S:
                 log.warning("slow decode step: %.3f s, batch %d, %d prompt tokens", step_s,
                             len(batch), prompt_tokens)
             with self._cv:
-                outs = self.sched.postprocess(batch, tokens)
+                outs = self.sched.postprocess(batch, tokens.tokens, tokens.logprobs)
                 if plan.chunks:
                     self._first_tokens(plan.chunks, firsts, t0)
                 self._busy -= in_step
@@ -318,7 +315,7 @@ class DecodeWorker:
 
     def _mixed_step(
         self, batch: list[DecodeSeq], chunks: list[PrefillChunk]
-    ) -> tuple[list[int], list[int]]:
+    ) -> tuple[Sampled, Sampled]:
         """Local prefill: one forward over the decode batch (one token each) and the prompt
         chunks, as vLLM's chunked prefill does; returns decode tokens and the first tokens
         of the sequences whose last chunk ran."""
@@ -327,27 +324,32 @@ class DecodeWorker:
         logits = self.runner.prefill(items)
         last = [len(batch) + i for i, c in enumerate(chunks) if c.is_last]
         rows = list(range(len(batch))) + last
-        params = [s.sampling for s in batch] + [chunks[i - len(batch)].seq.sampling for i in last]
+        seqs = batch + [chunks[i - len(batch)].seq for i in last]
         steps = [s.num_generated for s in batch]
         steps += [chunks[i - len(batch)].seq.num_generated - 1 for i in last]
-        sampled = sample(logits[rows], params, steps)
-        return sampled[: len(batch)], sampled[len(batch):]
+        out = sample_batch(logits[rows], [q.sampling for q in seqs], steps,
+                           [q.history for q in seqs])
+        n = len(batch)
+        return (Sampled(out.tokens[:n], out.logprobs[:n]),
+                Sampled(out.tokens[n:], out.logprobs[n:]))
 
-    def _first_tokens(self, chunks: list[PrefillChunk], firsts: list[int], t0: float) -> None:
+    def _first_tokens(self, chunks: list[PrefillChunk], firsts: Sampled, t0: float) -> None:
         """Local prefill, under the lock: report first tokens; finished prompts join."""
         now = time.monotonic()
         for c in chunks:
             arrived, started = self._submitted.get(c.seq.transfer_id, (t0, 0.0))
             if not started:
                 self._submitted[c.seq.transfer_id] = (arrived, t0)
-        first = dict(zip([c.seq.transfer_id for c in chunks if c.is_last], firsts, strict=True))
+        first: dict[int, tuple[int, TokenLogprobs | None]] = dict(zip(
+            [c.seq.transfer_id for c in chunks if c.is_last],
+            zip(firsts.tokens, firsts.logprobs, strict=True), strict=True))
         for seq in self.sched.prefilled(chunks):
-            tok = first[seq.transfer_id]
+            tok, lp = first[seq.transfer_id]
             arrived, started = self._submitted.pop(seq.transfer_id, (t0, t0))
             reason = self._first_token.report(
                 seq.request_id, seq.transfer_id, tok, seq.sampling, seq.num_generated,
                 arrived=arrived, started=started, now=now, num_tokens=seq.num_tokens - 1,
-                cached_tokens=seq.cached_blocks * self.cfg.cache.block_size,
+                cached_tokens=seq.cached_blocks * self.cfg.cache.block_size, logprobs=lp,
             )
             if reason is None:
                 self.sched.activate(seq.transfer_id, tok)
@@ -355,12 +357,14 @@ class DecodeWorker:
                 self.sched.release(seq.request_id)
 
 
-def decode_step(runner: ModelRunner, batch: list[DecodeSeq]) -> list[int]:
+def decode_step(runner: ModelRunner, batch: list[DecodeSeq]) -> Sampled:
     """One decode step of ``batch``: the forward pass (a CUDA graph where one fits) and the
-    next token of each sequence, on the host."""
+    next token of each sequence, on the host (sampling runs outside the graph, on the
+    logits it leaves)."""
     items = [DecodeItem(s.last_token, s.num_tokens - 1, s.block_ids) for s in batch]
     logits = runner.decode(items)
-    return sample(logits, [s.sampling for s in batch], [s.num_generated for s in batch])
+    return sample_batch(logits, [s.sampling for s in batch], [s.num_generated for s in batch],
+                        [s.history for s in batch])
 
 
 def _refusal(seq: DecodeSeq | None, header: TransferHeader, epoch: int,

@@ -7,8 +7,19 @@ per-pair channel of ``engine.kv``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pdserve.engine.sequence import SamplingParams
+
+
+class TokenLogprobs(NamedTuple):
+    """A sampled token's logprob under the model's raw distribution, and its best
+    alternatives (best first; as many as the request's top_logprobs). A tuple: it packs into
+    a msgpack list on the feed as it is."""
+
+    logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -27,9 +38,10 @@ class Reservation:
     num_generated: int
     sampling: SamplingParams
     order: int
-    # The tokens themselves (prompt + generated before a preemption), for the decode
-    # worker's prefix cache: it shares the leading blocks it holds cached and says how many
-    # in the lease (Lease.cached_blocks); empty: no lookup.
+    # The tokens themselves (prompt + generated before a preemption), sent when the decode
+    # worker needs them: for its prefix cache (it shares the leading blocks it holds cached
+    # and says how many in the lease, Lease.cached_blocks) or for a sampling with penalties
+    # (it counts them); empty otherwise.
     token_ids: tuple[int, ...] = ()
 
 
@@ -92,6 +104,7 @@ class FirstToken:
     # leading ``cached_tokens`` were found cached on this worker and not computed.
     num_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,7 @@ class TokenOut:
     transfer_id: int  # the lease the sequence joined under: tells attempts apart
     token: int
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)

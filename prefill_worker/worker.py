@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from pdserve.engine.chunking import attention_work
 from pdserve.engine.config import WorkerConfig
 from pdserve.engine.device import describe_device
@@ -25,7 +27,7 @@ from pdserve.engine.first_token import FirstTokenReporter
 from pdserve.engine.kv import ChannelSpec, connect_store, open_sender
 from pdserve.engine.messages import PrefillTask, StepTiming, WorkerStats
 from pdserve.engine.runner import PrefillItem
-from pdserve.engine.sampler import sample
+from pdserve.engine.sampler import Sampled, sample_batch
 from pdserve.engine.teardown import SHUTDOWN_GRACE_S, abort_channels, join_threads
 from pdserve.engine.warmup import SLOW_STEP_S, report_late_compiles, start_runner, warm_up
 from pdserve.prefill_worker.kv_sender import OutgoingKV, SenderChannels, TransferReporter
@@ -180,13 +182,8 @@ class PrefillWorker:
                                 {id(out.seq) for out in streams.values()})
                 continue
             last = [i for i, c in enumerate(chunks) if c.is_last]
-            tokens = []
-            if last:
-                tasks = [chunks[i].seq.task for i in last]
-                tokens = sample(
-                    logits[last], [t.sampling for t in tasks], [t.num_generated for t in tasks]
-                )
-            else:  # sampling reads nothing back: wait for the GPU here, so the step is timed
+            sampled = sample_first(logits, [chunks[i].seq.task for i in last], last)
+            if not last:  # sampling reads nothing back: wait for the GPU here, so it is timed
                 self.runner.synchronize()
             now = time.monotonic()
             timing = StepTiming(sum(c.length for c in chunks),
@@ -197,16 +194,17 @@ class PrefillWorker:
             with self._cv:
                 finished = self.sched.complete(chunks)
                 self._free_orphans({id(out.seq) for out in streams.values()})
-            by_id = {chunks[i].seq.task.request_id: tok for i, tok in zip(last, tokens,
-                                                                           strict=True)}
+            by_id = {chunks[i].seq.task.request_id: (tok, lp) for i, tok, lp in zip(
+                last, sampled.tokens, sampled.logprobs, strict=True)}
             step: StepTiming | None = timing
             for seq in finished:
                 task = seq.task
-                tok = by_id[task.request_id]
+                tok, lp = by_id[task.request_id]
                 reason = self._first_token.report(
                     task.request_id, task.lease.transfer_id, tok, task.sampling,
                     task.num_generated + 1, arrived=seq.arrived, started=seq.started, now=now,
                     step=step, num_tokens=len(task.token_ids), cached_tokens=seq.cached_tokens,
+                    logprobs=lp,
                 )
                 step = None  # the step is reported once, with its first finished prompt
                 seq.first_token = tok
@@ -334,6 +332,16 @@ class PrefillWorker:
                 self._end_stream(out, 0.0, error, report=True)
             else:
                 self._finishing.put(out)
+
+
+def sample_first(logits: torch.Tensor, tasks: list[PrefillTask], rows: list[int]) -> Sampled:
+    """The first tokens of ``tasks``, whose last chunks' logits are ``logits[rows]``; a
+    task's token_ids (prompt and the tokens generated before this attempt) are what its
+    penalties count."""
+    if not rows:
+        return Sampled([], [])
+    return sample_batch(logits[rows], [t.sampling for t in tasks],
+                        [t.num_generated for t in tasks], [t.token_ids for t in tasks])
 
 
 def layer_sender(streams: list[OutgoingKV]) -> Callable[[int], None] | None:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Protocol
 
@@ -29,12 +28,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.completion import (
+    ChatMessageLike,
+    Completion,
+    acollect,
+    acollect_choices,
+    build_request,
+    collect,
+    collect_choices,
+)
 from pdserve.proto.credentials import ClientAuth
 
-PLAIN = ClientAuth(tls=False)  # a plaintext channel, no token
+__all__ = ["AsyncClient", "ChatMessageLike", "Client", "Completion", "acollect",
+           "acollect_choices", "build_request", "collect", "collect_choices"]
 
-# A chat turn: {"role": ..., "content": ...}, (role, content) or the message itself.
-ChatMessageLike = Mapping[str, str] | tuple[str, str] | pb.ChatMessage
+PLAIN = ClientAuth(tls=False)  # a plaintext channel, no token
 
 _WAIT_POLL_S = 0.1
 
@@ -53,136 +61,6 @@ class AsyncGenerateStream(Protocol):
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]: ...
 
     def cancel(self) -> bool: ...
-
-
-def _chat_message(m: ChatMessageLike) -> pb.ChatMessage:
-    if isinstance(m, pb.ChatMessage):
-        return m
-    if isinstance(m, tuple):
-        role, content = m
-        return pb.ChatMessage(role=role, content=content)
-    return pb.ChatMessage(role=m["role"], content=m["content"])
-
-
-def build_request(
-    *,
-    text: str | None = None,
-    token_ids: Sequence[int] | None = None,
-    messages: Sequence[ChatMessageLike] | None = None,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int = 0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    stop_token_ids: Sequence[int] = (),
-    ignore_eos: bool = False,
-    ttft_ms: float = 0,
-    tpot_ms: float = 0,
-    slo_class: str = "",
-    request_id: str = "",
-) -> pb.GenerateRequest:
-    """Build a GenerateRequest from exactly one input (text, token_ids or messages).
-
-    None leaves a field unset so the server applies its default (max_tokens: the server's
-    default; temperature 1.0; top_p 1.0; seed: none). Values are not checked here beyond the
-    one-input rule and protobuf's types: the server validates them (INVALID_ARGUMENT), and tests
-    rely on sending bad values through this function.
-    """
-    given = [name for name, v in (("text", text), ("token_ids", token_ids),
-                                  ("messages", messages)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of text, token_ids, messages; got {given or 'none'}")
-    sampling = pb.SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        stop=list(stop),
-        stop_token_ids=list(stop_token_ids),
-        ignore_eos=ignore_eos,
-    )
-    req = pb.GenerateRequest(
-        request_id=request_id, sampling=sampling, slo=pb.Slo(ttft_ms=ttft_ms, tpot_ms=tpot_ms,
-                                                    class_name=slo_class)
-    )
-    if text is not None:
-        req.text = text
-    elif token_ids is not None:
-        req.token_ids.ids.extend(token_ids)
-    elif messages is not None:
-        # SetInParent marks an empty list as set, so the server sees "empty messages".
-        req.messages.SetInParent()
-        req.messages.messages.extend(_chat_message(m) for m in messages)
-    return req
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A whole Generate stream gathered: what most callers want from one request."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    matched_stop: str | int | None
-    usage: pb.Usage
-    timing: pb.Timing
-    num_responses: int
-
-
-class _Gather:
-    """Accumulates responses into a Completion."""
-
-    def __init__(self) -> None:
-        self.token_ids: list[int] = []
-        self.text: list[str] = []
-        self.last: pb.GenerateResponse | None = None
-        self.count = 0
-
-    def add(self, r: pb.GenerateResponse) -> None:
-        self.token_ids.extend(r.token_ids)
-        self.text.append(r.text)
-        self.last = r
-        self.count += 1
-
-    def done(self) -> Completion:
-        last = self.last
-        if last is None or not last.finished:
-            raise RuntimeError("the Generate stream ended without a finished response")
-        kind = last.WhichOneof("matched_stop")
-        matched: str | int | None = None
-        if kind == "matched_stop_str":
-            matched = last.matched_stop_str
-        elif kind == "matched_stop_token_id":
-            matched = last.matched_stop_token_id
-        return Completion(
-            request_id=last.request_id,
-            token_ids=self.token_ids,
-            text="".join(self.text),
-            finish_reason=last.finish_reason,
-            matched_stop=matched,
-            usage=last.usage,
-            timing=last.timing,
-            num_responses=self.count,
-        )
-
-
-def collect(responses: Iterable[pb.GenerateResponse]) -> Completion:
-    """Read a Generate stream to its end and gather it."""
-    g = _Gather()
-    for r in responses:
-        g.add(r)
-    return g.done()
-
-
-async def acollect(responses: AsyncIterable[pb.GenerateResponse]) -> Completion:
-    """Read an asyncio Generate stream to its end and gather it."""
-    g = _Gather()
-    async for r in responses:
-        g.add(r)
-    return g.done()
 
 
 def _status_name(resp: health_pb2.HealthCheckResponse) -> str:
@@ -232,6 +110,14 @@ class Client:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        min_tokens: int = 0,
+        repetition_penalty: float | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        min_p: float = 0.0,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        n: int | None = None,
         ttft_ms: float = 0,
         tpot_ms: float = 0,
         slo_class: str = "",
@@ -239,12 +125,16 @@ class Client:
         timeout: float | None = None,
     ) -> GenerateStream:
         """Start generating; see `build_request` for the arguments. `timeout` (seconds) becomes
-        the call's gRPC deadline."""
+        the call's gRPC deadline. With `n` > 1 the responses of the n choices interleave
+        (`GenerateResponse.index`; gather them with `collect_choices`)."""
         req = build_request(
             text=text, token_ids=token_ids, messages=messages, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, ttft_ms=ttft_ms,
-            tpot_ms=tpot_ms, slo_class=slo_class, request_id=request_id,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, min_p=min_p, logprobs=logprobs,
+            top_logprobs=top_logprobs, n=n, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
+            slo_class=slo_class, request_id=request_id,
         )
         return self.send(req, timeout=timeout)
 
@@ -345,6 +235,14 @@ class AsyncClient:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        min_tokens: int = 0,
+        repetition_penalty: float | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        min_p: float = 0.0,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        n: int | None = None,
         ttft_ms: float = 0,
         tpot_ms: float = 0,
         slo_class: str = "",
@@ -355,8 +253,11 @@ class AsyncClient:
         req = build_request(
             text=text, token_ids=token_ids, messages=messages, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, ttft_ms=ttft_ms,
-            tpot_ms=tpot_ms, slo_class=slo_class, request_id=request_id,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, min_p=min_p, logprobs=logprobs,
+            top_logprobs=top_logprobs, n=n, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
+            slo_class=slo_class, request_id=request_id,
         )
         return self.send(req, timeout=timeout)
 

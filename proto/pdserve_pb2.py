@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/pdserve.proto\x12\npdserve.v1\"\xe3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x1c\n\x03slo\x18\x06 \x01(\x0b\x32\x0f.pdserve.v1.SloB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe5\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\";\n\x03Slo\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x02\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x02\x12\x12\n\nclass_name\x18\x03 \x01(\t\"\x83\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1a\n\x10matched_stop_str\x18\x06 \x01(\tH\x00\x12\x1f\n\x15matched_stop_token_id\x18\x07 \x01(\rH\x00\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\t \x01(\x0b\x32\x12.pdserve.v1.TimingB\x0e\n\x0cmatched_stop\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"w\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x13\n\x0bmean_tpot_s\x18\x05 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x06 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xbf\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x07 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x08 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xcf\x01\n\nServerInfo\x12\x1b\n\x13num_prefill_workers\x18\x01 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12)\n\x0bslo_classes\x18\x06 \x03(\x0b\x32\x14.pdserve.v1.SloClass\x12\x19\n\x11\x64\x65\x66\x61ult_slo_class\x18\x07 \x01(\t\x12\x11\n\tscheduler\x18\x08 \x01(\t\"a\n\x08SloClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x02\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x02\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x13\n\x0b\x62\x65st_effort\x18\x05 \x01(\x08\x32\xa6\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12I\n\rGetServerInfo\x12 .pdserve.v1.GetServerInfoRequest\x1a\x16.pdserve.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/pdserve.proto\x12\npdserve.v1\"\xe3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x1c\n\x03slo\x18\x06 \x01(\x0b\x32\x0f.pdserve.v1.SloB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb3\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\r\n\x05min_p\x18\r \x01(\x02\x12\x10\n\x08logprobs\x18\x0e \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\r\x12\x0e\n\x01n\x18\x10 \x01(\rH\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x04\n\x02_n\";\n\x03Slo\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x02\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x02\x12\x12\n\nclass_name\x18\x03 \x01(\t\"\xbe\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1a\n\x10matched_stop_str\x18\x06 \x01(\tH\x00\x12\x1f\n\x15matched_stop_token_id\x18\x07 \x01(\rH\x00\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\t \x01(\x0b\x32\x12.pdserve.v1.Timing\x12\r\n\x05index\x18\n \x01(\r\x12*\n\x08logprobs\x18\x0b \x03(\x0b\x32\x18.pdserve.v1.TokenLogprobB\x0e\n\x0cmatched_stop\"D\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"w\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x13\n\x0bmean_tpot_s\x18\x05 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x06 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xe8\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x07 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x08 \x01(\r\x12\r\n\x05max_n\x18\t \x01(\r\x12\x18\n\x10max_top_logprobs\x18\n \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xcf\x01\n\nServerInfo\x12\x1b\n\x13num_prefill_workers\x18\x01 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12)\n\x0bslo_classes\x18\x06 \x03(\x0b\x32\x14.pdserve.v1.SloClass\x12\x19\n\x11\x64\x65\x66\x61ult_slo_class\x18\x07 \x01(\t\x12\x11\n\tscheduler\x18\x08 \x01(\t\"a\n\x08SloClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x02\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x02\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x13\n\x0b\x62\x65st_effort\x18\x05 \x01(\x08\x32\xa6\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12I\n\rGetServerInfo\x12 .pdserve.v1.GetServerInfoRequest\x1a\x16.pdserve.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -30,29 +30,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=357
   _globals['_CHATMESSAGE']._serialized_end=401
   _globals['_SAMPLINGPARAMS']._serialized_start=404
-  _globals['_SAMPLINGPARAMS']._serialized_end=633
-  _globals['_SLO']._serialized_start=635
-  _globals['_SLO']._serialized_end=694
-  _globals['_GENERATERESPONSE']._serialized_start=697
-  _globals['_GENERATERESPONSE']._serialized_end=956
-  _globals['_USAGE']._serialized_start=958
-  _globals['_USAGE']._serialized_end=1015
-  _globals['_TIMING']._serialized_start=1017
-  _globals['_TIMING']._serialized_end=1136
-  _globals['_ABORTREQUEST']._serialized_start=1138
-  _globals['_ABORTREQUEST']._serialized_end=1172
-  _globals['_ABORTRESPONSE']._serialized_start=1174
-  _globals['_ABORTRESPONSE']._serialized_end=1204
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1206
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1227
-  _globals['_MODELINFO']._serialized_start=1230
-  _globals['_MODELINFO']._serialized_end=1421
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1423
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1445
-  _globals['_SERVERINFO']._serialized_start=1448
-  _globals['_SERVERINFO']._serialized_end=1655
-  _globals['_SLOCLASS']._serialized_start=1657
-  _globals['_SLOCLASS']._serialized_end=1754
-  _globals['_GENERATION']._serialized_start=1757
-  _globals['_GENERATION']._serialized_end=2051
+  _globals['_SAMPLINGPARAMS']._serialized_end=839
+  _globals['_SLO']._serialized_start=841
+  _globals['_SLO']._serialized_end=900
+  _globals['_GENERATERESPONSE']._serialized_start=903
+  _globals['_GENERATERESPONSE']._serialized_end=1221
+  _globals['_TOKENLOGPROB']._serialized_start=1223
+  _globals['_TOKENLOGPROB']._serialized_end=1291
+  _globals['_TOPLOGPROB']._serialized_start=1293
+  _globals['_TOPLOGPROB']._serialized_end=1340
+  _globals['_USAGE']._serialized_start=1342
+  _globals['_USAGE']._serialized_end=1399
+  _globals['_TIMING']._serialized_start=1401
+  _globals['_TIMING']._serialized_end=1520
+  _globals['_ABORTREQUEST']._serialized_start=1522
+  _globals['_ABORTREQUEST']._serialized_end=1556
+  _globals['_ABORTRESPONSE']._serialized_start=1558
+  _globals['_ABORTRESPONSE']._serialized_end=1588
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1590
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1611
+  _globals['_MODELINFO']._serialized_start=1614
+  _globals['_MODELINFO']._serialized_end=1846
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1848
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1870
+  _globals['_SERVERINFO']._serialized_start=1873
+  _globals['_SERVERINFO']._serialized_end=2080
+  _globals['_SLOCLASS']._serialized_start=2082
+  _globals['_SLOCLASS']._serialized_end=2179
+  _globals['_GENERATION']._serialized_start=2182
+  _globals['_GENERATION']._serialized_end=2476
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from pdserve.engine.messages import Lease, PrefillTask, Reservation, StepReport
@@ -82,15 +82,17 @@ class Dispatcher:
         self.reserving: collections.Counter[str] = collections.Counter()  # leases asked for
         self.watches: dict[str, asyncio.Future[None]] = {}  # liveness (router.pools.watch)
 
-    async def dispatch(self, req: Request) -> bool:
-        """``fifo``: lease blocks on the first decode worker (``policy.decode_order``) that
+    async def dispatch(self, req: Request, first: Collection[str] = ()) -> bool:
+        """``fifo``: lease blocks on the first decode worker (``policy.decode_order``, the
+        workers named in ``first`` before the others: a sibling's, router.fanout) that
         grants them, then hand the prompt to a prefill worker (``policy.pick_prefill``) or
         to that decode worker. False when no decode worker has room (the request stays
         queued)."""
         await self._release_old(req)
         tokens = req.prompt_ids + req.output_ids  # after a preemption: recompute both
         cached = self.cached(req)
-        for load in decode_order(self.d_load.values(), cached):
+        order = decode_order(self.d_load.values(), cached)
+        for load in sorted(order, key=lambda w: w.name not in first):
             if not self.reachable(load.name):
                 continue
             lease = await self._reserve(load.name, req)
@@ -127,9 +129,10 @@ class Dispatcher:
         self.reserving[worker] += 1
         try:
             tokens = req.prompt_ids + req.output_ids
+            needed = self.prefix.enabled or req.sampling.uses_penalties
             return await self.decode[worker].reserve.remote(Reservation(
                 req.request_id, len(tokens), len(req.output_ids), req.sampling, req.order,
-                token_ids=tuple(tokens) if self.prefix.enabled else ()))
+                token_ids=tuple(tokens) if needed else ()))
         finally:
             self.reserving[worker] -= 1
             if not self.reserving[worker]:
@@ -257,21 +260,17 @@ class Dispatcher:
         each decode worker's free blocks for the view."""
         await asyncio.gather(*(self.channels.ensure(p, d) for p in self.prefill
                                for d in self.decode))
-        for name, stats in zip(self.prefill, await asyncio.gather(
-                *(h.stats.remote() for h in self.prefill.values())), strict=True):
-            if stats is not None:
-                self.prefix.set_capacity(name, stats.num_blocks)
-                if name in self.p_load:
-                    self.p_load[name].num_blocks = stats.num_blocks
-        for name, stats in zip(self.decode, await asyncio.gather(
-                *(h.stats.remote() for h in self.decode.values())), strict=True):
-            load = self.d_load[name]
-            if stats is not None:
+        for pool, loads in ((self.prefill, self.p_load), (self.decode, self.d_load)):
+            for name, stats in zip(pool, await asyncio.gather(
+                    *(h.stats.remote() for h in pool.values())), strict=True):
+                load = loads.get(name)
+                if stats is None or load is None:
+                    continue
                 load.num_blocks = stats.num_blocks
                 self.prefix.set_capacity(name, stats.num_blocks)
-            if stats is not None and not load.known:
-                load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
-                            stats.kv_usage, 0)
+                if isinstance(load, DecodeLoad) and not load.known:
+                    load.report(stats.num_running, stats.num_waiting, stats.num_free_blocks,
+                                stats.kv_usage, 0)
 
     # -- workers that come and go ------------------------------------------------------------
     async def add(self, role: str, name: str, handle: Any) -> None:

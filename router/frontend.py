@@ -26,7 +26,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.engine.sequence import SamplingParams
+from pdserve.engine.sequence import MAX_TOP_LOGPROBS, SamplingParams
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -112,7 +112,7 @@ class Frontend:
             self.deliver(items)
         writer.close()
         gone = StreamEnd(error=("UNAVAILABLE", "the router closed its connection"))
-        self.deliver([(rid, [], "", gone) for rid in self.streams])
+        self.deliver([(rid, [], "", gone, 0, None) for rid in self.streams])
 
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -168,11 +168,14 @@ class Frontend:
             max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             seed=s.seed, stop_token_ids=s.stop_token_ids,
             eos_token_ids=self.tokenizer.eos_token_ids, ignore_eos=s.ignore_eos,
+            min_tokens=s.min_tokens, repetition_penalty=s.repetition_penalty,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            min_p=s.min_p, logprobs=s.logprobs, top_logprobs=s.top_logprobs,
         )
         return Submission(
             request_id=v.request_id or uuid.uuid4().hex, prompt_ids=ids, sampling=sampling,
             stop=s.stop, slo=v.slo,
-            waited_s=time.monotonic() - arrival, deadline_s=deadline_s,
+            waited_s=time.monotonic() - arrival, deadline_s=deadline_s, n=s.n,
         )
 
 
@@ -210,6 +213,7 @@ class _Servicer(pb_grpc.GenerationServicer):
         fe.streams[rid] = q
         fe.served += 1
         ended = False
+        open_choices, completion = sub.n, 0
         try:
             refused = await fe.router.submit.remote(sub, fe.index)
             if refused is not None:
@@ -217,17 +221,25 @@ class _Servicer(pb_grpc.GenerationServicer):
                 await context.abort(grpc.StatusCode[refused[0]], refused[1])
             while True:
                 items = [await q.get()]
-                while items[-1][3] is None and not q.empty():
+                while not q.empty():
                     items.append(q.get_nowait())
-                item = merge(items)
-                end = item[3]
-                if end is not None:
-                    ended = True
-                    if end.error is not None:
+                for item in merge(items):
+                    end = item[3]
+                    if end is not None and end.error is not None:
+                        ended = True
                         await context.abort(grpc.StatusCode[end.error[0]], end.error[1])
-                yield response(item)
-                if end is not None:
-                    return
+                    resp = response(item)
+                    if end is not None:
+                        open_choices -= 1
+                        completion += end.completion_tokens
+                        if open_choices:  # usage: on the stream's last response only
+                            resp.ClearField("usage")
+                        else:
+                            resp.usage.completion_tokens = completion
+                    yield resp
+                    if not open_choices:
+                        ended = True
+                        return
         finally:
             fe.streams.pop(rid, None)
             if not ended:  # the client went away (cancel, deadline, disconnect)
@@ -250,7 +262,8 @@ class _Servicer(pb_grpc.GenerationServicer):
             eos_token_ids=list(tok.eos_token_ids if tok else cfg.model_config.eos_token_ids),
             block_size=cfg.block_size, dtype=cfg.dtype,
             default_max_tokens=cfg.limits.default_max_tokens,
-            max_tokens_limit=cfg.limits.max_tokens_limit,
+            max_tokens_limit=cfg.limits.max_tokens_limit, max_n=cfg.limits.max_n,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
         )
 
     async def GetServerInfo(

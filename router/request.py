@@ -8,7 +8,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.engine.messages import Lease
+from pdserve.engine.messages import Lease, TokenLogprobs
 from pdserve.engine.sequence import SamplingParams
 from pdserve.engine.tokenizer import IncrementalDetokenizer
 from pdserve.router.slo import ValidSlo
@@ -34,6 +34,7 @@ class Chunk:
     finish_reason: str | None = None
     matched_stop: str | int | None = None
     error: tuple[str, str] | None = None  # (grpc status name, message)
+    logprobs: list[TokenLogprobs] | None = None  # aligned with token_ids, when asked for
 
 
 @dataclass(eq=False)
@@ -51,6 +52,8 @@ class Request:
     state: State = State.QUEUED
     output_ids: list[int] = field(default_factory=list)
     frontend: int = 0  # the gRPC frontend whose client stream this request answers
+    parent: str = ""  # n > 1: the id of the call this child answers (router.fanout)
+    index: int = 0  # n > 1: which of its n choices
     lease: Lease | None = None
     releasing: Any = None  # a failed attempt's lease abort (awaitable) still under way
     deadline_timer: asyncio.TimerHandle | None = None  # cancelled when the request ends
@@ -71,11 +74,12 @@ class Request:
     prefill_s: float = 0.0
     transfer_s: float = 0.0  # KV transfer seconds of every attempt, in the final timing
     transfer_observed: bool = False  # in the per-request transfer histogram (RequestMetrics)
-    early: list[tuple[int, str | None]] = field(default_factory=list)
+    early: list[tuple[int, str | None, TokenLogprobs | None]] = field(default_factory=list)
     awaiting_first: bool = True
     # text
     text: str = ""
     sent_chars: int = 0
+    stops_from: int = 0  # stop strings are looked for from here on (text before min_tokens)
 
     @property
     def done(self) -> bool:
@@ -93,13 +97,19 @@ class Request:
         """Detokenize ``ids``; returns (text safe to stream now, stop string hit or None).
 
         Text that could still turn into a stop string is held back; on a hit, the text is
-        cut where the stop string begins.
+        cut where the stop string begins. Before ``min_tokens`` tokens are out, stop strings
+        do not apply (vLLM's rule): that text streams whole, and no stop string is looked for
+        in it later.
         """
         self.output_ids.extend(ids)
         self.text += self.detok.add(ids)
+        if self.stop and len(self.output_ids) < self.sampling.min_tokens:
+            out = self._take(len(self.text))
+            self.stops_from = self.sent_chars
+            return out, None
         if self.stop:
             window = max(len(s) for s in self.stop)
-            start = max(0, self.sent_chars - window + 1)
+            start = max(self.stops_from, self.sent_chars - window + 1)
             hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
             if hits:
                 cut, stop = min(hits)

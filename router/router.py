@@ -19,10 +19,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pdserve.engine.messages import FirstToken, StepReport, TransferDone
+from pdserve.engine.messages import FirstToken, StepReport, TokenLogprobs, TransferDone
 from pdserve.router.config import RouterConfig
 from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
+from pdserve.router.fanout import Families
 from pdserve.router.load import LoadWindow
 from pdserve.router.metrics import Metrics
 from pdserve.router.prefix_index import PrefixIndex
@@ -55,6 +56,7 @@ class Router:
         self.dispatcher.channels.on_open = self.pump  # a reopened channel: room for more
         self.model = CostModel(cfg.profile, max_batch_tokens=cfg.max_batch_tokens)
         self.requests: dict[str, Request] = {}
+        self.families = Families()  # n > 1: the children of each parent in flight
         self.load = LoadWindow()  # what the autoscaler reads (router.pools.load_snapshot)
         self.scheduler = Scheduler(cfg, self.dispatcher, self.model, self.requests,
                                    self._fail, self._update_queue_gauges, self._spawn, clock)
@@ -73,6 +75,13 @@ class Router:
         self.load.arrived(self.clock(), len(req.prompt_ids))
         self._update_queue_gauges()
         self._spawn(self.scheduler.pump())
+
+    def withdraw(self, req: Request) -> None:
+        """Take back a request just admitted and not dispatched yet (the pump runs later):
+        the rest of its call was refused (``router.fanout``)."""
+        req.state = State.ABORTED
+        self.requests.pop(req.request_id, None)
+        self._update_queue_gauges()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -108,12 +117,12 @@ class Router:
             self.metrics.observe_tokens([now - req.t_last])
         req.t_last = now
         req.state = State.TRANSFERRING
-        self._emit(req, [msg.token], msg.finish_reason)
+        self._emit(req, [msg.token], msg.finish_reason, msg.logprobs)
         if req.done:
             return
         early, req.early = req.early, []
-        for tok, reason in early:
-            self._decode_token(req, tok, reason, now)
+        for tok, reason, lp in early:
+            self._decode_token(req, tok, reason, now, lp)
 
     def on_transfer_done(self, msg: TransferDone) -> None:
         req = self.requests.get(msg.request_id)
@@ -155,10 +164,10 @@ class Router:
                     or req.lease.transfer_id != out.transfer_id:
                 continue  # finished, aborted, or from an earlier attempt
             if req.awaiting_first:  # the prefill worker's report is still on its way
-                req.early.append((out.token, out.finish_reason))
+                req.early.append((out.token, out.finish_reason, out.logprobs))
                 continue
             itls.append(now - req.t_last)
-            self._decode_token(req, out.token, out.finish_reason, now)
+            self._decode_token(req, out.token, out.finish_reason, now, out.logprobs)
         if itls:
             self.metrics.observe_tokens(itls)
         for rid in report.preempted:
@@ -177,10 +186,11 @@ class Router:
         if report.preempted or report.failed or any(t.finish_reason for t in report.tokens):
             self._spawn(self.scheduler.pump())
 
-    def _decode_token(self, req: Request, tok: int, reason: str | None, now: float) -> None:
+    def _decode_token(self, req: Request, tok: int, reason: str | None, now: float,
+                      logprobs: TokenLogprobs | None) -> None:
         req.state = State.DECODING
         req.t_last = now
-        self._emit(req, [tok], reason)
+        self._emit(req, [tok], reason, logprobs)
 
     def retry(self, req: Request, why: str, failed: bool = True) -> None:
         """Re-prefill prompt + generated tokens elsewhere (recompute), or fail once
@@ -191,7 +201,7 @@ class Router:
             # end of a transfer that broke): stop it, by its transfer id so that the abort
             # cannot hit the next attempt, and count its prompt out of that worker's queue.
             tid = req.lease.transfer_id
-            self._abort_on(self.prefill, req.prefill_worker, req.request_id, tid)
+            abort_on(self.prefill, req.prefill_worker, req.request_id, tid)
             self.dispatcher.dequeue(tid)
         if failed:
             req.failures += 1
@@ -203,7 +213,7 @@ class Router:
         if req.lease is not None:
             self.dispatcher.dequeue(req.lease.transfer_id)  # a local prefill left undone
             # The next reserve waits for this (see Dispatcher.dispatch).
-            req.releasing = self._abort_on(self.decode, req.lease.worker, req.request_id,
+            req.releasing = abort_on(self.decode, req.lease.worker, req.request_id,
                                            req.lease.transfer_id)
         req.lease = None
         req.state = State.QUEUED
@@ -211,19 +221,21 @@ class Router:
         self._spawn(self.scheduler.pump())
 
     # -- output -----------------------------------------------------------------------------
-    def _emit(self, req: Request, ids: list[int], reason: str | None) -> None:
+    def _emit(self, req: Request, ids: list[int], reason: str | None,
+              logprobs: TokenLogprobs | None) -> None:
         if len(req.output_ids) == 1:  # the second token (t_last: now, as it arrived)
             self.metrics.observe_first_decode_step(req.t_last - req.t_first)
         text, stop = req.add_tokens(ids)
+        lps = None if logprobs is None else [logprobs]
         matched: str | int | None = None
         if stop is not None:
             reason, matched = "stop", stop
         elif reason == "stop":
             matched = ids[-1]
         if reason is None:
-            self.out(req, Chunk(ids, text))
+            self.out(req, Chunk(ids, text, logprobs=lps))
             return
-        self.out(req, Chunk(ids, text + req.flush(), reason, matched))
+        self.out(req, Chunk(ids, text + req.flush(), reason, matched, logprobs=lps))
         self._finish(req, State.FINISHED, reason)
 
     def _finish(self, req: Request, state: State, reason: str,
@@ -232,6 +244,7 @@ class Router:
         status ``failure`` instead if given (its client went away)."""
         req.state = state
         self.requests.pop(req.request_id, None)
+        self.families.ended(req.request_id)
         now = self.clock()
         if state == State.FINISHED:
             self.scheduler.finishes.observe(now)
@@ -242,7 +255,7 @@ class Router:
             # A stop string, a first token that ends the request, or an abort leave the
             # sequence (or its lease) on the decode worker; when the worker finished it
             # itself, this finds nothing there.
-            self._abort_on(self.decode, req.lease.worker, req.request_id,
+            abort_on(self.decode, req.lease.worker, req.request_id,
                            req.lease.transfer_id)
         if failure is None:
             self.observe.finished(req, reason, now)
@@ -251,15 +264,24 @@ class Router:
         self._update_queue_gauges()
 
     def _fail(self, req: Request, code: str, message: str) -> None:
+        """End ``req`` with the gRPC status ``code``; its siblings (n > 1) with it: the
+        call's stream ends with one status."""
+        siblings = self.families.siblings(req.request_id)
         self.out(req, Chunk([], req.flush(), error=(code, message)))
         req.state = State.FAILED
         self.requests.pop(req.request_id, None)
+        self.families.ended(req.request_id)
         _cancel_deadline(req)
         if req.lease is not None:
-            self._abort_on(self.decode, req.lease.worker, req.request_id,
+            abort_on(self.decode, req.lease.worker, req.request_id,
                            req.lease.transfer_id)
         self.observe.failed(req, code)
         self._update_queue_gauges()
+        for rid in siblings:
+            sib = self.requests.get(rid)
+            if sib is not None and not sib.done:
+                self._stop_prefill(rid)
+                self._fail(sib, code, message)
 
     def abort(self, request_id: str, reason: str = "abort", code: str | None = None) -> bool:
         """End a request now: free its work on both workers. With ``code`` the stream ends
@@ -292,21 +314,12 @@ class Router:
         if req is None:
             return None
         if req.prefill_worker:
-            self._abort_on(self.prefill, req.prefill_worker, request_id)
+            abort_on(self.prefill, req.prefill_worker, request_id)
             # What the prefill worker drops now never reports a first token.
             self.dispatcher.dequeue_request(request_id, req.prefill_worker)
         if req.lease is not None:  # nor a prompt its decode worker prefills itself
             self.dispatcher.dequeue(req.lease.transfer_id)
         return req
-
-    @staticmethod
-    def _abort_on(pool: dict[str, Any], worker: str, request_id: str,
-                  transfer_id: int | None = None) -> Any:
-        """Abort the attempt on ``worker`` unless that worker left the deployment since
-        (its attempts ended with it); the call's reference, or None."""
-        handle = pool.get(worker)
-        args = (request_id,) if transfer_id is None else (request_id, transfer_id)
-        return None if handle is None else handle.abort.remote(*args)
 
     def pump(self) -> None:
         """Dispatch what waits, soon (e.g. a worker joined and has room)."""
@@ -320,20 +333,30 @@ class Router:
         waiting = self.scheduler.num_waiting()
         self.metrics.set_queue(running=len(self.requests) - waiting, waiting=waiting)
 
-    def set_deadline(self, req: Request, seconds: float) -> None:
-        """End ``req`` with DEADLINE_EXCEEDED in ``seconds`` unless it ends before (its
-        timer is cancelled then, however it ends)."""
-        req.deadline_timer = asyncio.get_running_loop().call_later(
-            max(0.0, seconds), self.deadline_callback(req))
+def set_deadline(router: Router, req: Request, seconds: float) -> None:
+    """End ``req`` with DEADLINE_EXCEEDED in ``seconds`` unless it ends before (its timer is
+    cancelled then, however it ends)."""
+    req.deadline_timer = asyncio.get_running_loop().call_later(
+        max(0.0, seconds), deadline_callback(router, req))
 
-    def deadline_callback(self, req: Request) -> Callable[[], None]:
-        """What ``req``'s deadline timer runs: a no-op unless ``req`` itself (not a later
-        request with the same id) is still in flight."""
-        def expire() -> None:
-            if self.requests.get(req.request_id) is req:
-                self.abort(req.request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
 
-        return expire
+def deadline_callback(router: Router, req: Request) -> Callable[[], None]:
+    """What ``req``'s deadline timer runs: a no-op unless ``req`` itself (not a later request
+    with the same id) is still in flight."""
+    def expire() -> None:
+        if router.requests.get(req.request_id) is req:
+            router.abort(req.request_id, "deadline exceeded", "DEADLINE_EXCEEDED")
+
+    return expire
+
+
+def abort_on(pool: dict[str, Any], worker: str, request_id: str,
+             transfer_id: int | None = None) -> Any:
+    """Abort the attempt on ``worker`` unless that worker left the deployment since (its
+    attempts ended with it); the call's reference, or None."""
+    handle = pool.get(worker)
+    args = (request_id,) if transfer_id is None else (request_id, transfer_id)
+    return None if handle is None else handle.abort.remote(*args)
 
 
 def _cancel_deadline(req: Request) -> None:

@@ -33,6 +33,7 @@ from pdserve.router.capacity import check_fits
 from pdserve.router.config import RouterConfig
 from pdserve.router.cost_model import CostModel
 from pdserve.router.dispatch import Dispatcher
+from pdserve.router.fanout import prefer
 from pdserve.router.placement import Ask, Placement, Placer
 from pdserve.router.rates import Rate
 from pdserve.router.request import Request
@@ -187,8 +188,8 @@ class Scheduler:
         """Dispatch ``req`` (to ``where``, or by the fifo rules); False when it stays
         queued for want of a lease."""
         try:
-            ok = await (self.dispatcher.dispatch(req) if where is None
-                        else self.dispatcher.dispatch_to(req, where))
+            ok = await (self.dispatcher.dispatch(req, self._sibling_workers(req))
+                        if where is None else self.dispatcher.dispatch_to(req, where))
         except Exception as e:  # a worker or channel failed: a failed attempt
             log.warning("dispatch of %s failed: %s: %s", req.request_id, type(e).__name__, e)
             req.failures += 1
@@ -208,18 +209,20 @@ class Scheduler:
         n = len(req.prompt_ids) + len(req.output_ids)
         decode = [w for w in d.d_load.values() if w.name not in refused]
         cached = d.cached(req)  # the prefix index: tokens each worker is expected to hold
+        siblings = self._sibling_workers(req)
         if not self.model.calibrated:  # no predictions yet: least loaded, by the view
             room = [w for w in decode if self.placer.has_room(w, n) and d.reachable(w.name)]
             if not room:
                 return None
-            w = min(room, key=lambda w: (w.batch, -cached.get(w.name, 0), w.kv_usage))
+            w = min(room, key=lambda w: (w.name not in siblings, w.batch,
+                                         -cached.get(w.name, 0), w.kv_usage))
             p = d.prefill_worker_for(n, w.name, cached)
             return Placement(w.name, p.name if p else None, 0.0, 0.0, 0.0, True, 0.0)
         options = self.placer.options(Ask(n, req.slo, cached), d.p_load.values(), decode,
                                       held, usable=d.channels.usable)
         if not options:
             return None
-        best = options[0]
+        best = prefer(options, siblings) or options[0]
         if best.harm and req.ttft_slo_s:
             # It may wait for a placement that harms no one until DEFER_SHARE of its TTFT
             # objective would be gone (never without one: nothing would bound its wait);
@@ -247,6 +250,13 @@ class Scheduler:
     def _woken(self) -> None:
         self._wake, self._wake_at = None, math.inf
         self._spawn(self.pump())
+
+    def _sibling_workers(self, req: Request) -> set[str]:
+        """n > 1: the decode workers that hold ``req``'s siblings (``router.fanout``)."""
+        if not req.parent:
+            return set()
+        return {r.lease.worker for r in self.requests.values()
+                if r.parent == req.parent and r.lease is not None and r is not req}
 
     def _held_tpot(self) -> dict[str, list[float]]:
         """Per decode worker, the TPOT objectives of the requests it holds, sorted."""

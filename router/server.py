@@ -32,10 +32,11 @@ from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tok
 from pdserve.router import pools
 from pdserve.router.capacity import TooLarge
 from pdserve.router.config import ServerConfig
+from pdserve.router.fanout import child_id, child_sampling
 from pdserve.router.load import LoadSnapshot
 from pdserve.router.metrics import Metrics
 from pdserve.router.request import Chunk, Request
-from pdserve.router.router import Router
+from pdserve.router.router import Router, set_deadline
 from pdserve.router.scheduler import Refused
 from pdserve.router.stream import StreamEnd, StreamItem, Submission, encode, feed_hello
 
@@ -171,14 +172,22 @@ class RouterService:
         if router is None or self.tokenizer is None:
             return "UNAVAILABLE", "the server is starting"
         now = time.monotonic()
-        req = Request(
-            request_id=sub.request_id, prompt_ids=sub.prompt_ids, sampling=sub.sampling,
-            stop=sub.stop, slo=sub.slo,
-            arrival=now - sub.waited_s,
+        family = sub.n > 1
+        reqs = [Request(
+            request_id=child_id(sub.request_id, i) if family else sub.request_id,
+            prompt_ids=sub.prompt_ids, sampling=child_sampling(sub.sampling, i),
+            stop=sub.stop, slo=sub.slo, arrival=now - sub.waited_s,
             detok=IncrementalDetokenizer(self.tokenizer, sub.prompt_ids), frontend=frontend,
-        )
+            parent=sub.request_id if family else "", index=i,
+        ) for i in range(sub.n)]
         try:
-            router.admit(req)
+            # An id names one call: a family's children go by {id}-{i}, so both maps hold it.
+            if sub.request_id in router.requests or sub.request_id in router.families:
+                raise ValueError(f"request_id {sub.request_id!r} is already in flight")
+            if family:
+                router.families.admit(sub.request_id, reqs, router.admit, router.withdraw)
+            else:
+                router.admit(reqs[0])
         except TooLarge as e:
             return "INVALID_ARGUMENT", str(e)
         except Refused as e:
@@ -186,19 +195,28 @@ class RouterService:
         except ValueError as e:
             return "ALREADY_EXISTS", f"request_id: {e}"
         if sub.deadline_s is not None:
-            router.set_deadline(req, sub.deadline_s)
+            for req in reqs:
+                set_deadline(router, req, sub.deadline_s)
         return None
 
     async def cancel(self, request_id: str) -> bool:
-        """The Abort RPC: end the request now; its stream ends with finish_reason
-        ``abort``."""
-        return self.router is not None and self.router.abort(request_id)
+        """The Abort RPC: end the request (every choice of it) now; its stream ends with
+        finish_reason ``abort``."""
+        router = self.router
+        if router is None:
+            return False
+        ids = router.families.children(request_id) or [request_id]
+        return any([router.abort(rid) for rid in ids])
 
     async def client_gone(self, request_id: str, code: str) -> bool:
         """The client's call ended (``code``: CANCELLED on a cancel or disconnect,
         DEADLINE_EXCEEDED after its deadline) while the request ran: free its work, count
         the failure (unless the request had ended already: it was counted then)."""
-        return self.router is not None and self.router.client_gone(request_id, code)
+        router = self.router
+        if router is None:
+            return False
+        ids = router.families.children(request_id) or [request_id]
+        return any([router.client_gone(rid, code) for rid in ids])
 
     async def count_failure(self, code: str) -> None:
         """A frontend refused a call before submitting it (validation, a duplicate id)."""
@@ -215,7 +233,8 @@ class RouterService:
         end = None if chunk.finish_reason is None and chunk.error is None \
             else _end(req, chunk)
         self._outbox.setdefault(req.frontend, []).append(
-            (req.request_id, chunk.token_ids, chunk.text, end))
+            (req.parent or req.request_id, chunk.token_ids, chunk.text, end, req.index,
+             chunk.logprobs))
         if not self._flush_due:  # once the reports now on the loop are handled
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)

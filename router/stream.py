@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 
 import msgpack
 
+from pdserve.engine.messages import TokenLogprobs
 from pdserve.engine.secret import TAG_BYTES, Secret
 from pdserve.engine.sequence import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
@@ -35,6 +36,7 @@ class Submission:
     slo: ValidSlo
     waited_s: float  # on the frontend between the call's arrival and this message
     deadline_s: float | None  # the client's time remaining when sent; None: no deadline
+    n: int = 1  # choices: the router fans the request out into n children (router.fanout)
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ class StreamEnd:
     error: tuple[str, str] | None = None  # (grpc status name, message)
 
 
-# (request id, new token ids, new text, end or None)
-StreamItem = tuple[str, list[int], str, StreamEnd | None]
+# (request id, new token ids, new text, end or None, choice index, the new tokens' logprobs
+# or None). With n > 1 the request id is the call's, and each choice ends on its own.
+StreamItem = tuple[str, list[int], str, StreamEnd | None, int, list[TokenLogprobs] | None]
 
 _END_FIELDS = tuple(f.name for f in fields(StreamEnd))
 _FRAME_HEADER = 4  # bytes: the body's length, little-endian
@@ -81,8 +84,9 @@ async def read_hello(reader: asyncio.StreamReader, secret: Secret, frontend: int
 def encode(items: Sequence[StreamItem]) -> bytes:
     """One feed frame: header + msgpack body."""
     body = msgpack.packb([
-        (rid, ids, text, None if end is None else [getattr(end, f) for f in _END_FIELDS])
-        for rid, ids, text, end in items
+        (rid, ids, text, None if end is None else [getattr(end, f) for f in _END_FIELDS],
+         index, lps)
+        for rid, ids, text, end, index, lps in items
     ], use_bin_type=True)
     return len(body).to_bytes(_FRAME_HEADER, "little") + body
 
@@ -96,28 +100,50 @@ async def read_frame(reader: asyncio.StreamReader) -> list[StreamItem] | None:
         return None
     items: list[StreamItem] = []
     # raw=False: strings come back as str on every msgpack version (before 1.0, bytes).
-    for rid, ids, text, end in msgpack.unpackb(body, raw=False):
+    for rid, ids, text, end, index, lps in msgpack.unpackb(body, raw=False):
         if end is not None:
             end = StreamEnd(*end)
             if end.error is not None:
                 end = StreamEnd(error=(end.error[0], end.error[1]))
-        items.append((rid, ids, text, end))
+        if lps is not None:
+            lps = [TokenLogprobs(lp, tuple(top), tuple(vals)) for lp, top, vals in lps]
+        items.append((rid, ids, text, end, index, lps))
     return items
 
 
-def merge(items: Sequence[StreamItem]) -> StreamItem:
-    """Items of one stream that are already waiting, as one (a slow reader gets fewer,
-    larger messages instead of falling behind). Nothing may follow an end."""
-    if len(items) == 1:
-        return items[0]
-    return (items[0][0], [t for it in items for t in it[1]], "".join(it[2] for it in items),
-            items[-1][3])
+def merge(items: Sequence[StreamItem]) -> list[StreamItem]:
+    """Items of one stream that are already waiting, fewer: the consecutive ones of the
+    same choice, up to and with its end, as one (a slow reader gets fewer, larger messages
+    instead of falling behind). Nothing of a choice follows its end."""
+    out: list[StreamItem] = []
+    run: list[StreamItem] = []
+    for it in items:
+        if run and (run[-1][4] != it[4] or run[-1][3] is not None):
+            out.append(_joined(run))
+            run = []
+        run.append(it)
+    if run:
+        out.append(_joined(run))
+    return out
+
+
+def _joined(run: Sequence[StreamItem]) -> StreamItem:
+    if len(run) == 1:
+        return run[0]
+    lps = None if run[0][5] is None else [lp for it in run for lp in it[5] or ()]
+    return (run[0][0], [t for it in run for t in it[1]], "".join(it[2] for it in run),
+            run[-1][3], run[0][4], lps)
 
 
 def response(item: StreamItem) -> pb.GenerateResponse:
     """The ``GenerateResponse`` for an item without an error."""
-    rid, ids, text, end = item
-    resp = pb.GenerateResponse(request_id=rid, token_ids=ids, text=text)
+    rid, ids, text, end, index, lps = item
+    resp = pb.GenerateResponse(request_id=rid, token_ids=ids, text=text, index=index)
+    if lps:
+        for lp in lps:
+            entry = resp.logprobs.add(logprob=lp.logprob)
+            for tid, v in zip(lp.top_ids, lp.top_logprobs, strict=True):
+                entry.top.add(token_id=tid, logprob=v)
     if end is None:
         return resp
     resp.finished = True

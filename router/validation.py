@@ -3,7 +3,10 @@
 Every rejection is a RequestError carrying INVALID_ARGUMENT and a message that names the field
 the way the client wrote it ("sampling.top_p must be in (0, 1], got 1.5"), so the servicer can
 pass it to `context.abort(e.code, e.message)` unchanged. Defaults for unset fields follow vLLM
-and OpenAI: temperature 1.0, top_p 1.0, top_k off, max_tokens the server's default. Values
+and OpenAI: temperature 1.0, top_p 1.0, top_k off, max_tokens the server's default, n 1,
+penalties off (repetition 1, presence and frequency 0), min_p 0, min_tokens 0, no logprobs.
+The bounds that guard the server (n at most ``Limits.max_n``, min_tokens at most max_tokens,
+top_logprobs at most 20) are checked here, before anything is queued. Values
 that are valid but would hurt the sampler are normalized, as vLLM does: a temperature in
 (0, 0.01) becomes 0.01, a top_k of -1 or of the vocabulary size or more becomes 0 (off).
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve.engine.sequence import MAX_PENALTY, MAX_TOP_LOGPROBS
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.slo import SloClasses, ValidSlo
 
@@ -27,6 +31,7 @@ MIN_TEMPERATURE = 0.01  # a smaller positive temperature is raised to this (0 st
 MAX_STOP_STRINGS = 16  # stop strings in one request
 MAX_STOP_LEN = 256  # characters in one stop string
 MAX_STOP_TOKEN_IDS = 64  # stop token ids in one request
+MAX_N = 16  # choices one request may ask for (sampling.n): each is a request of its own
 BUILTIN_CLASSES = SloClasses()  # one class, no objectives
 
 
@@ -41,9 +46,11 @@ class Limits:
     max_stop_strings: int = MAX_STOP_STRINGS
     max_stop_len: int = MAX_STOP_LEN
     max_stop_token_ids: int = MAX_STOP_TOKEN_IDS
+    max_n: int = MAX_N
 
     def __post_init__(self) -> None:
-        for name in ("max_context", "vocab_size", "max_tokens_limit", "default_max_tokens"):
+        for name in ("max_context", "vocab_size", "max_tokens_limit", "default_max_tokens",
+                     "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1, got {getattr(self, name)}")
         if self.default_max_tokens > self.max_tokens_limit:
@@ -78,6 +85,14 @@ class ValidSampling:
     stop_token_ids: tuple[int, ...]
     ignore_eos: bool
     max_tokens_explicit: bool = True  # False: max_tokens is the server default (may be shrunk)
+    n: int = 1  # choices: child requests sharing the prompt (router.fanout)
+    min_tokens: int = 0  # <= max_tokens
+    repetition_penalty: float = 1.0  # > 0; 1 = off
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    min_p: float = 0.0  # in [0, 1]; 0 = off
+    logprobs: bool = False
+    top_logprobs: int = 0  # in [0, MAX_TOP_LOGPROBS]; needs logprobs
 
 
 @dataclass(frozen=True)
@@ -191,6 +206,7 @@ def validate_sampling(s: pb.SamplingParams, limits: Limits) -> ValidSampling:
             f"at most {limits.max_stop_token_ids} allowed",
         )
     _check_vocab(s.stop_token_ids, "sampling.stop_token_ids", limits.vocab_size)
+    extra = _validate_extras(s, limits, max_tokens)
 
     return ValidSampling(
         max_tokens=max_tokens,
@@ -202,7 +218,58 @@ def validate_sampling(s: pb.SamplingParams, limits: Limits) -> ValidSampling:
         stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
         max_tokens_explicit=s.HasField("max_tokens"),
+        n=extra.n, min_tokens=extra.min_tokens, repetition_penalty=extra.repetition_penalty,
+        presence_penalty=extra.presence_penalty, frequency_penalty=extra.frequency_penalty,
+        min_p=extra.min_p, logprobs=extra.logprobs, top_logprobs=extra.top_logprobs,
     )
+
+
+@dataclass(frozen=True)
+class _Extras:
+    n: int
+    min_tokens: int
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    min_p: float
+    logprobs: bool
+    top_logprobs: int
+
+
+def _validate_extras(s: pb.SamplingParams, limits: Limits, max_tokens: int) -> _Extras:
+    """n, min_tokens, the penalties, min_p and logprobs: checked, with their defaults."""
+    n = s.n if s.HasField("n") else 1
+    if not 1 <= n <= limits.max_n:
+        raise RequestError("sampling.n", f"sampling.n must be in [1, {limits.max_n}], got {n}")
+    if s.min_tokens > max_tokens:
+        default = "" if s.HasField("max_tokens") else " (the server's default)"
+        raise RequestError(
+            "sampling.min_tokens",
+            f"sampling.min_tokens={s.min_tokens} exceeds sampling.max_tokens={max_tokens}"
+            f"{default}")
+    rep = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+    if not (math.isfinite(rep) and rep > 0):
+        raise RequestError(
+            "sampling.repetition_penalty",
+            f"sampling.repetition_penalty must be a finite number > 0 (1: off), got {_fmt(rep)}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(s, name)
+        if not -MAX_PENALTY <= v <= MAX_PENALTY:  # also false for nan
+            raise RequestError(f"sampling.{name}",
+                               f"sampling.{name} must be in [-2, 2], got {_fmt(v)}")
+    if not 0 <= s.min_p <= 1:
+        raise RequestError("sampling.min_p", f"sampling.min_p must be in [0, 1], got "
+                           f"{_fmt(s.min_p)}")
+    if s.top_logprobs > MAX_TOP_LOGPROBS:
+        raise RequestError(
+            "sampling.top_logprobs",
+            f"sampling.top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}")
+    if s.top_logprobs and not s.logprobs:
+        raise RequestError("sampling.top_logprobs",
+                           "sampling.top_logprobs needs sampling.logprobs = true")
+    return _Extras(n=n, min_tokens=s.min_tokens, repetition_penalty=rep,
+                   presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                   min_p=s.min_p, logprobs=s.logprobs, top_logprobs=s.top_logprobs)
 
 
 def validate_slo(slo: pb.Slo, classes: SloClasses = BUILTIN_CLASSES) -> ValidSlo:
@@ -249,11 +316,12 @@ def effective_max_tokens(prompt_len: int, sampling: ValidSampling, limits: Limit
 
     An explicit max_tokens stays as asked (validate_prompt_tokens rejects it if it does not
     fit); the server default shrinks to the room the context leaves, as vLLM does, but to no
-    less than 1 (so a prompt that fills the context is still rejected).
+    less than 1 nor min_tokens (so a prompt that leaves no room for them is still rejected).
     """
     if sampling.max_tokens_explicit:
         return sampling.max_tokens
-    return max(1, min(sampling.max_tokens, limits.max_context - prompt_len))
+    return max(1, sampling.min_tokens,
+               min(sampling.max_tokens, limits.max_context - prompt_len))
 
 
 def validate_prompt_tokens(ids: Sequence[int], max_tokens: int, limits: Limits) -> None:

@@ -68,7 +68,7 @@ def bench_worker_step(runner: ModelRunner, batch: int, context: int, steps: int
         t1 = time.perf_counter()
         tokens = decode_step(runner, plan.batch)
         t2 = time.perf_counter()
-        outs = sched.postprocess(plan.batch, tokens)
+        outs = sched.postprocess(plan.batch, tokens.tokens, tokens.logprobs)
         t3 = time.perf_counter()
         pickle.dumps(StepReport(
             worker="bench", tokens=outs, step_s=t3 - t0, num_running=len(sched.running),

@@ -1,10 +1,12 @@
 import itertools
 
 import pytest
+import torch
 
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.messages import Reservation
+from pdserve.engine.sampler import sample_batch
 from pdserve.engine.sequence import SamplingParams
 
 
@@ -222,3 +224,35 @@ def test_local_prefill_next_to_leases_awaiting_kv() -> None:
     assert s.expire() == [("remote", remote.transfer_id)]
     assert [q.request_id for q in s.prefilled(chunks)] == ["local"]
     assert s.activate(local.transfer_id, 7) and not s.activate(remote.transfer_id, 7)
+
+
+def test_penalized_sequences_keep_their_history_across_a_preemption() -> None:
+    """The counts the sampler builds come from prompt + output: the same whether the
+    sequence ran straight through or was preempted and re-reserved with its tokens."""
+    pen = SamplingParams(max_tokens=100, temperature=0.0, repetition_penalty=1.5,
+                         frequency_penalty=0.5)
+    prompt = (3, 4, 4, 7)
+    s, _ = make()
+    lease = s.reserve(Reservation("a", len(prompt), 0, pen, 0, prompt))
+    assert lease is not None and s.activate(lease.transfer_id, 9)
+    seq = s.schedule().batch[0]
+    assert seq.history == [3, 4, 4, 7, 9]
+    s.postprocess([seq], [11])
+    assert seq.history == [3, 4, 4, 7, 9, 11] and seq.num_generated == 2
+    # Preempted after two tokens: the router re-reserves prompt + output elsewhere; the
+    # prefill side samples the third token from the same tokens, the decode side keeps on.
+    s2, _ = make()
+    tokens = (*prompt, 9, 11)
+    again = s2.reserve(Reservation("a", len(tokens), 2, pen, 0, tokens))
+    assert again is not None and s2.activate(again.transfer_id, 13)
+    s.postprocess([seq], [13])
+    resumed = s2.schedule().batch[0]
+    assert resumed.history == seq.history and resumed.num_generated == seq.num_generated
+    logits = torch.randn(1, 32)
+    straight = sample_batch(logits, [pen], [seq.num_generated], [seq.history])
+    after = sample_batch(logits, [pen], [resumed.num_generated], [resumed.history])
+    assert straight.tokens == after.tokens
+    plain = s2.reserve(Reservation("b", 4, 0, SamplingParams(), 1, ()))
+    assert plain is not None
+    held = s2.lease(plain.transfer_id)
+    assert held is not None and held.history is None  # no penalties: no history kept

@@ -15,6 +15,8 @@ from pdserve.proto.client import Client, collect
 from pdserve_testing.e2e import (
     HFReference,
     all_blocks_free,
+    metric_values,
+    openai_penalties,
     run_concurrently,
     serve_config,
     wait_for,
@@ -57,6 +59,37 @@ def test_preempted_sequences_still_match_reference(
     preemptions = [float(line.split()[-1]) for line in body.splitlines()
                    if line.startswith("pdserve:num_preemptions_total")]
     assert preemptions and preemptions[0] >= 1, "the pool was meant to force a preemption"
+    wait_for(lambda: all_blocks_free(tiny), what="blocks freed")
+
+
+def test_penalized_sequences_are_preempted_without_a_difference(
+    tiny: Deployment, hf_reference: HFReference
+) -> None:
+    """The penalties count prompt and output tokens the same way after a re-prefill (the
+    decode worker's history, the prefill task's prompt + generated tokens)."""
+    tok = hf_reference.tokenizer
+    prompts = [
+        "The history of the printing press begins in the fifteenth century, when",
+        "A recipe for a simple tomato soup: first, take four ripe tomatoes and",
+        "The three laws of motion, as described by Isaac Newton, state that",
+    ]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    n = 60
+    before = metric_values(tiny, "pdserve:num_preemptions_total").get((), 0.0)
+    out: dict[int, list[int]] = {}
+    with Client(tiny.address) as client:
+        def run(i: int) -> None:
+            out[i] = collect(client.generate(
+                token_ids=ids[i], max_tokens=n, min_tokens=n, temperature=0.0,
+                repetition_penalty=1.2, frequency_penalty=0.3)).token_ids
+
+        run_concurrently(run, 3)
+    for i in range(3):
+        want = hf_reference.generate(ids[i], n, min_new_tokens=n, repetition_penalty=1.2,
+                                     logits_processor=openai_penalties(len(ids[i]), 0.0, 0.3))
+        assert out[i] == want, f"prompt {i}"
+    after = metric_values(tiny, "pdserve:num_preemptions_total").get((), 0.0)
+    assert after > before, "the pool was meant to force a preemption"
     wait_for(lambda: all_blocks_free(tiny), what="blocks freed")
 
 

@@ -53,3 +53,26 @@ def test_no_stop_streams_everything() -> None:
     req = make(())
     out, hit = feed(req, "plain text")
     assert out == "plain text" and hit is None
+
+
+def _min_tokens(stop: tuple[str, ...], min_tokens: int) -> Request:
+    return Request("r", [1], SamplingParams(max_tokens=64, min_tokens=min_tokens), stop,
+                   ValidSlo(None, None), 0.0, CharDetok())  # type: ignore[arg-type]
+
+
+def test_stop_strings_wait_for_min_tokens() -> None:
+    # "ab" appears within the first 4 tokens: it does not stop the request (vLLM's rule),
+    # nor is it found later; the one after them does.
+    req = _min_tokens(("ab",), 4)
+    out, hit = feed(req, "xabyzabq")
+    assert out == "xabyz" and hit == "ab"
+    assert req.output_ids == [ord(c) for c in "xabyzab"]
+
+
+def test_a_stop_string_may_end_on_the_min_tokens_th_token() -> None:
+    req = _min_tokens(("ab",), 3)
+    out, hit = feed(req, "xyab")  # tokens 1-3 are "xya": only "b" (the 4th) ends a stop
+    assert hit == "ab" and out == "xy"
+    req = _min_tokens(("ab",), 2)
+    out, hit = feed(req, "xab")  # the 2nd token ("a") starts it, the 3rd ends it: found
+    assert hit == "ab" and out == "x"

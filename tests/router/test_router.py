@@ -12,6 +12,7 @@ import pytest
 from pdserve.engine.messages import FirstToken, StepReport, TransferDone
 from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.request import State
+from pdserve.router.router import deadline_callback, set_deadline
 from pdserve_testing.router import FakeWorker, RouterSetup, settle
 
 
@@ -241,7 +242,7 @@ def test_a_deadline_timer_is_cancelled_however_its_request_ends(end: str) -> Non
     async def main() -> None:
         s = RouterSetup(LocalPrefillRule())
         req = await s.admit("r", 4)
-        s.router.set_deadline(req, 3600.0)
+        set_deadline(s.router, req, 3600.0)
         timer = req.deadline_timer
         assert timer is not None and not timer.cancelled()
         assert req.lease is not None
@@ -261,12 +262,12 @@ def test_an_old_deadline_does_not_end_a_new_request_with_the_same_id() -> None:
     async def main() -> None:
         s = RouterSetup(LocalPrefillRule())
         old = await s.admit("r", 4)
-        expire_old = s.router.deadline_callback(old)
+        expire_old = deadline_callback(s.router, old)
         assert s.router.abort("r")
         new = await s.admit("r", 4)
         expire_old()
         assert not new.done and s.router.requests["r"] is new
-        s.router.set_deadline(new, 0.0)
+        set_deadline(s.router, new, 0.0)
         for _ in range(1000):  # until the timer ran
             if new.done:
                 break

@@ -15,6 +15,7 @@ from pdserve.engine.messages import StepReport, TokenOut, TransferDone
 from pdserve.router.cost_model import LinearFit, Profile, TransferFit
 from pdserve.router.policy import LocalPrefillRule
 from pdserve.router.request import Request, State
+from pdserve.router.router import deadline_callback
 from pdserve.router.slo import ValidSlo
 from pdserve_testing.router import RouterSetup, settle
 
@@ -136,7 +137,7 @@ def test_a_request_that_did_not_finish_is_never_attained(end: str) -> None:
             assert s.value("pdserve:request_failure_total", code="CANCELLED") == 1
             assert not s.out[-1][1].finish_reason  # nothing sent: the stream is gone
         else:
-            s.router.deadline_callback(req)()
+            deadline_callback(s.router, req)()
             assert s.value("pdserve:request_failure_total", code="DEADLINE_EXCEEDED") == 1
         assert req.done
         for phase in ("ttft", "tpot"):
@@ -295,7 +296,7 @@ def test_failures_are_counted_once_by_code() -> None:
         assert not s.router.abort("gone")
         assert ("gone", gone.lease.transfer_id) in s.d.called("abort")  # its work freed
         late = await s.admit("late", 4)
-        s.router.deadline_callback(late)()
+        deadline_callback(s.router, late)()
         assert not s.router.client_gone("late", "DEADLINE_EXCEEDED")  # the frontend's view
         await s.admit("shutdown", 4)
         s.router.abort_all("the server is shutting down")

@@ -202,7 +202,7 @@ def test_the_feed_takes_only_the_router(default_gguf: Path) -> None:
     spec = ModelSpec("gguf", str(default_gguf))
     cfg = ServeConfig(model=spec, host="127.0.0.1", port=0, metrics_port=-1,
                       scheduler="fifo").server_config(load_model_config(spec))
-    forged = encode([("held", [1, 2, 3], "forged", StreamEnd(finish_reason="stop"))])
+    forged = encode([("held", [1, 2, 3], "forged", StreamEnd(finish_reason="stop"), 0, None)])
     other = Secret.generate()
 
     async def stray(feed: int, hello: bytes) -> bytes:

@@ -261,3 +261,66 @@ def test_limits_checked() -> None:
         Limits(max_context=1, vocab_size=0, max_tokens_limit=1, default_max_tokens=1)
     with pytest.raises(ValueError, match="default_max_tokens=9 exceeds max_tokens_limit=8"):
         Limits(max_context=16, vocab_size=4, max_tokens_limit=8, default_max_tokens=9)
+
+
+# ------------------------------------------------------------------ penalties, n, logprobs
+
+
+def test_new_sampling_fields_default_off_and_pass_through() -> None:
+    v = validate_sampling(pb.SamplingParams(), LIMITS)
+    assert (v.n, v.min_tokens, v.repetition_penalty, v.presence_penalty,
+            v.frequency_penalty, v.min_p, v.logprobs, v.top_logprobs) == (
+        1, 0, 1.0, 0.0, 0.0, 0.0, False, 0)
+    v = validate_sampling(sampling(n=16, max_tokens=8, min_tokens=8, repetition_penalty=1.25,
+                                   presence_penalty=-2.0, frequency_penalty=2.0, min_p=1.0,
+                                   logprobs=True, top_logprobs=20), LIMITS)
+    assert (v.n, v.min_tokens, v.repetition_penalty, v.presence_penalty,
+            v.frequency_penalty, v.min_p, v.logprobs, v.top_logprobs) == (
+        16, 8, 1.25, -2.0, 2.0, 1.0, True, 20)
+
+
+@pytest.mark.parametrize("kw,field,says", [
+    ({"n": 0}, "sampling.n", "[1, 16]"),
+    ({"n": 17}, "sampling.n", "got 17"),
+    ({"n": 4_000_000_000}, "sampling.n", "[1, 16]"),  # the DoS case: unbounded n
+    ({"max_tokens": 4, "min_tokens": 5}, "sampling.min_tokens", "exceeds"),
+    ({"min_tokens": 300}, "sampling.min_tokens", "server's default"),  # default 256
+    ({"repetition_penalty": 0.0}, "sampling.repetition_penalty", "> 0"),
+    ({"repetition_penalty": -1.0}, "sampling.repetition_penalty", "> 0"),
+    ({"repetition_penalty": NAN}, "sampling.repetition_penalty", "nan"),
+    ({"repetition_penalty": INF}, "sampling.repetition_penalty", "inf"),
+    ({"presence_penalty": 2.5}, "sampling.presence_penalty", "[-2, 2]"),
+    ({"presence_penalty": NAN}, "sampling.presence_penalty", "nan"),
+    ({"frequency_penalty": -2.01}, "sampling.frequency_penalty", "[-2, 2]"),
+    ({"min_p": 1.5}, "sampling.min_p", "[0, 1]"),
+    ({"min_p": -0.1}, "sampling.min_p", "[0, 1]"),
+    ({"min_p": NAN}, "sampling.min_p", "nan"),
+    ({"logprobs": True, "top_logprobs": 21}, "sampling.top_logprobs", "at most 20"),
+    ({"logprobs": True, "top_logprobs": 10**6}, "sampling.top_logprobs", "at most 20"),
+    ({"top_logprobs": 3}, "sampling.top_logprobs", "needs sampling.logprobs"),
+])
+def test_new_sampling_fields_are_bounded(kw: dict[str, object], field: str, says: str) -> None:
+    with pytest.raises(RequestError) as e:
+        validate_sampling(sampling(**kw), LIMITS)
+    check(e, field)
+    assert says in e.value.message
+
+
+def test_max_n_is_the_servers() -> None:
+    small = Limits(max_context=2048, vocab_size=100, max_tokens_limit=64,
+                   default_max_tokens=16, max_n=2)
+    assert validate_sampling(sampling(n=2), small).n == 2
+    with pytest.raises(RequestError) as e:
+        validate_sampling(sampling(n=3), small)
+    check(e, "sampling.n")
+    assert "[1, 2]" in e.value.message
+
+
+def test_a_shrunk_default_max_tokens_keeps_min_tokens() -> None:
+    v = validate_sampling(sampling(min_tokens=100), LIMITS)
+    # 2000 prompt tokens leave 48 of the context: the default shrinks, but not below 100
+    # (then validate_prompt_tokens refuses the prompt as too long).
+    assert effective_max_tokens(2000, v, LIMITS) == 100
+    with pytest.raises(RequestError) as e:
+        validate_prompt_tokens([1] * 2000, 100, LIMITS)
+    check(e, "sampling.max_tokens")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch.distributed.distributed_c10d as c10d
 
+from pdserve.engine.messages import TokenLogprobs
 from pdserve.router.stream import StreamEnd, encode, read_frame
 from pdserve_testing.kv import SPEC, both, make_header, make_layers, pair, recv_checked, send_blocks
 
@@ -45,8 +46,9 @@ def test_a_kv_transfer_uses_no_pickle(decode_store: Any, no_pickle: None) -> Non
 
 
 def test_a_feed_frame_uses_no_pickle(no_pickle: None) -> None:
-    items = [("r1", [1, 2], "hi", None),
-             ("r2", [3], "!", StreamEnd(finish_reason="stop", completion_tokens=1))]
+    items = [("r1", [1, 2], "hi", None, 0, None),
+             ("r2", [3], "!", StreamEnd(finish_reason="stop", completion_tokens=1), 1,
+              [TokenLogprobs(-0.5, (3, 7), (-0.5, -1.25))])]
 
     async def round_trip() -> Any:
         reader = asyncio.StreamReader()

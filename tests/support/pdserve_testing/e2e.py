@@ -55,6 +55,38 @@ class HFReference:
             x = torch.tensor([[tok]])
         return out
 
+    @torch.inference_mode()
+    def generate(self, ids: list[int], n: int, **kwargs: object) -> list[int]:
+        """Greedy ``model.generate`` for up to ``n`` new tokens (ends at EOS), with extra
+        generate kwargs (``repetition_penalty``, ``min_new_tokens``, ``logits_processor``)."""
+        out = self.model.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=self.eos,
+            pad_token_id=self.eos, **kwargs)
+        return [int(t) for t in out[0, len(ids):]]
+
+    @torch.inference_mode()
+    def logprobs(self, ids: list[int], out: list[int]) -> torch.Tensor:
+        """log_softmax of the model's logits at each of ``out``'s positions after prompt
+        ``ids``: [len(out), V] (row i: the distribution ``out[i]`` was drawn from)."""
+        logits = self.model(input_ids=torch.tensor([ids + out])).logits[0]
+        return torch.log_softmax(logits[len(ids) - 1: len(ids) + len(out) - 1].float(), -1)
+
+
+def openai_penalties(prompt_len: int, presence: float, frequency: float) -> object:
+    """A transformers ``LogitsProcessorList`` applying OpenAI's presence and frequency
+    penalties, as OpenAI writes them, over the generated tokens only (for ``generate``)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class OpenAIPenalties(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor,
+                     scores: torch.FloatTensor) -> torch.FloatTensor:
+            out = input_ids[0, prompt_len:].tolist()
+            for tok in set(out):
+                scores[0, tok] -= out.count(tok) * frequency + presence
+            return scores
+
+    return LogitsProcessorList([OpenAIPenalties()])
+
 
 def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     end = time.monotonic() + timeout
