@@ -381,7 +381,7 @@ def duplicate_id(f: Fuzzer) -> Case:
     dup = f.valid()
     dup.request_id = rid
     return Case("duplicate_id", dup.SerializeToString(), {EXISTS: ("request_id",)},
-                holder=holder.SerializeToString())
+                max_tokens=dup.sampling.max_tokens, holder=holder.SerializeToString())
 
 
 def oversize(f: Fuzzer) -> Case:
