@@ -73,5 +73,6 @@ class ServerConfig:
     metrics_host: str = HOST  # /metrics listens here, apart from the gRPC address
     tls: TlsFiles | None = None  # None: plaintext gRPC
     auth: TokenCheck | None = None  # None: no bearer token asked
+    http_port: int = 0  # the OpenAI-compatible HTTP API's port on ``host``; 0: none
     # The deployment's key: the router opens each frontend's feed with its tag.
     secret: Secret = field(default_factory=Secret.generate, compare=False)
