@@ -176,6 +176,9 @@ class ServeConfig:
                           "completions, /v1/completions, /v1/models), served by the gRPC "
                           "frontends beside gRPC; 0: none", SERVER, minimum=0,
                           maximum=65535)
+    served_model_name: str = knob("", "the model's name in the HTTP API (the requests' "
+                                  "`model`, /v1/models); empty: the name the model's files "
+                                  "give", SERVER, metavar="NAME")
     metrics_port: int = knob(9400, "Prometheus /metrics port; 0: any free port, -1: none",
                              SERVER, minimum=-1, maximum=65535)
     # More frontends stream more tokens a second (cluster.bench_router measures it).
@@ -329,6 +332,7 @@ class ServeConfig:
             frontends=self.frontends, slo_classes=self.slo_class_set(),
             metrics_host=self.metrics_host, tls=self.security.tls(),
             auth=self.security.token_check(), secret=self.secret, http_port=self.http_port,
+            served_model_name=self.served_model_name,
         )
 
     # -- YAML -------------------------------------------------------------------------------

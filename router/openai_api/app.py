@@ -94,7 +94,8 @@ class Api:
 
     @property
     def served(self) -> str:
-        return self.host.cfg.model_config.name
+        cfg = self.host.cfg
+        return cfg.served_model_name or cfg.model_config.name
 
     def count(self, code: str) -> None:
         self.host.router.count_failure.remote(code)

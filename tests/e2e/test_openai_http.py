@@ -14,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import ray
 
 from pdserve.cluster.launch import Deployment, launch
 from pdserve.cluster.security_config import SecurityConfig
@@ -41,11 +42,18 @@ def served(ray_cluster: None, default_gguf: Path,
     token_file = tmp_path_factory.mktemp("http-token") / "token"
     token_file.write_text(TOKEN + "\n")
     cfg = replace(serve_config(default_gguf, "e2e-http", mode="colocated",
-                               http_port=free_port()),
+                               frontends=2, http_port=free_port()),
                   security=SecurityConfig(auth_token_file=str(token_file)))
     dep = launch(cfg)
     yield dep
     dep.stop()
+
+
+def _counted(dep: Deployment, code: str, want: float) -> None:
+    """``request_failure_total{code}`` reaches ``want`` (the frontends report refusals to
+    the router without waiting)."""
+    wait_for(lambda: failure_counts(dep).get(code, 0) == want,
+             what=f"{want:g} {code} failures counted, got {failure_counts(dep).get(code, 0)}")
 
 
 def _base_url(dep: Deployment) -> str:
@@ -186,8 +194,7 @@ def test_bad_requests_are_400_naming_the_field_and_counted(
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model, messages=[{"role": "", "content": "x"}])
     assert e.value.param == "messages[0].role"
-    after = failure_counts(served).get("INVALID_ARGUMENT", 0)
-    assert after == before + len(cases) + 1
+    _counted(served, "INVALID_ARGUMENT", before + len(cases) + 1)
     # n=1 and other neutral values pass (clients send them).
     ok = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, n=1,
                                    presence_penalty=0.0, user="someone")
@@ -207,7 +214,7 @@ def test_admission_refusal_is_429(client: openai.OpenAI, model: str,
         client.completions.create(model=model, prompt=PROMPT, max_tokens=2,
                                   extra_body={"slo_ttft_ms": 0.001})
     assert "TTFT" in e.value.message
-    assert failure_counts(served).get("RESOURCE_EXHAUSTED", 0) == before + 1
+    _counted(served, "RESOURCE_EXHAUSTED", before + 1)
 
 
 def test_without_the_token_401_and_health_open(served: Deployment, model: str) -> None:
@@ -221,7 +228,7 @@ def test_without_the_token_401_and_health_open(served: Deployment, model: str) -
         urllib.request.urlopen(f"{_base_url(served)}/models", timeout=10)
     assert raw.value.code == 401
     assert "missing 'authorization' header" in json.loads(raw.value.read())["error"]["message"]
-    assert failure_counts(served).get("UNAUTHENTICATED", 0) == before + 2
+    _counted(served, "UNAUTHENTICATED", before + 2)
     health = f"http://127.0.0.1:{served.cfg.http_port}/health"
     assert urllib.request.urlopen(health, timeout=10).status == 200
 
@@ -252,4 +259,45 @@ def test_client_disconnect_aborts_the_request(client: openai.OpenAI, model: str,
         impatient.completions.create(model=model, prompt=PROMPT, max_tokens=2000,
                                      extra_body={"ignore_eos": True})
     wait_for(lambda: _idle(served), what="the whole request aborted, its blocks free")
-    assert failure_counts(served).get("CANCELLED", 0) == before + 2
+    _counted(served, "CANCELLED", before + 2)
+
+
+def test_connections_spread_over_both_frontends(served: Deployment, model: str) -> None:
+    """Both frontends listen on the HTTP port (SO_REUSEPORT); the kernel picks one per
+    connection by a hash, so keep connecting until both have served (the chance that 64
+    connections all hash alike is 2**-63)."""
+    start = ray.get([f.num_served.remote() for f in served.frontends])
+    texts = set()
+    for _ in range(64):
+        with openai.OpenAI(base_url=_base_url(served), api_key=TOKEN, max_retries=0) as c:
+            texts.add(c.completions.create(model=model, prompt=PROMPT, max_tokens=4,
+                                           temperature=0).choices[0].text)
+        now = ray.get([f.num_served.remote() for f in served.frontends])
+        if all(n > s for n, s in zip(now, start, strict=True)):
+            break
+    assert all(n > s for n, s in zip(now, start, strict=True)), (start, now)
+    assert len(texts) == 1 and texts != {""}
+
+
+def test_deadline_header_ends_the_request_504(client: openai.OpenAI, model: str,
+                                              served: Deployment) -> None:
+    before = failure_counts(served).get("DEADLINE_EXCEEDED", 0)
+    late = {"x-pdserve-timeout-s": "1"}
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2000,
+                                  extra_body={"ignore_eos": True}, extra_headers=late)
+    assert e.value.status_code == 504 and e.value.code == "deadline_exceeded"
+    # Streamed, the stream has begun: the error comes as an event, raised by the client.
+    stream = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=2000, stream=True,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True}, extra_headers=late)
+    with pytest.raises(openai.APIError) as err:
+        for _ in stream:
+            pass
+    assert isinstance(err.value.body, dict) and err.value.body["code"] == "deadline_exceeded"
+    _counted(served, "DEADLINE_EXCEEDED", before + 2)
+    wait_for(lambda: _idle(served), what="blocks freed after the deadlines")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=model, prompt=PROMPT,
+                                  extra_headers={"x-pdserve-timeout-s": "soon"})
+    assert bad.value.param == "x-pdserve-timeout-s"
