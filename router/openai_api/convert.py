@@ -63,8 +63,9 @@ def check_supported(req: _Generation) -> None:
                 raise ApiError("INVALID_ARGUMENT", f"{name} {why} (got {value!r})", name)
 
 
-def check_model(model: str, served: str) -> None:
-    if model != served:
+def check_model(model: str | None, served: str) -> None:
+    """``model`` must name the served model (None: it does, as vLLM takes it)."""
+    if model is not None and model != served:
         raise ApiError("NOT_FOUND", f"The model `{model[:200]}` does not exist (this server "
                        f"serves `{served}`)", "model")
 

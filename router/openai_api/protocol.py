@@ -39,7 +39,7 @@ class ChatMessage(_Body):
 class _Generation(_Body):
     """The fields chat and completion requests share."""
 
-    model: str
+    model: str | None = None  # None: the served model (as vLLM takes it)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

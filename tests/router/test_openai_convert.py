@@ -134,6 +134,7 @@ def test_slo_class_from_header_or_body() -> None:
 
 def test_model_must_be_the_served_one() -> None:
     check_model("m", "m")
+    check_model(None, "m")
     e = refused(lambda: check_model("gpt-4o", "m"))
     assert (e.code, e.param, e.status.status, e.status.code) == \
         ("NOT_FOUND", "model", 404, "model_not_found")
@@ -197,8 +198,10 @@ def test_body_type_errors_name_the_field() -> None:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in v.value.errors()]
         e = validation_error(errors)
         assert e.param == param and e.message.startswith(param), e.message
-    missing = validation_error([{"type": "missing", "loc": ("body", "model"), "msg": "x"}])
-    assert (missing.param, missing.message) == ("model", "model is required")
+    with pytest.raises(ValidationError) as v:
+        ChatCompletionRequest.model_validate({"model": "m"})
+    missing = validation_error([{**e, "loc": ("body", *e["loc"])} for e in v.value.errors()])
+    assert (missing.param, missing.message) == ("messages", "messages is required")
     bad_json = validation_error([{"type": "json_invalid", "loc": ("body", 7), "msg": "x",
                                   "ctx": {"error": "Expecting value"}}])
     assert bad_json.param is None and "not valid JSON" in bad_json.message
