@@ -301,3 +301,24 @@ def test_deadline_header_ends_the_request_504(client: openai.OpenAI, model: str,
         client.completions.create(model=model, prompt=PROMPT,
                                   extra_headers={"x-pdserve-timeout-s": "soon"})
     assert bad.value.param == "x-pdserve-timeout-s"
+
+
+def test_request_id_header_names_the_request_and_a_duplicate_is_409(
+    client: openai.OpenAI, model: str, served: Deployment
+) -> None:
+    rid = {"x-request-id": "http-dup-1"}
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=2000,
+                                       stream=True, extra_body={"ignore_eos": True},
+                                       extra_headers=rid)
+    first = next(iter(stream))
+    assert first.id == "cmpl-http-dup-1"
+    with pytest.raises(openai.ConflictError) as e:  # while the first is in flight
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2,
+                                  extra_headers=rid)
+    assert e.value.status_code == 409 and "http-dup-1" in e.value.message
+    stream.close()
+    wait_for(lambda: _idle(served), what="the first request aborted")
+    again = client.completions.with_raw_response.create(model=model, prompt=PROMPT,
+                                                        max_tokens=2, extra_headers=rid)
+    assert again.headers["x-request-id"] == "http-dup-1"
+    assert again.parse().id == "cmpl-http-dup-1"
