@@ -106,7 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pools += f"; decode workers prefill {', and '.join(local)}"
     print(f"pdserve: starting {pools}", file=sys.stderr)
     dep = launch(cfg, args.address)
-    print(f"pdserve: serving on {dep.address} (gRPC), metrics on "
+    http = f", the OpenAI API on {cfg.host}:{cfg.http_port}/v1" if cfg.http_port else ""
+    print(f"pdserve: serving on {dep.address} (gRPC){http}, metrics on "
           f"http://{cfg.metrics_host}:{dep.metrics_port}/metrics; Ctrl-C stops",
           file=sys.stderr)
     stop = threading.Event()

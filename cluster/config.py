@@ -182,6 +182,13 @@ class ServeConfig:
     metrics_host: str = knob(HOST, "address /metrics listens on (apart from --host, so "
                              "serving gRPC on 0.0.0.0 does not publish the metrics)", SERVER)
     port: int = knob(50051, "gRPC port; 0: any free port", SERVER, minimum=0, maximum=65535)
+    http_port: int = knob(0, "OpenAI-compatible HTTP API port on --host (/v1/chat/"
+                          "completions, /v1/completions, /v1/models), served by the gRPC "
+                          "frontends beside gRPC; 0: none", SERVER, minimum=0,
+                          maximum=65535)
+    served_model_name: str = knob("", "the model's name in the HTTP API (the requests' "
+                                  "`model`, /v1/models); empty: the name the model's files "
+                                  "give", SERVER, metavar="NAME")
     metrics_port: int = knob(9400, "Prometheus /metrics port; 0: any free port, -1: none",
                              SERVER, minimum=-1, maximum=65535)
     # More frontends stream more tokens a second (cluster.bench_router measures it).
@@ -211,6 +218,8 @@ class ServeConfig:
         if self.max_batch_tokens < self.block_size:
             raise ValueError(f"max_batch_tokens must be at least one block ({self.block_size} "
                              f"tokens), got {self.max_batch_tokens}")
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise ValueError(f"http_port {self.http_port} is also the gRPC or metrics port")
         self.slo_class_set()  # the classes file reads, and names the default class
         if self.profile and not Path(self.profile).is_file():
             raise ValueError(f"profile: no such file {self.profile}")
@@ -334,7 +343,8 @@ class ServeConfig:
             port=self.port, metrics_port=self.metrics_port, mode=self.mode,
             frontends=self.frontends, slo_classes=self.slo_class_set(),
             metrics_host=self.metrics_host, tls=self.security.tls(),
-            auth=self.security.token_check(), secret=self.secret,
+            auth=self.security.token_check(), secret=self.secret, http_port=self.http_port,
+            served_model_name=self.served_model_name,
         )
 
     # -- YAML -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""SecurityConfig: TLS and the bearer token of the gRPC API, each knob defined once (flags
+"""SecurityConfig: TLS and the bearer token of the gRPC and HTTP APIs, each knob defined once (flags
 of `pdserve serve` and keys of its YAML, like ``ServeConfig``'s own).
 
 The files are checked here, on the driver's node, where the frontends run
@@ -19,22 +19,23 @@ from pdserve.router.security import TlsFiles, TokenCheck
 
 TOKEN_ENV = "PDSERVE_AUTH_TOKEN"  # the token, where no --auth-token-file is given
 SECURITY = "security"
-SECURITY_GROUP = {SECURITY: "who may call the gRPC API (the KV channels, the rendezvous "
+SECURITY_GROUP = {SECURITY: "who may call the gRPC and HTTP APIs (the KV channels, the rendezvous "
                             "and the router's feed always authenticate with a secret of "
                             "the deployment's own)"}
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    tls_cert: str = knob("", "PEM certificate chain: the gRPC frontends serve TLS with it "
-                         "(with --tls-key)", SECURITY, metavar="FILE")
+    tls_cert: str = knob("", "PEM certificate chain: the frontends serve TLS with it, on "
+                         "the gRPC and the HTTP port (with --tls-key)", SECURITY,
+                         metavar="FILE")
     tls_key: str = knob("", "PEM private key of --tls-cert", SECURITY, metavar="FILE")
     tls_client_ca: str = knob("", "PEM CA bundle: every client must present a certificate "
                               "it signed (mutual TLS; needs --tls-cert)", SECURITY,
                               metavar="FILE")
     auth_token_file: str = knob(
         "", "file holding the bearer token every call but health checks must send "
-        "('authorization: Bearer <token>', else UNAUTHENTICATED); empty: the "
+        "('authorization: Bearer <token>', else UNAUTHENTICATED, HTTP 401); empty: the "
         f"{TOKEN_ENV} environment variable if set, else no token", SECURITY, metavar="FILE")
 
     def __post_init__(self) -> None:

@@ -76,5 +76,7 @@ class ServerConfig:
     metrics_host: str = HOST  # /metrics listens here, apart from the gRPC address
     tls: TlsFiles | None = None  # None: plaintext gRPC
     auth: TokenCheck | None = None  # None: no bearer token asked
+    http_port: int = 0  # the OpenAI-compatible HTTP API's port on ``host``; 0: none
+    served_model_name: str = ""  # the model's name in the HTTP API; "": model_config.name
     # The deployment's key: the router opens each frontend's feed with its tag.
     secret: Secret = field(default_factory=Secret.generate, compare=False)

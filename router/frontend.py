@@ -32,6 +32,7 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.config import ServerConfig
 from pdserve.router.grpc_service import add_generation_service
+from pdserve.router.openai_api.http_server import HttpServer, start_http
 from pdserve.router.security import TokenInterceptor
 from pdserve.router.server import VERSION
 from pdserve.router.stream import (
@@ -68,11 +69,14 @@ class Frontend:
         self.streams: dict[str, asyncio.Queue[StreamItem]] = {}
         self.served = 0  # Generate calls submitted to the router
         self.feed: asyncio.Server | None = None
+        self.serving = False
+        self.http: HttpServer | None = None  # the OpenAI-compatible API, if cfg.http_port
 
     async def start(self, port: int) -> tuple[int, int]:
         """Load the tokenizer and listen on ``port`` (0: any free one), NOT_SERVING until
-        ``set_serving``, and for the router's feed on a loopback port; returns (the gRPC
-        port bound, the feed's port)."""
+        ``set_serving``, on ``cfg.http_port`` for the HTTP API (``router.openai_api``) when
+        set, and for the router's feed on a loopback port; returns (the gRPC port bound, the
+        feed's port)."""
         loop = asyncio.get_running_loop()
         self.tokenizer = await loop.run_in_executor(
             None, load_tokenizer, self.cfg.model, self.cfg.model_config
@@ -97,6 +101,8 @@ class Frontend:
         await self.set_serving(False)
         await server.start()
         self.server = server
+        if self.cfg.http_port:
+            self.http = await start_http(self)
         self.feed = await asyncio.start_server(self._read_feed, "127.0.0.1", 0)
         return bound, self.feed.sockets[0].getsockname()[1]
 
@@ -117,10 +123,13 @@ class Frontend:
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.serving = serving
         for service in ("", SERVICE):
             await self.health.set(service, status)
 
     async def stop(self, grace_s: float) -> None:
+        if self.http is not None:
+            await self.http.stop()
         if self.server is not None:
             await self.server.stop(grace_s)
         if self.feed is not None:

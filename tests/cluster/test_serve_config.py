@@ -100,3 +100,17 @@ def test_metrics_stay_on_localhost_when_grpc_listens_everywhere() -> None:
     assert (server.host, server.metrics_host) == ("0.0.0.0", "127.0.0.1")
     opened = ServeConfig(metrics_host="0.0.0.0").server_config(PRESETS["tiny"])
     assert opened.metrics_host == "0.0.0.0"
+
+
+def test_http_port_from_flags_and_yaml_reaches_the_frontends(tmp_path: Path) -> None:
+    assert ServeConfig().server_config(PRESETS["tiny"]).http_port == 0  # off by default
+    args = build_parser().parse_args(["serve", "--http-port", "8000",
+                                      "--served-model-name", "tiny"])
+    scfg = serve_config(args).server_config(PRESETS["tiny"])
+    assert (scfg.http_port, scfg.served_model_name) == (8000, "tiny")
+    path = tmp_path / "serve.yaml"
+    path.write_text("http_port: 8001\n")
+    assert ServeConfig.from_yaml(path).http_port == 8001
+    for bad in (dict(http_port=50051), dict(http_port=9400), dict(http_port=70000)):
+        with pytest.raises(ValueError, match="http_port"):
+            ServeConfig(**bad)  # type: ignore[arg-type]

@@ -4,11 +4,13 @@ not, and with which status."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 
 from pdserve.cluster.launch import Deployment, launch
@@ -17,6 +19,7 @@ from pdserve.proto.client import AsyncClient, Client, acollect, collect
 from pdserve.proto.credentials import ClientAuth
 from pdserve_testing.certs import Pki, make_pki
 from pdserve_testing.e2e import HFReference, failure_counts, serve_config, wait_for
+from pdserve_testing.nodes import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +39,8 @@ def secured(ray_cluster: None, default_gguf: Path, pki: Pki,
     token_file.write_text(TOKEN + "\n")
     security = SecurityConfig(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
                               tls_client_ca=str(pki.ca), auth_token_file=str(token_file))
-    cfg = replace(serve_config(default_gguf, "e2e-security", mode="colocated"),
+    cfg = replace(serve_config(default_gguf, "e2e-security", mode="colocated",
+                               http_port=free_port()),
                   security=security)
     dep = launch(cfg)
     yield dep
@@ -104,3 +108,36 @@ def test_tls_is_required_and_client_certificates_are_checked(
     assert code == grpc.StatusCode.UNAVAILABLE  # a certificate of another CA
     code, _ = _code(secured, _auth(pki, ca=str(pki.rogue_ca)))  # the server is not trusted
     assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def _https(dep: Deployment, ca: Path, cert: Path | None, key: Path | None,
+           token: str = TOKEN) -> openai.OpenAI:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return openai.OpenAI(base_url=f"https://127.0.0.1:{dep.cfg.http_port}/v1", api_key=token,
+                         max_retries=0, timeout=60,
+                         http_client=openai.DefaultHttpxClient(verify=ctx))
+
+
+def test_the_http_api_serves_mutual_tls_and_asks_for_the_token(
+    secured: Deployment, pki: Pki, hf_reference: HFReference
+) -> None:
+    ids = hf_reference.tokenizer(PROMPT)["input_ids"]
+    want = hf_reference.tokenizer.decode(hf_reference.greedy(ids, 8), skip_special_tokens=True)
+    with _https(secured, pki.ca, pki.client_cert, pki.client_key) as c:
+        model = c.models.list().data[0].id
+        out = c.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0)
+        assert out.choices[0].text == want
+    with _https(secured, pki.ca, pki.client_cert, pki.client_key, token="not-it") as c, \
+            pytest.raises(openai.AuthenticationError):
+        c.models.list()
+    for ca, cert, key in ((pki.ca, None, None),  # no client certificate
+                          (pki.ca, pki.rogue_cert, pki.rogue_key),  # one of another CA
+                          (pki.rogue_ca, pki.client_cert, pki.client_key)):  # server untrusted
+        with _https(secured, ca, cert, key) as c, pytest.raises(openai.APIConnectionError):
+            c.models.list()
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{secured.cfg.http_port}/v1", api_key=TOKEN,
+                       max_retries=0, timeout=10) as plain, \
+            pytest.raises(openai.APIConnectionError):  # plaintext to the TLS port
+        plain.models.list()
