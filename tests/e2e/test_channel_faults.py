@@ -52,9 +52,12 @@ MAX_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def pair_dep(ray_cluster: None, default_gguf: Path) -> Iterator[Deployment]:
+    # No prefix caching: the same long prompts are sent again and again, and the faults must
+    # meet whole transfers on their way (with the cache, the decode worker would hold each
+    # prompt's prefix and receive one block; tests/e2e/test_prefix_caching.py covers that).
     dep = launch(serve_config(default_gguf, "e2e-channel-faults", num_prefill=1,
                               num_decode=1, max_batch_tokens=256, lease_timeout_s=LEASE_S,
-                              transfer_timeout_s=TRANSFER_S))
+                              transfer_timeout_s=TRANSFER_S, enable_prefix_caching=False))
     yield dep
     dep.stop()
 
