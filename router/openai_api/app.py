@@ -36,8 +36,9 @@ from pdserve.router.openai_api.convert import (
     completion_request,
 )
 from pdserve.router.openai_api.errors import ApiError, validation_error
+from pdserve.router.openai_api.logprobs import Logprobs, TokenStrings
 from pdserve.router.openai_api.protocol import ChatCompletionRequest, CompletionRequest
-from pdserve.router.openai_api.responses import Head, model, models, whole
+from pdserve.router.openai_api.responses import Choice, Head, model, models, whole
 from pdserve.router.openai_api.streaming import EventStream, events
 from pdserve.router.security import TokenCheck
 from pdserve.router.stream import Submission
@@ -120,17 +121,32 @@ class Api:
         head = Head(("chatcmpl-" if chat else "cmpl-") + rid, int(time.time()), self.served,
                     chat)
         headers = {REQUEST_ID_HEADER: rid}
+        logprobs = self.logprobs(body, chat)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventStream(events(call, head, usage), call.close, headers)
+            return EventStream(events(call, head, usage, logprobs), call.close, headers)
         try:
-            text, last = await until_disconnected(request.receive, call.collect())
+            collected = await until_disconnected(request.receive, call.collect())
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
         finally:
             call.close()
-        assert last[3] is not None
-        return JSONResponse(whole(head, text, last[3]), headers=headers)
+        choices = []
+        for c in collected:
+            assert c.end is not None
+            lp = None if logprobs is None else logprobs.of(c.index, c.token_ids, c.logprobs)
+            choices.append(Choice(c.index, c.text, c.end, lp))
+        return JSONResponse(whole(head, choices), headers=headers)
+
+    def logprobs(self, body: ChatCompletionRequest | CompletionRequest, chat: bool
+                 ) -> Logprobs | None:
+        """The formatter of the tokens' logprobs, if the request asks for them."""
+        if not (bool(body.logprobs) if chat else body.logprobs is not None):
+            return None
+        tok = self.host.tokenizer
+        assert tok is not None  # submission refused the request otherwise
+        return Logprobs(TokenStrings(lambda t: tok.decode([t], skip_special_tokens=False)),
+                        chat)
 
     def submission(self, body: ChatCompletionRequest | CompletionRequest, request: Request,
                    arrival: float) -> Submission:

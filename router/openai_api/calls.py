@@ -3,9 +3,10 @@
 ``Call.open`` registers the stream on the frontend (before the router hears of it: its
 first items may come back before the answer to submit does), submits it to the router and
 raises ``ApiError`` when the router refuses it; ``items`` yields the router's items as the
-gRPC stream does (those already waiting merged into one); ``close`` ends it, and reports a
-client that went away before the end to the router (``client_gone``), which frees its work
-on the workers and counts the failure, as for a cancelled gRPC stream.
+gRPC stream does (those of one choice already waiting merged into one; with n > 1 the
+choices' items interleave as they come) until every choice has ended; ``close`` ends it,
+and reports a client that went away before the end to the router (``client_gone``), which
+frees its work on the workers and counts the failure, as for a cancelled gRPC stream.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from pdserve.engine.messages import TokenLogprobs
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.config import ServerConfig
 from pdserve.router.openai_api.errors import ApiError
-from pdserve.router.stream import StreamItem, Submission, merge
+from pdserve.router.stream import StreamEnd, StreamItem, Submission, merge
 
 T = TypeVar("T")
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]  # an ASGI receive
@@ -39,6 +42,21 @@ class Host(Protocol):
 
     def submission(self, req: pb.GenerateRequest, arrival: float,
                    deadline_s: float | None) -> Submission: ...
+
+
+@dataclass
+class Collected:
+    """One choice of a whole response: its text, tokens, logprobs (when asked) and end."""
+
+    index: int
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    end: StreamEnd | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
 
 
 class Call:
@@ -77,8 +95,10 @@ class Call:
             raise ApiError(refused[0], refused[1])
 
     async def items(self) -> AsyncIterator[StreamItem]:
-        """The stream's items up to its end (the last has a ``StreamEnd``); ``ApiError``
-        when it ends in an error."""
+        """The stream's items up to the end of its last choice (each choice's last item has
+        a ``StreamEnd``); ``ApiError`` when one ends in an error (the router then ends the
+        others)."""
+        open_choices = self.sub.n
         while True:
             got = [await self.queue.get()]
             while got[-1][3] is None and not self.queue.empty():
@@ -86,20 +106,27 @@ class Call:
             for item in merge(got):
                 end = item[3]
                 if end is not None:
-                    self.ended = True
+                    open_choices -= 1
                     if end.error is not None:
+                        self.ended = True
                         raise ApiError(end.error[0], end.error[1])
+                    if not open_choices:
+                        self.ended = True
                 yield item
-                if end is not None:
+                if not open_choices:
                     return
 
-    async def collect(self) -> tuple[str, StreamItem]:
-        """The whole text and the last item (with its end)."""
-        texts: list[str] = []
-        async for item in self.items():
-            texts.append(item[2])
-            last = item
-        return "".join(texts), last
+    async def collect(self) -> list[Collected]:
+        """Every choice, whole, by index."""
+        out = [Collected(i) for i in range(self.sub.n)]
+        async for _, ids, text, end, index, lps in self.items():
+            c = out[index]
+            c.texts.append(text)
+            c.token_ids += ids
+            c.logprobs += lps or ()
+            if end is not None:
+                c.end = end
+        return out
 
     def close(self) -> None:
         if self.closed:

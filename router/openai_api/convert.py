@@ -4,7 +4,11 @@ that code's errors back to OpenAI's field names.
 
 What ``convert`` itself refuses is what the wire message cannot hold (a negative token id,
 a seed past 64 bits), several prompts in one request, and the fields pdserve does not serve
-(``NOT_SUPPORTED_YET``, ``UNSUPPORTED``), each a 400 naming the field.
+(``UNSUPPORTED``), each a 400 naming the field.
+
+Logprobs: chat asks with ``logprobs`` (a bool) and ``top_logprobs`` (how many alternatives);
+a completion with ``logprobs`` alone, the number of alternatives (0 to 20, as vLLM takes
+it). Both become the wire's ``logprobs`` and ``top_logprobs``.
 """
 
 from __future__ import annotations
@@ -21,20 +25,8 @@ from pdserve.router.openai_api.protocol import (
 )
 from pdserve.router.validation import RequestError
 
-# Sampling fields of OpenAI's (and vLLM's) API that pdserve does not serve yet, by name,
-# with the values that mean "off" (accepted: clients such as LangChain send them). Serving
-# one is: drop it here, map it in ``_sampling``.
-NOT_SUPPORTED_YET: dict[str, tuple[object, ...]] = {
-    "n": (1,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "presence_penalty": (0.0,),
-    "frequency_penalty": (0.0,),
-    "repetition_penalty": (1.0,),
-    "min_tokens": (0,),
-    "min_p": (0.0,),
-}
-# Completion fields outside pdserve's generation model.
+# Completion fields outside pdserve's generation model, by name, with the values that mean
+# "off" (accepted: clients such as LangChain send them).
 UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "echo": (False,),
     "suffix": ("",),
@@ -55,12 +47,10 @@ def _is_neutral(value: object, neutral: tuple[object, ...]) -> bool:
 
 def check_supported(req: _Generation) -> None:
     """400 naming the first field that asks for something pdserve does not do."""
-    for table, why in ((NOT_SUPPORTED_YET, "is not supported yet"),
-                       (UNSUPPORTED, "is not supported")):
-        for name, neutral in table.items():
-            value = getattr(req, name, None)
-            if not _is_neutral(value, neutral):
-                raise ApiError("INVALID_ARGUMENT", f"{name} {why} (got {value!r})", name)
+    for name, neutral in UNSUPPORTED.items():
+        value = getattr(req, name, None)
+        if not _is_neutral(value, neutral):
+            raise ApiError("INVALID_ARGUMENT", f"{name} is not supported (got {value!r})", name)
 
 
 def check_model(model: str | None, served: str) -> None:
@@ -98,7 +88,31 @@ def _sampling(req: _Generation, max_tokens: int | None, max_tokens_param: str
     for i, t in enumerate(req.stop_token_ids or ()):
         s.stop_token_ids.append(_uint(t, f"stop_token_ids[{i}]", UINT32))
     s.ignore_eos = req.ignore_eos
+    if req.n is not None:
+        s.n = _uint(req.n, "n", UINT32)  # 0 passes to validation, which gives the range
+    if req.repetition_penalty is not None:
+        s.repetition_penalty = req.repetition_penalty
+    if req.presence_penalty is not None:
+        s.presence_penalty = req.presence_penalty
+    if req.frequency_penalty is not None:
+        s.frequency_penalty = req.frequency_penalty
+    if req.min_p is not None:
+        s.min_p = req.min_p
+    if req.min_tokens is not None:
+        s.min_tokens = _uint(req.min_tokens, "min_tokens", UINT32)
     return s
+
+
+def _chat_logprobs(req: ChatCompletionRequest, s: pb.SamplingParams) -> None:
+    s.logprobs = bool(req.logprobs)
+    if req.top_logprobs is not None:
+        s.top_logprobs = _uint(req.top_logprobs, "top_logprobs", UINT32)
+
+
+def _completion_logprobs(req: CompletionRequest, s: pb.SamplingParams) -> None:
+    if req.logprobs is not None:
+        s.logprobs = True
+        s.top_logprobs = _uint(req.logprobs, "logprobs", UINT32)
 
 
 def _slo(req: _Generation, header_class: str | None) -> pb.Slo:
@@ -125,6 +139,7 @@ def _common(req: _Generation, request_id: str, header_class: str | None,
 def completion_request(req: CompletionRequest, request_id: str = "",
                        header_class: str | None = None) -> pb.GenerateRequest:
     out = _common(req, request_id, header_class, req.max_tokens, "max_tokens")
+    _completion_logprobs(req, out.sampling)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) > 1:
@@ -149,6 +164,7 @@ def chat_request(req: ChatCompletionRequest, request_id: str = "",
     if req.max_completion_tokens is not None:
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
     out = _common(req, request_id, header_class, max_tokens, param)
+    _chat_logprobs(req, out.sampling)
     out.messages.SetInParent()
     for i, m in enumerate(req.messages):
         out.messages.messages.append(pb.ChatMessage(role=m.role, content=_text(m.content, i)))
@@ -174,6 +190,7 @@ def _text(content: str | list[ContentPart] | None, i: int) -> str:
 # router.validation's field names (the GenerateRequest's) -> the OpenAI request's.
 _FIELDS = (
     (re.compile(r"sampling\.max_tokens"), "{max_tokens}"),
+    (re.compile(r"sampling\.top_logprobs"), "{top_logprobs}"),
     (re.compile(r"sampling\.(\w+)"), r"\1"),
     (re.compile(r"token_ids\.ids"), "prompt"),
     (re.compile(r"messages\.messages"), "messages"),
@@ -189,7 +206,8 @@ def api_error(e: RequestError, chat: bool, max_tokens_param: str = "max_tokens")
     """``e`` (from ``router.validation``) with the OpenAI request's field names, in the
     param and in the message: ``sampling.top_p must be in (0, 1]`` is ``top_p must be in
     (0, 1]``, param ``top_p``."""
-    names = {"max_tokens": max_tokens_param, "input": "messages" if chat else "prompt"}
+    names = {"max_tokens": max_tokens_param, "input": "messages" if chat else "prompt",
+             "top_logprobs": "top_logprobs" if chat else "logprobs"}
     param, message = e.field, e.message
     for pattern, repl in _FIELDS:
         new = pattern.sub(repl, param).format(**names)
@@ -201,6 +219,9 @@ def api_error(e: RequestError, chat: bool, max_tokens_param: str = "max_tokens")
                 message = re.sub(rf"^{param}\b", new, message)
             param = new
             break
+    # Other fields the message names ("min_tokens=9 exceeds sampling.max_tokens=4").
+    message = re.sub(r"sampling\.max_tokens\b", names["max_tokens"], message)
+    message = re.sub(r"sampling\.(\w+)", r"\1", message)
     # "stop_token_ids[2] = 99999 is out of vocabulary": the param names the element too.
     if (m := re.match(rf"{re.escape(param)}\[\d+\]", message)) is not None:
         param = m.group(0)

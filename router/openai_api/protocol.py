@@ -3,12 +3,13 @@
 The models check types only (a string where a number belongs is a 400 naming the field);
 ranges and limits are checked by ``router.validation``, the code the gRPC API runs, once
 ``convert`` has turned a request into a ``GenerateRequest``. Fields pdserve does not know are
-accepted and ignored, as OpenAI and vLLM do (``extra="allow"``). Fields pdserve knows but
-does not serve yet are declared, so that their types are checked, and refused by
-``convert.NOT_SUPPORTED_YET`` when set to anything but their neutral value.
+accepted and ignored, as OpenAI and vLLM do (``extra="allow"``). The completion fields
+pdserve does not serve (``echo``, ``suffix``, ``best_of``) are declared, so that their types
+are checked, and refused by ``convert.UNSUPPORTED`` unless neutral.
 
-pdserve's extensions (vLLM's names where vLLM has the field): ``top_k``, ``ignore_eos``,
-``stop_token_ids``, ``slo_class``, ``slo_ttft_ms`` and ``slo_tpot_ms``.
+Extensions beyond OpenAI's API (vLLM's names where vLLM has the field): ``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
+``slo_class``, ``slo_ttft_ms`` and ``slo_tpot_ms``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class _Generation(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     # pdserve's extensions
     top_k: int | None = None
     ignore_eos: bool = False
@@ -55,10 +59,6 @@ class _Generation(_Body):
     slo_class: str | None = None
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
-    # Not served yet (convert.NOT_SUPPORTED_YET refuses them unless neutral).
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     min_p: float | None = None
@@ -69,7 +69,7 @@ class CompletionRequest(_Generation):
     is taken as that one prompt)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = None  # how many alternatives per token (0: the token's own)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

@@ -1,12 +1,16 @@
 """The OpenAI response bodies: whole responses (``chat.completion``, ``text_completion``)
 and streamed chunks (``chat.completion.chunk``, ``text_completion``), as JSON-ready dicts.
 
-Beside OpenAI's fields, a choice carries vLLM's ``stop_reason``: the stop string or stop
-token id that ended it (None at EOS or at max_tokens).
+A response has one choice per ``n``, by index, each with its own finish reason; its usage
+counts the prompt once and the completion tokens of every choice. Beside OpenAI's fields, a
+choice carries vLLM's ``stop_reason``: the stop string or stop token id that ended it (None
+at EOS or at max_tokens). ``logprobs`` is None unless the request asked for them
+(``logprobs.Logprobs`` gives their shapes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +32,22 @@ class Head:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
-def usage(end: StreamEnd) -> Json:
-    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
-            "total_tokens": end.prompt_tokens + end.completion_tokens}
+@dataclass(frozen=True)
+class Choice:
+    """A whole response's choice."""
+
+    index: int
+    text: str
+    end: StreamEnd
+    logprobs: Json | None = None
+
+
+def usage(ends: Sequence[StreamEnd]) -> Json:
+    """The usage of a response whose choices ended with ``ends`` (the prompt once)."""
+    prompt = ends[0].prompt_tokens if ends else 0
+    completion = sum(e.completion_tokens for e in ends)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def _finish(end: StreamEnd | None) -> Json:
@@ -39,30 +56,34 @@ def _finish(end: StreamEnd | None) -> Json:
     return {"finish_reason": end.finish_reason, "stop_reason": end.matched_stop}
 
 
-def whole(head: Head, text: str, end: StreamEnd) -> Json:
+def whole(head: Head, choices: Sequence[Choice]) -> Json:
     """The response of a request that does not stream."""
-    if head.chat:
-        choice: Json = {"index": 0, "message": {"role": "assistant", "content": text},
-                        "logprobs": None, **_finish(end)}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, **_finish(end)}
-        obj = "text_completion"
-    return {**head.base(obj), "choices": [choice], "usage": usage(end)}
+    out = []
+    for c in choices:
+        if head.chat:
+            body: Json = {"index": c.index,
+                          "message": {"role": "assistant", "content": c.text}}
+        else:
+            body = {"index": c.index, "text": c.text}
+        out.append({**body, "logprobs": c.logprobs, **_finish(c.end)})
+    obj = "chat.completion" if head.chat else "text_completion"
+    return {**head.base(obj), "choices": out, "usage": usage([c.end for c in choices])}
 
 
-def chunk(head: Head, text: str | None, end: StreamEnd | None, include_usage: bool,
-          role: bool = False) -> Json:
-    """A streamed chunk: new text (for chat, a delta; ``role`` in the first one) and, in
-    the last, the finish reason."""
+def chunk(head: Head, index: int, text: str | None, end: StreamEnd | None,
+          include_usage: bool, role: bool = False, logprobs: Json | None = None) -> Json:
+    """A streamed chunk of choice ``index``: new text (for chat, a delta; ``role`` in the
+    choice's first one), its tokens' logprobs when asked, and, in the choice's last, the
+    finish reason."""
     if head.chat:
         delta: Json = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
-        choice: Json = {"index": 0, "delta": delta, "logprobs": None, **_finish(end)}
+        choice: Json = {"index": index, "delta": delta, "logprobs": logprobs,
+                        **_finish(end)}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, **_finish(end)}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, **_finish(end)}
         obj = "text_completion"
     out = {**head.base(obj), "choices": [choice]}
     if include_usage:  # OpenAI: null in every chunk but the usage chunk
@@ -70,10 +91,10 @@ def chunk(head: Head, text: str | None, end: StreamEnd | None, include_usage: bo
     return out
 
 
-def usage_chunk(head: Head, end: StreamEnd) -> Json:
+def usage_chunk(head: Head, ends: Sequence[StreamEnd]) -> Json:
     """The chunk after the last, when ``stream_options.include_usage``: no choices."""
     obj = "chat.completion.chunk" if head.chat else "text_completion"
-    return {**head.base(obj), "choices": [], "usage": usage(end)}
+    return {**head.base(obj), "choices": [], "usage": usage(ends)}
 
 
 def models(name: str, created: int, max_model_len: int) -> Json:

@@ -1,11 +1,14 @@
 """Server-sent events of a streamed response, and the ASGI response that sends them while
 it watches for the client to go away.
 
-The events: for chat a first chunk with the assistant's role, then one chunk per item the
-router delivers with new text (the last with the finish reason), the usage chunk when
-``stream_options.include_usage``, and ``data: [DONE]``. A stream that fails after it began
-(its workers lost, its deadline passed) sends ``data: {"error": {...}}`` in OpenAI's shape,
-which the ``openai`` client raises as ``APIError``, then ``[DONE]``.
+The events: for chat a first chunk with the assistant's role per choice (index 0 to n-1,
+as vLLM sends them), then one chunk per item the router delivers with new text or, when
+asked, new tokens' logprobs (each naming its choice's index; with n > 1 the choices
+interleave as they come; a choice's last chunk has its finish reason), the usage chunk
+(all choices) when ``stream_options.include_usage``, and ``data: [DONE]``. A stream that
+fails after it began (its workers lost, its deadline passed) sends ``data: {"error":
+{...}}`` in OpenAI's shape, which the ``openai`` client raises as ``APIError``, then
+``[DONE]``.
 
 ``EventStream`` sends the events and, at the same time, reads the ASGI ``receive``: a
 ``http.disconnect`` (the client closed the connection) stops the events at once, even
@@ -26,7 +29,9 @@ from starlette.types import Receive, Scope, Send
 
 from pdserve.router.openai_api.calls import Call
 from pdserve.router.openai_api.errors import ApiError
+from pdserve.router.openai_api.logprobs import Logprobs
 from pdserve.router.openai_api.responses import Head, Json, chunk, usage_chunk
+from pdserve.router.stream import StreamEnd
 
 DONE = b"data: [DONE]\n\n"
 
@@ -35,17 +40,24 @@ def event(body: Json) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def events(call: Call, head: Head, include_usage: bool) -> AsyncIterator[bytes]:
-    """The stream's events, from the router's items for ``call``."""
+async def events(call: Call, head: Head, include_usage: bool,
+                 logprobs: Logprobs | None = None) -> AsyncIterator[bytes]:
+    """The stream's events, from the router's items for ``call``; ``logprobs`` formats
+    the tokens' logprobs when the request asked for them."""
     if head.chat:
-        yield event(chunk(head, "", None, include_usage, role=True))
+        for i in range(call.sub.n):
+            yield event(chunk(head, i, "", None, include_usage, role=True))
+    ends: list[StreamEnd] = []
     try:
-        async for _, _, text, end, _, _ in call.items():
-            if text or end is not None:
-                yield event(chunk(head, text if text or not head.chat else None, end,
-                                  include_usage))
-            if end is not None and include_usage:
-                yield event(usage_chunk(head, end))
+        async for _, ids, text, end, index, lps in call.items():
+            lp = None if logprobs is None or not ids else logprobs.of(index, ids, lps or ())
+            if text or end is not None or lp is not None:
+                yield event(chunk(head, index, text if text or not head.chat else None, end,
+                                  include_usage, logprobs=lp))
+            if end is not None:
+                ends.append(end)
+        if include_usage:
+            yield event(usage_chunk(head, ends))
     except ApiError as e:
         yield event(e.body())
     yield DONE

@@ -19,11 +19,14 @@ import ray
 from pdserve.cluster.launch import Deployment, launch
 from pdserve.cluster.security_config import SecurityConfig
 from pdserve.engine.weights import load_model_config
+from pdserve.proto.client import Client, collect, collect_choices
+from pdserve.proto.credentials import ClientAuth
 from pdserve_testing.e2e import (
     HFReference,
     all_blocks_free,
     failure_counts,
     metric_values,
+    openai_penalties,
     serve_config,
     wait_for,
 )
@@ -179,8 +182,12 @@ def test_bad_requests_are_400_naming_the_field_and_counted(
         ({"max_tokens": 100000}, "max_tokens", "max_tokens must be at most"),
         ({"extra_body": {"max_tokens": "many"}}, "max_tokens", "valid integer"),
         ({"stop": [""]}, "stop[0]", "stop[0] must not be empty"),
-        ({"n": 2}, "n", "n is not supported yet"),
-        ({"extra_body": {"min_p": 0.1}}, "min_p", "min_p is not supported yet"),
+        ({"n": 0}, "n", "n must be in [1, 16], got 0"),
+        ({"n": 17}, "n", "n must be in [1, 16], got 17"),
+        ({"max_tokens": 4, "extra_body": {"min_tokens": 5}}, "min_tokens",
+         "min_tokens=5 exceeds max_tokens=4"),
+        ({"logprobs": 21}, "logprobs", "logprobs must be at most 20, got 21"),
+        ({"extra_body": {"min_p": 1.5}}, "min_p", "min_p must be in [0, 1]"),
         ({"extra_body": {"slo_class": "gold"}}, "slo_class", "not an SLO class"),
         ({"extra_headers": {"x-pdserve-slo-class": "gold"}}, "slo_class",
          "not an SLO class"),
@@ -191,10 +198,19 @@ def test_bad_requests_are_400_naming_the_field_and_counted(
         assert e.value.status_code == 400 and e.value.param == param, (over, e.value.body)
         assert words in e.value.message, (over, e.value.message)
         assert e.value.type == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=[{"role": "", "content": "x"}])
-    assert e.value.param == "messages[0].role"
-    _counted(served, "INVALID_ARGUMENT", before + len(cases) + 1)
+    chat_cases: list[tuple[dict[str, object], str, str]] = [
+        ({"messages": [{"role": "", "content": "x"}]}, "messages[0].role", "must not be empty"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs",
+         "top_logprobs must be at most 20, got 21"),
+        ({"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs = true"),
+        ({"max_completion_tokens": 3, "extra_body": {"min_tokens": 4}}, "min_tokens",
+         "min_tokens=4 exceeds max_completion_tokens=3"),
+    ]
+    for over, param, words in chat_cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{"model": model, "messages": CHAT, **over})  # type: ignore[call-overload]
+        assert e.value.param == param and words in e.value.message, (over, e.value.body)
+    _counted(served, "INVALID_ARGUMENT", before + len(cases) + len(chat_cases))
     # n=1 and other neutral values pass (clients send them).
     ok = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, n=1,
                                    presence_penalty=0.0, user="someone")
@@ -322,3 +338,162 @@ def test_request_id_header_names_the_request_and_a_duplicate_is_409(
                                                         max_tokens=2, extra_headers=rid)
     assert again.headers["x-request-id"] == "http-dup-1"
     assert again.parse().id == "cmpl-http-dup-1"
+
+
+# ------------------------------------------------------------- n, logprobs, penalties
+LOGPROB_TOL = 1e-5  # the gRPC API sends float32; the HTTP API the feed's float64
+
+
+@pytest.fixture(scope="module")
+def grpc_client(served: Deployment) -> Iterator[Client]:
+    with Client(served.address, auth=ClientAuth(tls=False, token=TOKEN)) as c:
+        yield c
+
+
+def _sampled(over: dict[str, object]) -> dict[str, object]:
+    return {"max_tokens": 8, "temperature": 1.0, "seed": 1234,
+            "extra_body": {"ignore_eos": True}, **over}
+
+
+def test_n_seeded_gives_n_reproducible_choices_as_the_grpc_api_does(
+    client: openai.OpenAI, model: str, grpc_client: Client, hf_reference: HFReference
+) -> None:
+    ids = hf_reference.tokenizer(PROMPT)["input_ids"]
+    outs = [client.completions.create(model=model, prompt=PROMPT, n=2, **_sampled({}))  # type: ignore[call-overload]
+            for _ in range(2)]
+    texts = [[c.text for c in sorted(o.choices, key=lambda c: c.index)] for o in outs]
+    assert [c.index for c in outs[0].choices] == [0, 1] and texts[1] == texts[0]
+    want = collect_choices(grpc_client.generate(text=PROMPT, max_tokens=8, temperature=1.0,
+                                                seed=1234, ignore_eos=True, n=2))
+    assert texts[0] == [c.text for c in want] and texts[0][0] != texts[0][1]
+    assert all(c.finish_reason == "length" for c in outs[0].choices)
+    assert outs[0].usage is not None
+    assert (outs[0].usage.prompt_tokens, outs[0].usage.completion_tokens) == (len(ids), 16)
+    chats = [client.chat.completions.create(model=model, messages=CHAT, n=2,  # type: ignore[call-overload]
+                                            **_sampled({})) for _ in range(2)]
+    contents = [[c.message.content for c in o.choices] for o in chats]
+    assert [c.index for c in chats[0].choices] == [0, 1] and contents[1] == contents[0]
+    assert contents[0][0] != contents[0][1]
+    assert chats[0].usage is not None and chats[0].usage.completion_tokens == 16
+
+
+def test_streamed_n_gives_each_choice_whole_with_its_finish(
+    client: openai.OpenAI, model: str
+) -> None:
+    whole = client.chat.completions.create(model=model, messages=CHAT, n=2,  # type: ignore[call-overload]
+                                           **_sampled({}))
+    stream = client.chat.completions.create(
+        model=model, messages=CHAT, n=2, stream=True,  # type: ignore[call-overload]
+        stream_options={"include_usage": True}, **_sampled({}))
+    chunks = list(stream)
+    text: dict[int, str] = {0: "", 1: ""}
+    roles: dict[int, int] = {0: 0, 1: 0}
+    finishes: dict[int, list[str]] = {0: [], 1: []}
+    for c in chunks[:-1]:
+        (ch,) = c.choices
+        assert not finishes[ch.index], "nothing of a choice after its finish"
+        roles[ch.index] += ch.delta.role == "assistant"
+        text[ch.index] += ch.delta.content or ""
+        if ch.finish_reason is not None:
+            finishes[ch.index].append(ch.finish_reason)
+    assert roles == {0: 1, 1: 1} and finishes == {0: ["length"], 1: ["length"]}
+    assert [text[0], text[1]] == [c.message.content for c in whole.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()  # type: ignore[union-attr]
+    done = [c.choices[0].index for c in client.completions.create(
+        model=model, prompt=PROMPT, n=2, stream=True, **_sampled({}))  # type: ignore[call-overload]
+        if c.choices[0].finish_reason is not None]
+    assert sorted(done) == [0, 1]
+
+
+def _token(hf: HFReference, t: int) -> str:
+    return str(hf.tokenizer.decode([t], skip_special_tokens=False))
+
+
+def test_chat_logprobs_equal_the_grpc_apis(
+    client: openai.OpenAI, model: str, grpc_client: Client, hf_reference: HFReference
+) -> None:
+    want = collect(grpc_client.generate(messages=CHAT, max_tokens=8, temperature=0.0,
+                                        logprobs=True, top_logprobs=3))
+    kw = {"model": model, "messages": CHAT, "max_completion_tokens": 8, "temperature": 0,
+          "logprobs": True, "top_logprobs": 3}
+    out = client.chat.completions.create(**kw)  # type: ignore[call-overload]
+    content = out.choices[0].logprobs.content
+    assert content is not None and len(content) == len(want.token_ids) == 8
+    for got, t, lp in zip(content, want.token_ids, want.logprobs, strict=True):
+        assert got.token == _token(hf_reference, t) and got.bytes == list(got.token.encode())
+        assert got.logprob == pytest.approx(lp.logprob, abs=LOGPROB_TOL)
+        assert [a.token for a in got.top_logprobs] == [_token(hf_reference, a.token_id)
+                                                       for a in lp.top]
+        assert [a.logprob for a in got.top_logprobs] == pytest.approx(
+            [a.logprob for a in lp.top], abs=LOGPROB_TOL)
+    streamed = [e for c in client.chat.completions.create(**kw, stream=True)  # type: ignore[call-overload]
+                if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content or ()]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+
+
+def test_completion_logprobs_equal_the_grpc_apis(
+    client: openai.OpenAI, model: str, grpc_client: Client, hf_reference: HFReference
+) -> None:
+    want = collect(grpc_client.generate(text=PROMPT, max_tokens=8, temperature=0.0,
+                                        logprobs=True, top_logprobs=3))
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                    logprobs=3)
+    lps = out.choices[0].logprobs
+    assert lps is not None and lps.tokens is not None and lps.top_logprobs is not None
+    assert lps.tokens == [_token(hf_reference, t) for t in want.token_ids]
+    assert lps.token_logprobs == pytest.approx([lp.logprob for lp in want.logprobs],
+                                               abs=LOGPROB_TOL)
+    for top, lp in zip(lps.top_logprobs, want.logprobs, strict=True):
+        # greedy: the sampled token is the best, so the dict holds the 3 alternatives
+        assert list(top) == [_token(hf_reference, a.token_id) for a in lp.top]
+        assert list(top.values()) == pytest.approx([a.logprob for a in lp.top],
+                                                   abs=LOGPROB_TOL)
+    starts = [sum(len(t) for t in lps.tokens[:i]) for i in range(len(lps.tokens))]
+    assert lps.text_offset == starts
+    streamed: list[str] = []
+    for c in client.completions.create(model=model, prompt=PROMPT, max_tokens=8,
+                                       temperature=0, logprobs=3, stream=True):
+        if c.choices[0].logprobs is not None:
+            assert c.choices[0].logprobs.text_offset == starts[len(streamed):][
+                :len(c.choices[0].logprobs.tokens or ())]
+            streamed += c.choices[0].logprobs.tokens or ()
+    assert streamed == lps.tokens
+
+
+def _greedy_text(client: openai.OpenAI, model: str, ids: list[int], max_tokens: int,
+                 **extra: object) -> tuple[str, int]:
+    out = client.completions.create(model=model, prompt=ids, max_tokens=max_tokens,
+                                    temperature=0, extra_body=extra)
+    assert out.usage is not None
+    return out.choices[0].text, out.usage.completion_tokens
+
+
+def _ref(hf: HFReference, out: list[int]) -> tuple[str, int]:
+    eos = bool(out) and out[-1] == hf.eos
+    return hf.tokenizer.decode(out[:-1] if eos else out, skip_special_tokens=True), len(out)
+
+
+def test_penalties_and_min_tokens_equal_transformers(
+    client: openai.OpenAI, model: str, hf_reference: HFReference
+) -> None:
+    hf, n = hf_reference, 16
+    ids = hf.tokenizer("List three colors: red, green, and blue. List three more colors: "
+                       "red, green,")["input_ids"]
+    want = hf.generate(ids, n, repetition_penalty=1.3)
+    assert want != hf.greedy(ids, n)  # the penalty changes something
+    assert _greedy_text(client, model, ids, n, repetition_penalty=1.3) == _ref(hf, want)
+    want = hf.generate(ids, n, logits_processor=openai_penalties(len(ids), 0.8, 0.6))
+    out = client.completions.create(model=model, prompt=ids, max_tokens=n, temperature=0,
+                                    presence_penalty=0.8, frequency_penalty=0.6)
+    assert out.choices[0].text == _ref(hf, want)[0]
+    chat = hf.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
+                                            add_generation_prompt=True, tokenize=False)
+    ids = hf.tokenizer(chat, add_special_tokens=False)["input_ids"]
+    plain = hf.greedy(ids, 40)
+    assert plain[-1] == hf.eos, "the prompt must end at EOS for this test"
+    floor = len(plain) + 4
+    want = hf.generate(ids, floor + 8, min_new_tokens=floor)
+    got = _greedy_text(client, model, ids, floor + 8, min_tokens=floor)
+    assert got == _ref(hf, want) and got[1] >= floor

@@ -9,7 +9,6 @@ from pydantic import ValidationError
 
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.openai_api.convert import (
-    NOT_SUPPORTED_YET,
     api_error,
     chat_request,
     check_model,
@@ -23,7 +22,7 @@ from pdserve.router.openai_api.errors import (
     validation_error,
 )
 from pdserve.router.openai_api.protocol import ChatCompletionRequest, CompletionRequest
-from pdserve.router.openai_api.responses import Head, chunk, usage_chunk, whole
+from pdserve.router.openai_api.responses import Choice, Head, chunk, usage_chunk, whole
 from pdserve.router.stream import StreamEnd
 from pdserve.router.validation import Limits, RequestError, validate_request
 
@@ -94,24 +93,43 @@ def test_chat_messages_and_max_completion_tokens() -> None:
     assert e.param == "messages[0].content[0].type"
 
 
-@pytest.mark.parametrize("name", sorted(NOT_SUPPORTED_YET))
-def test_fields_not_supported_yet_are_400_naming_them(name: str) -> None:
-    value = {"logprobs": True, "n": 2}.get(name, 3)
-    make = chat if name in ("logprobs", "top_logprobs") else completion
-    e = refused(lambda: completion_request(make(**{name: value}))  # type: ignore[arg-type]
-                if make is completion else chat_request(make(**{name: value})))  # type: ignore[arg-type]
-    assert e.code == "INVALID_ARGUMENT" and e.param == name
-    assert e.message.startswith(f"{name} is not supported yet")
+def test_sampling_fields_map_onto_the_wire() -> None:
+    s = completion_request(completion(n=3, presence_penalty=0.5, frequency_penalty=-1.0,
+                                      repetition_penalty=1.2, min_tokens=4, min_p=0.1,
+                                      logprobs=2)).sampling
+    assert (s.n, s.min_tokens, s.logprobs, s.top_logprobs) == (3, 4, True, 2)
+    assert (s.presence_penalty, s.frequency_penalty) == (0.5, -1.0)
+    assert s.repetition_penalty == pytest.approx(1.2) and s.min_p == pytest.approx(0.1)
+    s = chat_request(chat(logprobs=True, top_logprobs=5, n=2)).sampling
+    assert (s.n, s.logprobs, s.top_logprobs) == (2, True, 5)
+    # Unset fields stay unset (the wire's defaults: n 1, penalties off, no logprobs).
+    s = chat_request(chat()).sampling
+    assert not s.HasField("n") and not s.HasField("repetition_penalty")
+    assert (s.logprobs, s.top_logprobs, s.min_tokens, s.min_p) == (False, 0, 0, 0.0)
 
 
-def test_neutral_values_of_unsupported_fields_pass() -> None:
-    completion_request(completion(n=1, presence_penalty=0, frequency_penalty=0.0,
-                                  repetition_penalty=1.0, min_tokens=0, min_p=0, echo=False,
-                                  best_of=1))
-    chat_request(chat(logprobs=False, top_logprobs=0))
-    e = refused(lambda: completion_request(completion(logprobs=0)))  # 0: the sampled token's
-    assert e.param == "logprobs"
-    assert refused(lambda: completion_request(completion(echo=True))).param == "echo"
+def test_completion_logprobs_zero_asks_for_the_sampled_tokens_own() -> None:
+    s = completion_request(completion(logprobs=0)).sampling
+    assert (s.logprobs, s.top_logprobs) == (True, 0)
+    assert completion_request(completion()).sampling.logprobs is False
+    s = chat_request(chat(logprobs=False, top_logprobs=0)).sampling
+    assert (s.logprobs, s.top_logprobs) == (False, 0)
+
+
+def test_unsupported_completion_fields_are_400_unless_neutral() -> None:
+    completion_request(completion(echo=False, best_of=1, suffix=""))
+    for name, value in (("echo", True), ("best_of", 2), ("suffix", "x")):
+        e = refused(lambda: completion_request(completion(**{name: value})))  # noqa: B023
+        assert e.code == "INVALID_ARGUMENT" and e.param == name
+        assert e.message.startswith(f"{name} is not supported")
+
+
+def test_negative_counts_are_400_naming_the_field() -> None:
+    for name in ("n", "min_tokens", "logprobs"):
+        e = refused(lambda: completion_request(completion(**{name: -1})))  # noqa: B023
+        assert e.param == name and e.message.startswith(f"{name} must be in [0, ")
+    assert refused(lambda: chat_request(chat(logprobs=True, top_logprobs=-1))).param == \
+        "top_logprobs"
 
 
 def test_wire_ranges_and_stream_options() -> None:
@@ -158,6 +176,24 @@ def test_model_must_be_the_served_one() -> None:
     ({"messages": []}, True, "messages", "messages must not be empty"),
     ({"messages": [{"role": "", "content": "x"}]}, True, "messages[0].role",
      "messages[0].role must not be empty"),
+    ({"n": 0}, False, "n", "n must be in [1, 16], got 0"),
+    ({"n": 17}, True, "n", "n must be in [1, 16], got 17"),
+    ({"min_tokens": 9, "max_tokens": 4}, False, "min_tokens",
+     "min_tokens=9 exceeds max_tokens=4"),
+    ({"min_tokens": 9, "max_completion_tokens": 4}, True, "min_tokens",
+     "min_tokens=9 exceeds max_completion_tokens=4"),
+    ({"repetition_penalty": 0.0}, False, "repetition_penalty",
+     "repetition_penalty must be a finite number > 0"),
+    ({"presence_penalty": 2.5}, True, "presence_penalty", "presence_penalty must be in [-2, 2]"),
+    ({"frequency_penalty": -3.0}, False, "frequency_penalty",
+     "frequency_penalty must be in [-2, 2]"),
+    ({"min_p": 1.5}, False, "min_p", "min_p must be in [0, 1], got 1.5"),
+    ({"logprobs": True, "top_logprobs": 21}, True, "top_logprobs",
+     "top_logprobs must be at most 20, got 21"),
+    ({"top_logprobs": 3}, True, "top_logprobs", "top_logprobs needs logprobs = true"),
+    ({"logprobs": False, "top_logprobs": 3}, True, "top_logprobs",
+     "top_logprobs needs logprobs = true"),
+    ({"logprobs": 21}, False, "logprobs", "logprobs must be at most 20, got 21"),
 ])
 def test_validation_errors_name_the_openai_field(body: dict[str, object], chat_api: bool,
                                                  param: str, words: str) -> None:
@@ -238,20 +274,20 @@ def test_response_bodies() -> None:
     end = StreamEnd(finish_reason="stop", matched_stop="\n", prompt_tokens=4,
                     completion_tokens=3)
     head = Head("chatcmpl-r", 1700000000, "m", chat=True)
-    body = whole(head, "hey", end)
+    body = whole(head, [Choice(0, "hey", end)])
     assert body["object"] == "chat.completion" and body["id"] == "chatcmpl-r"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hey"},
                                 "logprobs": None, "finish_reason": "stop",
                                 "stop_reason": "\n"}]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
-    first = chunk(head, "", None, include_usage=True, role=True)
+    first = chunk(head, 0, "", None, include_usage=True, role=True)
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert first["usage"] is None and "usage" not in chunk(head, "a", None, False)
-    assert chunk(head, None, end, False)["choices"][0]["delta"] == {}
-    assert usage_chunk(head, end)["choices"] == []
+    assert first["usage"] is None and "usage" not in chunk(head, 0, "a", None, False)
+    assert chunk(head, 0, None, end, False)["choices"][0]["delta"] == {}
+    assert usage_chunk(head, [end])["choices"] == []
     text = Head("cmpl-r", 1, "m", chat=False)
-    assert whole(text, "x", end)["choices"][0]["text"] == "x"
-    assert chunk(text, "y", None, False)["object"] == "text_completion"
+    assert whole(text, [Choice(0, "x", end)])["choices"][0]["text"] == "x"
+    assert chunk(text, 0, "y", None, False)["object"] == "text_completion"
 
 
 def test_wire_request_is_a_generate_request() -> None:
