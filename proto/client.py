@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 import grpc.aio
@@ -31,6 +31,7 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.completion import (
     ChatMessageLike,
     Completion,
+    GenerateArgs,
     acollect,
     acollect_choices,
     build_request,
@@ -38,6 +39,9 @@ from pdserve.proto.completion import (
     collect_choices,
 )
 from pdserve.proto.credentials import ClientAuth
+
+if TYPE_CHECKING:  # typing.Unpack from Python 3.11 on
+    from typing_extensions import Unpack
 
 __all__ = ["AsyncClient", "ChatMessageLike", "Client", "Completion", "acollect",
            "acollect_choices", "build_request", "collect", "collect_choices"]
@@ -96,46 +100,12 @@ class Client:
         self._server_info = stub.GetServerInfo
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def generate(
-        self,
-        *,
-        text: str | None = None,
-        token_ids: Sequence[int] | None = None,
-        messages: Sequence[ChatMessageLike] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        repetition_penalty: float | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        min_p: float = 0.0,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        n: int | None = None,
-        ttft_ms: float = 0,
-        tpot_ms: float = 0,
-        slo_class: str = "",
-        request_id: str = "",
-        timeout: float | None = None,
-    ) -> GenerateStream:
+    def generate(self, *, timeout: float | None = None,
+                 **args: Unpack[GenerateArgs]) -> GenerateStream:
         """Start generating; see `build_request` for the arguments. `timeout` (seconds) becomes
         the call's gRPC deadline. With `n` > 1 the responses of the n choices interleave
         (`GenerateResponse.index`; gather them with `collect_choices`)."""
-        req = build_request(
-            text=text, token_ids=token_ids, messages=messages, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens,
-            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, min_p=min_p, logprobs=logprobs,
-            top_logprobs=top_logprobs, n=n, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
-            slo_class=slo_class, request_id=request_id,
-        )
+        req = build_request(**args)
         return self.send(req, timeout=timeout)
 
     def send(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> GenerateStream:
@@ -221,44 +191,10 @@ class AsyncClient:
         ] = stub.GetServerInfo
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def generate(
-        self,
-        *,
-        text: str | None = None,
-        token_ids: Sequence[int] | None = None,
-        messages: Sequence[ChatMessageLike] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        repetition_penalty: float | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        min_p: float = 0.0,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        n: int | None = None,
-        ttft_ms: float = 0,
-        tpot_ms: float = 0,
-        slo_class: str = "",
-        request_id: str = "",
-        timeout: float | None = None,
-    ) -> AsyncGenerateStream:
+    def generate(self, *, timeout: float | None = None,
+                 **args: Unpack[GenerateArgs]) -> AsyncGenerateStream:
         """Start generating (`async for` the result); see `build_request` for the arguments."""
-        req = build_request(
-            text=text, token_ids=token_ids, messages=messages, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens,
-            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, min_p=min_p, logprobs=logprobs,
-            top_logprobs=top_logprobs, n=n, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
-            slo_class=slo_class, request_id=request_id,
-        )
+        req = build_request(**args)
         return self.send(req, timeout=timeout)
 
     def send(

@@ -7,11 +7,40 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from pdserve.proto import pdserve_pb2 as pb
 
 # A chat turn: {"role": ..., "content": ...}, (role, content) or the message itself.
 ChatMessageLike = Mapping[str, str] | tuple[str, str] | pb.ChatMessage
+
+
+class GenerateArgs(TypedDict, total=False):
+    """``build_request``'s keyword arguments, for the clients' ``generate`` to pass on."""
+
+    text: str | None
+    token_ids: Sequence[int] | None
+    messages: Sequence[ChatMessageLike] | None
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int
+    seed: int | None
+    stop: Sequence[str]
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
+    min_tokens: int
+    repetition_penalty: float | None
+    presence_penalty: float
+    frequency_penalty: float
+    min_p: float
+    logprobs: bool
+    top_logprobs: int
+    n: int | None
+    ttft_ms: float
+    tpot_ms: float
+    slo_class: str
+    request_id: str
 
 
 def _chat_message(m: ChatMessageLike) -> pb.ChatMessage:
